@@ -1,0 +1,273 @@
+"""Input checking and the flattening of padded or packed batches into a :class:`~rlkernels.objective.TokenBatch`.
+
+Every check runs before any compute and raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape,
+device or value) naming the argument and the shapes involved. Value checks (label range, NaN at kept positions,
+``cu_seqlens`` consistency) read data back to the host; set ``RLKERNELS_CHECK_VALUES=0`` to skip them in production
+(they are also skipped while ``torch.compile`` traces).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .config import PolicyLossConfig
+from .engines.torch_engine import compute_dtype
+from .objective import TokenBatch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def value_checks_enabled() -> bool:
+    if os.environ.get("RLKERNELS_CHECK_VALUES", "1") in ("0", "false", "False", "no"):
+        return False
+    compiler = getattr(torch, "compiler", None)
+    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _shape(x: Tensor) -> str:
+    return str(tuple(x.shape))
+
+
+def require_tensor(name: str, x, *, dtypes=None, dims=None, kind: str = "float") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {x.dtype}; expected {kind} ({', '.join(str(d) for d in dtypes)})")
+    if dims is not None and x.dim() not in dims:
+        raise ValueError(f"{name} has shape {_shape(x)}; expected {' or '.join(f'{d}-D' for d in dims)}")
+    return x
+
+
+def _require_int(name: str, x) -> Tensor:
+    require_tensor(name, x)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} has dtype {x.dtype}; expected an integer dtype (int64 or int32)")
+    return x
+
+
+def _same_device(name: str, x: Optional[Tensor], ref: Tensor, ref_name: str) -> None:
+    if x is not None and x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put them on one device")
+
+
+def check_mask(mask, shape: torch.Size, ref: Tensor) -> Tensor:
+    """mask of ``shape`` (bool, or 0/1 integers or floats) -> bool tensor; None -> all True."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=ref.device)
+    require_tensor("mask", mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask has shape {_shape(mask)}; expected {tuple(shape)} (the shape of labels)")
+    _same_device("mask", mask, ref, "labels")
+    if mask.dtype == torch.bool:
+        return mask
+    if value_checks_enabled() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0/1 (or bool); found other values")
+    return mask != 0
+
+
+def check_labels(labels, shape: torch.Size, vocab: int, mask: Tensor, ref: Tensor) -> Tensor:
+    _require_int("labels", labels)
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels has shape {_shape(labels)}; expected {tuple(shape)}")
+    _same_device("labels", labels, ref, "hidden" if ref is not labels else "labels")
+    if value_checks_enabled() and labels.numel() > 0:
+        bad = mask & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(f"labels must lie in [0, V={vocab}) at kept positions; found {int(labels[tuple(where)])} "
+                             f"at index {tuple(where)}")
+    return labels.long()
+
+
+def check_linear(hidden, weight, bias) -> Tuple[int, int]:
+    """hidden (B, T, H) or (N, H), weight (V, H), bias (V,) -> (H, V)."""
+    require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, dims=(2, 3))
+    require_tensor("weight", weight, dtypes=FLOAT_DTYPES, dims=(2,))
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but hidden has {hidden.dtype}; they must match "
+                        "(the GEMM runs in the input dtype)")
+    _same_device("weight", weight, hidden, "hidden")
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(f"hidden has shape {_shape(hidden)} but weight has {_shape(weight)}: the last dimension of "
+                         f"hidden must equal weight.shape[1] = {H}")
+    if V == 0:
+        raise ValueError("weight has shape (0, H): the vocabulary is empty")
+    if bias is not None:
+        require_tensor("bias", bias, dtypes=FLOAT_DTYPES, dims=(1,))
+        if bias.shape[0] != V:
+            raise ValueError(f"bias has shape {_shape(bias)}; expected ({V},) to match weight {_shape(weight)}")
+        _same_device("bias", bias, hidden, "hidden")
+    return H, V
+
+
+def check_finite_rows(name: str, x: Tensor, row_mask: Optional[Tensor] = None, allow_neg_inf: bool = False) -> None:
+    """No NaN / inf in ``x`` (only in rows where ``row_mask`` is True, when given)."""
+    if not value_checks_enabled() or x.numel() == 0:
+        return
+    if row_mask is not None:
+        x = x[row_mask]
+    ok = torch.isfinite(x)
+    if allow_neg_inf:
+        ok = ok | (x == -math.inf)
+    if not bool(ok.all()):
+        what = "NaN or +inf" if allow_neg_inf else "NaN or inf"
+        raise ValueError(f"{name} holds {what} at {int((~ok).sum())} kept position(s)")
+
+
+def check_temperature(temperature, shape: torch.Size, mask: Tensor, ref: Tensor, cdt: torch.dtype):
+    """A float > 0, or a tensor of ``shape`` (per token) > 0 at kept positions -> float or flat tensor in ``cdt``."""
+    if isinstance(temperature, Tensor):
+        if temperature.dim() == 0:
+            temperature = float(temperature)
+        else:
+            require_tensor("temperature", temperature, dtypes=FLOAT_DTYPES)
+            if tuple(temperature.shape) != tuple(shape):
+                raise ValueError(f"temperature has shape {_shape(temperature)}; expected a float or a per-token "
+                                 f"tensor of shape {tuple(shape)}")
+            _same_device("temperature", temperature, ref, "hidden")
+            t = temperature.to(cdt)
+            if value_checks_enabled():
+                bad = mask & ~(torch.isfinite(t) & (t > 0))
+                if bool(bad.any()):
+                    raise ValueError(f"temperature must be finite and > 0 at kept positions; found "
+                                     f"{float(t[bad][0])} at {int(bad.sum())} position(s)")
+            return torch.where(mask, t, torch.ones_like(t)).reshape(-1)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float or a per-token tensor, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature}: must be finite and > 0 (T = 0, greedy decoding, has no "
+                         "log-probs; see LOSSES.md B §10.7)")
+    return float(temperature)
+
+
+def _per_token(name: str, x, shape, mask: Tensor, cdt, ref: Tensor, logprob: bool) -> Optional[Tensor]:
+    if x is None:
+        return None
+    if logprob:
+        require_tensor(name, x, dtypes=(torch.float32, torch.float64), kind="fp32/fp64 log-probs (bf16 log-probs are "
+                       "too coarse for ratios, LOSSES.md B §10.4)")
+    else:
+        require_tensor(name, x, dtypes=FLOAT_DTYPES)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {_shape(x)}; expected {tuple(shape)} (one value per token, like labels)")
+    _same_device(name, x, ref, "labels")
+    check_finite_rows(name, x, mask)
+    return torch.where(mask, x.to(cdt), torch.zeros((), dtype=cdt, device=x.device)).reshape(-1)
+
+
+def sequence_layout(shape: torch.Size, cu_seqlens, ref: Tensor) -> Tuple[Tensor, int]:
+    """seq_ids (N,) and the number of sequences, from a padded (B, T) shape or packed (N,) + cu_seqlens."""
+    if len(shape) == 2:
+        if cu_seqlens is not None:
+            raise ValueError(f"cu_seqlens is for packed (N, H) inputs; got padded inputs with labels shape "
+                             f"{tuple(shape)}. Pass mask= for padded batches instead")
+        B, T = shape
+        return torch.arange(B, device=ref.device).repeat_interleave(T), B
+    N = shape[0]
+    if cu_seqlens is None:
+        return torch.zeros(N, dtype=torch.long, device=ref.device), 1
+    _require_int("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens has shape {_shape(cu_seqlens)}; expected (S+1,) with S >= 1 sequences "
+                         "(flash-attn varlen convention)")
+    cu = cu_seqlens.to(device=ref.device, dtype=torch.long)
+    if value_checks_enabled():
+        if int(cu[0]) != 0 or int(cu[-1]) != N:
+            raise ValueError(f"cu_seqlens must start at 0 and end at N={N} (the number of tokens); got "
+                             f"{int(cu[0])} ... {int(cu[-1])}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+    S = cu.numel() - 1
+    lengths = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(S, device=ref.device), lengths, output_size=N), S
+
+
+def check_advantages(advantages, shape: torch.Size, num_seqs: int, seq_ids: Tensor, mask: Tensor, cdt,
+                     ref: Tensor) -> Tensor:
+    """Per-sequence (S,) / (B,) or per-token advantages -> flat (N,) in ``cdt``, 0 at masked positions."""
+    require_tensor("advantages", advantages, dtypes=FLOAT_DTYPES)
+    _same_device("advantages", advantages, ref, "labels")
+    if tuple(advantages.shape) == tuple(shape):
+        return _per_token("advantages", advantages, shape, mask, cdt, ref, logprob=False)
+    if tuple(advantages.shape) == (num_seqs,):
+        flat = advantages.to(cdt)[seq_ids]
+        flat_mask = mask.reshape(-1)
+        check_finite_rows("advantages", flat, flat_mask)
+        return torch.where(flat_mask, flat, torch.zeros((), dtype=cdt, device=flat.device))
+    raise ValueError(f"advantages has shape {_shape(advantages)}; expected ({num_seqs},) (one per sequence) or "
+                     f"{tuple(shape)} (one per token)")
+
+
+def check_normalizer(normalizer):
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer has shape {_shape(normalizer)}; expected a scalar")
+        if value_checks_enabled() and not float(normalizer) > 0:
+            raise ValueError(f"normalizer must be > 0, got {float(normalizer)}")
+        return normalizer.reshape(())
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(f"normalizer must be a number or a scalar tensor, got {type(normalizer).__name__}")
+    if not (math.isfinite(normalizer) and normalizer > 0):
+        raise ValueError(f"normalizer={normalizer}: must be finite and > 0")
+    return float(normalizer)
+
+
+def check_config_inputs(cfg: PolicyLossConfig, ref_logprobs, rollout_logprobs, is_weights, have_entropy=True) -> None:
+    if cfg.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={cfg.kl_coef} > 0 needs ref_logprobs (the reference policy's per-token log-probs)")
+    if cfg.rollout_correction != "none":
+        if is_weights is not None:
+            raise ValueError(f"is_weights are given and rollout_correction={cfg.rollout_correction!r}: use one; "
+                             "is_weights are applied as they are (already truncated or masked)")
+        if rollout_logprobs is None:
+            raise ValueError(f"rollout_correction={cfg.rollout_correction!r} needs rollout_logprobs (the rollout "
+                             "engine's per-token log-probs)")
+    if not have_entropy:
+        for field in ("entropy_coef", "entropy_shaping_alpha"):
+            if getattr(cfg, field) != 0:
+                raise ValueError(f"{field}={getattr(cfg, field)} needs the entropy; pass entropy=")
+        if cfg.top_entropy_quantile < 1.0:
+            raise ValueError("top_entropy_quantile < 1 needs the entropy; pass entropy=")
+
+
+def build_token_batch(shape: torch.Size, mask: Tensor, advantages, *, old_logprobs=None, ref_logprobs=None,
+                      rollout_logprobs=None, is_weights=None, cu_seqlens=None, normalizer=None,
+                      cdt: torch.dtype, ref: Tensor) -> TokenBatch:
+    """Checks every per-token input against the labels' ``shape`` and flattens them into a TokenBatch."""
+    seq_ids, num_seqs = sequence_layout(shape, cu_seqlens, ref)
+    flat_mask = mask.reshape(-1)
+    return TokenBatch(
+        mask=flat_mask,
+        seq_ids=seq_ids,
+        num_seqs=num_seqs,
+        advantages=check_advantages(advantages, shape, num_seqs, seq_ids, mask, cdt, ref),
+        old_logprobs=_per_token("old_logprobs", old_logprobs, shape, mask, cdt, ref, logprob=True),
+        ref_logprobs=_per_token("ref_logprobs", ref_logprobs, shape, mask, cdt, ref, logprob=True),
+        rollout_logprobs=_per_token("rollout_logprobs", rollout_logprobs, shape, mask, cdt, ref, logprob=True),
+        is_weights=_per_token("is_weights", is_weights, shape, mask, cdt, ref, logprob=False),
+        normalizer=check_normalizer(normalizer),
+    )
+
+
+def check_backend_args(backend, chunk_size) -> None:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size={chunk_size!r}: must be a positive int (rows per chunk) or None")
+
+
+def kept_index(mask: Tensor) -> Optional[Tensor]:
+    """Indices of kept rows, or None when every row is kept (no gather needed)."""
+    flat = mask.reshape(-1)
+    if flat.numel() == 0 or bool(flat.all()):
+        return None
+    return flat.nonzero().squeeze(1)
+

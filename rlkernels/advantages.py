@@ -1,0 +1,125 @@
+"""Group-relative advantages from scalar outcome rewards (LOSSES.md B §7 with the conventions of A.3).
+
+Vectorised with segment reductions (no Python loop over groups), in float64 internally: reward vectors are small and
+the differences ``R - mean`` of near-equal rewards are exactly where fp32 loses digits.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _inputs as I
+from .objective import segment_sum
+
+METHODS = ("grpo", "dr_grpo", "rloo", "lite_ppo", "rpp_baseline", "passk")
+
+
+def _segment_extreme(values: Tensor, ids: Tensor, n: int, largest: bool) -> Tensor:
+    fill = -torch.inf if largest else torch.inf
+    out = torch.full((n,), fill, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, ids, values, "amax" if largest else "amin", include_self=True)
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    method: str = "grpo",
+    *,
+    eps: float = 1e-6,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    """Per-response advantages from scalar rewards, normalised within groups of responses to the same prompt.
+
+    Args:
+        rewards: ``(B,)`` float. NaN marks an unscorable response: it is left out of every statistic and gets 0.
+        group_size: responses per prompt G, groups contiguous (``B % G == 0``). Or:
+        group_ids: ``(B,)`` int, any labels; groups may have different sizes and need not be contiguous.
+        method:
+            ``"grpo"``: ``(R - mean_g) / (std_g + eps)`` (std unbiased, n-1);
+            ``"dr_grpo"``: ``R - mean_g``;
+            ``"rloo"``: ``R - mean of the others = n/(n-1) (R - mean_g)``;
+            ``"lite_ppo"``: ``(R - mean_g) / (std_batch + eps)``;
+            ``"rpp_baseline"``: ``R - mean_g``, then whitened over the batch (token-weighted with ``lengths``);
+            ``"passk"``: the best response of a group gets ``(R_1st - R_2nd) / (std_g + eps)``, the others 0.
+        eps: added to the std (after the square root).
+        lengths: ``(B,)`` response lengths, for ``"rpp_baseline"`` token weighting.
+
+    Returns: ``(B,)`` advantages, fp32 (fp64 for fp64 rewards). Singleton groups, groups whose valid rewards are
+    all equal, and NaN rewards get exactly 0.
+
+    Equivalent (for ``"grpo"`` with full groups) to
+    ``r = rewards.view(-1, G); ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).flatten()``.
+    """
+    I.require_tensor("rewards", rewards, dtypes=I.FLOAT_DTYPES, dims=(1,))
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: must be one of {METHODS}")
+    B = rewards.shape[0]
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("pass exactly one of group_size= (contiguous groups) and group_ids= (a group label per "
+                         "response)")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size={group_size!r}: must be a positive int")
+        if B % group_size:
+            raise ValueError(f"rewards has shape ({B},), not a multiple of group_size={group_size}")
+        ids = torch.arange(B, device=rewards.device) // group_size
+        n_groups = B // group_size
+    else:
+        I.require_tensor("group_ids", group_ids, dims=(1,))
+        if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+            raise TypeError(f"group_ids has dtype {group_ids.dtype}; expected an integer dtype")
+        if group_ids.shape != rewards.shape:
+            raise ValueError(f"group_ids has shape {tuple(group_ids.shape)}; expected ({B},) like rewards")
+        _, ids = torch.unique(group_ids.to(rewards.device), return_inverse=True)
+        n_groups = int(ids.max()) + 1 if B else 0
+    if lengths is not None:
+        I.require_tensor("lengths", lengths, dims=(1,))
+        if lengths.shape != rewards.shape:
+            raise ValueError(f"lengths has shape {tuple(lengths.shape)}; expected ({B},) like rewards")
+    if not (eps >= 0):
+        raise ValueError(f"eps={eps}: must be >= 0")
+
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.double()
+    valid = ~torch.isnan(r)
+    if bool((torch.isinf(r) & valid).any()):
+        raise ValueError("rewards holds inf; use NaN for unscorable responses")
+    rv = torch.where(valid, r, torch.zeros_like(r))
+    count = segment_sum(valid.double(), ids, n_groups)
+    mean = segment_sum(rv, ids, n_groups) / count.clamp(min=1)
+    centred = torch.where(valid, r - mean[ids], torch.zeros_like(r))
+    std = (segment_sum(centred * centred, ids, n_groups) / (count - 1).clamp(min=1)).sqrt()
+    gmax = _segment_extreme(torch.where(valid, r, torch.full_like(r, -torch.inf)), ids, n_groups, largest=True)
+    gmin = _segment_extreme(torch.where(valid, r, torch.full_like(r, torch.inf)), ids, n_groups, largest=False)
+    degenerate = (count <= 1) | (gmax == gmin)  # per group: no learning signal (A.3)
+
+    if method == "grpo":
+        adv = centred / (std[ids] + eps)
+    elif method == "dr_grpo":
+        adv = centred
+    elif method == "rloo":
+        n = count[ids]
+        adv = centred * n / (n - 1).clamp(min=1)
+    elif method == "lite_ppo":
+        adv = centred / (r[valid].std() + eps)
+    elif method == "rpp_baseline":
+        w = torch.ones_like(r) if lengths is None else lengths.to(r)
+        w = torch.where(valid, w, torch.zeros_like(w))
+        total = w.sum()
+        mu = (w * centred).sum() / total.clamp(min=1e-12)
+        var = (w * (centred - mu) ** 2).sum() / (total - 1).clamp(min=1e-12)
+        adv = (centred - mu) / (var.sqrt() + eps)
+    else:  # passk: the first index holding the group maximum gets the gap to the runner-up
+        index = torch.arange(B, device=r.device, dtype=torch.long)
+        at_max = valid & (r == gmax[ids])
+        first = _segment_extreme(torch.where(at_max, index, torch.full_like(index, B)).double(), ids, n_groups,
+                                 largest=False).long()
+        is_best = index == first[ids]
+        runner_up = _segment_extreme(torch.where(valid & ~is_best, r, torch.full_like(r, -torch.inf)), ids,
+                                     n_groups, largest=True)
+        adv = torch.where(is_best, (gmax - runner_up)[ids] / (std[ids] + eps), torch.zeros_like(r))
+    adv = torch.where(valid & ~degenerate[ids], adv, torch.zeros_like(adv))
+    return adv.to(out_dtype)

@@ -1,0 +1,320 @@
+"""The public functions: per-token log-probs from hidden states or logits, and the fused policy loss.
+
+Each checks its inputs (:mod:`rlkernels._inputs`), picks an engine (:mod:`rlkernels.engines`), gathers the rows the
+mask keeps so that padding costs nothing, and hands the engine's per-token ``logp``/``entropy`` to the objective
+(:mod:`rlkernels.objective`).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _inputs as I
+from .config import PolicyLossConfig, resolve_config
+from .engines import plan_chunks, resolve_backend
+from .objective import LossOutput, is_token_separable, metrics, policy_loss_flat, prepare, token_loss
+
+Temperature = Union[float, Tensor]
+
+
+def _scatter_rows(values: Tensor, index: Optional[Tensor], n: int) -> Tensor:
+    """values for the kept rows -> (n,) with zeros at dropped rows (differentiable)."""
+    if index is None:
+        return values
+    return values.new_zeros(n).index_copy(0, index, values)
+
+
+def fused_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: Temperature = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    mask: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Per-token log-probs (and entropies) of ``labels`` under ``softmax((hidden @ weight.T + bias) / temperature)``,
+    without ever holding the ``tokens x vocab`` logits.
+
+    Args:
+        hidden: ``(B, T, H)`` or ``(N, H)``, fp32 / bf16 / fp16 / fp64: the final hidden states.
+        weight: ``(V, H)``, same dtype and device: the LM-head weight.
+        labels: ``(B, T)`` or ``(N,)`` int: the token whose log-prob is wanted at each position (in a causal LM, the
+            next token). Must lie in ``[0, V)`` where ``mask`` keeps the position.
+        bias: optional ``(V,)`` LM-head bias (may hold ``-inf`` for banned tokens).
+        temperature: float > 0 or a per-token tensor shaped like ``labels``: the sampling temperature.
+        return_entropy: also return the entropy of the full softmax at each position.
+        backend: ``"auto"`` (default), ``"torch"``, ... (see :func:`rlkernels.available_backends`).
+        chunk_size: rows per chunk; ``None`` sizes chunks from ``RLKERNELS_MEMORY_BUDGET_MB``.
+        mask: optional bool ``(B, T)`` / ``(N,)``: positions where it is False are not computed (they cost nothing)
+            and return 0 with zero gradient.
+
+    Returns:
+        ``logp`` shaped like ``labels``, fp32 (fp64 for fp64 inputs); with ``return_entropy``, ``(logp, entropy)``.
+        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+
+    Equivalent to::
+
+        logits = (hidden @ weight.T + bias).float() / temperature
+        logp = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+    """
+    I.check_backend_args(backend, chunk_size)
+    H, V = I.check_linear(hidden, weight, bias)
+    shape = hidden.shape[:-1]
+    keep = I.check_mask(mask, shape, hidden)
+    labels = I.check_labels(labels, shape, V, keep, hidden)
+    cdt = I.compute_dtype(hidden.dtype)
+    temperature = I.check_temperature(temperature, shape, keep, hidden, cdt)
+    I.check_finite_rows("hidden", hidden.reshape(-1, H), keep.reshape(-1))
+    I.check_finite_rows("weight", weight)
+    if bias is not None:
+        I.check_finite_rows("bias", bias, allow_neg_inf=True)
+
+    engine = resolve_backend(backend, hidden.device)
+    h2, y = hidden.reshape(-1, H), labels.reshape(-1)
+    n = h2.shape[0]
+    index = I.kept_index(keep)
+    if index is not None:
+        h2, y = h2.index_select(0, index), y[index]
+        if isinstance(temperature, Tensor):
+            temperature = temperature[index]
+    plan = plan_chunks(h2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb)
+    logp, ent = engine.linear_logprobs(h2, weight, bias, y, temperature, plan)
+    logp = _scatter_rows(logp, index, n).reshape(shape)
+    if not return_entropy:
+        return logp
+    return logp, _scatter_rows(ent, index, n).reshape(shape)
+
+
+def logprobs_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: Temperature = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    mask: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Per-token log-probs (and entropies) from logits you already have, with fp32 math and an out-of-place
+    gradient (the caller's logits are never modified, and no fp32 copy of them is kept).
+
+    Args:
+        logits: ``(B, T, V)`` or ``(N, V)``, any float dtype (may hold ``-inf``).
+        labels: ``(B, T)`` / ``(N,)`` int in ``[0, V)`` at kept positions.
+        temperature: float > 0 or per-token tensor shaped like ``labels``.
+        return_entropy, backend, chunk_size, mask: as in :func:`fused_logprobs`.
+
+    Returns:
+        ``logp`` (and ``entropy``) shaped like ``labels``, fp32 (fp64 for fp64 logits).
+
+    Equivalent to ``torch.log_softmax(logits.float() / T, -1).gather(-1, labels[..., None]).squeeze(-1)``.
+    """
+    I.check_backend_args(backend, chunk_size)
+    I.require_tensor("logits", logits, dtypes=I.FLOAT_DTYPES, dims=(2, 3))
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}: the vocabulary is empty")
+    shape = logits.shape[:-1]
+    keep = I.check_mask(mask, shape, logits)
+    labels = I.check_labels(labels, shape, V, keep, logits)
+    cdt = I.compute_dtype(logits.dtype)
+    temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
+    I.check_finite_rows("logits", logits.reshape(-1, V), keep.reshape(-1), allow_neg_inf=True)
+
+    engine = resolve_backend(backend, logits.device)
+    z2, y = logits.reshape(-1, V), labels.reshape(-1)
+    n = z2.shape[0]
+    index = I.kept_index(keep)
+    if index is not None:
+        z2, y = z2.index_select(0, index), y[index]
+        if isinstance(temperature, Tensor):
+            temperature = temperature[index]
+    plan = plan_chunks(z2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb)
+    logp, ent = engine.logits_logprobs(z2, y, temperature, plan)
+    logp = _scatter_rows(logp, index, n).reshape(shape)
+    if not return_entropy:
+        return logp
+    return logp, _scatter_rows(ent, index, n).reshape(shape)
+
+
+def fused_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    rollout_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    normalizer: Optional[Union[float, Tensor]] = None,
+    config: Union[str, PolicyLossConfig] = "grpo",
+    temperature: Temperature = 1.0,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    single_pass: Optional[bool] = None,
+    **overrides: Any,
+) -> LossOutput:
+    """The policy loss of GRPO-family RL straight from the final hidden states and the LM head, without the
+    ``tokens x vocab`` logits.
+
+    Args:
+        hidden: ``(B, T, H)`` padded, or ``(N, H)`` packed (then ``cu_seqlens`` gives the sequences); fp32/bf16/fp16.
+        weight: ``(V, H)`` LM-head weight, same dtype. ``bias``: optional ``(V,)``.
+        labels: ``(B, T)`` / ``(N,)`` int: the sampled tokens (in ``[0, V)`` at kept positions).
+        advantages: per sequence ``(B,)`` / ``(S,)`` or per token (shaped like ``labels``); constants.
+        mask: ``(B, T)`` / ``(N,)`` bool or 0/1: the completion tokens that count. ``None`` keeps all. Masked
+            positions may hold anything (NaN included) in every per-token input; they are never computed.
+        old_logprobs: fp32 per-token log-probs of the policy that generated the batch's ratio denominator; ``None``
+            means on-policy (the detached current log-probs: ratio 1, gradient of logp).
+        ref_logprobs: fp32 per-token reference log-probs (required when ``kl_coef > 0``).
+        rollout_logprobs: fp32 per-token log-probs reported by the rollout engine (for ``rollout_correction``).
+        is_weights: precomputed per-token importance weights (e.g. TRL's ``vllm_is_ratio``), applied as they are.
+        cu_seqlens: int32 ``(S+1,)`` sequence boundaries for packed inputs (flash-attn varlen convention).
+        normalizer: replaces the denominator of the aggregation (token count for ``token-mean``, sequence count for the
+            sequence modes); pass the global value for exact data parallelism (LOSSES.md B §6).
+        config: a preset name (``"grpo"``, ``"dapo"``, ``"gspo"``, ``"cispo"``, ... see ``rlkernels.PRESETS``) or a
+            :class:`PolicyLossConfig`; ``**overrides`` change its fields (``clip_high=0.28``, ``kl_coef=0.01``, ...).
+        temperature: float > 0 or per-token tensor: the rollout's sampling temperature.
+        backend, chunk_size: engine choice and rows per chunk (see :func:`fused_logprobs`).
+        single_pass: ``None`` (default) forms the gradients during the forward pass whenever the objective is
+            token-separable and gradients are needed (3 GEMMs instead of 4); ``False`` forces the two-stage path;
+            ``True`` requires the single pass.
+
+    Returns:
+        :class:`LossOutput` ``(loss, metrics)``: ``loss`` a scalar (fp32) to call ``backward()`` on; ``metrics`` a dict of
+        detached fp32 scalars (``pg_loss``, ``kl_loss``, ``entropy_loss``, ``clip_frac``, ``clip_frac_low``,
+        ``clip_frac_high``, ``dual_clip_frac``, ``approx_kl``, ``ratio_mean/max/min``, ``entropy``, ``kl``, ...).
+
+    Equivalent to ``rlkernels.reference.linear_policy_loss`` (logits, log-softmax, gather, entropy, then the loss).
+    """
+    cfg = resolve_config(config, **overrides)
+    I.check_backend_args(backend, chunk_size)
+    H, V = I.check_linear(hidden, weight, bias)
+    shape = hidden.shape[:-1]
+    keep = I.check_mask(mask, shape, hidden)
+    labels = I.check_labels(labels, shape, V, keep, hidden)
+    cdt = I.compute_dtype(hidden.dtype)
+    temperature = I.check_temperature(temperature, shape, keep, hidden, cdt)
+    I.check_config_inputs(cfg, ref_logprobs, rollout_logprobs, is_weights)
+    batch = I.build_token_batch(shape, keep, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                rollout_logprobs=rollout_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens,
+                                normalizer=normalizer, cdt=cdt, ref=hidden)
+    I.check_finite_rows("hidden", hidden.reshape(-1, H), batch.mask)
+    I.check_finite_rows("weight", weight)
+    if bias is not None:
+        I.check_finite_rows("bias", bias, allow_neg_inf=True)
+
+    engine = resolve_backend(backend, hidden.device)
+    h2, y = hidden.reshape(-1, H), labels.reshape(-1)
+    index = I.kept_index(keep)
+    if index is not None:  # padding costs nothing: only kept rows reach the engine
+        h2, y, batch = h2.index_select(0, index), y[index], batch.select(index)
+        if isinstance(temperature, Tensor):
+            temperature = temperature[index]
+    plan = plan_chunks(h2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb)
+
+    separable = is_token_separable(cfg, batch)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if single_pass and not separable:
+        raise ValueError("single_pass=True needs a token-separable objective (token-level ratio, no entropy "
+                         "quantile, no off-policy sequence mask, and old_logprobs for sequence-level rollout "
+                         "correction)")
+    if single_pass is None:
+        single_pass = separable and wants_grad
+
+    if not single_pass:
+        logp, ent = engine.linear_logprobs(h2, weight, bias, y, temperature, plan)
+        return policy_loss_flat(logp, ent, batch, cfg)
+
+    prep = prepare(batch, cfg)
+
+    def chunk_loss(r0: int, r1: int, logp_c: Tensor, ent_c: Tensor) -> Tensor:
+        rows = slice(r0, r1)
+        return token_loss(logp_c, ent_c, batch.select(rows), prep.select(rows), cfg).total
+
+    loss, logp, ent = engine.linear_fused_loss(h2, weight, bias, y, temperature, plan, chunk_loss)
+    terms = token_loss(logp, ent, batch, prep, cfg)
+    out = metrics(terms, logp, ent, batch, prep, cfg)
+    out["loss"] = loss.detach().float()
+    return LossOutput(loss, out)
+
+
+def policy_loss(
+    logp: Tensor,
+    entropy: Optional[Tensor],
+    advantages: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    rollout_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    normalizer: Optional[Union[float, Tensor]] = None,
+    config: Union[str, PolicyLossConfig] = "grpo",
+    **overrides: Any,
+) -> LossOutput:
+    """The same objective as :func:`fused_grpo_loss`, from per-token log-probs you computed yourself (with
+    :func:`fused_logprobs`, :func:`logprobs_from_logits` or any other way).
+
+    Args:
+        logp: ``(B, T)`` or ``(N,)`` fp32/fp64, differentiable. entropy: same shape, or ``None`` when no entropy knob
+            is used. The other arguments are those of :func:`fused_grpo_loss`.
+    """
+    cfg = resolve_config(config, **overrides)
+    I.require_tensor("logp", logp, dtypes=(torch.float32, torch.float64), dims=(1, 2))
+    shape = logp.shape
+    keep = I.check_mask(mask, shape, logp)
+    I.check_config_inputs(cfg, ref_logprobs, rollout_logprobs, is_weights, have_entropy=entropy is not None)
+    if entropy is None:
+        entropy = torch.zeros_like(logp)
+    else:
+        I.require_tensor("entropy", entropy, dtypes=(torch.float32, torch.float64))
+        if entropy.shape != shape:
+            raise ValueError(f"entropy has shape {tuple(entropy.shape)}; expected {tuple(shape)} like logp")
+    batch = I.build_token_batch(shape, keep, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                rollout_logprobs=rollout_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens,
+                                normalizer=normalizer, cdt=logp.dtype, ref=logp)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    flat_logp = torch.where(batch.mask, logp.reshape(-1), zero)
+    flat_ent = torch.where(batch.mask, entropy.reshape(-1).to(logp.dtype), zero)
+    return policy_loss_flat(flat_logp, flat_ent, batch, cfg)
+
+
+class GRPOLoss(nn.Module):
+    """:func:`fused_grpo_loss` as a module: ``GRPOLoss("dapo", temperature=0.7)(hidden, lm_head.weight, labels,
+    advantages, mask, old_logprobs=...)`` returns a :class:`LossOutput`.
+
+    Args:
+        config: preset name or :class:`PolicyLossConfig`; ``**overrides`` change its fields (validated here, once).
+        temperature, backend, chunk_size: defaults for every call (a call may override them).
+    """
+
+    def __init__(self, config: Union[str, PolicyLossConfig] = "grpo", *, temperature: Temperature = 1.0,
+                 backend: str = "auto", chunk_size: Optional[int] = None, **overrides: Any):
+        super().__init__()
+        self.config = resolve_config(config, **overrides)
+        self.temperature = temperature
+        self.backend = backend
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, advantages: Tensor,
+                mask: Optional[Tensor] = None, **kwargs: Any) -> LossOutput:
+        kwargs.setdefault("temperature", self.temperature)
+        kwargs.setdefault("backend", self.backend)
+        kwargs.setdefault("chunk_size", self.chunk_size)
+        return fused_grpo_loss(hidden, weight, labels, advantages, mask, config=self.config, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, temperature={self.temperature}, backend={self.backend!r}"
