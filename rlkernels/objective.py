@@ -106,6 +106,7 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 def _masked_extreme(x: Tensor, mask: Tensor, largest: bool) -> Tensor:
     fill = -math.inf if largest else math.inf
     v = torch.where(mask, x, torch.full_like(x, fill))
+    v = torch.cat([v, v.new_full((1,), fill)])  # an empty batch reduces to the fill, then to 0 below
     v = v.max() if largest else v.min()
     return torch.where(mask.any(), v, torch.zeros_like(v))
 

@@ -1,0 +1,175 @@
+"""Engines vs the float64 reference: per-token log-probs, entropies and their gradients."""
+import pytest
+import torch
+
+import rlkernels as R
+from rlkernels import reference as ref
+
+from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem
+
+SIZES = [  # (B, T, H, V): odd vocabularies that are a multiple of no block size
+    (2, 5, 8, 37),
+    (3, 7, 16, 123),
+    (1, 4, 8, 50257),
+]
+
+
+def _upstream(logp, ent, seed=1):
+    """A random linear functional of (logp, entropy), so both gradient paths are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.device)
+    b = torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.device)
+    return (a * logp.double()).sum() + (b * ent.double()).sum()
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", ["1", "0.7", "per-token"])
+def test_fused_logprobs_fp64(backend, size, bias, temperature):
+    B, T, H, V = size
+    p = make_problem(B, T, H, V, bias=bias, temperature=0.7 if temperature == "0.7" else 1.0,
+                     per_token_temperature=temperature == "per-token", seed=hash((size, bias, temperature)) % 1000)
+    logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], bias=p["bias"],
+                                 temperature=p["temperature"], return_entropy=True, backend=backend, chunk_size=4)
+    q = as_fp64(p)
+    logp_r, ent_r = ref.linear_logprobs(q["hidden"], q["weight"], q["labels"], q["bias"], q["temperature"])
+    assert logp.dtype == torch.float64 and logp.shape == (B, T)
+    assert_matches("logp", logp, logp_r)
+    assert_matches("entropy", ent, ent_r)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads(_upstream(logp, ent), leaves(p)),
+                          grads(_upstream(logp_r, ent_r), leaves(q))):
+        assert_matches(f"grad_{name}", a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_logprobs_low_precision(backend, dtype, bias):
+    """bf16/fp32 against fp64, allowed k x the error of eager PyTorch in the same dtype."""
+    p = make_problem(4, 16, 64, 1031, dtype=dtype, bias=bias, seed=3, logit_scale=4.0)
+    logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], bias=p["bias"], return_entropy=True,
+                                 backend=backend, chunk_size=16)
+    assert logp.dtype == torch.float32
+    eager = ref.linear_logprobs(p["hidden"], p["weight"], p["labels"], p["bias"])
+    q = as_fp64(p)
+    exact = ref.linear_logprobs(q["hidden"], q["weight"], q["labels"], q["bias"])
+    assert_matches("logp", logp, exact[0], eager[0], dtype)
+    assert_matches("entropy", ent, exact[1], eager[1], dtype)
+    g_ours = grads(_upstream(logp, ent), leaves(p))
+    g_eager = grads(_upstream(*eager), leaves(p))
+    g_exact = grads(_upstream(*exact), leaves(q))
+    for name, a, e, x in zip(("hidden", "weight", "bias"), g_ours, g_eager, g_exact):
+        assert a.dtype == dtype, f"grad_{name} must come back in the input dtype"
+        assert_matches(f"grad_{name}", a, x, e, dtype)
+
+
+def test_vocab_blocking_and_chunk_invariance(backend, monkeypatch):
+    """Row chunks of 1..N and vocabulary blocks (a tiny budget) all give the same answer."""
+    p = make_problem(2, 11, 8, 997, bias=True, per_token_temperature=True, seed=5)
+    q = as_fp64(p)
+    logp_r, ent_r = ref.linear_logprobs(q["hidden"], q["weight"], q["labels"], q["bias"], q["temperature"])
+    g_r = grads(_upstream(logp_r, ent_r), leaves(q))
+    for budget_mb, chunk in [(None, None), (None, 1), (None, 7), (None, 1000), (2e-3, 3), (5e-4, None)]:
+        if budget_mb is None:
+            monkeypatch.delenv("RLKERNELS_MEMORY_BUDGET_MB", raising=False)
+        else:  # 2e-3 MiB = 2097 bytes: 3 rows x ~170 vocab entries per block
+            monkeypatch.setenv("RLKERNELS_MEMORY_BUDGET_MB", str(budget_mb))
+        logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], bias=p["bias"],
+                                     temperature=p["temperature"], return_entropy=True, backend=backend,
+                                     chunk_size=chunk)
+        assert_matches(f"logp budget={budget_mb} chunk={chunk}", logp, logp_r)
+        assert_matches(f"entropy budget={budget_mb} chunk={chunk}", ent, ent_r)
+        for name, a, b in zip(("hidden", "weight", "bias"), grads(_upstream(logp, ent), leaves(p)), g_r):
+            assert_matches(f"grad_{name} budget={budget_mb} chunk={chunk}", a, b)
+
+
+def test_mask_skips_rows(backend):
+    p = make_problem(3, 8, 8, 41, seed=7)
+    h = p["hidden"].detach().clone()
+    h[~p["mask"]] = float("nan")  # never computed
+    h.requires_grad_()
+    labels = p["labels"].clone()
+    labels[~p["mask"]] = -100
+    logp, ent = R.fused_logprobs(h, p["weight"], labels, mask=p["mask"], return_entropy=True, backend=backend)
+    assert torch.all(logp[~p["mask"]] == 0) and torch.all(ent[~p["mask"]] == 0)
+    full, full_ent = ref.linear_logprobs(p["hidden"].detach(), p["weight"].detach(), p["labels"])
+    assert_matches("logp kept", logp[p["mask"]], full[p["mask"]])
+    gh, gw = grads(_upstream(logp, ent), [h, p["weight"]])
+    assert torch.all(gh[~p["mask"]] == 0) and torch.isfinite(gw).all()
+
+
+def test_extreme_and_neg_inf_logits(backend):
+    """Huge logits (|z| ~ 1e4), -inf bias entries (banned tokens) and a -inf label logit."""
+    p = make_problem(2, 6, 8, 64, bias=True, logit_scale=3e4, seed=11)
+    b = p["bias"].detach().clone()
+    b[[3, 9, 10]] = -float("inf")
+    b.requires_grad_()
+    labels = p["labels"].clone()
+    labels[labels == 3] = 4
+    labels[0, 0] = 9  # this token's logit is -inf: logp = -inf
+    logp, ent = R.fused_logprobs(p["hidden"], p["weight"], labels, bias=b, return_entropy=True, backend=backend)
+    logp_r, ent_r = ref.linear_logprobs(p["hidden"].detach(), p["weight"].detach(), labels, b.detach())
+    assert logp[0, 0] == -float("inf")
+    keep = torch.ones_like(labels, dtype=torch.bool)
+    keep[0, 0] = False
+    assert_matches("logp", logp[keep], logp_r[keep])
+    assert_matches("entropy", ent, ent_r)
+    assert torch.isfinite(ent).all()
+    # gradient of the finite positions only: the banned tokens get exactly zero gradient
+    gb, = grads((logp[keep].sum() + ent.sum()), [b])
+    assert torch.isfinite(gb).all() and torch.all(gb[[3, 9, 10]] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", ["1", "per-token"])
+def test_logprobs_from_logits(backend, dtype, temperature):
+    g = torch.Generator().manual_seed(13)
+    N, V = 19, 517
+    logits = (torch.randn(N, V, generator=g, dtype=torch.float64) * 3)
+    logits[:, 5] = -float("inf")
+    labels = torch.randint(6, V, (N,), generator=g)
+    temp = 0.5 + torch.rand(N, generator=g, dtype=torch.float64) if temperature == "per-token" else 1.0
+    x = logits.to(dtype).to(DEVICE).requires_grad_()
+    before = x.detach().clone()
+    logp, ent = R.logprobs_from_logits(x, labels.to(DEVICE), temperature=temp, return_entropy=True,
+                                       backend=backend, chunk_size=6)
+    (gx,) = grads(_upstream(logp, ent), [x])
+    assert torch.equal(x.detach(), before), "the caller's logits must not be modified"
+    assert gx.dtype == dtype and gx.data_ptr() != x.data_ptr()
+    x64 = x.detach().double().requires_grad_()
+    exact = ref.logprobs_from_logits(x64, labels, temp)
+    (gx64,) = grads(_upstream(*exact), [x64])
+    eager = ref.logprobs_from_logits(x, labels, temp.to(dtype) if isinstance(temp, torch.Tensor) else temp)
+    eager = [e.detach() for e in eager]
+    assert_matches("logp", logp, exact[0], eager[0], dtype)
+    assert_matches("entropy", ent, exact[1], eager[1], dtype)
+    assert torch.all(gx[:, 5] == 0)
+    # the gradient is rounded once to the input dtype: allow one ulp of the largest entry
+    assert_matches("grad_logits", gx, gx64, gx64.to(dtype), dtype)
+
+
+def test_partial_requires_grad(backend):
+    """A frozen LM head (weight without grad) and frozen hidden states both work and skip their GEMM."""
+    p = make_problem(2, 5, 8, 37, seed=17)
+    w = p["weight"].detach()
+    logp = R.fused_logprobs(p["hidden"], w, p["labels"], backend=backend)
+    (gh,) = grads(logp.sum(), [p["hidden"]])
+    q = as_fp64(p)
+    logp_r, _ = ref.linear_logprobs(q["hidden"], q["weight"].detach(), q["labels"])
+    (gh_r,) = grads(logp_r.sum(), [q["hidden"]])
+    assert_matches("grad_hidden", gh, gh_r)
+    h = p["hidden"].detach()
+    logp = R.fused_logprobs(h, p["weight"], p["labels"], backend=backend)
+    (gw,) = grads(logp.sum(), [p["weight"]])
+    logp_r, _ = ref.linear_logprobs(h, q["weight"], q["labels"])
+    (gw_r,) = grads(logp_r.sum(), [q["weight"]])
+    assert_matches("grad_weight", gw, gw_r)
+    with torch.no_grad():
+        out = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], backend=backend)
+    assert not out.requires_grad
+
+
+def test_packed_matches_padded(backend):
+    p = make_problem(2, 6, 8, 29, seed=19)
+    logp = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], backend=backend)
+    flat = R.fused_logprobs(p["hidden"].reshape(-1, 8), p["weight"], p["labels"].reshape(-1), backend=backend)
+    assert_matches("packed", flat, logp.reshape(-1))

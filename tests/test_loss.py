@@ -1,0 +1,319 @@
+"""fused_grpo_loss vs the float64 reference for every preset and every knob: loss, gradients and metrics."""
+import pytest
+import torch
+
+import rlkernels as R
+from rlkernels import PRESETS
+from rlkernels import reference as ref
+
+from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem
+
+NEEDS = {"dr_grpo": dict(norm_length=9)}
+
+# (name, overrides, which optional inputs to pass)
+KNOBS = [
+    ("on_policy", {}, ()),
+    ("old", {}, ("old",)),
+    ("dual_clip", dict(dual_clip=3.0), ("old",)),
+    ("dual_clip_tight", dict(dual_clip=1.25, clip_high=0.2), ("old",)),
+    ("no_low_clip", dict(clip_low=None), ("old",)),
+    ("no_high_clip", dict(clip_high=None), ("old",)),
+    ("clip_low_ge_1", dict(clip_low=1.5, clip_high=1.0), ("old",)),
+    ("no_log_ratio_clamp", dict(log_ratio_clamp=None), ("old",)),
+    ("active_log_ratio_clamp", dict(log_ratio_clamp=0.1), ("old",)),
+    ("kl_k1", dict(kl_coef=0.05, kl_estimator="k1"), ("old", "ref")),
+    ("kl_abs", dict(kl_coef=0.05, kl_estimator="abs"), ("old", "ref")),
+    ("kl_k2", dict(kl_coef=0.05, kl_estimator="k2"), ("old", "ref")),
+    ("kl_k3", dict(kl_coef=0.05, kl_estimator="k3"), ("old", "ref")),
+    ("kl_low_var", dict(kl_coef=0.05, kl_estimator="low_var_kl"), ("old", "ref")),
+    ("kl_k3_straight_through", dict(kl_coef=0.1, kl_straight_through=True), ("old", "ref")),
+    ("kl_is_corrected", dict(kl_coef=0.1, kl_is_corrected=True), ("old", "ref")),
+    ("kl_metric_only", {}, ("old", "ref")),
+    ("entropy_bonus", dict(entropy_coef=0.01), ("old",)),
+    ("entropy_penalty", dict(entropy_coef=-0.02), ("old",)),
+    ("entropy_shaping", dict(entropy_shaping_alpha=0.4), ("old",)),
+    ("top_entropy_quantile", dict(top_entropy_quantile=0.5, entropy_coef=0.01), ("old",)),
+    ("token_tis", dict(rollout_correction="token_tis", rollout_cap_high=1.2), ("old", "roll")),
+    ("seq_tis", dict(rollout_correction="seq_tis", rollout_cap_high=1.5), ("old", "roll")),
+    ("token_mis", dict(rollout_correction="token_mis", rollout_cap_low=0.8, rollout_cap_high=1.2),
+     ("old", "roll")),
+    ("seq_mis", dict(rollout_correction="seq_mis", rollout_cap_low=0.5, rollout_cap_high=2.0), ("old", "roll")),
+    ("seq_tis_on_policy", dict(rollout_correction="seq_tis", rollout_cap_high=1.5), ("roll",)),
+    ("is_weights", {}, ("old", "isw")),
+    ("opsm", dict(opsm_delta=0.0), ("old", "roll")),
+    ("opsm_without_rollout", dict(opsm_delta=-0.05), ("old",)),
+    ("token_mean_normalizer", dict(loss_agg="token-mean"), ("old", "norm")),
+    ("seq_mean_token_mean_normalizer", dict(loss_agg="seq-mean-token-mean"), ("old", "norm")),
+    ("seq_mean_token_sum", dict(loss_agg="seq-mean-token-sum"), ("old",)),
+    ("dr_grpo_norm", dict(loss_agg="seq-mean-token-sum-norm", norm_length=5.0), ("old", "norm")),
+    ("sapo_taus", dict(policy_loss="sapo", sapo_tau_pos=2.0, sapo_tau_neg=0.5), ("old",)),
+    ("cispo_two_sided", dict(policy_loss="cispo", clip_low=0.1, clip_high=0.1), ("old",)),
+    ("reinforce_tis", dict(policy_loss="reinforce", rollout_correction="token_tis"), ("old", "roll")),
+    ("gspo_token", dict(ratio_level="sequence_token", clip_low=0.05, clip_high=0.05), ("old",)),
+    ("sequence_cispo", dict(ratio_level="sequence", policy_loss="cispo", clip_low=None, clip_high=0.1), ("old",)),
+    ("everything", dict(dual_clip=3.0, kl_coef=0.05, entropy_coef=0.01, entropy_shaping_alpha=0.1,
+                        rollout_correction="token_mis", rollout_cap_low=0.7, opsm_delta=0.1),
+     ("old", "ref", "roll")),
+]
+
+
+def _inputs(p, which, seed=0):
+    g = torch.Generator().manual_seed(seed + 101)
+    kw = {}
+    if "old" in which:
+        kw["old_logprobs"] = p["old_logprobs"]
+    if "ref" in which:
+        kw["ref_logprobs"] = p["ref_logprobs"]
+    if "roll" in which:
+        kw["rollout_logprobs"] = p["rollout_logprobs"]
+    if "isw" in which:
+        kw["is_weights"] = (0.5 + torch.rand(p["labels"].shape, generator=g, dtype=torch.float64)).to(DEVICE)
+    if "norm" in which:
+        kw["normalizer"] = 7.0
+    return kw
+
+
+def _compare(p, config, overrides, kw, backend, single_pass=None, dtype=torch.float64, chunk_size=5):
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
+                            temperature=p["temperature"], config=config, backend=backend, chunk_size=chunk_size,
+                            single_pass=single_pass, **kw, **overrides)
+    q = as_fp64(p)
+    loss_r, metrics_r = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"],
+                                               bias=q["bias"], temperature=q["temperature"], config=config,
+                                               **kw, **overrides)
+    assert out.loss.dim() == 0
+    assert_matches("loss", out.loss, loss_r, scale=max(1.0, abs(float(loss_r.detach()))))
+    g_ours = grads(out.loss, leaves(p))
+    g_ref = grads(loss_r, leaves(q))
+    for name, a, b in zip(("hidden", "weight", "bias"), g_ours, g_ref):
+        assert a is not None, f"no gradient for {name}"
+        assert_matches(f"grad_{name}", a, b)
+    assert set(out.metrics) == set(metrics_r), set(out.metrics) ^ set(metrics_r)
+    for k, v in out.metrics.items():
+        assert v.dtype == torch.float32 and v.dim() == 0 and not v.requires_grad, k
+        assert_matches(f"metric {k}", v, metrics_r[k], scale=max(1.0, abs(float(metrics_r[k]))),
+                       dtype=torch.float32)  # metrics are fp32 scalars
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("extras", ["plain", "bias_temperature", "per_token_adv"])
+def test_presets(backend, preset, extras):
+    p = make_problem(3, 9, 16, 37, bias=extras == "bias_temperature", per_token_temperature=extras == "bias_temperature",
+                     per_token_advantages=extras == "per_token_adv", seed=len(preset))
+    _compare(p, preset, NEEDS.get(preset, {}), _inputs(p, ("old",)), backend)
+
+
+# every knob on top of a token-level preset (dapo, token-mean), a sequence-mean one (grpo) and a sequence-ratio one
+# (gspo; knobs that set their own ratio level are not combined with it)
+KNOB_CASES = [(base, *k) for base in ("grpo", "dapo", "gspo") for k in KNOBS
+              if not (base == "gspo" and "ratio_level" in k[1])]
+
+
+@pytest.mark.parametrize("base,name,overrides,which", KNOB_CASES, ids=[f"{c[0]}-{c[1]}" for c in KNOB_CASES])
+def test_knobs(backend, base, name, overrides, which):
+    p = make_problem(3, 9, 16, 37, bias=True, seed=hash(name) % 997)
+    _compare(p, base, overrides, _inputs(p, which), backend)
+
+
+@pytest.mark.parametrize("name,overrides,which", KNOBS, ids=[k[0] for k in KNOBS])
+def test_single_pass_equals_two_stage(backend, name, overrides, which):
+    p = make_problem(3, 9, 16, 37, bias=True, per_token_temperature=True, seed=hash(name) % 991)
+    cfg = R.PolicyLossConfig.from_preset("dapo", **overrides)
+    kw = _inputs(p, which)
+    # sequence-level rollout correction needs the current log-probs when old_logprobs are absent
+    separable = cfg.token_separable and not (cfg.rollout_correction.startswith("seq") and "old_logprobs" not in kw)
+    if not separable:
+        with pytest.raises(ValueError, match="single_pass=True"):
+            R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
+                              config=cfg, single_pass=True, backend=backend, **kw)
+        return
+    outs = []
+    for sp in (True, False):
+        out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
+                                temperature=p["temperature"], config=cfg, single_pass=sp, backend=backend,
+                                chunk_size=4, **kw)
+        outs.append((out, grads(out.loss, leaves(p))))
+    (a, ga), (b, gb) = outs
+    assert_matches("loss", a.loss, b.loss, scale=1.0)
+    for x, y in zip(ga, gb):
+        assert_matches("grad", x, y)
+    for k in a.metrics:
+        assert_matches(k, a.metrics[k], b.metrics[k], scale=1.0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["dapo", "gspo", "grpo"])
+def test_low_precision_loss(backend, dtype, preset):
+    p = make_problem(4, 16, 32, 301, dtype=dtype, bias=True, seed=23, logit_scale=3.0)
+    kw = _inputs(p, ("old", "ref"))
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
+                            config=preset, kl_coef=0.01, backend=backend, chunk_size=16, **kw)
+    eager, _ = ref.linear_policy_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                                      bias=p["bias"], config=preset, kl_coef=0.01, **kw)
+    q = as_fp64(p)
+    exact, _ = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"],
+                                      bias=q["bias"], config=preset, kl_coef=0.01, **kw)
+    assert out.loss.dtype == torch.float32
+    assert_matches("loss", out.loss, exact, eager, dtype, scale=max(1.0, abs(float(exact))))
+    for name, a, e, x in zip(("hidden", "weight", "bias"), grads(out.loss, leaves(p)), grads(eager, leaves(p)),
+                             grads(exact, leaves(q))):
+        assert a.dtype == dtype
+        assert_matches(f"grad_{name}", a, x, e, dtype)
+
+
+def _packed(p):
+    """The padded problem as a packed batch: each sequence keeps a random prefix of its positions."""
+    B, T = p["labels"].shape
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    lengths[1] = 0  # an empty sequence
+    keep = torch.arange(T)[None, :] < lengths[:, None]
+    flat = keep.reshape(-1).to(DEVICE)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    pick = lambda x: x.reshape(-1, *x.shape[2:])[flat]  # noqa: E731
+    return keep.to(DEVICE), dict(hidden=pick(p["hidden"]), labels=pick(p["labels"]), mask=pick(p["mask"]),
+                                 old=pick(p["old_logprobs"]), ref=pick(p["ref_logprobs"]), cu=cu.to(DEVICE))
+
+
+@pytest.mark.parametrize("preset", ["grpo", "dapo", "gspo", "luspo", "dr_grpo"])
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_packed_layout(backend, preset, per_token_adv):
+    p = make_problem(4, 8, 8, 41, seed=29, per_token_advantages=per_token_adv)
+    keep, k = _packed(p)
+    adv = p["advantages"].reshape(-1)[keep.reshape(-1)] if per_token_adv else p["advantages"]
+    out = R.fused_grpo_loss(k["hidden"], p["weight"], k["labels"], adv, k["mask"], cu_seqlens=k["cu"],
+                            old_logprobs=k["old"], ref_logprobs=k["ref"], kl_coef=0.02, config=preset,
+                            backend=backend, **NEEDS.get(preset, {}))
+    loss_r, metrics_r = ref.linear_policy_loss(p["hidden"], p["weight"], p["labels"], p["advantages"],
+                                               p["mask"] & keep, old_logprobs=p["old_logprobs"],
+                                               ref_logprobs=p["ref_logprobs"], kl_coef=0.02, config=preset,
+                                               **NEEDS.get(preset, {}))
+    assert_matches("loss", out.loss, loss_r, scale=1.0)
+    gh, gw = grads(out.loss, [k["hidden"], p["weight"]])
+    gh_r, gw_r = grads(loss_r, [p["hidden"], p["weight"]])
+    assert_matches("grad_hidden", gh, gh_r.reshape(-1, 8)[keep.reshape(-1)])
+    assert_matches("grad_weight", gw, gw_r)
+    for key in metrics_r:
+        assert_matches(key, out.metrics[key], metrics_r[key], scale=1.0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("preset", ["grpo", "dapo", "gspo"])
+def test_masked_garbage_changes_nothing(backend, preset):
+    """NaN/inf/out-of-range values at masked positions of every per-token input leave loss and gradients unchanged."""
+    p = make_problem(3, 9, 16, 37, seed=31, per_token_advantages=True, per_token_temperature=True)
+    kw = dict(old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"],
+              rollout_logprobs=p["rollout_logprobs"], kl_coef=0.05, rollout_correction="token_tis", entropy_coef=0.01)
+    clean = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                              temperature=p["temperature"], config=preset, backend=backend, **kw)
+    g_clean = grads(clean.loss, leaves(p))
+    m = ~p["mask"]
+
+    def dirty(x, value):
+        x = x.detach().clone()
+        x[m] = value
+        return x
+
+    h = p["hidden"].detach().clone()
+    h[m] = float("nan")
+    h.requires_grad_()
+    kw_dirty = dict(kw, old_logprobs=dirty(p["old_logprobs"], float("nan")),
+                    ref_logprobs=dirty(p["ref_logprobs"], float("inf")),
+                    rollout_logprobs=dirty(p["rollout_logprobs"], -float("inf")))
+    out = R.fused_grpo_loss(h, p["weight"], dirty(p["labels"], -100), dirty(p["advantages"], float("nan")),
+                            p["mask"], temperature=dirty(p["temperature"], 0.0), config=preset, backend=backend,
+                            **kw_dirty)
+    gh, gw = grads(out.loss, [h, p["weight"]])
+    assert_matches("loss", out.loss, clean.loss, scale=1.0)
+    assert torch.all(gh[m] == 0)
+    assert_matches("grad_hidden", gh, g_clean[0])
+    assert_matches("grad_weight", gw, g_clean[1])
+    for k, v in out.metrics.items():
+        assert torch.isfinite(v), k
+        assert_matches(k, v, clean.metrics[k], scale=1.0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("single_pass", [None, False])
+def test_all_masked_batch(backend, preset, single_pass):
+    p = make_problem(2, 5, 8, 37, seed=37)
+    mask = torch.zeros_like(p["mask"])
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], mask,
+                            old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.1,
+                            entropy_coef=0.1, config=preset, backend=backend, single_pass=single_pass,
+                            **NEEDS.get(preset, {}))
+    assert float(out.loss) == 0.0
+    gh, gw = grads(out.loss, [p["hidden"], p["weight"]])
+    assert torch.all(gh == 0) and torch.all(gw == 0)
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+def test_inputs_not_modified(backend):
+    p = make_problem(3, 9, 16, 37, bias=True, per_token_temperature=True, seed=41)
+    tensors = {k: v for k, v in p.items() if isinstance(v, torch.Tensor)}
+    before = {k: v.detach().clone() for k, v in tensors.items()}
+    for sp in (True, False):
+        out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
+                                temperature=p["temperature"], old_logprobs=p["old_logprobs"],
+                                ref_logprobs=p["ref_logprobs"], rollout_logprobs=p["rollout_logprobs"],
+                                rollout_correction="seq_tis", kl_coef=0.1, config="dapo", backend=backend,
+                                single_pass=sp)
+        out.loss.backward()
+    for k, v in tensors.items():
+        assert torch.equal(v.detach(), before[k]), f"{k} was modified in place"
+
+
+def test_grad_output_scaling_and_accumulation(backend):
+    """The single pass saves gradients and scales them by grad_output; two micro-batches accumulate."""
+    p = make_problem(3, 9, 16, 37, seed=43)
+    kw = dict(old_logprobs=p["old_logprobs"], config="dapo", backend=backend)
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], single_pass=True,
+                            **kw)
+    g1 = grads(out.loss * 2.5, leaves(p))
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], single_pass=False,
+                            **kw)
+    g2 = grads(out.loss, leaves(p))
+    for a, b in zip(g1, g2):
+        assert_matches("scaled grad", a, 2.5 * b)
+
+
+def test_policy_loss_from_logprobs(backend):
+    """The objective alone (user-computed log-probs) equals the fused loss."""
+    p = make_problem(3, 9, 16, 37, seed=47)
+    logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], return_entropy=True, backend=backend)
+    a = R.policy_loss(logp, ent, p["advantages"], p["mask"], old_logprobs=p["old_logprobs"], config="gspo",
+                      entropy_coef=0.01)
+    b = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                          old_logprobs=p["old_logprobs"], config="gspo", entropy_coef=0.01, backend=backend)
+    assert_matches("loss", a.loss, b.loss, scale=1.0)
+    c = R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=p["old_logprobs"], config="dapo")
+    assert torch.isfinite(c.loss)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        R.policy_loss(logp, None, p["advantages"], p["mask"], config="dapo", entropy_coef=0.1)
+
+
+def test_grpo_loss_module(backend):
+    p = make_problem(3, 9, 16, 37, seed=53)
+    module = R.GRPOLoss("dapo", clip_high=0.3, backend=backend)
+    assert module.config.clip_high == 0.3
+    out = module(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], old_logprobs=p["old_logprobs"])
+    direct = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                               old_logprobs=p["old_logprobs"], config="dapo", clip_high=0.3, backend=backend)
+    assert isinstance(out, R.LossOutput)
+    assert_matches("loss", out.loss, direct.loss, scale=1.0)
+
+
+def test_kl_penalty_matches_reference():
+    g = torch.Generator().manual_seed(59)
+    lp = torch.randn(50, generator=g, dtype=torch.float64) * 3
+    rp = torch.randn(50, generator=g, dtype=torch.float64) * 3
+    for est in ["k1", "abs", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+"]:
+        x = lp.clone().requires_grad_()
+        y = lp.clone().requires_grad_()
+        a = R.kl_penalty(x, rp, est)
+        b = ref.kl_penalty(y, rp, est)
+        assert_matches(est, a, b)
+        assert_matches(est + " grad", grads(a.sum(), [x])[0], grads(b.sum(), [y])[0])
+    with pytest.raises(ValueError, match="estimator"):
+        R.kl_penalty(lp, rp, "k4")
