@@ -147,9 +147,13 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
 
 
 def is_token_separable(cfg: PolicyLossConfig, batch: TokenBatch) -> bool:
-    """Whether ``prepare`` can run without the current log-probs (then the single-pass engine mode applies)."""
-    seq_rollout = cfg.rollout_correction.startswith("seq") and batch.is_weights is None
-    return cfg.token_separable and not (seq_rollout and batch.old_logprobs is None)
+    """Whether ``prepare`` can run without the current log-probs (then the single-pass engine mode applies).
+
+    Besides a token-separable config, rollout correction must not need the current log-probs: with
+    ``old_logprobs`` absent its weights are built from ``sg(logp)``, known only after the forward pass.
+    """
+    rollout_needs_logp = cfg.rollout_correction != "none" and batch.is_weights is None and batch.old_logprobs is None
+    return cfg.token_separable and not rollout_needs_logp
 
 
 # ----------------------------------------------------------------------------------------------------------------

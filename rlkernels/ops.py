@@ -228,8 +228,7 @@ def fused_grpo_loss(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if single_pass and not separable:
         raise ValueError("single_pass=True needs a token-separable objective (token-level ratio, no entropy "
-                         "quantile, no off-policy sequence mask, and old_logprobs for sequence-level rollout "
-                         "correction)")
+                         "quantile, no off-policy sequence mask, and old_logprobs when rollout_correction is on)")
     if single_pass is None:
         single_pass = separable and wants_grad
 

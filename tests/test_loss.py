@@ -39,6 +39,7 @@ KNOBS = [
      ("old", "roll")),
     ("seq_mis", dict(rollout_correction="seq_mis", rollout_cap_low=0.5, rollout_cap_high=2.0), ("old", "roll")),
     ("seq_tis_on_policy", dict(rollout_correction="seq_tis", rollout_cap_high=1.5), ("roll",)),
+    ("token_tis_on_policy", dict(rollout_correction="token_tis", rollout_cap_high=1.5), ("roll",)),
     ("is_weights", {}, ("old", "isw")),
     ("opsm", dict(opsm_delta=0.0), ("old", "roll")),
     ("opsm_without_rollout", dict(opsm_delta=-0.05), ("old",)),
@@ -121,8 +122,8 @@ def test_single_pass_equals_two_stage(backend, name, overrides, which):
     p = make_problem(3, 9, 16, 37, bias=True, per_token_temperature=True, seed=hash(name) % 991)
     cfg = R.PolicyLossConfig.from_preset("dapo", **overrides)
     kw = _inputs(p, which)
-    # sequence-level rollout correction needs the current log-probs when old_logprobs are absent
-    separable = cfg.token_separable and not (cfg.rollout_correction.startswith("seq") and "old_logprobs" not in kw)
+    # rollout correction needs the current log-probs when old_logprobs are absent
+    separable = cfg.token_separable and not (cfg.rollout_correction != "none" and "old_logprobs" not in kw)
     if not separable:
         with pytest.raises(ValueError, match="single_pass=True"):
             R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],

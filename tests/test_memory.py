@@ -1,0 +1,77 @@
+"""The no-``N x V`` promise: the largest tensor created during forward + backward stays within the chunk budget."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import rlkernels as R
+from rlkernels import reference as ref
+
+from conftest import make_problem
+
+B, T, H, V = 8, 64, 16, 4000  # N = 512 rows; N x V = 2.05M elements
+CHUNK = 32  # 16 chunks: one block of logits is CHUNK x V = 128k elements
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any ATen op creates while active (views included, so nothing is missed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+def _problem():
+    return make_problem(B, T, H, V, dtype=torch.float32, seed=61, mask_frac=0.0)
+
+
+def _allowed(rows, vocab_block):
+    # one logits block, or the gradient-sized tensors that any implementation returns (weight V x H, hidden N x H)
+    return max(rows * vocab_block, V * H, B * T * H)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+@pytest.mark.parametrize("preset", ["dapo", "gspo"])
+def test_loss_never_holds_n_by_v(backend, single_pass, preset):
+    if single_pass and preset == "gspo":
+        single_pass = None  # sequence-level ratio: the two-stage path is the only one
+    p = _problem()
+    with LargestTensor() as probe:
+        out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                                old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.01,
+                                entropy_coef=0.01, config=preset, backend=backend, chunk_size=CHUNK,
+                                single_pass=single_pass)
+        out.loss.backward()
+    assert probe.numel <= _allowed(CHUNK, V), f"largest tensor {probe.numel} from {probe.op}"
+    assert probe.numel < B * T * V // 8
+
+
+def test_vocab_blocks_under_a_tiny_budget(backend, monkeypatch):
+    """With a budget smaller than one row chunk of the full vocabulary, the vocabulary is blocked too."""
+    monkeypatch.setenv("RLKERNELS_MEMORY_BUDGET_MB", str(16 * 1000 * 4 / 2**20))  # 16 rows x 1000 vocab
+    p = _problem()
+    with LargestTensor() as probe:
+        logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], return_entropy=True, backend=backend,
+                                     chunk_size=16)
+        (logp.sum() + ent.sum()).backward()
+    assert probe.numel <= _allowed(16, 1000), f"largest tensor {probe.numel} from {probe.op}"
+    # and the answer is still right
+    exact, _ = ref.linear_logprobs(p["hidden"].detach().double(), p["weight"].detach().double(), p["labels"])
+    assert torch.allclose(logp.double(), exact, atol=1e-4)
+
+
+def test_probe_sees_eager_logits():
+    """The probe is able to fail: the eager reference does create N x V tensors."""
+    p = _problem()
+    with LargestTensor() as probe:
+        loss, _ = ref.linear_policy_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                                         config="dapo")
+        loss.backward()
+    assert probe.numel >= B * T * V

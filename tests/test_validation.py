@@ -1,0 +1,168 @@
+"""Bad input gets a clear TypeError / ValueError naming the argument, before any compute."""
+import pytest
+import torch
+
+import rlkernels as R
+from rlkernels import PolicyLossConfig
+
+from conftest import make_problem
+
+
+@pytest.fixture
+def p():
+    return make_problem(2, 5, 8, 37, dtype=torch.float32, seed=71)
+
+
+def call(p, **changes):
+    args = dict(hidden=p["hidden"], weight=p["weight"], labels=p["labels"], advantages=p["advantages"],
+                mask=p["mask"])
+    kwargs = {k: v for k, v in changes.items() if k not in args}
+    args.update({k: v for k, v in changes.items() if k in args})
+    return R.fused_grpo_loss(args["hidden"], args["weight"], args["labels"], args["advantages"], args["mask"],
+                             **kwargs)
+
+
+CASES = [
+    # (changes, exception, message fragment)
+    (lambda p: dict(hidden=p["hidden"].detach().numpy()), TypeError, "hidden must be a torch.Tensor"),
+    (lambda p: dict(hidden=p["hidden"][0, 0]), ValueError, "hidden has shape"),
+    (lambda p: dict(hidden=p["hidden"].long()), TypeError, "hidden has dtype"),
+    (lambda p: dict(weight=p["weight"].double()), TypeError, "weight has dtype"),
+    (lambda p: dict(weight=p["weight"][:, :5]), ValueError, "weight.shape\\[1\\]"),
+    (lambda p: dict(labels=p["labels"].float()), TypeError, "labels has dtype"),
+    (lambda p: dict(labels=p["labels"][:, :3]), ValueError, "labels has shape"),
+    (lambda p: dict(labels=torch.full_like(p["labels"], 37)), ValueError, "labels must lie in \\[0, V=37\\)"),
+    (lambda p: dict(labels=torch.full_like(p["labels"], -1)), ValueError, "labels must lie in"),
+    (lambda p: dict(mask=p["mask"][:, :2]), ValueError, "mask has shape"),
+    (lambda p: dict(mask=p["mask"].float() * 0.5), ValueError, "mask must hold only 0/1"),
+    (lambda p: dict(advantages=p["advantages"][:1]), ValueError, "advantages has shape"),
+    (lambda p: dict(advantages=torch.full_like(p["advantages"], float("nan"))), ValueError, "advantages holds NaN"),
+    (lambda p: dict(advantages=p["advantages"].long()), TypeError, "advantages has dtype"),
+    (lambda p: dict(old_logprobs=p["old_logprobs"].bfloat16()), TypeError, "old_logprobs has dtype"),
+    (lambda p: dict(old_logprobs=p["old_logprobs"][:, :2]), ValueError, "old_logprobs has shape"),
+    (lambda p: dict(old_logprobs=torch.full_like(p["old_logprobs"], float("nan"))), ValueError,
+     "old_logprobs holds NaN"),
+    (lambda p: dict(ref_logprobs=torch.full_like(p["ref_logprobs"], float("inf"))), ValueError,
+     "ref_logprobs holds NaN or inf"),
+    (lambda p: dict(temperature=0.0), ValueError, "temperature=0.0: must be finite and > 0"),
+    (lambda p: dict(temperature=-1.0), ValueError, "temperature"),
+    (lambda p: dict(temperature="hot"), TypeError, "temperature must be a float"),
+    (lambda p: dict(temperature=torch.zeros(2, 5)), ValueError, "temperature must be finite and > 0"),
+    (lambda p: dict(temperature=torch.ones(3)), ValueError, "temperature has shape"),
+    (lambda p: dict(config="grpo_plus"), ValueError, "not a preset"),
+    (lambda p: dict(config=3), TypeError, "config must be a preset name"),
+    (lambda p: dict(clip_hgh=0.3), TypeError, "unknown PolicyLossConfig field"),
+    (lambda p: dict(kl_coef=0.1), ValueError, "kl_coef=0.1 > 0 needs ref_logprobs"),
+    (lambda p: dict(rollout_correction="token_tis"), ValueError, "needs rollout_logprobs"),
+    (lambda p: dict(rollout_correction="token_tis", rollout_logprobs=p["rollout_logprobs"],
+                    is_weights=torch.ones(2, 5)), ValueError, "use one"),
+    (lambda p: dict(cu_seqlens=torch.tensor([0, 10], dtype=torch.int32)), ValueError, "cu_seqlens is for packed"),
+    (lambda p: dict(normalizer=0.0), ValueError, "normalizer"),
+    (lambda p: dict(normalizer="all"), TypeError, "normalizer must be a number"),
+    (lambda p: dict(backend="cuda-magic"), ValueError, "not a backend"),
+    (lambda p: dict(chunk_size=0), ValueError, "chunk_size"),
+    (lambda p: dict(bias=torch.zeros(36)), ValueError, "bias has shape"),
+    (lambda p: dict(hidden=p["hidden"].detach().masked_fill(p["mask"][..., None], float("nan"))), ValueError,
+     "hidden holds NaN"),
+    (lambda p: dict(weight=p["weight"].detach().clone().index_fill_(0, torch.tensor([3]), float("inf"))),
+     ValueError, "weight holds NaN or inf"),
+    (lambda p: dict(single_pass=True, config="gspo"), ValueError, "single_pass=True needs a token-separable"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_bad_inputs(p, case):
+    make, exc, msg = CASES[case]
+    with pytest.raises(exc, match=msg):
+        call(p, **make(p))
+
+
+def test_packed_cu_seqlens_checks(p):
+    h = p["hidden"].reshape(-1, 8)
+    y = p["labels"].reshape(-1)
+    cases = [
+        (torch.tensor([0, 4, 9]), "end at N=10"),
+        (torch.tensor([1, 4, 10]), "start at 0"),
+        (torch.tensor([0, 6, 4, 10]), "non-decreasing"),
+        (torch.tensor([[0, 10]]), "cu_seqlens has shape"),
+        (torch.tensor([0.0, 10.0]), "cu_seqlens has dtype"),
+    ]
+    for cu, msg in cases:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            R.fused_grpo_loss(h, p["weight"], y, torch.zeros(len(cu) - 1 if cu.dim() == 1 else 1), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        R.fused_grpo_loss(h, p["weight"], y, torch.zeros(3), cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32))
+
+
+def test_device_mismatch_is_named(p):
+    meta = torch.empty(37, 8, device="meta")
+    with pytest.raises(ValueError, match="weight is on meta"):
+        R.fused_logprobs(p["hidden"], meta, p["labels"])
+
+
+def test_unavailable_backend_explains_why(p):
+    status = R.available_backends()
+    missing = [b for b, s in status.items() if s != "available"]
+    if not missing:  # every engine is built on this machine: nothing to explain
+        assert set(status) == {"torch", "triton", "native"}
+        return
+    with pytest.raises(ValueError, match=f"backend='{missing[0]}' is not available"):
+        R.fused_logprobs(p["hidden"], p["weight"], p["labels"], backend=missing[0])
+
+
+def test_env_backend_is_checked(p, monkeypatch):
+    monkeypatch.setenv("RLKERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="RLKERNELS_BACKEND='nonsense'"):
+        R.fused_logprobs(p["hidden"], p["weight"], p["labels"])
+    monkeypatch.setenv("RLKERNELS_BACKEND", "torch")
+    R.fused_logprobs(p["hidden"], p["weight"], p["labels"])
+
+
+def test_logits_checks():
+    with pytest.raises(TypeError, match="logits has dtype"):
+        R.logprobs_from_logits(torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="logits holds NaN"):
+        R.logprobs_from_logits(torch.full((3, 5), float("nan")), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        R.logprobs_from_logits(torch.zeros(3, 5), torch.full((3,), 5))
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("policy_loss", "trpo", "policy_loss='trpo': must be one of"),
+    ("ratio_level", "token-level", "ratio_level"),
+    ("clip_low", -0.1, "clip_low=-0.1: must be >= 0"),
+    ("clip_high", float("nan"), "clip_high=nan: must be a finite number"),
+    ("dual_clip", 1.1, "dual_clip=1.1: must be > 1 \\+ clip_high"),
+    ("log_ratio_clamp", 0.0, "log_ratio_clamp=0.0: must be > 0"),
+    ("kl_coef", -1.0, "kl_coef"),
+    ("kl_estimator", "k4", "kl_estimator"),
+    ("kl_straight_through", 1, "kl_straight_through=1: must be a bool"),
+    ("entropy_shaping_kappa", 1.0, "entropy_shaping_kappa=1.0: must be > 1"),
+    ("top_entropy_quantile", 1.5, "top_entropy_quantile"),
+    ("top_entropy_quantile", 0.0, "top_entropy_quantile"),
+    ("loss_agg", "mean", "loss_agg"),
+    ("loss_agg", "seq-mean-token-sum-norm", "norm_length=None: is required"),
+    ("rollout_correction", "tis", "rollout_correction"),
+    ("rollout_cap_low", 3.0, "rollout_cap_low=3.0: must be < rollout_cap_high"),
+    ("sapo_tau_pos", 0.0, "sapo_tau_pos"),
+    ("opsm_delta", "big", "opsm_delta"),
+])
+def test_config_validation(field, value, msg):
+    with pytest.raises(ValueError, match=msg):
+        PolicyLossConfig(**{field: value})
+
+
+def test_presets_and_overrides():
+    assert PolicyLossConfig.from_preset("dapo").clip_high == 0.28
+    cfg = PolicyLossConfig.from_preset("gspo", clip_high=1e-3)
+    assert cfg.ratio_level == "sequence" and cfg.clip_high == 1e-3 and not cfg.token_separable
+    assert PolicyLossConfig.from_preset("dr_grpo", norm_length=512).norm_length == 512
+    with pytest.raises(TypeError, match="unknown PolicyLossConfig field"):
+        PolicyLossConfig().replace(beta=0.1)
+    with pytest.raises(ValueError, match="dual_clip"):
+        PolicyLossConfig.from_preset("ppo").replace(clip_high=2.5)
+    with pytest.raises(Exception):  # frozen
+        cfg.clip_high = 0.5
+    for name in R.PRESETS:
+        extra = dict(norm_length=100) if name == "dr_grpo" else {}
+        assert isinstance(PolicyLossConfig.from_preset(name, **extra), PolicyLossConfig)
