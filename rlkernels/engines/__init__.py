@@ -3,11 +3,15 @@
 Every engine offers the same three operations on flat inputs (see :class:`Engine`); the public functions choose one
 per call: ``backend=`` argument, else ``RLKERNELS_BACKEND``, else the device default (``triton`` for CUDA tensors,
 ``native`` for CPU tensors when the C++ extension is available, else ``torch``).
+
+Engines other than ``torch`` are loaded lazily by a loader in ``_LOADERS`` the first time they are asked for, so
+``import rlkernels`` never imports Triton or builds the extension. A loader returns an :class:`Engine` or raises
+:class:`BackendUnavailable` with the reason, which :func:`available_backends` and the error messages report.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -18,12 +22,20 @@ from .chunking import ChunkPlan, plan_chunks
 BACKENDS = ("torch", "triton", "native")
 
 
+class BackendUnavailable(RuntimeError):
+    """An engine cannot run here; the message says why and how to fix it."""
+
+
 class Engine:
     """The interface of an engine. Inputs are flat: hidden (N, H), weight (V, H), bias (V,) or None, labels (N,)
     int64, temperature a float or an (N,) tensor in the compute dtype (fp32, fp64 for fp64 inputs)."""
 
     name = "abstract"
     default_budget_mb = 64.0
+
+    def supports(self, device: torch.device) -> Optional[str]:
+        """None if this engine can run on ``device``, else the reason it cannot."""
+        return None
 
     def linear_logprobs(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                         temperature, plan: ChunkPlan) -> Tuple[Tensor, Tensor]:
@@ -54,34 +66,76 @@ class TorchEngine(Engine):
         return torch_engine.LinearFusedLoss.apply(hidden, weight, bias, labels, temperature, plan, chunk_loss)
 
 
-_ENGINES: Dict[str, Engine] = {"torch": TorchEngine()}
-_UNAVAILABLE = {
-    "triton": "the Triton engine is not built yet (it is the CUDA path of a later release)",
-    "native": "the native C++ engine is not built yet (it is the fast CPU path of a later release)",
+def _load_triton() -> Engine:
+    raise BackendUnavailable("the Triton engine is not built yet (it is the CUDA path of a later release)")
+
+
+def _load_native() -> Engine:
+    raise BackendUnavailable("the native C++ engine is not built yet (it is the fast CPU path of a later release)")
+
+
+_LOADERS: Dict[str, Callable[[], Engine]] = {
+    "torch": TorchEngine,
+    "triton": _load_triton,
+    "native": _load_native,
 }
+_CACHE: Dict[str, object] = {}  # name -> Engine, or the BackendUnavailable it raised
 
 
-def available_backends() -> Dict[str, str]:
-    """Every backend name -> ``"available"`` or the reason it is not."""
-    return {name: ("available" if name in _ENGINES else _UNAVAILABLE.get(name, "unknown")) for name in BACKENDS}
+def load_engine(name: str) -> Engine:
+    """The engine ``name`` (loaded once), or :class:`BackendUnavailable` with the reason."""
+    if name not in _CACHE:
+        try:
+            _CACHE[name] = _LOADERS[name]()
+        except BackendUnavailable as exc:
+            _CACHE[name] = exc
+    found = _CACHE[name]
+    if isinstance(found, BackendUnavailable):
+        raise found
+    return found
+
+
+def available_backends(device: Optional[torch.device] = None) -> Dict[str, str]:
+    """Every backend name -> ``"available"`` or the reason it is not (on ``device``, when given).
+
+    Loads the engines that are not loaded yet (this may import Triton or build the native extension).
+    """
+    out = {}
+    for name in BACKENDS:
+        try:
+            engine = load_engine(name)
+            reason = engine.supports(torch.device(device)) if device is not None else None
+            out[name] = reason or "available"
+        except BackendUnavailable as exc:
+            out[name] = str(exc)
+    return out
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> Engine:
     """The engine for this call: ``backend`` if not "auto", else ``RLKERNELS_BACKEND``, else the device default."""
-    requested = backend if backend not in (None, "auto") else os.environ.get("RLKERNELS_BACKEND", "auto") or "auto"
-    source = "backend" if backend not in (None, "auto") else "RLKERNELS_BACKEND"
+    explicit = backend not in (None, "auto")
+    requested = backend if explicit else (os.environ.get("RLKERNELS_BACKEND") or "auto")
+    source = "backend" if explicit else "RLKERNELS_BACKEND"
     if requested == "auto":
-        preferred = ("triton", "torch") if device.type == "cuda" else ("native", "torch")
-        for name in preferred:
-            if name in _ENGINES:
-                return _ENGINES[name]
-        return _ENGINES["torch"]
+        for name in (("triton", "torch") if device.type == "cuda" else ("native", "torch")):
+            try:
+                engine = load_engine(name)
+            except BackendUnavailable:
+                continue
+            if engine.supports(device) is None:
+                return engine
+        return load_engine("torch")
     if requested not in BACKENDS:
         raise ValueError(f"{source}={requested!r} is not a backend; choose 'auto' or one of {BACKENDS}")
-    if requested not in _ENGINES:
-        status = "; ".join(f"{k}: {v}" for k, v in available_backends().items())
-        raise ValueError(f"{source}={requested!r} is not available ({status})")
-    return _ENGINES[requested]
+    try:
+        engine = load_engine(requested)
+    except BackendUnavailable as exc:
+        raise ValueError(f"{source}={requested!r} is not available: {exc}") from None
+    reason = engine.supports(device)
+    if reason is not None:
+        raise ValueError(f"{source}={requested!r} cannot run on {device}: {reason}")
+    return engine
 
 
-__all__ = ["Engine", "ChunkPlan", "plan_chunks", "available_backends", "resolve_backend", "BACKENDS"]
+__all__ = ["Engine", "BackendUnavailable", "ChunkPlan", "plan_chunks", "available_backends", "load_engine",
+           "resolve_backend", "BACKENDS"]
