@@ -19,7 +19,7 @@ DEVICE = torch.device(os.environ.get("RLKERNELS_TEST_DEVICE", "cpu"))
 
 def _backends():
     chosen = os.environ.get("RLKERNELS_TEST_BACKENDS")
-    names = [b for b, status in available_backends().items() if status == "available"]
+    names = [b for b, status in available_backends(DEVICE).items() if status == "available"]
     if chosen:
         names = [b for b in chosen.split(",") if b]
     return names

@@ -67,7 +67,13 @@ class TorchEngine(Engine):
 
 
 def _load_triton() -> Engine:
-    raise BackendUnavailable("the Triton engine is not built yet (it is the CUDA path of a later release)")
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailable(f"triton is not importable ({exc}); `pip install triton` on Linux x86_64") from None
+    from .triton_engine import TritonEngine
+
+    return TritonEngine()
 
 
 def _load_native() -> Engine:

@@ -1,0 +1,236 @@
+"""The Triton engine: cuBLAS GEMMs per row chunk, Triton kernels for everything between them.
+
+Per row chunk (and vocabulary block when the budget requires it):
+
+* forward: ``torch.mm`` writes the logits block in the input dtype (bf16 GEMM, fp32 accumulation inside cuBLAS);
+  ``logits_stats`` reads it once and returns the online (M, S, C) state and the label logit;
+* backward / single pass: ``dlogits`` overwrites that same buffer with dL/dz (the block is never copied to fp32),
+  then two GEMMs give grad_hidden and grad_weight (fp32 accumulator across chunks).
+
+The recompute mode costs 4 GEMMs (forward, and forward again in backward); the single pass for token-separable
+objectives forms dL/dz right after the statistics, while the block is still in memory: 3 GEMMs.
+
+On CPU tensors this engine runs only under ``TRITON_INTERPRET=1`` (set before triton is imported), which is how the
+test suite checks it without a GPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..triton_ops.logprobs import dlogits, logits_stats
+from . import Engine
+from .chunking import ChunkPlan
+from .torch_engine import _chunk_upstream, _merge, compute_dtype
+
+
+def _block(buf: Tensor, r: int, v: int) -> Tensor:
+    return buf[:r] if v == buf.shape[1] else buf.view(-1)[: r * v].view(r, v)
+
+
+def _temp_rows(temperature, r0: int, r1: int):
+    return temperature[r0:r1] if isinstance(temperature, Tensor) else float(temperature)
+
+
+def _bias_block(bias: Optional[Tensor], v0: int, v1: int) -> Optional[Tensor]:
+    return None if bias is None else bias[v0:v1]
+
+
+class _Grads:
+    """grad_hidden in the input dtype; grad_weight and grad_bias accumulated in fp32 (fp64 for fp64)."""
+
+    def __init__(self, hidden, weight, bias, need_h, need_w, need_b):
+        acc = compute_dtype(hidden.dtype)
+        self.half = acc != hidden.dtype
+        self.h = torch.zeros_like(hidden) if need_h else None
+        self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        self.b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
+        self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+
+    def add(self, dz: Tensor, h: Tensor, weight: Tensor, r0: int, v0: int, v1: int, blocked: bool) -> None:
+        """dz (rows, v1-v0) in the input dtype: the GEMMs run in that dtype."""
+        w = weight[v0:v1]
+        if self.h is not None:
+            gh = self.h[r0: r0 + dz.shape[0]]
+            if not self.half:
+                gh.addmm_(dz, w)
+            elif blocked:  # several vocabulary blocks add into the same rows
+                gh.add_(dz @ w)
+            else:
+                torch.mm(dz, w, out=gh)
+        if self.w is not None:
+            if self.half:  # bf16 GEMM, accumulated across chunks in fp32 (one extra V x H pass per chunk)
+                self.w[v0:v1].add_(dz.T @ h)
+            else:
+                self.w[v0:v1].addmm_(dz.T, h)
+        if self.b is not None:
+            self.b[v0:v1].add_(dz.sum(0, dtype=self.b.dtype))
+
+    def results(self):
+        w = None if self.w is None else self.w.to(self.dtypes[0])
+        b = None if self.b is None else self.b.to(self.dtypes[1])
+        return self.h, w, b
+
+
+def _chunk_stats(buf, h, weight, bias, labels, temperature, plan):
+    """(M, log S, C/S, logp, entropy) of one row chunk over all vocabulary blocks."""
+    state, zy = None, None
+    V = weight.shape[0]
+    for v0 in range(0, V, plan.vocab_block):
+        v1 = min(v0 + plan.vocab_block, V)
+        z = _block(buf, h.shape[0], v1 - v0)
+        torch.mm(h, weight[v0:v1].T, out=z)
+        m_b, s_b, c_b, zy_b = logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, v0)
+        state = _merge(state, m_b, s_b, c_b)
+        zy = zy_b if zy is None else torch.maximum(zy, zy_b)
+    m, s, c = state
+    log_s = torch.log(s)
+    cs = c / s
+    return m, log_s, cs, zy - (m + log_s), log_s - cs
+
+
+def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0,
+                    recompute=True):
+    V = weight.shape[0]
+    for v0 in range(0, V, plan.vocab_block):
+        v1 = min(v0 + plan.vocab_block, V)
+        z = _block(buf, h.shape[0], v1 - v0)
+        if recompute:
+            torch.mm(h, weight[v0:v1].T, out=z)
+        dlogits(z, z, labels, _bias_block(bias, v0, v1), temperature, v0, m, log_s, cs, g_logp, g_ent)
+        grads.add(z, h, weight, r0, v0, v1, plan.vocab_blocked)
+
+
+def _g(x: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
+    return None if x is None else x[r0:r1].contiguous()
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """Recompute mode: saves three numbers per row; backward recomputes each logits block (4 GEMMs in all)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, plan: ChunkPlan):
+        ctx.set_materialize_grads(False)
+        N = hidden.shape[0]
+        out = torch.empty(5, N, dtype=compute_dtype(hidden.dtype), device=hidden.device)
+        buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
+        for r0 in range(0, N, plan.rows):
+            r1 = min(r0 + plan.rows, N)
+            stats = _chunk_stats(buf, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1),
+                                 plan)
+            for i, x in enumerate(stats):
+                out[i, r0:r1] = x
+        m, log_s, cs, logp, ent = out.unbind(0)
+        t_saved = temperature if isinstance(temperature, Tensor) else None
+        ctx.save_for_backward(hidden, weight, bias, labels, t_saved, m, log_s, cs)
+        ctx.temperature, ctx.plan = (None if t_saved is not None else float(temperature)), plan
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, labels, t_saved, m, log_s, cs = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None
+        temperature = t_saved if t_saved is not None else ctx.temperature
+        plan, N = ctx.plan, hidden.shape[0]
+        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+        buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
+        for r0 in range(0, N, plan.rows):
+            r1 = min(r0 + plan.rows, N)
+            _chunk_backward(buf, grads, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1),
+                            plan, m[r0:r1], log_s[r0:r1], cs[r0:r1], _g(g_logp, r0, r1), _g(g_ent, r0, r1), r0)
+        gh, gw, gb = grads.results()
+        return gh, gw, gb, None, None, None
+
+
+class LinearFusedLoss(torch.autograd.Function):
+    """Single pass (token-separable objectives): gradients formed in forward, saved, scaled by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N = hidden.shape[0]
+        cdt = compute_dtype(hidden.dtype)
+        logp = torch.empty(N, dtype=cdt, device=hidden.device)
+        ent = torch.empty_like(logp)
+        loss = torch.zeros((), dtype=cdt, device=hidden.device)
+        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+        buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
+        for r0 in range(0, N, plan.rows):
+            r1 = min(r0 + plan.rows, N)
+            h, y, temp = hidden[r0:r1], labels[r0:r1], _temp_rows(temperature, r0, r1)
+            m, log_s, cs, lp, en = _chunk_stats(buf, h, weight, bias, y, temp, plan)
+            part, g_logp, g_ent = _chunk_upstream(chunk_loss, r0, r1, lp, en)
+            if g_logp is not None or g_ent is not None:
+                # unblocked: the buffer still holds this chunk's logits, so no recompute (3 GEMMs in all)
+                _chunk_backward(buf, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0,
+                                recompute=plan.vocab_blocked)
+            logp[r0:r1], ent[r0:r1] = lp, en
+            loss += part
+        ctx.grads = grads.results()
+        ctx.mark_non_differentiable(logp, ent)
+        return loss, logp, ent
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logp, _g_ent):
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # noqa: E731
+        return scale(gh), scale(gw), scale(gb), None, None, None, None
+
+
+class LogitsLogprobs(torch.autograd.Function):
+    """Logits input: statistics per row chunk; backward writes dL/dz into a new tensor (out of place)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, plan: ChunkPlan):
+        ctx.set_materialize_grads(False)
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        m, s, c, zy = logits_stats(logits, labels, None, temperature)
+        log_s = torch.log(s)
+        cs = c / s
+        t_saved = temperature if isinstance(temperature, Tensor) else None
+        ctx.save_for_backward(logits, labels, t_saved, m, log_s, cs)
+        ctx.temperature = None if t_saved is not None else float(temperature)
+        return zy - (m + log_s), log_s - cs
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, labels, t_saved, m, log_s, cs = ctx.saved_tensors
+        if (g_logp is None and g_ent is None) or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        temperature = t_saved if t_saved is not None else ctx.temperature
+        grad = torch.empty_like(logits)
+        dlogits(logits, grad, labels, None, temperature, 0, m, log_s, cs,
+                None if g_logp is None else g_logp.contiguous(), None if g_ent is None else g_ent.contiguous())
+        return grad, None, None, None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class TritonEngine(Engine):
+    name = "triton"
+    # budget of one fp32-equivalent logits block; the bf16 block itself is half of it (issue: <= 1 GiB extra)
+    default_budget_mb = 1024.0
+
+    def supports(self, device: torch.device) -> Optional[str]:
+        if device.type == "cuda" or _interpreting():
+            return None
+        return f"Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing triton " \
+               "to run them on CPU (slow, for tests)"
+
+    def linear_logprobs(self, hidden, weight, bias, labels, temperature, plan):
+        return LinearLogprobs.apply(hidden, weight, bias, labels, temperature, plan)
+
+    def logits_logprobs(self, logits, labels, temperature, plan):
+        return LogitsLogprobs.apply(logits, labels, temperature, plan)
+
+    def linear_fused_loss(self, hidden, weight, bias, labels, temperature, plan, chunk_loss):
+        return LinearFusedLoss.apply(hidden, weight, bias, labels, temperature, plan, chunk_loss)

@@ -1,0 +1,150 @@
+"""Log-probs and entropy over a block of logits: the forward statistics kernel and the dL/dz kernel.
+
+Both read a row-major block of logits ``z`` (the GEMM output for the hidden+W path, or the caller's logits) in any
+float dtype and do all arithmetic in fp32.
+
+* ``logits_stats``: one program per row streams the block's vocabulary in ``BLOCK_V`` tiles, keeping the online
+  state (M, S, C), and reads the label logit with one scalar load. Bytes: the block is read once (2 B/entry in bf16).
+* ``dlogits``: a (row, vocabulary-tile) grid recomputes p from the saved (M, log S, C/S) and writes dL/dz, in place
+  (hidden+W path: the GEMM output buffer becomes the gradient buffer) or into a new tensor (logits path: the
+  caller's logits are never modified). Bytes: the block is read once and written once.
+
+Sequence lengths, row counts, temperatures and offsets are runtime arguments; only the tile size and feature flags
+are ``constexpr``, so a new completion length does not recompile.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .tl_utils import LOGIT_FLOOR, dlogits_tile, load_scaled_logits, online_lse_update
+
+# A tile of 2048 fp32 values per program keeps registers low at num_warps=8 (a default to be tuned on the GPU:
+# no measurement on an H100 has been made yet; see bench/device_check.sh).
+BLOCK_V_FWD = 2048
+BLOCK_V_BWD = 2048
+NUM_WARPS = 8
+
+
+@triton.jit
+def _logits_stats_kernel(
+    z_ptr, stride_z, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
+    m_out, s_out, c_out, zy_out,
+    HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    z_row = z_ptr + row.to(tl.int64) * stride_z
+    if ROW_TEMP:
+        inv_t = 1.0 / tl.load(temp_ptr + row).to(ACC)
+    else:
+        inv_t = inv_t_scalar
+    # the label logit, read before the floor so that a -inf label logit gives logp = -inf
+    label_local = tl.load(labels_ptr + row) - v_offset
+    in_block = (label_local >= 0) & (label_local < n_cols)
+    safe_label = tl.where(in_block, label_local, 0)
+    zy = tl.load(z_row + safe_label).to(ACC)
+    if HAS_BIAS:
+        zy += tl.load(bias_ptr + safe_label).to(ACC)
+    zy = tl.where(in_block, zy * inv_t, float("-inf"))
+
+    m = tl.full((), LOGIT_FLOOR, ACC)
+    s = tl.zeros((), ACC)
+    c = tl.zeros((), ACC)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_mask = cols < n_cols
+        z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC)
+        m, s, c = online_lse_update(m, s, c, z, col_mask)
+    tl.store(m_out + row, m)
+    tl.store(s_out + row, s)
+    tl.store(c_out + row, c)
+    tl.store(zy_out + row, zy)
+
+
+@triton.jit
+def _dlogits_kernel(
+    z_ptr, stride_z, out_ptr, stride_out, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
+    m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
+    HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < n_cols
+    if ROW_TEMP:
+        inv_t = 1.0 / tl.load(temp_ptr + row).to(ACC)
+    else:
+        inv_t = inv_t_scalar
+    z = load_scaled_logits(z_ptr + row.to(tl.int64) * stride_z, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC)
+    g_logp = tl.zeros((), ACC)
+    g_ent = tl.zeros((), ACC)
+    if HAS_GLOGP:
+        g_logp = tl.load(g_logp_ptr + row).to(ACC)
+    if HAS_GENT:
+        g_ent = tl.load(g_ent_ptr + row).to(ACC)
+    label_local = tl.load(labels_ptr + row) - v_offset
+    dz = dlogits_tile(z, cols, label_local, tl.load(m_ptr + row), tl.load(log_s_ptr + row), tl.load(cs_ptr + row),
+                      g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT)
+    out_row = out_ptr + row.to(tl.int64) * stride_out
+    tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (the float64 test suite runs every engine)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _temperature_args(temperature, z: Tensor) -> Tuple[Optional[Tensor], float, bool]:
+    """(per-row tensor, scalar 1/T, per-row?) for a launch. Scalar kernel arguments are fp32, so an fp64 block with
+    a temperature other than 1 takes the per-row path to keep full precision."""
+    if isinstance(temperature, Tensor):
+        return temperature, 1.0, True
+    if z.dtype == torch.float64 and float(temperature) != 1.0:
+        return torch.full((z.shape[0],), float(temperature), dtype=torch.float64, device=z.device), 1.0, True
+    return None, 1.0 / float(temperature), False
+
+
+def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0):
+    """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols) whose column 0 is vocabulary entry ``v_offset``.
+
+    ``labels`` (rows,) are global ids; ``bias`` is the block's slice or None; ``temperature`` a float or a (rows,)
+    tensor. Returns four (rows,) fp32 (fp64) tensors; z~_y is -inf where the label lies outside the block.
+    """
+    rows, n_cols = z.shape
+    assert z.stride(1) == 1, "logits block must be row-major"
+    acc = _acc(z.dtype)
+    out = torch.empty(4, rows, dtype=acc, device=z.device)
+    if rows == 0:
+        return out.unbind(0)
+    temp, inv_t, row_temp = _temperature_args(temperature, z)
+    _logits_stats_kernel[(rows,)](
+        z, z.stride(0), bias if bias is not None else z, temp if row_temp else z, inv_t, labels, v_offset, n_cols,
+        out[0], out[1], out[2], out[3],
+        HAS_BIAS=bias is not None, ROW_TEMP=row_temp, ACC=_TL[acc], BLOCK_V=min(BLOCK_V_FWD, triton.next_power_of_2(n_cols)),
+        num_warps=NUM_WARPS,
+    )
+    return out.unbind(0)
+
+
+def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int,
+            m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
+    """Write dL/dz of the block ``z`` into ``out`` (may be ``z`` itself: each element is read before it is written
+    by the same program). Returns ``out``."""
+    rows, n_cols = z.shape
+    if rows == 0:
+        return out
+    temp, inv_t, row_temp = _temperature_args(temperature, z)
+    block = min(BLOCK_V_BWD, triton.next_power_of_2(n_cols))
+    _dlogits_kernel[(rows, triton.cdiv(n_cols, block))](
+        z, z.stride(0), out, out.stride(0), bias if bias is not None else z, temp if row_temp else z, inv_t,
+        labels, v_offset, n_cols, m, log_s, cs,
+        g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
+        HAS_BIAS=bias is not None, ROW_TEMP=row_temp, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
+        ACC=_TL[_acc(z.dtype)], BLOCK_V=block, num_warps=NUM_WARPS,
+    )
+    return out

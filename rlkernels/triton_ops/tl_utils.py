@@ -1,0 +1,55 @@
+"""Shared ``@triton.jit`` helpers: loading a tile of logits, the online log-sum-exp merge, and dL/dz.
+
+Only Triton features available in 3.6 are used (the GPU machines run 3.6; CI runs 3.9's interpreter).
+"""
+import triton
+import triton.language as tl
+
+# -inf logits are floored here so exp() gives exactly 0 and p * (z - mu) is 0 * finite, never 0 * inf (LOSSES.md
+# B §10.5). Same constant as the torch engine (rlkernels.engines.torch_engine.LOGIT_FLOOR).
+LOGIT_FLOOR: tl.constexpr = -1e20
+
+
+@triton.jit
+def load_scaled_logits(z_row_ptr, bias_ptr, cols, col_mask, inv_t, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """One tile of z~ = (z + b) * (1/T) in the accumulation dtype ACC (fp32; fp64 for fp64 inputs), with -inf (and
+    masked-off columns) floored."""
+    z = tl.load(z_row_ptr + cols, mask=col_mask, other=float("-inf")).to(ACC)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    z = z * inv_t
+    return tl.maximum(z, LOGIT_FLOOR)
+
+
+@triton.jit
+def online_lse_update(m, s, c, z, col_mask):
+    """Merge one tile into the running (M, S, C) state of B §1.2, C = sum exp(z - M) (z - M).
+
+    The state starts at (LOGIT_FLOOR, 0, 0): finite, so the first rescale is exp(floor - M') * 0 = 0 without nan.
+    """
+    tile_max = tl.max(tl.where(col_mask, z, LOGIT_FLOOR), axis=0)
+    m_new = tl.maximum(m, tile_max)
+    alpha = tl.exp(m - m_new)
+    shifted = z - m_new
+    e = tl.where(col_mask, tl.exp(shifted), 0.0)
+    c = alpha * (c + (m - m_new) * s) + tl.sum(e * shifted, axis=0)
+    s = alpha * s + tl.sum(e, axis=0)
+    return m_new, s, c
+
+
+@triton.jit
+def dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP: tl.constexpr,
+                 HAS_GENT: tl.constexpr):
+    """dL/dz = [g_logp (1_y - p) - g_H p (z~ - mu)] / T for one tile (B §1.3), with t = z~ - M, p = exp(t - log S),
+    z~ - mu = t - C/S."""
+    t = z - m
+    p = tl.exp(t - log_s)
+    coef = tl.zeros_like(t)
+    if HAS_GLOGP:
+        coef += g_logp
+    if HAS_GENT:
+        coef += g_ent * (t - cs)
+    dz = -p * coef
+    if HAS_GLOGP:
+        dz += tl.where(cols == label_local, g_logp, 0.0)
+    return dz * inv_t
