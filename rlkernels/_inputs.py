@@ -14,18 +14,23 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .config import PolicyLossConfig
+from .config import PolicyLossConfig, is_finite_number
 from .engines.torch_engine import compute_dtype
 from .objective import TokenBatch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def compiling() -> bool:
+    """True while torch.compile traces: data-dependent checks and row gathers are skipped then."""
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+
+
 def value_checks_enabled() -> bool:
     if os.environ.get("RLKERNELS_CHECK_VALUES", "1") in ("0", "false", "False", "no"):
         return False
-    compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return not compiling()
 
 
 def _shape(x: Tensor) -> str:
@@ -139,7 +144,7 @@ def check_temperature(temperature, shape: torch.Size, mask: Tensor, ref: Tensor,
             return torch.where(mask, t, torch.ones_like(t)).reshape(-1)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float or a per-token tensor, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not (is_finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature}: must be finite and > 0 (T = 0, greedy decoding, has no "
                          "log-probs; see LOSSES.md B §10.7)")
     return float(temperature)
@@ -214,7 +219,7 @@ def check_normalizer(normalizer):
         return normalizer.reshape(())
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
         raise TypeError(f"normalizer must be a number or a scalar tensor, got {type(normalizer).__name__}")
-    if not (math.isfinite(normalizer) and normalizer > 0):
+    if not (is_finite_number(normalizer) and normalizer > 0):
         raise ValueError(f"normalizer={normalizer}: must be finite and > 0")
     return float(normalizer)
 
@@ -265,9 +270,18 @@ def check_backend_args(backend, chunk_size) -> None:
 
 
 def kept_index(mask: Tensor) -> Optional[Tensor]:
-    """Indices of kept rows, or None when every row is kept (no gather needed)."""
+    """Indices of kept rows, or None when every row is kept or the gather is not possible (under torch.compile its
+    data-dependent size would break the graph; :func:`neutralise_rows` makes dropped rows harmless instead)."""
     flat = mask.reshape(-1)
-    if flat.numel() == 0 or bool(flat.all()):
+    if flat.numel() == 0 or compiling() or bool(flat.all()):
         return None
     return flat.nonzero().squeeze(1)
 
+
+
+def neutralise_rows(hidden2d: Tensor, labels: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """Masked rows computed anyway (no gather): zero their hidden states and labels so garbage there (NaN, -100)
+    cannot reach the shared weight gradient; their upstream gradients are exactly zero."""
+    flat = mask.reshape(-1)
+    return (torch.where(flat[:, None], hidden2d, torch.zeros((), dtype=hidden2d.dtype, device=hidden2d.device)),
+            torch.where(flat, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)))

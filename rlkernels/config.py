@@ -6,7 +6,6 @@ The meaning of each field is LOSSES.md Part A.1; the presets are A.2. A config i
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -17,8 +16,9 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 ROLLOUT_CORRECTIONS = ("none", "token_tis", "seq_tis", "token_mis", "seq_mis")
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def is_finite_number(x: Any) -> bool:
+    # (x - x) == 0 rejects inf and nan like math.isfinite, and also works on the symbolic floats of torch.compile
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and (x - x) == 0
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class PolicyLossConfig:
             value = getattr(self, field)
             if value is None and optional:
                 return
-            if not _is_number(value):
+            if not is_finite_number(value):
                 fail(field, "must be a finite number" + (" or None" if optional else ""))
             if low is not None and (value <= low if strict else value < low):
                 fail(field, f"must be {'>' if strict else '>='} {low}")
@@ -129,11 +129,13 @@ class PolicyLossConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
+FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyLossConfig))  # a constant that torch.compile can read
+
+
 def _check_fields(changes: Mapping[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(PolicyLossConfig)}
-    unknown = sorted(set(changes) - known)
+    unknown = sorted(set(changes) - FIELDS)
     if unknown:
-        raise TypeError(f"unknown PolicyLossConfig field(s) {unknown}; the fields are {sorted(known)}")
+        raise TypeError(f"unknown PolicyLossConfig field(s) {unknown}; the fields are {sorted(FIELDS)}")
 
 
 # LOSSES.md A.2. Fields not named keep the dataclass defaults.

@@ -83,6 +83,8 @@ def fused_logprobs(
         h2, y = h2.index_select(0, index), y[index]
         if isinstance(temperature, Tensor):
             temperature = temperature[index]
+    elif I.compiling() and mask is not None:
+        h2, y = I.neutralise_rows(h2, y, keep)
     plan = plan_chunks(h2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb)
     logp, ent = engine.linear_logprobs(h2, weight, bias, y, temperature, plan)
     logp = _scatter_rows(logp, index, n).reshape(shape)
@@ -135,6 +137,8 @@ def logprobs_from_logits(
         z2, y = z2.index_select(0, index), y[index]
         if isinstance(temperature, Tensor):
             temperature = temperature[index]
+    elif I.compiling() and mask is not None:
+        z2, y = I.neutralise_rows(z2, y, keep)
     plan = plan_chunks(z2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb)
     logp, ent = engine.logits_logprobs(z2, y, temperature, plan)
     logp = _scatter_rows(logp, index, n).reshape(shape)
@@ -221,6 +225,8 @@ def fused_grpo_loss(
         h2, y, batch = h2.index_select(0, index), y[index], batch.select(index)
         if isinstance(temperature, Tensor):
             temperature = temperature[index]
+    elif I.compiling():
+        h2, y = I.neutralise_rows(h2, y, keep)
     plan = plan_chunks(h2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb)
 
     separable = is_token_separable(cfg, batch)
@@ -229,8 +235,10 @@ def fused_grpo_loss(
     if single_pass and not separable:
         raise ValueError("single_pass=True needs a token-separable objective (token-level ratio, no entropy "
                          "quantile, no off-policy sequence mask, and old_logprobs when rollout_correction is on)")
-    if single_pass is None:
-        single_pass = separable and wants_grad
+    if single_pass is None:  # the single pass calls the objective per chunk from Python: eager mode only
+        single_pass = separable and wants_grad and not I.compiling()
+    elif single_pass and I.compiling():
+        raise ValueError("single_pass=True cannot run under torch.compile; leave single_pass=None")
 
     if not single_pass:
         logp, ent = engine.linear_logprobs(h2, weight, bias, y, temperature, plan)

@@ -27,8 +27,12 @@ class BackendUnavailable(RuntimeError):
 
 
 class Engine:
-    """The interface of an engine. Inputs are flat: hidden (N, H), weight (V, H), bias (V,) or None, labels (N,)
-    int64, temperature a float or an (N,) tensor in the compute dtype (fp32, fp64 for fp64 inputs)."""
+    """The interface of an engine: five primitives on flat inputs, implemented by each engine, and the autograd
+    entry points that :mod:`rlkernels.ops` calls, shared by all (see :mod:`rlkernels.engines.autograd`).
+
+    Inputs: hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64, temperature a float or an (N,) tensor
+    in the compute dtype (fp32, fp64 for fp64 inputs); per-row statistics are (N,) in the compute dtype.
+    """
 
     name = "abstract"
     default_budget_mb = 64.0
@@ -37,33 +41,53 @@ class Engine:
         """None if this engine can run on ``device``, else the reason it cannot."""
         return None
 
+    # -- primitives ------------------------------------------------------------------------------------------------
+    def linear_forward(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan):
+        """-> (logp, entropy, M, log S, C/S), each (N,)."""
+        raise NotImplementedError
+
+    def linear_backward(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs,
+                        g_logp: Optional[Tensor], g_ent: Optional[Tensor], need_h: bool, need_w: bool, need_b: bool):
+        """-> (grad_hidden, grad_weight, grad_bias), None where not needed; a None upstream skips its term."""
+        raise NotImplementedError
+
+    def linear_fused(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool,
+                     need_w: bool, need_b: bool):
+        """Single pass for token-separable losses -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
+        raise NotImplementedError
+
+    def logits_forward(self, logits, labels, temperature, plan: ChunkPlan):
+        """-> (logp, entropy, M, log S, C/S) from logits (N, V)."""
+        raise NotImplementedError
+
+    def logits_backward(self, logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent) -> Tensor:
+        """-> dL/dlogits, a new tensor in the logits' dtype."""
+        raise NotImplementedError
+
+    # -- autograd entry points -------------------------------------------------------------------------------------
     def linear_logprobs(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                         temperature, plan: ChunkPlan) -> Tuple[Tensor, Tensor]:
         """(logp, entropy), each (N,) in the compute dtype, differentiable w.r.t. hidden, weight and bias."""
-        raise NotImplementedError
+        return autograd.linear_logprobs(self.name, hidden, weight, bias, labels, temperature, plan)
 
     def logits_logprobs(self, logits: Tensor, labels: Tensor, temperature, plan: ChunkPlan) -> Tuple[Tensor, Tensor]:
         """(logp, entropy) from logits (N, V), differentiable w.r.t. logits (the gradient is a new tensor)."""
-        raise NotImplementedError
+        return autograd.logits_logprobs(self.name, logits, labels, temperature, plan)
 
     def linear_fused_loss(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
                           plan: ChunkPlan, chunk_loss) -> Tuple[Tensor, Tensor, Tensor]:
         """Single pass for token-separable losses: (loss, logp, entropy); gradients formed in forward."""
-        raise NotImplementedError
+        return autograd.LinearFusedLoss.apply(self, hidden, weight, bias, labels, temperature, plan, chunk_loss)
 
 
 class TorchEngine(Engine):
     name = "torch"
     default_budget_mb = 64.0
-
-    def linear_logprobs(self, hidden, weight, bias, labels, temperature, plan):
-        return torch_engine.LinearLogprobs.apply(hidden, weight, bias, labels, temperature, plan)
-
-    def logits_logprobs(self, logits, labels, temperature, plan):
-        return torch_engine.LogitsLogprobs.apply(logits, labels, temperature, plan)
-
-    def linear_fused_loss(self, hidden, weight, bias, labels, temperature, plan, chunk_loss):
-        return torch_engine.LinearFusedLoss.apply(hidden, weight, bias, labels, temperature, plan, chunk_loss)
+    linear_forward = staticmethod(torch_engine.linear_forward)
+    linear_backward = staticmethod(torch_engine.linear_backward)
+    linear_fused = staticmethod(torch_engine.linear_fused)
+    logits_forward = staticmethod(torch_engine.logits_forward)
+    logits_backward = staticmethod(torch_engine.logits_backward)
 
 
 def _load_triton() -> Engine:
@@ -142,6 +166,8 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> Engine:
         raise ValueError(f"{source}={requested!r} cannot run on {device}: {reason}")
     return engine
 
+
+from . import autograd  # noqa: E402  (the custom ops need load_engine, defined above)
 
 __all__ = ["Engine", "BackendUnavailable", "ChunkPlan", "plan_chunks", "available_backends", "load_engine",
            "resolve_backend", "BACKENDS"]

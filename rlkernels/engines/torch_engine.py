@@ -7,8 +7,10 @@ Per row chunk (and per vocabulary block when a row chunk of the full vocabulary 
 * backward: recompute the block, form ``dL/dz = [g_logp (1_y - p) - g_H p (z~ - mu)] / T`` (B §1.3) in place, two GEMMs
   for the hidden and weight gradients, ``grad_weight`` accumulated in fp32;
 * single pass (token-separable objectives): the forward asks the objective for the per-token upstream gradients of the
-  chunk right away and forms ``dL/dz`` while the logits are still in memory: 3 GEMMs instead of 4. The gradients are
-  kept for backward and scaled by ``grad_output`` there.
+  chunk right away and forms ``dL/dz`` while the logits are still in memory: 3 GEMMs instead of 4.
+
+These are plain functions (the engine primitives of :class:`rlkernels.engines.Engine`); the autograd wiring and the
+``torch.library`` ops that call them live in :mod:`rlkernels.engines.autograd`, shared by every engine.
 
 Workspaces are allocated once per call and reused across chunks with ``out=`` ops: on CPU a fresh 64 MiB tensor
 costs page faults worth ~3 elementwise passes (measured: ``torch.exp`` 30 ms allocating vs 8.6 ms into a buffer at
@@ -216,54 +218,38 @@ def _as_temperature(temperature: Temperature, r0: int, r1: int) -> Temperature:
     return _rows(temperature, r0, r1) if isinstance(temperature, Tensor) else float(temperature)
 
 
-class LinearLogprobs(torch.autograd.Function):
-    """(hidden (N,H), weight (V,H), bias (V,)|None, labels (N,) int64, temperature float|(N,)) -> logp, entropy (N,).
-
-    Saves only three fp32 numbers per row; backward recomputes the logits chunk by chunk (4 GEMMs in all).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, plan: ChunkPlan):
-        ctx.set_materialize_grads(False)
-        N = hidden.shape[0]
-        cdt = compute_dtype(hidden.dtype)
-        logp = torch.empty(N, dtype=cdt, device=hidden.device)
-        ent, m, log_s, cs = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp), \
-            torch.empty_like(logp)
-        ws = _Workspace(plan, hidden)
-        for r0 in range(0, N, plan.rows):
-            r1 = min(r0 + plan.rows, N)
-            out = _chunk_stats(ws, hidden[r0:r1], weight, bias, labels[r0:r1],
-                               _as_temperature(temperature, r0, r1), plan)
-            for dst, src in zip((m, log_s, cs, logp, ent), out):
-                dst[r0:r1] = src
-        t_saved = temperature if isinstance(temperature, Tensor) else None
-        ctx.save_for_backward(hidden, weight, bias, labels, t_saved, m, log_s, cs)
-        ctx.temperature = None if t_saved is not None else float(temperature)
-        ctx.plan = plan
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, labels, t_saved, m, log_s, cs = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None
-        temperature = t_saved if t_saved is not None else ctx.temperature
-        plan, N = ctx.plan, hidden.shape[0]
-        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
-        ws = _Workspace(plan, hidden, need_wgrad=need_w)
-        for r0 in range(0, N, plan.rows):
-            r1 = min(r0 + plan.rows, N)
-            sl = slice(r0, r1)
-            _chunk_backward(ws, grads, hidden[sl], weight, bias, labels[sl], _as_temperature(temperature, r0, r1),
-                            plan, m[sl], log_s[sl], cs[sl], None if g_logp is None else g_logp[sl],
-                            None if g_ent is None else g_ent[sl], r0)
-        gh, gw, gb = grads.results()
-        return gh, gw, gb, None, None, None
+def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan):
+    """(hidden (N,H), weight (V,H), bias (V,)|None, labels (N,) int64, temperature float|(N,)) ->
+    (logp, entropy, M, log S, C/S), each (N,) in the compute dtype. The last three are all backward needs."""
+    N = hidden.shape[0]
+    out = [torch.empty(N, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(5)]
+    ws = _Workspace(plan, hidden)
+    for r0 in range(0, N, plan.rows):
+        r1 = min(r0 + plan.rows, N)
+        m, log_s, cs, logp, ent = _chunk_stats(ws, hidden[r0:r1], weight, bias, labels[r0:r1],
+                                               _as_temperature(temperature, r0, r1), plan)
+        for i, x in enumerate((logp, ent, m, log_s, cs)):
+            out[i][r0:r1] = x
+    return tuple(out)
 
 
-def _chunk_upstream(chunk_loss: ChunkLoss, r0: int, r1: int, logp: Tensor, ent: Tensor):
+def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,
+                    need_h: bool, need_w: bool, need_b: bool):
+    """Recompute each logits block and accumulate (grad_hidden, grad_weight, grad_bias); None where not needed.
+    ``g_logp``/``g_ent`` may be None (that term is skipped)."""
+    grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+    ws = _Workspace(plan, hidden, need_wgrad=need_w)
+    N = hidden.shape[0]
+    for r0 in range(0, N, plan.rows):
+        r1 = min(r0 + plan.rows, N)
+        sl = slice(r0, r1)
+        _chunk_backward(ws, grads, hidden[sl], weight, bias, labels[sl], _as_temperature(temperature, r0, r1),
+                        plan, m[sl], log_s[sl], cs[sl], None if g_logp is None else g_logp[sl],
+                        None if g_ent is None else g_ent[sl], r0)
+    return grads.results()
+
+
+def chunk_upstream(chunk_loss: ChunkLoss, r0: int, r1: int, logp: Tensor, ent: Tensor):
     """Per-token loss of the chunk and its gradients w.r.t. (logp, entropy), from the objective itself."""
     with torch.enable_grad():
         lp = logp.detach().requires_grad_()
@@ -277,110 +263,80 @@ def _chunk_upstream(chunk_loss: ChunkLoss, r0: int, r1: int, logp: Tensor, ent: 
     return total.detach(), g_logp, g_ent
 
 
-class LinearFusedLoss(torch.autograd.Function):
-    """Single pass: (hidden, weight, bias, labels, temperature) -> (loss, logp, entropy) with the gradients formed in
-    forward, chunk by chunk, from ``chunk_loss(r0, r1, logp_chunk, entropy_chunk) -> per-token loss``.
-
-    Only valid for token-separable objectives, whose chunk gradients do not depend on other chunks. ``logp`` and
-    ``entropy`` come back detached (for metrics); the gradient flows through ``loss`` only.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss: ChunkLoss):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N = hidden.shape[0]
-        cdt = compute_dtype(hidden.dtype)
-        logp = torch.empty(N, dtype=cdt, device=hidden.device)
-        ent = torch.empty_like(logp)
-        loss = torch.zeros((), dtype=cdt, device=hidden.device)
-        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
-        ws = _Workspace(plan, hidden, need_wgrad=need_w)
-        for r0 in range(0, N, plan.rows):
-            r1 = min(r0 + plan.rows, N)
-            h, y, temp = hidden[r0:r1], labels[r0:r1], _as_temperature(temperature, r0, r1)
-            if plan.vocab_blocked:  # statistics first, then a recompute pass per block
-                m, log_s, cs, lp, en = _chunk_stats(ws, h, weight, bias, y, temp, plan)
-                part, g_logp, g_ent = _chunk_upstream(chunk_loss, r0, r1, lp, en)
-                if g_logp is not None or g_ent is not None:
-                    _chunk_backward(ws, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0)
-            else:  # the logits block stays in memory between statistics and gradient
-                t = _logits_block(ws, h, weight, bias, 0, weight.shape[0], temp)
-                m, zy = _shift_(t, y, None)
-                e, s, c = _block_state(ws, t)
-                log_s = torch.log(s)
-                cs = c / s
-                lp, en = zy - (m + log_s), log_s - cs
-                part, g_logp, g_ent = _chunk_upstream(chunk_loss, r0, r1, lp, en)
-                if g_logp is not None or g_ent is not None:
-                    p = e.div_(s[:, None])
-                    dz = _dlogits_(t, p, cs, g_logp, g_ent, y, None, temp)
-                    grads.add_block(ws, dz, h, weight, r0, 0, weight.shape[0], False)
-            logp[r0:r1], ent[r0:r1] = lp, en
-            loss += part
-        ctx.grads = grads.results()
-        ctx.mark_non_differentiable(logp, ent)
-        return loss, logp, ent
-
-    @staticmethod
-    def backward(ctx, g_loss, _g_logp, _g_ent):
-        gh, gw, gb = ctx.grads
-        ctx.grads = None
-        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # noqa: E731
-        return scale(gh), scale(gw), scale(gb), None, None, None, None
+_chunk_upstream = chunk_upstream  # older name, kept for engines written against it
 
 
-class LogitsLogprobs(torch.autograd.Function):
-    """(logits (N,V), labels (N,) int64, temperature float|(N,)) -> logp, entropy (N,).
-
-    Saves a reference to the caller's logits (no copy) and three numbers per row; the gradient is a new tensor,
-    written chunk by chunk: the caller's logits are never modified.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, plan: ChunkPlan):
-        ctx.set_materialize_grads(False)
-        N, V = logits.shape
-        cdt = compute_dtype(logits.dtype)
-        logp = torch.empty(N, dtype=cdt, device=logits.device)
-        ent = torch.empty_like(logp)
-        ms, log_ss, css = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
-        ws = _Workspace(_full_vocab(plan), logits, gemm=False)
-        for r0 in range(0, N, plan.rows):
-            r1 = min(r0 + plan.rows, N)
-            z = _load_logits(ws, logits, r0, r1, _as_temperature(temperature, r0, r1))
-            m, zy = _shift_(z, labels[r0:r1], None)
-            _, s, c = _block_state(ws, z)
+def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss: ChunkLoss,
+                 need_h: bool, need_w: bool, need_b: bool):
+    """Single pass: (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) with the gradients formed chunk by
+    chunk from ``chunk_loss(r0, r1, logp_chunk, entropy_chunk) -> per-token loss``. Only valid for token-separable
+    objectives, whose chunk gradients do not depend on other chunks."""
+    N = hidden.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    logp = torch.empty(N, dtype=cdt, device=hidden.device)
+    ent = torch.empty_like(logp)
+    loss = torch.zeros((), dtype=cdt, device=hidden.device)
+    grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+    ws = _Workspace(plan, hidden, need_wgrad=need_w)
+    for r0 in range(0, N, plan.rows):
+        r1 = min(r0 + plan.rows, N)
+        h, y, temp = hidden[r0:r1], labels[r0:r1], _as_temperature(temperature, r0, r1)
+        if plan.vocab_blocked:  # statistics first, then a recompute pass per block
+            m, log_s, cs, lp, en = _chunk_stats(ws, h, weight, bias, y, temp, plan)
+            part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
+            if g_logp is not None or g_ent is not None:
+                _chunk_backward(ws, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0)
+        else:  # the logits block stays in memory between statistics and gradient
+            t = _logits_block(ws, h, weight, bias, 0, weight.shape[0], temp)
+            m, zy = _shift_(t, y, None)
+            e, s, c = _block_state(ws, t)
             log_s = torch.log(s)
             cs = c / s
-            logp[r0:r1], ent[r0:r1] = zy - (m + log_s), log_s - cs
-            ms[r0:r1], log_ss[r0:r1], css[r0:r1] = m, log_s, cs
-        t_saved = temperature if isinstance(temperature, Tensor) else None
-        ctx.save_for_backward(logits, labels, t_saved, ms, log_ss, css)
-        ctx.temperature = None if t_saved is not None else float(temperature)
-        ctx.plan = plan
-        return logp, ent
+            lp, en = zy - (m + log_s), log_s - cs
+            part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
+            if g_logp is not None or g_ent is not None:
+                p = e.div_(s[:, None])
+                dz = _dlogits_(t, p, cs, g_logp, g_ent, y, None, temp)
+                grads.add_block(ws, dz, h, weight, r0, 0, weight.shape[0], False)
+        logp[r0:r1], ent[r0:r1] = lp, en
+        loss += part
+    return (loss, logp, ent, *grads.results())
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        logits, labels, t_saved, ms, log_ss, css = ctx.saved_tensors
-        if (g_logp is None and g_ent is None) or not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        temperature = t_saved if t_saved is not None else ctx.temperature
-        plan, N = ctx.plan, logits.shape[0]
-        grad = torch.empty_like(logits)
-        ws = _Workspace(_full_vocab(plan), logits, gemm=False)
-        for r0 in range(0, N, plan.rows):
-            r1 = min(r0 + plan.rows, N)
-            sl = slice(r0, r1)
-            temp = _as_temperature(temperature, r0, r1)
-            t = _load_logits(ws, logits, r0, r1, temp)
-            t.clamp_(min=LOGIT_FLOOR).sub_(ms[sl, None])
-            p = _block(ws.p, *t.shape)
-            torch.sub(t, log_ss[sl, None], out=p).exp_()
-            dz = _dlogits_(t, p, css[sl], None if g_logp is None else g_logp[sl],
-                           None if g_ent is None else g_ent[sl], labels[sl], None, temp)
-            grad[sl].copy_(dz)
-        return grad, None, None, None
+
+def logits_forward(logits, labels, temperature, plan: ChunkPlan):
+    """(logits (N,V), labels (N,) int64, temperature float|(N,)) -> (logp, entropy, M, log S, C/S), each (N,)."""
+    N = logits.shape[0]
+    out = [torch.empty(N, dtype=compute_dtype(logits.dtype), device=logits.device) for _ in range(5)]
+    ws = _Workspace(_full_vocab(plan), logits, gemm=False)
+    for r0 in range(0, N, plan.rows):
+        r1 = min(r0 + plan.rows, N)
+        z = _load_logits(ws, logits, r0, r1, _as_temperature(temperature, r0, r1))
+        m, zy = _shift_(z, labels[r0:r1], None)
+        _, s, c = _block_state(ws, z)
+        log_s = torch.log(s)
+        cs = c / s
+        for i, x in enumerate((zy - (m + log_s), log_s - cs, m, log_s, cs)):
+            out[i][r0:r1] = x
+    return tuple(out)
+
+
+def logits_backward(logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent):
+    """dL/dlogits as a new tensor in the logits' dtype: the caller's logits are never modified."""
+    N = logits.shape[0]
+    grad = torch.empty_like(logits)
+    ws = _Workspace(_full_vocab(plan), logits, gemm=False)
+    for r0 in range(0, N, plan.rows):
+        r1 = min(r0 + plan.rows, N)
+        sl = slice(r0, r1)
+        temp = _as_temperature(temperature, r0, r1)
+        t = _load_logits(ws, logits, r0, r1, temp)
+        t.clamp_(min=LOGIT_FLOOR).sub_(m[sl, None])
+        p = _block(ws.p, *t.shape)
+        torch.sub(t, log_s[sl, None], out=p).exp_()
+        dz = _dlogits_(t, p, cs[sl], None if g_logp is None else g_logp[sl],
+                       None if g_ent is None else g_ent[sl], labels[sl], None, temp)
+        grad[sl].copy_(dz)
+    return grad
 
 
 def _full_vocab(plan: ChunkPlan) -> ChunkPlan:

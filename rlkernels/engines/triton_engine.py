@@ -7,6 +7,8 @@ Per row chunk (and vocabulary block when the budget requires it):
 * backward / single pass: ``dlogits`` overwrites that same buffer with dL/dz (the block is never copied to fp32),
   then two GEMMs give grad_hidden and grad_weight (fp32 accumulator across chunks).
 
+These are the engine primitives; the autograd wiring is shared by every engine (:mod:`rlkernels.engines.autograd`).
+
 The recompute mode costs 4 GEMMs (forward, and forward again in backward); the single pass for token-separable
 objectives forms dL/dz right after the statistics, while the block is still in memory: 3 GEMMs.
 
@@ -24,7 +26,7 @@ from torch import Tensor
 from ..triton_ops.logprobs import dlogits, logits_stats
 from . import Engine
 from .chunking import ChunkPlan
-from .torch_engine import _chunk_upstream, _merge, compute_dtype
+from .torch_engine import _merge, chunk_upstream, compute_dtype
 
 
 def _block(buf: Tensor, r: int, v: int) -> Tensor:
@@ -108,107 +110,74 @@ def _g(x: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
     return None if x is None else x[r0:r1].contiguous()
 
 
-class LinearLogprobs(torch.autograd.Function):
-    """Recompute mode: saves three numbers per row; backward recomputes each logits block (4 GEMMs in all)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, plan: ChunkPlan):
-        ctx.set_materialize_grads(False)
-        N = hidden.shape[0]
-        out = torch.empty(5, N, dtype=compute_dtype(hidden.dtype), device=hidden.device)
-        buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
-        for r0 in range(0, N, plan.rows):
-            r1 = min(r0 + plan.rows, N)
-            stats = _chunk_stats(buf, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1),
-                                 plan)
-            for i, x in enumerate(stats):
-                out[i, r0:r1] = x
-        m, log_s, cs, logp, ent = out.unbind(0)
-        t_saved = temperature if isinstance(temperature, Tensor) else None
-        ctx.save_for_backward(hidden, weight, bias, labels, t_saved, m, log_s, cs)
-        ctx.temperature, ctx.plan = (None if t_saved is not None else float(temperature)), plan
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, labels, t_saved, m, log_s, cs = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None
-        temperature = t_saved if t_saved is not None else ctx.temperature
-        plan, N = ctx.plan, hidden.shape[0]
-        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
-        buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
-        for r0 in range(0, N, plan.rows):
-            r1 = min(r0 + plan.rows, N)
-            _chunk_backward(buf, grads, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1),
-                            plan, m[r0:r1], log_s[r0:r1], cs[r0:r1], _g(g_logp, r0, r1), _g(g_ent, r0, r1), r0)
-        gh, gw, gb = grads.results()
-        return gh, gw, gb, None, None, None
+def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan):
+    """-> (logp, entropy, M, log S, C/S), each (N,): three numbers per row are all that backward needs."""
+    N = hidden.shape[0]
+    out = [torch.empty(N, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(5)]
+    buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
+    for r0 in range(0, N, plan.rows):
+        r1 = min(r0 + plan.rows, N)
+        m, log_s, cs, logp, ent = _chunk_stats(buf, hidden[r0:r1], weight, bias, labels[r0:r1],
+                                               _temp_rows(temperature, r0, r1), plan)
+        for i, x in enumerate((logp, ent, m, log_s, cs)):
+            out[i][r0:r1] = x
+    return tuple(out)
 
 
-class LinearFusedLoss(torch.autograd.Function):
-    """Single pass (token-separable objectives): gradients formed in forward, saved, scaled by grad_output."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N = hidden.shape[0]
-        cdt = compute_dtype(hidden.dtype)
-        logp = torch.empty(N, dtype=cdt, device=hidden.device)
-        ent = torch.empty_like(logp)
-        loss = torch.zeros((), dtype=cdt, device=hidden.device)
-        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
-        buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
-        for r0 in range(0, N, plan.rows):
-            r1 = min(r0 + plan.rows, N)
-            h, y, temp = hidden[r0:r1], labels[r0:r1], _temp_rows(temperature, r0, r1)
-            m, log_s, cs, lp, en = _chunk_stats(buf, h, weight, bias, y, temp, plan)
-            part, g_logp, g_ent = _chunk_upstream(chunk_loss, r0, r1, lp, en)
-            if g_logp is not None or g_ent is not None:
-                # unblocked: the buffer still holds this chunk's logits, so no recompute (3 GEMMs in all)
-                _chunk_backward(buf, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0,
-                                recompute=plan.vocab_blocked)
-            logp[r0:r1], ent[r0:r1] = lp, en
-            loss += part
-        ctx.grads = grads.results()
-        ctx.mark_non_differentiable(logp, ent)
-        return loss, logp, ent
-
-    @staticmethod
-    def backward(ctx, g_loss, _g_logp, _g_ent):
-        gh, gw, gb = ctx.grads
-        ctx.grads = None
-        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # noqa: E731
-        return scale(gh), scale(gw), scale(gb), None, None, None, None
+def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,
+                    need_h: bool, need_w: bool, need_b: bool):
+    """Recompute mode backward: each logits block is recomputed (4 GEMMs in all with the forward)."""
+    grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+    buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
+    N = hidden.shape[0]
+    for r0 in range(0, N, plan.rows):
+        r1 = min(r0 + plan.rows, N)
+        _chunk_backward(buf, grads, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1),
+                        plan, m[r0:r1], log_s[r0:r1], cs[r0:r1], _g(g_logp, r0, r1), _g(g_ent, r0, r1), r0)
+    return grads.results()
 
 
-class LogitsLogprobs(torch.autograd.Function):
-    """Logits input: statistics per row chunk; backward writes dL/dz into a new tensor (out of place)."""
+def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool,
+                 need_w: bool, need_b: bool):
+    """Single pass (token-separable objectives): (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
+    N = hidden.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    logp = torch.empty(N, dtype=cdt, device=hidden.device)
+    ent = torch.empty_like(logp)
+    loss = torch.zeros((), dtype=cdt, device=hidden.device)
+    grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+    buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
+    for r0 in range(0, N, plan.rows):
+        r1 = min(r0 + plan.rows, N)
+        h, y, temp = hidden[r0:r1], labels[r0:r1], _temp_rows(temperature, r0, r1)
+        m, log_s, cs, lp, en = _chunk_stats(buf, h, weight, bias, y, temp, plan)
+        part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
+        if g_logp is not None or g_ent is not None:
+            # unblocked: the buffer still holds this chunk's logits, so no recompute (3 GEMMs in all)
+            _chunk_backward(buf, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0,
+                            recompute=plan.vocab_blocked)
+        logp[r0:r1], ent[r0:r1] = lp, en
+        loss += part
+    return (loss, logp, ent, *grads.results())
 
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, plan: ChunkPlan):
-        ctx.set_materialize_grads(False)
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()
-        m, s, c, zy = logits_stats(logits, labels, None, temperature)
-        log_s = torch.log(s)
-        cs = c / s
-        t_saved = temperature if isinstance(temperature, Tensor) else None
-        ctx.save_for_backward(logits, labels, t_saved, m, log_s, cs)
-        ctx.temperature = None if t_saved is not None else float(temperature)
-        return zy - (m + log_s), log_s - cs
 
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        logits, labels, t_saved, m, log_s, cs = ctx.saved_tensors
-        if (g_logp is None and g_ent is None) or not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        temperature = t_saved if t_saved is not None else ctx.temperature
-        grad = torch.empty_like(logits)
-        dlogits(logits, grad, labels, None, temperature, 0, m, log_s, cs,
-                None if g_logp is None else g_logp.contiguous(), None if g_ent is None else g_ent.contiguous())
-        return grad, None, None, None
+def logits_forward(logits, labels, temperature, plan: ChunkPlan):
+    """Logits input: one kernel over all rows (the logits exist already; nothing to chunk)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    m, s, c, zy = logits_stats(logits, labels, None, temperature)
+    log_s = torch.log(s)
+    cs = c / s
+    return zy - (m + log_s), log_s - cs, m, log_s, cs
+
+
+def logits_backward(logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent):
+    """dL/dlogits written into a new tensor: the caller's logits are never modified."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    grad = torch.empty_like(logits)
+    return dlogits(logits, grad, labels, None, temperature, 0, m, log_s, cs,
+                   None if g_logp is None else g_logp.contiguous(), None if g_ent is None else g_ent.contiguous())
 
 
 def _interpreting() -> bool:
@@ -226,11 +195,8 @@ class TritonEngine(Engine):
         return f"Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing triton " \
                "to run them on CPU (slow, for tests)"
 
-    def linear_logprobs(self, hidden, weight, bias, labels, temperature, plan):
-        return LinearLogprobs.apply(hidden, weight, bias, labels, temperature, plan)
-
-    def logits_logprobs(self, logits, labels, temperature, plan):
-        return LogitsLogprobs.apply(logits, labels, temperature, plan)
-
-    def linear_fused_loss(self, hidden, weight, bias, labels, temperature, plan, chunk_loss):
-        return LinearFusedLoss.apply(hidden, weight, bias, labels, temperature, plan, chunk_loss)
+    linear_forward = staticmethod(linear_forward)
+    linear_backward = staticmethod(linear_backward)
+    linear_fused = staticmethod(linear_fused)
+    logits_forward = staticmethod(logits_forward)
+    logits_backward = staticmethod(logits_backward)

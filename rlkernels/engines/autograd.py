@@ -1,0 +1,189 @@
+"""Autograd wiring shared by every engine, as ``torch.library`` custom ops so that ``torch.compile`` sees them.
+
+* ``rlkernels::linear_logprobs`` -> (logp, entropy, M, log S, C/S) and its backward op, for the hidden+W path;
+* ``rlkernels::logits_logprobs`` and its backward op, for the logits path.
+
+The ops take the engine's name and the chunk plan as plain arguments and call the engine's primitives (see
+:class:`rlkernels.engines.Engine`); fake implementations give ``torch.compile`` the output shapes. The single-pass
+loss takes a Python callable (the objective of each chunk), which no op schema can carry, so it is an ordinary
+``autograd.Function``, used in eager mode only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .chunking import ChunkPlan
+from .torch_engine import compute_dtype
+
+
+def _engine(name: str):
+    from . import load_engine
+
+    return load_engine(name)
+
+
+def _temperature(temperature: Optional[Tensor], temp_scalar: float):
+    return temperature if temperature is not None else temp_scalar
+
+
+def _split_temperature(temperature) -> Tuple[Optional[Tensor], float]:
+    return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, float(temperature))
+
+
+def _own(out) -> Tuple[Tensor, ...]:
+    # op outputs may not alias each other or the inputs; primitives may return views of one (5, N) buffer
+    return tuple(x.clone() if x._base is not None else x for x in out)
+
+
+def _or_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
+    # op outputs cannot be None: an unneeded gradient travels as an empty tensor
+    return like.new_empty(0) if x is None else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hidden + weight -> log-probs
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("rlkernels::linear_logprobs", mutates_args=())
+def linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                       temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    plan = ChunkPlan(rows, vocab_block, weight.shape[0])
+    return _own(_engine(backend).linear_forward(hidden, weight, bias, labels, _temperature(temperature, temp_scalar),
+                                                plan))
+
+
+@linear_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend):
+    n, cdt = hidden.shape[0], compute_dtype(hidden.dtype)
+    return tuple(hidden.new_empty(n, dtype=cdt) for _ in range(5))
+
+
+@torch.library.custom_op("rlkernels::linear_logprobs_backward", mutates_args=())
+def linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                                temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
+                                backend: str, m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor],
+                                g_ent: Optional[Tensor], need_h: bool, need_w: bool,
+                                need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    plan = ChunkPlan(rows, vocab_block, weight.shape[0])
+    gh, gw, gb = _engine(backend).linear_backward(hidden, weight, bias, labels,
+                                                  _temperature(temperature, temp_scalar), plan, m, log_s, cs,
+                                                  g_logp, g_ent, need_h, need_w, need_b and bias is not None)
+    return _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
+
+
+@linear_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, m, log_s, cs, g_logp,
+      g_ent, need_h, need_w, need_b):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0),
+            torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(0))
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend = inputs
+    _, _, m, log_s, cs = output
+    ctx.save_for_backward(hidden, weight, bias, labels, temperature, m, log_s, cs)
+    ctx.args = (temp_scalar, rows, vocab_block, backend)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, g_logp, g_ent, *_stats_grads):
+    hidden, weight, bias, labels, temperature, m, log_s, cs = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
+        return (None,) * 9
+    gh, gw, gb = linear_logprobs_backward_op(hidden, weight, bias, labels, temperature, *ctx.args, m, log_s, cs,
+                                             g_logp, g_ent, need_h, need_w, need_b)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 6
+
+
+linear_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def linear_logprobs(engine_name: str, hidden, weight, bias, labels, temperature, plan: ChunkPlan):
+    """(logp, entropy), differentiable w.r.t. hidden, weight and bias, through the custom op."""
+    t, t_scalar = _split_temperature(temperature)
+    out = linear_logprobs_op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name)
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logits -> log-probs
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("rlkernels::logits_logprobs", mutates_args=())
+def logits_logprobs_op(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float, rows: int,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    plan = ChunkPlan(rows, logits.shape[1], logits.shape[1])
+    return _own(_engine(backend).logits_forward(logits, labels, _temperature(temperature, temp_scalar), plan))
+
+
+@logits_logprobs_op.register_fake
+def _(logits, labels, temperature, temp_scalar, rows, backend):
+    n, cdt = logits.shape[0], compute_dtype(logits.dtype)
+    return tuple(logits.new_empty(n, dtype=cdt) for _ in range(5))
+
+
+@torch.library.custom_op("rlkernels::logits_logprobs_backward", mutates_args=())
+def logits_logprobs_backward_op(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float,
+                                rows: int, backend: str, m: Tensor, log_s: Tensor, cs: Tensor,
+                                g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
+    plan = ChunkPlan(rows, logits.shape[1], logits.shape[1])
+    return _engine(backend).logits_backward(logits, labels, _temperature(temperature, temp_scalar), plan, m, log_s,
+                                            cs, g_logp, g_ent)
+
+
+@logits_logprobs_backward_op.register_fake
+def _(logits, labels, temperature, temp_scalar, rows, backend, m, log_s, cs, g_logp, g_ent):
+    return torch.empty_like(logits)
+
+
+def _logits_setup(ctx, inputs, output):
+    logits, labels, temperature, temp_scalar, rows, backend = inputs
+    _, _, m, log_s, cs = output
+    ctx.save_for_backward(logits, labels, temperature, m, log_s, cs)
+    ctx.args = (temp_scalar, rows, backend)
+    ctx.set_materialize_grads(False)
+
+
+def _logits_backward(ctx, g_logp, g_ent, *_stats_grads):
+    logits, labels, temperature, m, log_s, cs = ctx.saved_tensors
+    if (g_logp is None and g_ent is None) or not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    grad = logits_logprobs_backward_op(logits, labels, temperature, *ctx.args, m, log_s, cs, g_logp, g_ent)
+    return (grad,) + (None,) * 5
+
+
+logits_logprobs_op.register_autograd(_logits_backward, setup_context=_logits_setup)
+
+
+def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPlan):
+    t, t_scalar = _split_temperature(temperature)
+    out = logits_logprobs_op(logits, labels, t, t_scalar, plan.rows, engine_name)
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# single pass (eager only)
+# ----------------------------------------------------------------------------------------------------------------
+class LinearFusedLoss(torch.autograd.Function):
+    """(hidden, weight, bias, labels, temperature) -> (loss, logp, entropy) with the gradients formed in the forward
+    pass by ``engine.linear_fused``; backward scales them by ``grad_output``. ``logp``/``entropy`` are detached."""
+
+    @staticmethod
+    def forward(ctx, engine, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss):
+        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        loss, logp, ent, gh, gw, gb = engine.linear_fused(hidden, weight, bias, labels, temperature, plan,
+                                                          chunk_loss, need_h, need_w, need_b)
+        ctx.grads = (gh, gw, gb)
+        ctx.mark_non_differentiable(logp, ent)
+        return loss, logp, ent
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logp, _g_ent):
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # noqa: E731
+        return None, scale(gh), scale(gw), scale(gb), None, None, None, None
