@@ -1,0 +1,350 @@
+"""The implementations the benchmark compares, behind one small interface.
+
+A :class:`Provider` says whether it can run a :class:`~rlkernels.bench.workloads.Case` (and if not, why), and builds a
+:class:`Runner` for given inputs: ``forward()`` returns a state, ``backward(state)`` runs the gradient, and
+``result(state)`` gives the tensors the correctness check compares (loss, outputs, gradients).
+
+Providers: ``eager`` (the executable spec :mod:`rlkernels.reference`, logits materialised), ``compile``
+(``torch.compile`` of the same functions), ``rlkernels-<engine>`` for every engine :func:`rlkernels.available_backends`
+knows (unavailable ones are skipped with the engine's own reason), ``liger`` (Liger-Kernel's
+``LigerFusedLinearGRPOLoss``) and ``gemm-roofline`` (the bare matmuls of the op). Others can be added with
+:func:`register_provider`, e.g. from a module named by ``rlkernels-bench --plugin``.
+
+Nothing heavy is imported here: ``liger_kernel`` loads inside the liger provider's ``build``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .. import engines
+from ..engines import BACKENDS, available_backends
+from .workloads import LINEAR_OPS, Case, leaves, scalar
+
+Outputs = Dict[str, Tensor]
+
+
+class Runner:
+    """One provider bound to one set of inputs."""
+
+    has_backward = True
+
+    def forward(self) -> Any:
+        raise NotImplementedError
+
+    def backward(self, state: Any) -> None:
+        raise NotImplementedError
+
+    def result(self, state: Any) -> Outputs:
+        """Loss, outputs and gradients of the last call (empty when there is nothing to check)."""
+        return {}
+
+    def zero_grad(self) -> None:
+        """Drop gradients, so that the next backward creates them afresh."""
+
+
+class AutogradRunner(Runner):
+    """A forward function returning a dict of outputs; the backward is autograd on the case's scalar."""
+
+    def __init__(self, case: Case, inputs: Dict[str, Any], fn: Callable[[], Outputs]):
+        self.case, self.inputs, self.fn = case, inputs, fn
+        self.leaves = leaves(inputs)
+        self.has_backward = bool(self.leaves)
+
+    def forward(self) -> Tuple[Optional[Tensor], Outputs]:
+        out = self.fn()
+        return scalar(self.case, out, self.inputs), out
+
+    def backward(self, state) -> None:
+        state[0].backward()
+
+    def result(self, state) -> Outputs:
+        loss, out = state
+        res = {k: v for k, v in out.items()}
+        if loss is not None:
+            res["loss"] = loss
+        for name, leaf in self.leaves.items():
+            if leaf.grad is not None:
+                res[f"grad_{name}"] = leaf.grad
+        return res
+
+    def zero_grad(self) -> None:
+        for leaf in self.leaves.values():
+            leaf.grad = None
+
+
+class Provider:
+    """Base class. ``name`` is what ``--provider`` takes; ``checked=False`` providers skip the correctness check
+    (they compute no loss)."""
+
+    name = "abstract"
+    description = ""
+    checked = True
+
+    def unavailable(self, case: Case) -> Optional[str]:
+        """None when this provider can run ``case``, else the reason it cannot (cheap: imports nothing heavy)."""
+        return None
+
+    def build(self, case: Case, inputs: Dict[str, Any]) -> Callable[[], Outputs]:
+        """The forward function: no arguments, returns the op's outputs (``loss`` / ``logp``+``entropy`` / ...)."""
+        raise NotImplementedError
+
+    def runner(self, case: Case, inputs: Dict[str, Any]) -> Runner:
+        return AutogradRunner(case, inputs, self.build(case, inputs))
+
+
+def _grpo_kwargs(inputs: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: inputs[k] for k in ("old_logprobs", "ref_logprobs", "rollout_logprobs") if k in inputs}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# eager and compile: the reference module, as it is or compiled
+# ------------------------------------------------------------------------------------------------------------------
+class EagerProvider(Provider):
+    name = "eager"
+    description = "rlkernels.reference (the executable spec): logits materialised, plain PyTorch"
+
+    def _functions(self) -> Dict[str, Callable]:
+        return {"grpo": reference.linear_policy_loss, "logprobs": reference.linear_logprobs,
+                "logits": reference.logprobs_from_logits, "advantages": reference.group_advantages}
+
+    def build(self, case, inputs):
+        fns = self._functions()
+        i = inputs
+        if case.op == "grpo":
+            cfg, kw = case.config, _grpo_kwargs(i)
+            f = fns["grpo"]
+            return lambda: {"loss": f(i["hidden"], i["weight"], i["labels"], i["advantages"], i["mask"],
+                                      config=cfg, **kw)[0]}
+        if case.op == "logprobs":
+            f = fns["logprobs"]
+            return lambda: dict(zip(("logp", "entropy"), f(i["hidden"], i["weight"], i["labels"])))
+        if case.op == "logits":
+            f = fns["logits"]
+            return lambda: dict(zip(("logp", "entropy"), f(i["logits"], i["labels"])))
+        f, G = fns["advantages"], case.group_size
+        return lambda: {"advantages": f(i["rewards"], group_size=G, method="grpo")}
+
+
+class CompileProvider(EagerProvider):
+    name = "compile"
+    description = "torch.compile(dynamic=False) of the eager reference functions"
+    _compiled: Dict[str, Callable] = {}
+
+    def _functions(self):
+        # one compiled wrapper per function and process; dynamic=False specialises on each shape, as a trainer with
+        # fixed padded shapes would (the check shape and the bench shape compile separately)
+        if not self._compiled:
+            for op, fn in super()._functions().items():
+                self._compiled[op] = torch.compile(fn, dynamic=False)
+        return self._compiled
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# rlkernels, one provider per engine
+# ------------------------------------------------------------------------------------------------------------------
+def engine_status(name: str, device: str) -> str:
+    """``"available"`` or the reason engine ``name`` cannot run on ``device``. Loads that engine only (it may import
+    triton or build the native extension), so it is asked per case at run time, never at import."""
+    load = getattr(engines, "load_engine", None)
+    if load is None:  # an engines module without per-engine loading: ask about all of them
+        return available_backends().get(name, "unknown engine")
+    try:
+        engine = load(name)
+    except engines.BackendUnavailable as exc:
+        return str(exc)
+    except KeyError:
+        return "unknown engine"
+    supports = getattr(engine, "supports", None)
+    reason = supports(torch.device(device)) if supports is not None else None
+    return reason or "available"
+
+
+class RlkernelsProvider(Provider):
+    def __init__(self, engine: str):
+        self.engine = engine
+        self.name = f"rlkernels-{engine}"
+        self.description = f"rlkernels public API with backend={engine!r}"
+
+    def unavailable(self, case):
+        status = engine_status(self.engine, case.device)
+        if status != "available":
+            return status
+        if case.op == "advantages" and self.engine != "torch":
+            return "group_advantages has no engine-specific code; it is measured once, as rlkernels-torch"
+        return None
+
+    def build(self, case, inputs):
+        import rlkernels  # the package itself; imported here to keep this module's import graph flat
+
+        i, be = inputs, self.engine
+        if case.op == "grpo":
+            cfg, kw = case.config, _grpo_kwargs(i)
+            return lambda: {"loss": rlkernels.fused_grpo_loss(i["hidden"], i["weight"], i["labels"], i["advantages"],
+                                                               i["mask"], config=cfg, backend=be, **kw).loss}
+        if case.op == "logprobs":
+            return lambda: dict(zip(("logp", "entropy"), rlkernels.fused_logprobs(
+                i["hidden"], i["weight"], i["labels"], return_entropy=True, backend=be)))
+        if case.op == "logits":
+            return lambda: dict(zip(("logp", "entropy"), rlkernels.logprobs_from_logits(
+                i["logits"], i["labels"], return_entropy=True, backend=be)))
+        G = case.group_size
+        return lambda: {"advantages": rlkernels.group_advantages(i["rewards"], group_size=G, method="grpo")}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Liger-Kernel
+# ------------------------------------------------------------------------------------------------------------------
+def liger_arguments(cfg) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Map a :class:`~rlkernels.PolicyLossConfig` onto ``LigerFusedLinearGRPOLoss`` arguments: ``(kwargs, None)``, or
+    ``(None, reason)`` when Liger has no identical objective.
+
+    Identical where mapped: the PPO clipped surrogate ``max(-r A, -clip(r, 1-eps_low, 1+eps_high) A)`` (token or
+    sequence-level ratio), CISPO (Liger's ratio cap is the bound itself, ours is ``1 + clip_high``), SAPO, the k3 KL
+    with ``beta = kl_coef``, and the aggregations token-mean (Liger ``dapo``: sum over kept tokens / their count),
+    seq-mean-token-mean (``grpo``) and seq-mean-token-sum-norm (``dr_grpo`` with ``max_completion_length``).
+    Not identical: we clamp the log-ratio to +-``log_ratio_clamp`` (20) before ``exp`` and Liger does not (equal
+    while |log r| < 20, as in every benchmark input); Liger's metrics differ (only loss and gradients are compared);
+    Liger has no entropy terms, dual clip, rollout correction or off-policy sequence mask, and its ``luspo``
+    normalises by ``B * T`` including padding, so those configurations are skipped rather than approximated.
+    """
+    unsupported = []
+    if cfg.entropy_coef != 0 or cfg.entropy_shaping_alpha > 0 or cfg.top_entropy_quantile < 1.0:
+        unsupported.append("entropy terms")
+    if cfg.dual_clip is not None:
+        unsupported.append("dual clip")
+    if cfg.rollout_correction != "none" or cfg.opsm_delta is not None:
+        unsupported.append("rollout correction / off-policy sequence mask")
+    if cfg.kl_coef > 0 and (cfg.kl_estimator != "k3" or cfg.kl_straight_through):
+        unsupported.append(f"KL estimator {cfg.kl_estimator}{'+' if cfg.kl_straight_through else ''} (Liger: k3)")
+    if cfg.ratio_level == "sequence_token" or (cfg.ratio_level == "sequence" and cfg.policy_loss != "ppo"):
+        unsupported.append(f"ratio_level={cfg.ratio_level} with policy_loss={cfg.policy_loss}")
+    kw: Dict[str, Any] = {"beta": float(cfg.kl_coef), "use_bias_correction_kl": bool(cfg.kl_is_corrected),
+                          "importance_sampling_level": "sequence" if cfg.ratio_level == "sequence" else "token"}
+    agg = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
+    if cfg.policy_loss == "ppo":
+        if cfg.clip_low is None or cfg.clip_high is None:
+            unsupported.append("one-sided clipping")
+        elif cfg.loss_agg not in agg:
+            unsupported.append(f"loss_agg={cfg.loss_agg}")
+        else:
+            kw.update(loss_type=agg[cfg.loss_agg], epsilon_low=cfg.clip_low, epsilon_high=cfg.clip_high)
+            if cfg.loss_agg == "seq-mean-token-sum-norm":
+                kw["max_completion_length"] = cfg.norm_length
+    elif cfg.policy_loss == "cispo" and cfg.loss_agg == "token-mean" and cfg.clip_low is None:
+        kw.update(loss_type="cispo", epsilon_high=1.0 + cfg.clip_high)
+    elif cfg.policy_loss == "sapo" and cfg.loss_agg == "seq-mean-token-mean":
+        kw.update(loss_type="sapo", sapo_temperature_pos=cfg.sapo_tau_pos, sapo_temperature_neg=cfg.sapo_tau_neg)
+    else:
+        unsupported.append(f"policy_loss={cfg.policy_loss} with loss_agg={cfg.loss_agg}")
+    if unsupported:
+        return None, "Liger's GRPO loss has no identical form for " + ", ".join(unsupported)
+    return kw, None
+
+
+class LigerProvider(Provider):
+    name = "liger"
+    description = ("liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss, all sequences in one chunk (gradients formed "
+                   "in its forward)")
+
+    def unavailable(self, case):
+        if case.op != "grpo":
+            return f"Liger-Kernel has no fused op for '{case.op}' (only its GRPO loss is compared)"
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger_kernel is not installed (pip install liger-kernel)"
+        _, reason = liger_arguments(case.config)
+        return reason
+
+    def build(self, case, inputs):
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        kw, _ = liger_arguments(case.config)
+        # Liger at its fastest, not its defaults, so that the comparison never flatters us:
+        # - chunk_size = all sequences (Liger's default is 1 sequence per chunk, which TRL keeps): each chunk zeroes
+        #   and adds a V x H fp32 gradient buffer and runs its own autograd pass, and on the 2-core CPU machine
+        #   (cpu-small, fp32) one chunk of 8 sequences took 12.9 s against 21.3 s for 8 chunks, same results. Its
+        #   memory stays bounded by its own 2048-row x 4096-vocab blocks either way.
+        # - compiled=True (torch.compile of its loss math) is its default, kept on CUDA. On the CPU it would add an
+        #   inductor C++ build (tens of seconds) for a few N-sized elementwise ops next to seconds of matmuls.
+        loss_fn = LigerFusedLinearGRPOLoss(use_ref_model=kw["beta"] > 0, compiled=case.device == "cuda",
+                                           chunk_size=inputs["labels"].shape[0], **kw)
+        i = inputs
+        return lambda: {"loss": loss_fn(i["hidden"], i["weight"], i["labels"], i["mask"], i["advantages"],
+                                        ref_per_token_logps=i.get("ref_logprobs"),
+                                        old_per_token_logps=i.get("old_logprobs"))[0]}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the roofline: the op's matmuls alone, into preallocated outputs
+# ------------------------------------------------------------------------------------------------------------------
+class _GemmRunner(Runner):
+    def __init__(self, case: Case, inputs: Dict[str, Any]):
+        w = inputs["weight"].detach()
+        h = inputs["hidden"].detach().reshape(-1, w.shape[1])[: inputs["kept"]]  # the kept tokens' worth of rows
+        g = torch.Generator(device=h.device).manual_seed(7)
+        self.h, self.w = h, w
+        self.grad_logits = torch.randn(h.shape[0], w.shape[0], generator=g, device=h.device).to(h.dtype)
+        self.logits = torch.empty_like(self.grad_logits)
+        self.grad_h, self.grad_w = torch.empty_like(h), torch.empty_like(w)
+
+    def forward(self):
+        torch.matmul(self.h, self.w.T, out=self.logits)
+
+    def backward(self, state):
+        torch.matmul(self.grad_logits, self.w, out=self.grad_h)
+        torch.matmul(self.grad_logits.T, self.h, out=self.grad_w)
+
+
+class GemmRooflineProvider(Provider):
+    name = "gemm-roofline"
+    description = "the op's bare matmuls (1 forward, 2 backward) into preallocated outputs: the physical floor"
+    checked = False
+
+    def unavailable(self, case):
+        if case.op not in LINEAR_OPS:
+            return f"the {case.op} op has no matmul (read its GB/s instead)"
+        return None
+
+    def runner(self, case, inputs):
+        return _GemmRunner(case, inputs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# registry
+# ------------------------------------------------------------------------------------------------------------------
+_EXTRA: Dict[str, Provider] = {}
+
+
+def register_provider(provider: Provider) -> None:
+    """Add (or replace) a provider under ``provider.name``; used by ``--plugin`` modules and tests."""
+    _EXTRA[provider.name] = provider
+
+
+def all_providers() -> List[Provider]:
+    """Every provider in table order: eager, compile, rlkernels-<engine> for each engine, liger, gemm-roofline,
+    then registered extras."""
+    base: List[Provider] = [EagerProvider(), CompileProvider()]
+    base += [RlkernelsProvider(engine) for engine in BACKENDS]  # names only: listing must not load engines
+    base += [LigerProvider(), GemmRooflineProvider()]
+    names = {p.name for p in base}
+    return [_EXTRA.get(p.name, p) for p in base] + [p for n, p in _EXTRA.items() if n not in names]
+
+
+def get_provider(name: str) -> Provider:
+    """The provider called ``name``; ``KeyError`` listing the known names otherwise."""
+    for p in all_providers():
+        if p.name == name:
+            return p
+    raise KeyError(f"unknown provider {name!r}; known: {[p.name for p in all_providers()]}")
+
+
+def provider_names() -> List[str]:
+    return [p.name for p in all_providers()]
+
+
+__all__ = ["Provider", "Runner", "AutogradRunner", "register_provider", "all_providers", "get_provider",
+           "provider_names", "liger_arguments"]

@@ -1,0 +1,311 @@
+"""The benchmark CLI: argument handling, the JSON schema, the correctness guard, the plot, skip reasons.
+
+Everything runs at a tiny shape, in-process (``--in-process``) except one test of the worker-subprocess path.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from rlkernels.bench import cli, measure, providers, report
+from rlkernels.bench.shapes import SHAPES, resolve_shape
+from rlkernels.bench.workloads import Case
+from rlkernels.config import PolicyLossConfig
+
+TINY = ["--tokens", "32", "--seq-len", "8", "--hidden", "16", "--vocab", "64", "--check-tokens", "16",
+        "--warmup", "1", "--repeat", "2", "--no-progress"]
+FAST = "eager,rlkernels-torch,liger,gemm-roofline"
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """One in-process run of three ops with JSON and plot output, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "rows.json", out / "plot.png"
+    code = cli.main(TINY + ["--in-process", "--op", "grpo,logits,advantages", "--mode", "fwd,full",
+                            "--provider", FAST, "--json", str(json_path), "--plot", str(png_path)])
+    return code, json.loads(json_path.read_text()), png_path
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """Write a plugin module registering deliberately wrong providers; returns its (unique) module name."""
+    name = f"wrong_providers_{abs(hash(str(tmp_path)))}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent("""
+        from rlkernels.bench.providers import EagerProvider, register_provider
+
+        class Wrong(EagerProvider):
+            '''Eager with every output 1% too large: wrong everywhere.'''
+            name = "wrong"
+
+            def build(self, case, inputs):
+                f = super().build(case, inputs)
+                return lambda: {k: v * 1.01 for k, v in f().items()}
+
+        class WrongAtScale(EagerProvider):
+            '''Right at the check shape, 1% off at the bench shape (a bug in a path only long inputs take).'''
+            name = "wrong-at-scale"
+
+            def build(self, case, inputs):
+                f = super().build(case, inputs)
+                factor = 1.01 if inputs["labels"].numel() > 16 else 1.0
+                return lambda: {k: v * factor for k, v in f().items()}
+
+        register_provider(Wrong())
+        register_provider(WrongAtScale())
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setattr(providers, "_EXTRA", {})
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------------------------
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--op", "--mode", "--provider", "--shape", "--tokens", "--dtype", "--preset", "--warmup",
+                 "--repeat", "--device", "--json", "--plot", "--quick", "--full", "--no-progress", "--in-process"):
+        assert flag in text
+    for name in ("eager", "compile", "rlkernels-torch", "liger", "gemm-roofline", "qwen2.5-7b", "dapo"):
+        assert name in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--op", "nope"], "--op"),
+    (["--mode", "sideways"], "--mode"),
+    (["--provider", "eager,magic"], "magic"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--shape", "gpt-5"], "unknown shape"),
+    (["--tokens", "100", "--seq-len", "30"], "multiple of --seq-len"),
+    (["--tokens", "-5"], "positive"),
+    (["--warmup", "0"], "--warmup"),
+    (["--repeat", "0"], "--repeat"),
+    (["--preset", "nope"], "--preset"),
+    (["--set", "not_a_field=1"], "unknown PolicyLossConfig field"),
+    (["--set", "clip_low"], "KEY=VALUE"),
+    (["--pad-frac", "1.5"], "--pad-frac"),
+    (["--quick", "--full"], "exclude"),
+    (["--op", "advantages", "--mode", "bwd"], "no backward"),
+    (["--op", "advantages", "--tokens", "40", "--group-size", "16"], "multiple of --group-size"),
+    (["--tokens", "abc"], "invalid int"),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv + ["--no-progress"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
+def test_cuda_without_cuda_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--device", "cuda"])
+    assert exc.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_defaults_pick_the_quick_cpu_suite():
+    parser = cli.build_parser()
+    cases, names, excluded, settings = cli.resolve_args(parser.parse_args([]), parser)
+    assert [(c.op, c.mode, c.shape.name, c.dtype, c.preset) for c in cases] == [
+        ("grpo", "full", "cpu-small", "float32", "dapo")]
+    assert cases[0].shape.tokens == 2048 and cases[0].shape.hidden == 1024 and cases[0].shape.vocab == 32000
+    assert "compile" in names and "compile" in excluded and "--provider compile" in excluded["compile"]
+    assert (settings.warmup, settings.repeat) == (1, 3)
+    cases, names, excluded, _ = cli.resolve_args(parser.parse_args(["--provider", "compile"]), parser)
+    assert names == ["compile"] and not excluded
+
+
+def test_shapes():
+    assert {"cpu-small", "qwen2.5-7b", "llama3-8b", "qwen3-32b"} <= set(SHAPES)
+    assert (SHAPES["qwen2.5-7b"].hidden, SHAPES["qwen2.5-7b"].vocab) == (3584, 152064)
+    assert (SHAPES["llama3-8b"].hidden, SHAPES["llama3-8b"].vocab) == (4096, 128256)
+    assert (SHAPES["qwen3-32b"].hidden, SHAPES["qwen3-32b"].vocab) == (5120, 151936)
+    s = resolve_shape("qwen2.5-7b", tokens=8192)
+    assert (s.batch, s.seq_len, s.name) == (4, 2048, "qwen2.5-7b")
+    assert resolve_shape("cpu-small", tokens=100).batch == 1
+    assert resolve_shape("cpu-small", vocab=50).name == "cpu-small(custom)"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the output
+# ------------------------------------------------------------------------------------------------------------------
+def test_json_schema(suite):
+    code, payload, _ = suite
+    assert code == 0
+    assert payload["schema_version"] == report.SCHEMA_VERSION
+    rows = payload["rows"]
+    assert rows and all(set(r) == set(report.ROW_KEYS) for r in rows)
+    cases = {(r["op"], r["mode"]) for r in rows}
+    assert cases == {("grpo", "fwd"), ("grpo", "full"), ("logits", "fwd"), ("logits", "full"), ("advantages", "fwd")}
+    for r in rows:
+        assert r["status"] in ("ok", "skipped"), r
+        assert (r["M"], r["H"], r["V"], r["dtype"], r["device"]) == (32, 16, 64, "float32", "cpu")
+        assert r["torch_version"] == torch.__version__ and r["rlkernels_version"] and r["timestamp"]
+        assert isinstance(r["device_name"], str) and r["device_name"]
+        if r["status"] == "ok":
+            assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and len(r["times_ms"]) == 2
+            assert r["peak_mem_mb"] is not None and r["peak_mem_mb"] >= 0
+            assert r["ratio_vs_eager"] is not None
+        else:
+            assert r["reason"] and r["median_ms"] is None
+    ok = {(r["op"], r["mode"], r["provider"]): r for r in rows if r["status"] == "ok"}
+    assert ok[("grpo", "full", "eager")]["ratio_vs_eager"] == 1.0
+    assert ok[("grpo", "full", "gemm-roofline")]["pct_roofline"] == pytest.approx(100.0)
+    assert ok[("grpo", "full", "rlkernels-torch")]["tflops"] > 0
+    assert ok[("grpo", "full", "rlkernels-torch")]["flops"] == 3 * 2 * 32 * 16 * 64
+    assert ok[("grpo", "fwd", "rlkernels-torch")]["flops"] == 2 * 32 * 16 * 64
+    assert ok[("logits", "full", "rlkernels-torch")]["gbps"] > 0
+    assert ok[("grpo", "full", "rlkernels-torch")]["check"]["grad_weight"]["rel_err"] < 1e-5
+    assert ok[("grpo", "full", "eager")]["preset"] == "dapo"
+
+
+def test_plot_is_a_png(suite):
+    _, _, png = suite
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_has_one_line_per_provider(suite):
+    _, payload, _ = suite
+    text = report.format_table(payload["rows"])
+    grpo = [line for line in text.splitlines() if line.startswith(("eager ", "rlkernels-torch ", "gemm-roofline "))]
+    assert len(grpo) >= 3 * 2 + 2  # grpo fwd, grpo full (3 each) + logits fwd/full (eager, rlkernels-torch)
+    assert "vs eager" in text and "skipped: " in text
+
+
+def test_skip_reasons(suite):
+    _, payload, _ = suite
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in payload["rows"]}
+    assert "no matmul" in rows[("logits", "full", "gemm-roofline")]["reason"]
+    assert "no matmul" in rows[("advantages", "fwd", "gemm-roofline")]["reason"]
+    assert "Liger" in rows[("logits", "full", "liger")]["reason"]
+    assert rows[("advantages", "fwd", "rlkernels-torch")]["status"] == "ok"
+
+
+def test_unavailable_engine_and_missing_liger_are_skipped_with_reasons(monkeypatch, capsys, tmp_path):
+    status = {"torch": "available", "triton": "no GPU here", "native": "not built"}
+    monkeypatch.setattr(providers, "engine_status", lambda name, device: status[name])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
+    out = tmp_path / "rows.json"
+    code, _ = run(TINY + ["--in-process", "--provider", "rlkernels-triton,rlkernels-native,liger",
+                          "--json", str(out)], capsys)
+    assert code == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["rlkernels-triton"]["reason"] == "no GPU here"
+    assert rows["rlkernels-native"]["reason"] == "not built"
+    assert "pip install liger-kernel" in rows["liger"]["reason"]
+    assert all(r["status"] == "skipped" for r in rows.values())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the correctness guard
+# ------------------------------------------------------------------------------------------------------------------
+def test_a_wrong_provider_is_caught_and_not_timed(plugin, capsys, tmp_path):
+    out = tmp_path / "rows.json"
+    code, captured = run(TINY + ["--in-process", "--plugin", plugin, "--provider", "eager,wrong,wrong-at-scale",
+                                 "--json", str(out)], capsys)
+    assert code == 1
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["eager"]["status"] == "ok"
+    wrong = rows["wrong"]
+    assert wrong["status"] == "mismatch" and "float64 reference" in wrong["reason"]
+    assert wrong["median_ms"] is None and wrong["times_ms"] is None and wrong["fingerprint"] is None
+    scale = rows["wrong-at-scale"]
+    assert scale["status"] == "mismatch" and "bench-shape" in scale["reason"] and scale["median_ms"] is None
+    assert "MISMATCH" in captured.out
+
+
+def test_worker_subprocess_path(plugin, capsys, tmp_path):
+    """The default path: one fresh process per provider, plugins imported there too, memory from the RSS peak."""
+    out = tmp_path / "rows.json"
+    code, _ = run(TINY + ["--plugin", plugin, "--provider", "rlkernels-torch,wrong", "--json", str(out)], capsys)
+    assert code == 1
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["wrong"]["status"] == "mismatch"
+    ok = rows["rlkernels-torch"]
+    assert ok["status"] == "ok" and ok["median_ms"] > 0 and ok["ratio_vs_eager"] is None  # no eager row
+    if sys.platform.startswith("linux"):
+        assert ok["memory_method"].startswith("VmHWM")
+
+
+def test_an_interrupt_keeps_what_was_measured(monkeypatch, capsys, tmp_path):
+    real = cli.run_case
+
+    def run_case(case, name, settings):
+        if name == "rlkernels-torch":
+            raise KeyboardInterrupt  # what Ctrl-C, or SIGTERM from `timeout`, does mid-suite
+        return real(case, name, settings)
+    monkeypatch.setattr(cli, "run_case", run_case)
+    out = tmp_path / "rows.json"
+    code, captured = run(TINY + ["--in-process", "--provider", "eager,rlkernels-torch,gemm-roofline",
+                                 "--json", str(out)], capsys)
+    assert code == 1
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["median_ms"] > 0
+    assert rows["rlkernels-torch"]["status"] == rows["gemm-roofline"]["status"] == "interrupted"
+    assert "interrupted" in captured.out
+
+
+def test_worker_crash_is_reported(monkeypatch):
+    case = Case(op="grpo", mode="full", shape=resolve_shape("cpu-small", 16, 8, 16, 64))
+    row = cli.run_worker(case, "no-such-provider", cli.Settings(repeat=1), [], timeout=120)
+    assert row["status"] == "error" and "no-such-provider" in row["reason"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# pieces
+# ------------------------------------------------------------------------------------------------------------------
+def test_liger_mapping_is_explicit():
+    kw, reason = providers.liger_arguments(PolicyLossConfig.from_preset("dapo"))
+    assert reason is None
+    assert kw["loss_type"] == "dapo" and (kw["epsilon_low"], kw["epsilon_high"]) == (0.2, 0.28) and kw["beta"] == 0
+    assert providers.liger_arguments(PolicyLossConfig.from_preset("grpo"))[0]["loss_type"] == "grpo"
+    assert providers.liger_arguments(PolicyLossConfig.from_preset("cispo"))[0]["epsilon_high"] == 5.0
+    assert providers.liger_arguments(PolicyLossConfig.from_preset("gspo"))[0]["importance_sampling_level"] == \
+        "sequence"
+    kw, reason = providers.liger_arguments(PolicyLossConfig.from_preset("ppo"))  # dual clip
+    assert kw is None and "dual clip" in reason
+    assert "loss_agg" in providers.liger_arguments(PolicyLossConfig.from_preset("luspo"))[1]
+
+
+def test_quantiles():
+    assert measure.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    s = measure.summarize([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert s["median_ms"] == 3.5 and s["p20_ms"] == pytest.approx(2.0) and s["p80_ms"] == pytest.approx(5.0)
+
+
+def test_memory_probe_sees_a_transient_allocation():
+    probe = measure.MemoryProbe("cpu")
+    probe.begin()
+    probe.arm()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
+    del x
+    peak = probe.end()
+    if probe.method.startswith("VmHWM"):
+        assert 60 <= peak <= 80
+
+
+def test_import_is_light():
+    code = ("import sys, rlkernels, rlkernels.bench.cli; "
+            "print(','.join(m for m in ('matplotlib', 'liger_kernel', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
