@@ -26,6 +26,73 @@ def _scatter_rows(values: Tensor, index: Optional[Tensor], n: int) -> Tensor:
     return values.new_zeros(n).index_copy(0, index, values)
 
 
+class _LinearCall:
+    """A checked hidden+W call, flattened: the kept rows only (padding never reaches the engine), the engine, the
+    chunk plan, and the tensor-parallel group and shard offset when the LM head is vocab-sharded."""
+
+    def __init__(self, hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group,
+                 extra_checks=None):
+        self.tp_group, self.offset = tp_group, 0
+        V = None
+        if tp_group is not None:  # a collective first, before anything that could fail on one rank only
+            from .distributed import shard_offset
+
+            self.offset, V = shard_offset(weight, tp_group)
+        error = None
+        try:
+            self._check(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, V, extra_checks)
+        except (ValueError, TypeError) as exc:
+            if tp_group is None:
+                raise
+            error = exc
+        if tp_group is not None:
+            from .distributed import agree
+
+            agree(tp_group, error, "a tensor-parallel rlkernels call")
+
+    def _check(self, hidden, weight, labels, mask, bias, temperature, backend, chunk_size, V, extra_checks):
+        I.check_backend_args(backend, chunk_size)
+        H, V_local = I.check_linear(hidden, weight, bias)
+        self.V = V if V is not None else V_local
+        self.shape = hidden.shape[:-1]
+        self.keep = I.check_mask(mask, self.shape, hidden)
+        labels = I.check_labels(labels, self.shape, self.V, self.keep, hidden)
+        cdt = I.compute_dtype(hidden.dtype)
+        temperature = I.check_temperature(temperature, self.shape, self.keep, hidden, cdt)
+        self.extra = extra_checks(self.shape, self.keep, cdt) if extra_checks is not None else None
+        I.check_finite_rows("hidden", hidden.reshape(-1, H), self.keep.reshape(-1))
+        I.check_finite_rows("weight", weight)
+        if bias is not None:
+            I.check_finite_rows("bias", bias, allow_neg_inf=True)
+        self.engine = resolve_backend(backend, hidden.device)
+        self.weight, self.bias = weight, bias
+        h2, y = hidden.reshape(-1, H), labels.reshape(-1)
+        self.n = h2.shape[0]
+        self.index = I.kept_index(self.keep)
+        if self.index is not None:  # padding costs nothing: only kept rows reach the engine
+            h2, y = h2.index_select(0, self.index), y[self.index]
+            if isinstance(temperature, Tensor):
+                temperature = temperature[self.index]
+        elif I.compiling() and mask is not None:
+            h2, y = I.neutralise_rows(h2, y, self.keep)
+        self.hidden, self.labels, self.temperature = h2, y, temperature
+        self.plan = plan_chunks(h2.shape[0], weight.shape[0], chunk_size, default_mb=self.engine.default_budget_mb)
+
+    def logprobs(self, reduce_hidden_grad: bool = True) -> Tuple[Tensor, Tensor]:
+        """(logp, entropy) of the kept rows, differentiable."""
+        if self.tp_group is not None:
+            from .distributed import tp_linear_logprobs
+
+            return tp_linear_logprobs(self.engine, self.hidden, self.weight, self.bias, self.labels,
+                                      self.temperature, self.plan, self.tp_group, self.offset, reduce_hidden_grad)
+        return self.engine.linear_logprobs(self.hidden, self.weight, self.bias, self.labels, self.temperature,
+                                           self.plan)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """Per-kept-row values back to the caller's shape, zeros at dropped rows."""
+        return _scatter_rows(values, self.index, self.n).reshape(self.shape)
+
+
 def fused_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -37,6 +104,8 @@ def fused_logprobs(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     mask: Optional[Tensor] = None,
+    tp_group=None,
+    reduce_hidden_grad: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Per-token log-probs (and entropies) of ``labels`` under ``softmax((hidden @ weight.T + bias) / temperature)``,
     without ever holding the ``tokens x vocab`` logits.
@@ -53,6 +122,11 @@ def fused_logprobs(
         chunk_size: rows per chunk; ``None`` sizes chunks from ``RLKERNELS_MEMORY_BUDGET_MB``.
         mask: optional bool ``(B, T)`` / ``(N,)``: positions where it is False are not computed (they cost nothing)
             and return 0 with zero gradient.
+        tp_group: a ``torch.distributed`` group over which the LM head is vocab-sharded: ``weight`` (and ``bias``) is
+            this rank's contiguous ``V/W`` rows, labels are global ids, hidden states are replicated. Every rank gets
+            the full-vocabulary ``logp``/``entropy``; ``grad_weight`` is this rank's shard.
+        reduce_hidden_grad: with ``tp_group``, all-reduce ``grad_hidden`` over the group (False leaves each rank's
+            partial sum, for frameworks that reduce it themselves).
 
     Returns:
         ``logp`` shaped like ``labels``, fp32 (fp64 for fp64 inputs); with ``return_entropy``, ``(logp, entropy)``.
@@ -63,34 +137,11 @@ def fused_logprobs(
         logits = (hidden @ weight.T + bias).float() / temperature
         logp = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
     """
-    I.check_backend_args(backend, chunk_size)
-    H, V = I.check_linear(hidden, weight, bias)
-    shape = hidden.shape[:-1]
-    keep = I.check_mask(mask, shape, hidden)
-    labels = I.check_labels(labels, shape, V, keep, hidden)
-    cdt = I.compute_dtype(hidden.dtype)
-    temperature = I.check_temperature(temperature, shape, keep, hidden, cdt)
-    I.check_finite_rows("hidden", hidden.reshape(-1, H), keep.reshape(-1))
-    I.check_finite_rows("weight", weight)
-    if bias is not None:
-        I.check_finite_rows("bias", bias, allow_neg_inf=True)
-
-    engine = resolve_backend(backend, hidden.device)
-    h2, y = hidden.reshape(-1, H), labels.reshape(-1)
-    n = h2.shape[0]
-    index = I.kept_index(keep)
-    if index is not None:
-        h2, y = h2.index_select(0, index), y[index]
-        if isinstance(temperature, Tensor):
-            temperature = temperature[index]
-    elif I.compiling() and mask is not None:
-        h2, y = I.neutralise_rows(h2, y, keep)
-    plan = plan_chunks(h2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb)
-    logp, ent = engine.linear_logprobs(h2, weight, bias, y, temperature, plan)
-    logp = _scatter_rows(logp, index, n).reshape(shape)
+    call = _LinearCall(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group)
+    logp, ent = call.logprobs(reduce_hidden_grad)
     if not return_entropy:
-        return logp
-    return logp, _scatter_rows(ent, index, n).reshape(shape)
+        return call.scatter(logp)
+    return call.scatter(logp), call.scatter(ent)
 
 
 def logprobs_from_logits(
@@ -166,6 +217,8 @@ def fused_grpo_loss(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     single_pass: Optional[bool] = None,
+    tp_group=None,
+    reduce_hidden_grad: bool = True,
     **overrides: Any,
 ) -> LossOutput:
     """The policy loss of GRPO-family RL straight from the final hidden states and the LM head, without the
@@ -193,6 +246,8 @@ def fused_grpo_loss(
         single_pass: ``None`` (default) forms the gradients during the forward pass whenever the objective is
             token-separable and gradients are needed (3 GEMMs instead of 4); ``False`` forces the two-stage path;
             ``True`` requires the single pass.
+        tp_group, reduce_hidden_grad: a vocab-sharded LM head (see :func:`fused_logprobs`); the objective runs on
+            every rank on the merged full-vocabulary log-probs (two-stage path).
 
     Returns:
         :class:`LossOutput` ``(loss, metrics)``: ``loss`` a scalar (fp32) to call ``backward()`` on; ``metrics`` a dict of
@@ -202,46 +257,30 @@ def fused_grpo_loss(
     Equivalent to ``rlkernels.reference.linear_policy_loss`` (logits, log-softmax, gather, entropy, then the loss).
     """
     cfg = resolve_config(config, **overrides)
-    I.check_backend_args(backend, chunk_size)
-    H, V = I.check_linear(hidden, weight, bias)
-    shape = hidden.shape[:-1]
-    keep = I.check_mask(mask, shape, hidden)
-    labels = I.check_labels(labels, shape, V, keep, hidden)
-    cdt = I.compute_dtype(hidden.dtype)
-    temperature = I.check_temperature(temperature, shape, keep, hidden, cdt)
-    I.check_config_inputs(cfg, ref_logprobs, rollout_logprobs, is_weights)
-    batch = I.build_token_batch(shape, keep, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                rollout_logprobs=rollout_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens,
-                                normalizer=normalizer, cdt=cdt, ref=hidden)
-    I.check_finite_rows("hidden", hidden.reshape(-1, H), batch.mask)
-    I.check_finite_rows("weight", weight)
-    if bias is not None:
-        I.check_finite_rows("bias", bias, allow_neg_inf=True)
 
-    engine = resolve_backend(backend, hidden.device)
-    h2, y = hidden.reshape(-1, H), labels.reshape(-1)
-    index = I.kept_index(keep)
-    if index is not None:  # padding costs nothing: only kept rows reach the engine
-        h2, y, batch = h2.index_select(0, index), y[index], batch.select(index)
-        if isinstance(temperature, Tensor):
-            temperature = temperature[index]
-    elif I.compiling():
-        h2, y = I.neutralise_rows(h2, y, keep)
-    plan = plan_chunks(h2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb)
+    def token_batch(shape, keep, cdt):
+        I.check_config_inputs(cfg, ref_logprobs, rollout_logprobs, is_weights)
+        return I.build_token_batch(shape, keep, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                   rollout_logprobs=rollout_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens,
+                                   normalizer=normalizer, cdt=cdt, ref=hidden)
 
-    separable = is_token_separable(cfg, batch)
+    call = _LinearCall(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group, token_batch)
+    batch = call.extra if call.index is None else call.extra.select(call.index)
+
+    separable = is_token_separable(cfg, batch) and tp_group is None
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if single_pass and not separable:
         raise ValueError("single_pass=True needs a token-separable objective (token-level ratio, no entropy "
-                         "quantile, no off-policy sequence mask, and old_logprobs when rollout_correction is on)")
+                         "quantile, no off-policy sequence mask, and old_logprobs when rollout_correction is on) "
+                         "and no tp_group")
     if single_pass is None:  # the single pass calls the objective per chunk from Python: eager mode only
         single_pass = separable and wants_grad and not I.compiling()
     elif single_pass and I.compiling():
         raise ValueError("single_pass=True cannot run under torch.compile; leave single_pass=None")
 
     if not single_pass:
-        logp, ent = engine.linear_logprobs(h2, weight, bias, y, temperature, plan)
+        logp, ent = call.logprobs(reduce_hidden_grad)
         return policy_loss_flat(logp, ent, batch, cfg)
 
     prep = prepare(batch, cfg)
@@ -250,7 +289,8 @@ def fused_grpo_loss(
         rows = slice(r0, r1)
         return token_loss(logp_c, ent_c, batch.select(rows), prep.select(rows), cfg).total
 
-    loss, logp, ent = engine.linear_fused_loss(h2, weight, bias, y, temperature, plan, chunk_loss)
+    loss, logp, ent = call.engine.linear_fused_loss(call.hidden, weight, bias, call.labels, call.temperature,
+                                                    call.plan, chunk_loss)
     terms = token_loss(logp, ent, batch, prep, cfg)
     out = metrics(terms, logp, ent, batch, prep, cfg)
     out["loss"] = loss.detach().float()

@@ -42,12 +42,15 @@ class Engine:
         return None
 
     # -- primitives ------------------------------------------------------------------------------------------------
-    def linear_forward(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan):
-        """-> (logp, entropy, M, log S, C/S), each (N,)."""
+    def linear_forward(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan,
+                       vocab_offset: Optional[int] = None):
+        """-> (logp, entropy, M, log S, C/S), each (N,). ``vocab_offset``: None for the whole vocabulary, else the
+        global id of weight row 0 of a tensor-parallel shard (labels outside the shard then give logp = -inf)."""
         raise NotImplementedError
 
     def linear_backward(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs,
-                        g_logp: Optional[Tensor], g_ent: Optional[Tensor], need_h: bool, need_w: bool, need_b: bool):
+                        g_logp: Optional[Tensor], g_ent: Optional[Tensor], need_h: bool, need_w: bool, need_b: bool,
+                        vocab_offset: Optional[int] = None):
         """-> (grad_hidden, grad_weight, grad_bias), None where not needed; a None upstream skips its term."""
         raise NotImplementedError
 

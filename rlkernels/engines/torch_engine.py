@@ -180,15 +180,14 @@ class _Grads:
 # ----------------------------------------------------------------------------------------------------------------
 # row-chunk passes shared by the three autograd functions
 # ----------------------------------------------------------------------------------------------------------------
-def _chunk_stats(ws, h, weight, bias, labels, temperature, plan):
+def _chunk_stats(ws, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None):
     """Forward statistics of one row chunk over all vocabulary blocks: (M, log S, C/S, logp, entropy)."""
     state, zy = None, None
     V = weight.shape[0]
     for v0 in range(0, V, plan.vocab_block):
         v1 = min(v0 + plan.vocab_block, V)
         z = _logits_block(ws, h, weight, bias, v0, v1, temperature)
-        local = labels - v0
-        in_block = None if not plan.vocab_blocked else (local >= 0) & (local < v1 - v0)
+        local, in_block = _locate(labels, (offset or 0) + v0, v1 - v0, plan.vocab_blocked or offset is not None)
         m_b, zy_b = _shift_(z, local, in_block)
         _, s_b, c_b = _block_state(ws, z)
         state = _merge(state, m_b, s_b, c_b)
@@ -199,7 +198,8 @@ def _chunk_stats(ws, h, weight, bias, labels, temperature, plan):
     return m, log_s, cs, zy - (m + log_s), log_s - cs
 
 
-def _chunk_backward(ws, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0):
+def _chunk_backward(ws, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0,
+                    offset: Optional[int] = None):
     """Recompute each vocabulary block of a row chunk and accumulate its gradients."""
     V = weight.shape[0]
     for v0 in range(0, V, plan.vocab_block):
@@ -208,33 +208,42 @@ def _chunk_backward(ws, grads, h, weight, bias, labels, temperature, plan, m, lo
         t.clamp_(min=LOGIT_FLOOR).sub_(m[:, None])
         p = _block(ws.p, *t.shape)
         torch.sub(t, log_s[:, None], out=p).exp_()
-        local = labels - v0
-        in_block = None if not plan.vocab_blocked else (local >= 0) & (local < v1 - v0)
+        local, in_block = _locate(labels, (offset or 0) + v0, v1 - v0, plan.vocab_blocked or offset is not None)
         dz = _dlogits_(t, p, cs, g_logp, g_ent, local, in_block, temperature)
         grads.add_block(ws, dz, h, weight, r0, v0, v1, plan.vocab_blocked)
+
+
+def _locate(labels: Tensor, first: int, width: int, partial: bool):
+    """Labels relative to a block of the vocabulary starting at global id ``first``, and (when the block is not the
+    whole vocabulary: a vocab block, or a tensor-parallel shard) which rows' labels fall inside it."""
+    local = labels - first
+    return local, ((local >= 0) & (local < width)) if partial else None
 
 
 def _as_temperature(temperature: Temperature, r0: int, r1: int) -> Temperature:
     return _rows(temperature, r0, r1) if isinstance(temperature, Tensor) else float(temperature)
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan):
+def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None):
     """(hidden (N,H), weight (V,H), bias (V,)|None, labels (N,) int64, temperature float|(N,)) ->
-    (logp, entropy, M, log S, C/S), each (N,) in the compute dtype. The last three are all backward needs."""
+    (logp, entropy, M, log S, C/S), each (N,) in the compute dtype. The last three are all backward needs.
+
+    ``vocab_offset``: None for the whole vocabulary; for a tensor-parallel shard, the global id of weight row 0
+    (labels outside the shard then give logp = -inf, to be merged across shards by :mod:`rlkernels.distributed`)."""
     N = hidden.shape[0]
     out = [torch.empty(N, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(5)]
     ws = _Workspace(plan, hidden)
     for r0 in range(0, N, plan.rows):
         r1 = min(r0 + plan.rows, N)
         m, log_s, cs, logp, ent = _chunk_stats(ws, hidden[r0:r1], weight, bias, labels[r0:r1],
-                                               _as_temperature(temperature, r0, r1), plan)
+                                               _as_temperature(temperature, r0, r1), plan, vocab_offset)
         for i, x in enumerate((logp, ent, m, log_s, cs)):
             out[i][r0:r1] = x
     return tuple(out)
 
 
 def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,
-                    need_h: bool, need_w: bool, need_b: bool):
+                    need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None):
     """Recompute each logits block and accumulate (grad_hidden, grad_weight, grad_bias); None where not needed.
     ``g_logp``/``g_ent`` may be None (that term is skipped)."""
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
@@ -245,7 +254,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
         sl = slice(r0, r1)
         _chunk_backward(ws, grads, hidden[sl], weight, bias, labels[sl], _as_temperature(temperature, r0, r1),
                         plan, m[sl], log_s[sl], cs[sl], None if g_logp is None else g_logp[sl],
-                        None if g_ent is None else g_ent[sl], r0)
+                        None if g_ent is None else g_ent[sl], r0, vocab_offset)
     return grads.results()
 
 

@@ -77,7 +77,7 @@ class _Grads:
         return self.h, w, b
 
 
-def _chunk_stats(buf, h, weight, bias, labels, temperature, plan):
+def _chunk_stats(buf, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None):
     """(M, log S, C/S, logp, entropy) of one row chunk over all vocabulary blocks."""
     state, zy = None, None
     V = weight.shape[0]
@@ -85,7 +85,7 @@ def _chunk_stats(buf, h, weight, bias, labels, temperature, plan):
         v1 = min(v0 + plan.vocab_block, V)
         z = _block(buf, h.shape[0], v1 - v0)
         torch.mm(h, weight[v0:v1].T, out=z)
-        m_b, s_b, c_b, zy_b = logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, v0)
+        m_b, s_b, c_b, zy_b = logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0)
         state = _merge(state, m_b, s_b, c_b)
         zy = zy_b if zy is None else torch.maximum(zy, zy_b)
     m, s, c = state
@@ -95,14 +95,15 @@ def _chunk_stats(buf, h, weight, bias, labels, temperature, plan):
 
 
 def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0,
-                    recompute=True):
+                    recompute=True, offset: Optional[int] = None):
     V = weight.shape[0]
     for v0 in range(0, V, plan.vocab_block):
         v1 = min(v0 + plan.vocab_block, V)
         z = _block(buf, h.shape[0], v1 - v0)
         if recompute:
             torch.mm(h, weight[v0:v1].T, out=z)
-        dlogits(z, z, labels, _bias_block(bias, v0, v1), temperature, v0, m, log_s, cs, g_logp, g_ent)
+        dlogits(z, z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0, m, log_s, cs, g_logp,
+                g_ent)
         grads.add(z, h, weight, r0, v0, v1, plan.vocab_blocked)
 
 
@@ -110,7 +111,7 @@ def _g(x: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
     return None if x is None else x[r0:r1].contiguous()
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan):
+def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None):
     """-> (logp, entropy, M, log S, C/S), each (N,): three numbers per row are all that backward needs."""
     N = hidden.shape[0]
     out = [torch.empty(N, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(5)]
@@ -118,14 +119,14 @@ def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan):
     for r0 in range(0, N, plan.rows):
         r1 = min(r0 + plan.rows, N)
         m, log_s, cs, logp, ent = _chunk_stats(buf, hidden[r0:r1], weight, bias, labels[r0:r1],
-                                               _temp_rows(temperature, r0, r1), plan)
+                                               _temp_rows(temperature, r0, r1), plan, vocab_offset)
         for i, x in enumerate((logp, ent, m, log_s, cs)):
             out[i][r0:r1] = x
     return tuple(out)
 
 
 def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,
-                    need_h: bool, need_w: bool, need_b: bool):
+                    need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None):
     """Recompute mode backward: each logits block is recomputed (4 GEMMs in all with the forward)."""
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
     buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
@@ -133,7 +134,8 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
     for r0 in range(0, N, plan.rows):
         r1 = min(r0 + plan.rows, N)
         _chunk_backward(buf, grads, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1),
-                        plan, m[r0:r1], log_s[r0:r1], cs[r0:r1], _g(g_logp, r0, r1), _g(g_ent, r0, r1), r0)
+                        plan, m[r0:r1], log_s[r0:r1], cs[r0:r1], _g(g_logp, r0, r1), _g(g_ent, r0, r1), r0,
+                        offset=vocab_offset)
     return grads.results()
 
 

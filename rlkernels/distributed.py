@@ -1,0 +1,159 @@
+"""Scale-out on ``torch.distributed``: a vocab-parallel (tensor-parallel) LM head, and the exact data-parallel
+normaliser.
+
+Tensor parallelism: rank ``r`` of a group of ``W`` holds rows ``[r*V/W, (r+1)*V/W)`` of the LM head (``weight`` and
+``bias``); hidden states are replicated and labels are global token ids. Each rank runs its engine on its shard,
+producing the online log-sum-exp state (M, S, C) of LOSSES.md B §1.2; the states merge with one MAX and one SUM
+all-reduce, the label logit coming from the shard that owns it. Every rank gets the full ``logp`` and ``entropy``.
+Backward forms dL/dz for the local shard from the merged statistics, so ``grad_weight``/``grad_bias`` are this
+rank's shard, and ``grad_hidden`` (a partial sum over shards) is all-reduced unless ``reduce_hidden_grad=False``.
+
+Data parallelism: DDP/FSDP average gradients over ranks and gradient accumulation sums micro-batches, so the exact
+gradient of the global token mean needs each micro-batch loss divided by (global token count / world size)
+(LOSSES.md B §6). :func:`global_normalizer` returns that value for ``normalizer=``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import LOSS_AGGS, PolicyLossConfig, resolve_config
+
+__all__ = ["global_normalizer", "tp_linear_logprobs", "shard_offset"]
+
+
+def _require_initialized(name: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{name} needs torch.distributed to be initialised (dist.init_process_group)")
+
+
+def agree(group, error: Optional[BaseException], what: str) -> None:
+    """Every rank learns whether any rank failed ``what``: the failing rank re-raises its error, the others raise a
+    RuntimeError naming it, so that no rank is left waiting in a collective that will never come."""
+    flag = torch.tensor([0.0 if error is None else float(dist.get_rank(group) + 1)])
+    dev = _collective_device(group)
+    flag = flag.to(dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise RuntimeError(f"rank {int(flag.item()) - 1} of the process group rejected its inputs to {what}; see "
+                           "that rank's error")
+
+
+def _collective_device(group) -> torch.device:
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def shard_offset(weight: Tensor, tp_group) -> Tuple[int, int]:
+    """(offset of this rank's first vocabulary row, full vocabulary size V), checking that every rank holds the
+    same number of rows (V divisible by the group size)."""
+    _require_initialized("tp_group")
+    world, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    local = torch.tensor([weight.shape[0]], dtype=torch.long, device=_collective_device(tp_group))
+    sizes = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local, group=tp_group)
+    sizes = [int(s) for s in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"tp_group: the ranks hold LM-head shards of {sizes} rows; each rank must hold V/W rows "
+                         f"(the vocabulary must be divisible by the group size {world})")
+    return rank * sizes[0], sizes[0] * world
+
+
+class _TPLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, engine, hidden, weight, bias, labels, temperature, plan, group, offset: int,
+                reduce_hidden_grad: bool):
+        ctx.set_materialize_grads(False)
+        v_local = weight.shape[0]
+        logp_l, _, m, log_s, cs = engine.linear_forward(hidden, weight, bias, labels, temperature, plan,
+                                                        vocab_offset=offset)
+        owned = (labels >= offset) & (labels < offset + v_local)
+        zy = torch.where(owned, logp_l + (m + log_s), torch.zeros_like(logp_l))
+        big_m = m.clone()
+        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+        # rebase this shard's (S, C), taken relative to its own max m, onto the global max M (B §1.2)
+        scale = torch.exp(m - big_m)
+        s_local = torch.exp(log_s)
+        parts = torch.stack([scale * s_local, scale * (cs * s_local + (m - big_m) * s_local), zy])
+        dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
+        s, c, zy = parts.unbind(0)
+        log_s_g = torch.log(s)
+        cs_g = c / s
+        t_saved = temperature if isinstance(temperature, Tensor) else None
+        ctx.save_for_backward(hidden, weight, bias, labels, t_saved, big_m, log_s_g, cs_g)
+        ctx.args = (engine, None if t_saved is not None else temperature, plan, group, offset, reduce_hidden_grad)
+        return zy - (big_m + log_s_g), log_s_g - cs_g
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, labels, t_saved, big_m, log_s, cs = ctx.saved_tensors
+        engine, t_scalar, plan, group, offset, reduce_hidden_grad = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        if g_logp is None and g_ent is None:
+            return (None,) * 10
+        temperature = t_saved if t_saved is not None else t_scalar
+        # dL/dz of the local shard from the merged statistics: p_v = exp(z~_v - lse), z~ - mu = (z~ - M) - C/S
+        gh, gw, gb = engine.linear_backward(hidden, weight, bias, labels, temperature, plan, big_m, log_s, cs,
+                                            g_logp, g_ent, need_h, need_w, need_b and bias is not None,
+                                            vocab_offset=offset)
+        if gh is not None and reduce_hidden_grad:
+            dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)
+        return None, gh, gw, gb, None, None, None, None, None, None
+
+
+def tp_linear_logprobs(engine, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
+                       plan, group, offset: int, reduce_hidden_grad: bool = True) -> Tuple[Tensor, Tensor]:
+    """(logp, entropy) over the full vocabulary from this rank's shard of the LM head (flat inputs)."""
+    return _TPLinearLogprobs.apply(engine, hidden, weight, bias, labels, temperature, plan, group, offset,
+                                   reduce_hidden_grad)
+
+
+def _count_sequences(mask: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    if mask.dim() == 2:
+        return mask.shape[0]
+    if cu_seqlens is None:
+        raise ValueError("global_normalizer: a packed (1-D) mask needs its cu_seqlens to count sequences")
+    return cu_seqlens.numel() - 1
+
+
+def global_normalizer(mask: Union[Tensor, Sequence[Tensor]], group=None,
+                      mode: Union[str, PolicyLossConfig] = "token-mean",
+                      cu_seqlens: Optional[Union[Tensor, Sequence[Tensor]]] = None) -> float:
+    """The ``normalizer=`` that makes DDP/FSDP gradient averaging plus gradient accumulation give exactly the
+    gradient of the global loss (LOSSES.md B §6).
+
+    Args:
+        mask: this rank's loss masks for the whole optimiser step: one ``(B, T)``/``(N,)`` tensor, or a list with one
+            per micro-batch.
+        group: the data-parallel process group (None: the default group; 1 rank when not initialised).
+        mode: ``"token-mean"`` (divide by the global kept-token count) or a sequence mode (divide by the global number
+            of sequences, empty ones included); a PolicyLossConfig or preset name gives its ``loss_agg``.
+        cu_seqlens: for packed masks, the sequence boundaries (one per mask), to count sequences.
+
+    Returns: ``global count / world size`` as a float: pass it as ``normalizer=`` to every micro-batch's loss.
+    """
+    if isinstance(mode, PolicyLossConfig):
+        mode = mode.loss_agg
+    elif mode not in LOSS_AGGS:
+        mode = resolve_config(mode).loss_agg if isinstance(mode, str) else mode
+    if mode not in LOSS_AGGS:
+        raise ValueError(f"mode={mode!r}: a loss_agg ({LOSS_AGGS}), a preset name or a PolicyLossConfig")
+    masks = [mask] if isinstance(mask, Tensor) else list(mask)
+    seqs = [None] * len(masks) if cu_seqlens is None else (
+        [cu_seqlens] if isinstance(cu_seqlens, Tensor) else list(cu_seqlens))
+    if mode == "token-mean":
+        local = float(sum(int((m != 0).sum()) for m in masks))
+    else:
+        local = float(sum(_count_sequences(m, cu) for m, cu in zip(masks, seqs)))
+    if not (dist.is_available() and dist.is_initialized()):
+        return max(local, 1.0)
+    total = torch.tensor([local], dtype=torch.float64, device=_collective_device(group))
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    world = dist.get_world_size(group)
+    # an all-empty step: keep the loss 0 (not 0/0); the normaliser only has to be positive
+    return max(float(total.item()), 1.0) / world

@@ -1,0 +1,182 @@
+"""Scale-out on torch.distributed (gloo, 2 processes spawned here): a vocab-sharded LM head gives the single-process
+results, the global normaliser makes data parallelism exact, and bad inputs on one rank fail every rank promptly."""
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import rlkernels as R
+from rlkernels.distributed import global_normalizer
+
+WORLD = 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(fn, *args):
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_entry, args=(rank, port, errors, fn, args)) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            raise AssertionError("a rank hung")
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures, "\n".join(failures)
+
+
+def _entry(rank, port, errors, fn, args):
+    torch.set_num_threads(1)
+    # the engine under test (the Triton CI step runs this file under TRITON_INTERPRET=1 with backends=triton)
+    os.environ["RLKERNELS_BACKEND"] = (os.environ.get("RLKERNELS_TEST_BACKENDS") or "torch").split(",")[0]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=30))
+    try:
+        fn(rank, *args)
+    except Exception:  # report to the parent, which fails the test with the rank's traceback
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _problem(seed=0, B=3, T=7, H=8, V=38):
+    g = torch.Generator().manual_seed(seed)
+    p = dict(hidden=torch.randn(B, T, H, generator=g, dtype=torch.float64),
+             weight=torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5,
+             bias=torch.randn(V, generator=g, dtype=torch.float64) * 0.3,
+             labels=torch.randint(0, V, (B, T), generator=g),
+             mask=torch.rand(B, T, generator=g) > 0.25,
+             advantages=torch.randn(B, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        lp = torch.log_softmax(p["hidden"] @ p["weight"].T + p["bias"], -1).gather(-1, p["labels"][..., None])[..., 0]
+    p["old"] = lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    p["ref"] = lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    return p
+
+
+def _close(name, a, b, tol=1e-10):
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    assert err <= tol * max(1.0, float(b.abs().max()) if b.numel() else 1.0), f"{name}: max error {err}"
+
+
+def _tp_worker(rank, config, kw):
+    p = _problem()
+    V = p["weight"].shape[0]
+    rows = slice(rank * V // WORLD, (rank + 1) * V // WORLD)
+    leaves_full = [p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_(),
+                   p["bias"].clone().requires_grad_()]
+    leaves_tp = [p["hidden"].clone().requires_grad_(), p["weight"][rows].clone().requires_grad_(),
+                 p["bias"][rows].clone().requires_grad_()]
+    group = dist.group.WORLD
+
+    # per-token log-probs and entropies
+    full = R.fused_logprobs(leaves_full[0], leaves_full[1], p["labels"], bias=leaves_full[2], return_entropy=True,
+                            temperature=0.8, chunk_size=4)
+    tp = R.fused_logprobs(leaves_tp[0], leaves_tp[1], p["labels"], bias=leaves_tp[2], return_entropy=True,
+                          temperature=0.8, chunk_size=4, tp_group=group)
+    _close("logp", tp[0], full[0])
+    _close("entropy", tp[1], full[1])
+
+    # the loss and its gradients: full hidden gradient, this rank's shard of the weight and bias gradients
+    args = (p["labels"], p["advantages"], p["mask"])
+    common = dict(old_logprobs=p["old"], ref_logprobs=p["ref"], config=config, temperature=0.8, **kw)
+    a = R.fused_grpo_loss(leaves_full[0], leaves_full[1], *args, bias=leaves_full[2], **common)
+    b = R.fused_grpo_loss(leaves_tp[0], leaves_tp[1], *args, bias=leaves_tp[2], tp_group=group, **common)
+    _close("loss", b.loss, a.loss)
+    for k in a.metrics:
+        _close(k, b.metrics[k].double(), a.metrics[k].double(), tol=1e-6)
+    ga = torch.autograd.grad(a.loss, leaves_full)
+    gb = torch.autograd.grad(b.loss, leaves_tp)
+    _close("grad_hidden", gb[0], ga[0])
+    _close("grad_weight shard", gb[1], ga[1][rows])
+    _close("grad_bias shard", gb[2], ga[2][rows])
+
+    # reduce_hidden_grad=False leaves the partial sums; their sum over ranks is the full gradient
+    c = R.fused_grpo_loss(leaves_tp[0], leaves_tp[1], *args, bias=leaves_tp[2], tp_group=group,
+                          reduce_hidden_grad=False, **common)
+    (partial,) = torch.autograd.grad(c.loss, [leaves_tp[0]])
+    dist.all_reduce(partial)
+    _close("grad_hidden from partial sums", partial, ga[0])
+
+
+@pytest.mark.parametrize("config,kw", [
+    ("dapo", dict(kl_coef=0.05, entropy_coef=0.01)),
+    ("gspo", dict(kl_coef=0.05, entropy_coef=0.01, clip_low=0.02, clip_high=0.02)),
+])
+def test_tensor_parallel_matches_single_process(config, kw):
+    _launch(_tp_worker, config, kw)
+
+
+def _dp_worker(rank, loss_agg):
+    """Ranks hold unequal token counts and two micro-batches each; after DDP-style averaging the gradient equals the
+    single-process gradient of the whole batch."""
+    p = _problem(seed=3, B=6, T=9)
+    p["mask"][0, 2:] = False  # a short sequence ...
+    p["mask"][4] = False  # ... and an empty one
+    cfg = dict(config="dapo", loss_agg=loss_agg, old_logprobs=p["old"])
+    full_w = p["weight"].clone().requires_grad_()
+    full = R.fused_grpo_loss(p["hidden"], full_w, p["labels"], p["advantages"], p["mask"], **cfg)
+    (g_full,) = torch.autograd.grad(full.loss, [full_w])
+
+    mine = [0, 1, 2, 3] if rank == 0 else [4, 5]  # unequal shares
+    micro = [mine[: len(mine) // 2], mine[len(mine) // 2:]]
+    norm = global_normalizer([p["mask"][m] for m in micro], mode=loss_agg)
+    w = p["weight"].clone().requires_grad_()
+    for m in micro:  # gradient accumulation: micro-batch gradients are summed
+        out = R.fused_grpo_loss(p["hidden"][m], w, p["labels"][m], p["advantages"][m], p["mask"][m],
+                                normalizer=norm, **dict(cfg, old_logprobs=p["old"][m]))
+        out.loss.backward()
+    dist.all_reduce(w.grad)
+    w.grad /= WORLD  # what DDP does
+    _close(f"{loss_agg} gradient", w.grad, g_full)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_data_parallel_global_normalizer(loss_agg):
+    _launch(_dp_worker, loss_agg)
+
+
+def _bad_rank_worker(rank, kind):
+    p = _problem()
+    V = p["weight"].shape[0]
+    if kind == "labels":
+        weight = p["weight"][rank * V // 2:(rank + 1) * V // 2]
+        labels = p["labels"] if rank == 0 else torch.full_like(p["labels"], V)  # out of range on rank 1 only
+        expected = (RuntimeError, "rank 1 of the process group rejected") if rank == 0 else (ValueError, "labels")
+    else:
+        weight = p["weight"][:20] if rank == 0 else p["weight"][20:]  # 20 and 18 rows
+        labels = p["labels"]
+        expected = (ValueError, "shards of \\[20, 18\\] rows")
+    with pytest.raises(expected[0], match=expected[1]):
+        R.fused_logprobs(p["hidden"], weight, labels, tp_group=dist.group.WORLD)
+
+
+@pytest.mark.parametrize("kind", ["labels", "shards"])
+def test_bad_rank_fails_everywhere_without_hanging(kind):
+    _launch(_bad_rank_worker, kind)
+
+
+def test_global_normalizer_single_process():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    assert global_normalizer(mask) == 2.0
+    assert global_normalizer([mask, mask], mode="seq-mean-token-mean") == 4.0
+    assert global_normalizer(torch.ones(5, dtype=torch.bool), mode="grpo",
+                             cu_seqlens=torch.tensor([0, 2, 5])) == 2.0
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        global_normalizer(torch.ones(5, dtype=torch.bool), mode="seq-mean-token-mean")
