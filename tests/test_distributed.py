@@ -13,6 +13,8 @@ import torch.multiprocessing as mp
 import rlkernels as R
 from rlkernels.distributed import global_normalizer
 
+from conftest import BACKENDS
+
 WORLD = 2
 
 
@@ -22,11 +24,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(fn, *args):
+def _launch(fn, *args, backend="torch"):
     port = _free_port()
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_entry, args=(rank, port, errors, fn, args)) for rank in range(WORLD)]
+    procs = [ctx.Process(target=_entry, args=(rank, port, errors, fn, args, backend)) for rank in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -41,10 +43,9 @@ def _launch(fn, *args):
     assert not failures, "\n".join(failures)
 
 
-def _entry(rank, port, errors, fn, args):
+def _entry(rank, port, errors, fn, args, backend="torch"):
     torch.set_num_threads(1)
-    # the engine under test (the Triton CI step runs this file under TRITON_INTERPRET=1 with backends=triton)
-    os.environ["RLKERNELS_BACKEND"] = (os.environ.get("RLKERNELS_TEST_BACKENDS") or "torch").split(",")[0]
+    os.environ["RLKERNELS_BACKEND"] = backend
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=30))
     try:
@@ -119,8 +120,8 @@ def _tp_worker(rank, config, kw):
     ("dapo", dict(kl_coef=0.05, entropy_coef=0.01)),
     ("gspo", dict(kl_coef=0.05, entropy_coef=0.01, clip_low=0.02, clip_high=0.02)),
 ])
-def test_tensor_parallel_matches_single_process(config, kw):
-    _launch(_tp_worker, config, kw)
+def test_tensor_parallel_matches_single_process(backend, config, kw):
+    _launch(_tp_worker, config, kw, backend=backend)
 
 
 def _dp_worker(rank, loss_agg):
@@ -149,7 +150,7 @@ def _dp_worker(rank, loss_agg):
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
 def test_data_parallel_global_normalizer(loss_agg):
-    _launch(_dp_worker, loss_agg)
+    _launch(_dp_worker, loss_agg, backend=BACKENDS[0])
 
 
 def _bad_rank_worker(rank, kind):
@@ -169,7 +170,7 @@ def _bad_rank_worker(rank, kind):
 
 @pytest.mark.parametrize("kind", ["labels", "shards"])
 def test_bad_rank_fails_everywhere_without_hanging(kind):
-    _launch(_bad_rank_worker, kind)
+    _launch(_bad_rank_worker, kind, backend=BACKENDS[0])
 
 
 def test_global_normalizer_single_process():

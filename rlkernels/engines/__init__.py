@@ -104,7 +104,15 @@ def _load_triton() -> Engine:
 
 
 def _load_native() -> Engine:
-    raise BackendUnavailable("the native C++ engine is not built yet (it is the fast CPU path of a later release)")
+    from .. import native  # builds the extension on first use (rlkernels/native/__init__.py)
+
+    try:
+        module = native.load()
+    except native.NativeUnavailable as exc:
+        raise BackendUnavailable(str(exc)) from None
+    from .native_engine import NativeEngine
+
+    return NativeEngine(module)
 
 
 _LOADERS: Dict[str, Callable[[], Engine]] = {

@@ -1,0 +1,346 @@
+// Row kernels of the native CPU engine: per-row softmax statistics of a block of logits, and dL/dz formed in place.
+//
+// Both kernels run over the rows of a block in parallel (at::parallel_for) and over the vocabulary with
+// at::vec::Vectorized<acc_t> (16 fp32 lanes with AVX-512, 8 with AVX2), two vectors per step so that a bf16 step is
+// one full Vectorized<BFloat16> load. Bytes per logit (fp32 input, no bias):
+//   block_stats: reads 4, writes 0  (torch engine: clamp_, amax, sub_, exp, sum, row dot: 6 passes, 3 writing)
+//   dlogits:     reads 4, writes 4  (torch engine: clamp_, sub_, sub, exp_, sub_, mul_, add_, mul_, neg_, div_:
+//                                    10 read-write passes over two fp32 blocks)
+// Statistics use one streaming pass per row: the row is cut into L1-sized segments; a max sweep reads a segment
+// from memory, an exp sweep re-reads it from L1, and the segment's (max, sum, C) is merged into the row's state with
+// the online rule of LOSSES.md B §1.2, so exp() runs once per logit. The alternative, an online max per vector lane
+// rescaled at every step, needs a second exp() per logit for the rescale factor: measured on 4096 x 32000 fp32
+// (2-core AVX-512 machine of this project, other jobs running) it took 111-116 ms against 69-85 ms for the
+// segmented sweep; Sleef's 1-ulp expf instead of exp_u20 took 130-135 ms.
+#include "row_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+
+namespace rlk {
+namespace {
+
+using at::vec::Vectorized;
+
+// Logits per segment of the statistics pass: 2048 fp32 = 8 KiB, so the exp sweep re-reads the segment from L1
+// (32-48 KiB on current x86 cores) and the segment merge (3 scalar exp) costs < 1% of the segment's work.
+constexpr int64_t kSegment = 2048;
+// Blocks with fewer logits than this run on one thread: block_stats takes ~1.7 ns per fp32 logit per thread
+// (measured, 4096 x 32000 on 2 threads in 55 ms), so this is ~55 us of work, ~10x an OpenMP fork/join.
+constexpr int64_t kMinParallelLogits = 32768;
+
+// A per-row input (labels, temperatures, upstream gradients): any 1-D stride (autograd hands back expanded, stride-0
+// gradients for sums), or absent.
+template <typename T>
+struct RowVec {
+  const T* p = nullptr;
+  int64_t stride = 0;
+  T at(int64_t r) const { return p[r * stride]; }
+  explicit operator bool() const { return p != nullptr; }
+};
+
+template <typename T>
+RowVec<T> row_vec(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return {};
+  return {t->data_ptr<T>(), t->stride(0)};
+}
+
+template <typename T>
+T hsum(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (int64_t k = 0; k < Vectorized<T>::size(); ++k) s += buf[k];
+  return s;
+}
+
+template <typename T>
+T hmax(const Vectorized<T>& v) {
+  alignas(64) T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T m = buf[0];
+  for (int64_t k = 1; k < Vectorized<T>::size(); ++k) m = std::max(m, buf[k]);
+  return m;
+}
+
+template <typename T>
+Vectorized<T> vexp(const Vectorized<T>& x) {
+  // fp32: ATen's polynomial exp (<= 20 ulp, ~2.4e-6 relative): the statistics pass runs 1.6-1.9x faster than
+  // with Sleef's 1-ulp expf (see the top of this file), well inside the fp32 tolerances. fp64, the precision the
+  // tests compare in: Sleef's 1-ulp exp.
+  if constexpr (std::is_same_v<T, double>) {
+    return x.exp();
+  } else {
+    return x.exp_u20();
+  }
+}
+
+// Loads, transforms and stores of one block row, for one input dtype and bias-or-not.
+template <typename scalar_t, bool kBias>
+struct Row {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kStep = 2 * Vec::size();
+
+  static void load(const scalar_t* p, Vec& a, Vec& b) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      a = Vec::loadu(p);
+      b = Vec::loadu(p + Vec::size());
+    } else {
+      at::vec::load_to_float(p, a, b);  // one Vectorized<BFloat16|Half> = two fp32 vectors
+    }
+  }
+
+  static void store(scalar_t* p, const Vec& a, const Vec& b) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      a.store(p);
+      b.store(p + Vec::size());
+    } else {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+    }
+  }
+
+  // z~ = max((z + b) / T, floor) for kStep logits from index i; `it` = 1 / T
+  static void logits(const scalar_t* z, const scalar_t* bias, int64_t i, const Vec& it, const Vec& floor, Vec& x0,
+                     Vec& x1) {
+    load(z + i, x0, x1);
+    if constexpr (kBias) {
+      Vec b0, b1;
+      load(bias + i, b0, b1);
+      x0 = x0 + b0;
+      x1 = x1 + b1;
+    }
+    x0 = at::vec::clamp_min(x0 * it, floor);  // clamp_min propagates NaN, like torch.clamp
+    x1 = at::vec::clamp_min(x1 * it, floor);
+  }
+
+  // the same for one logit, without the floor
+  static acc_t logit(const scalar_t* z, const scalar_t* bias, int64_t i, acc_t it) {
+    acc_t x = static_cast<acc_t>(z[i]);
+    if constexpr (kBias) x += static_cast<acc_t>(bias[i]);
+    return x * it;
+  }
+
+  static acc_t floored(acc_t x) { return std::isnan(x) ? x : std::max(x, static_cast<acc_t>(kLogitFloor)); }
+
+  // Merges the row z[0:n) (vocabulary v0 + [0, n)) into the state st = (M, S, C, z~_y); j = label - v0.
+  static void stats(const scalar_t* z, const scalar_t* bias, int64_t n, int64_t j, acc_t it, acc_t* st, bool first) {
+    // merge arithmetic in fp64: 3 scalar exp per 2048 logits, and no rounding builds up across segments
+    double M = first ? 0.0 : st[0], S = first ? 0.0 : st[1], C = first ? 0.0 : st[2];
+    bool have = !first;
+    acc_t zy = first ? -std::numeric_limits<acc_t>::infinity() : st[3];
+    if (0 <= j && j < n) zy = logit(z, bias, j, it);  // before the floor: a -inf label logit gives logp = -inf
+    const Vec vit(it), vfloor(static_cast<acc_t>(kLogitFloor));
+    for (int64_t s0 = 0; s0 < n; s0 += kSegment) {
+      const int64_t s1 = std::min(n, s0 + kSegment);
+      const int64_t sv = s0 + (s1 - s0) / kStep * kStep;
+      Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0, x0, x1;
+      for (int64_t i = s0; i < sv; i += kStep) {
+        logits(z, bias, i, vit, vfloor, x0, x1);
+        m0 = at::vec::maximum(m0, x0);
+        m1 = at::vec::maximum(m1, x1);
+      }
+      acc_t ms = hmax(at::vec::maximum(m0, m1));
+      for (int64_t i = sv; i < s1; ++i) ms = std::max(ms, floored(logit(z, bias, i, it)));
+      const Vec vm(ms);
+      Vec sa(0), sb(0), ca(0), cb(0);
+      for (int64_t i = s0; i < sv; i += kStep) {
+        logits(z, bias, i, vit, vfloor, x0, x1);
+        const Vec t0 = x0 - vm, t1 = x1 - vm;
+        const Vec e0 = vexp(t0), e1 = vexp(t1);
+        sa = sa + e0;
+        sb = sb + e1;
+        ca = at::vec::fmadd(e0, t0, ca);
+        cb = at::vec::fmadd(e1, t1, cb);
+      }
+      double ss = hsum(sa + sb), cc = hsum(ca + cb);
+      for (int64_t i = sv; i < s1; ++i) {
+        const double t = static_cast<double>(floored(logit(z, bias, i, it))) - ms;
+        const double e = std::exp(t);
+        ss += e;
+        cc += e * t;
+      }
+      if (!have) {
+        M = ms, S = ss, C = cc, have = true;
+      } else {  // B §1.2; both differences are finite (floored logits), so no 0 * inf
+        const double Mn = std::max(M, static_cast<double>(ms)), da = M - Mn, db = ms - Mn;
+        const double a = std::exp(da), b = std::exp(db);
+        C = a * (C + da * S) + b * (cc + db * ss);
+        S = a * S + b * ss;
+        M = Mn;
+      }
+    }
+    st[0] = static_cast<acc_t>(M);
+    st[1] = static_cast<acc_t>(S);
+    st[2] = static_cast<acc_t>(C);
+    st[3] = zy;
+  }
+
+  // out[0:n) = [g_logp (1_y - p) - g_ent p (t - C/S)] / T with t = z~ - M, p = exp(t - log S); out may alias z.
+  static void dlogits(const scalar_t* z, scalar_t* out, const scalar_t* bias, int64_t n, int64_t j, acc_t it,
+                      acc_t M, acc_t log_s, acc_t cs, acc_t gl, acc_t ge, bool label_term) {
+    const bool label_here = label_term && 0 <= j && j < n;
+    const acc_t ty = label_here ? floored(logit(z, bias, j, it)) - M : 0;  // read before an in-place sweep
+    const Vec vit(it), vfloor(static_cast<acc_t>(kLogitFloor)), vM(M), vls(log_s), vcs(cs), vgl(gl), vge(ge);
+    const Vec vnit(-it);
+    const int64_t nv = n / kStep * kStep;
+    Vec x0, x1;
+    for (int64_t i = 0; i < nv; i += kStep) {
+      logits(z, bias, i, vit, vfloor, x0, x1);
+      const Vec t0 = x0 - vM, t1 = x1 - vM;
+      const Vec p0 = vexp(t0 - vls), p1 = vexp(t1 - vls);
+      // p (t - mu) first: for floored logits it is 0 * -1e20 = 0, never g_ent * -1e20 = inf
+      const Vec d0 = at::vec::fmadd(p0 * (t0 - vcs), vge, p0 * vgl) * vnit;
+      const Vec d1 = at::vec::fmadd(p1 * (t1 - vcs), vge, p1 * vgl) * vnit;
+      store(out + i, d0, d1);
+    }
+    for (int64_t i = nv; i < n; ++i) {
+      const acc_t t = floored(logit(z, bias, i, it)) - M;
+      const acc_t p = std::exp(t - log_s);
+      out[i] = static_cast<scalar_t>(-(p * (t - cs) * ge + p * gl) * it);
+    }
+    if (label_here) {
+      const acc_t p = std::exp(ty - log_s);
+      out[j] = static_cast<scalar_t>((gl - (p * (ty - cs) * ge + p * gl)) * it);
+    }
+  }
+};
+
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kMinParallelLogits / std::max<int64_t>(n, 1)); }
+
+void check_block(const at::Tensor& z, const at::Tensor& labels, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& temp_rows, const char* op) {
+  TORCH_CHECK(z.device().is_cpu(), op, ": expected CPU tensors, got ", z.device());
+  TORCH_CHECK(z.dim() == 2, op, ": logits block must be 2-D, got shape ", z.sizes());
+  TORCH_CHECK(z.size(1) <= 1 || z.stride(1) == 1, op, ": logits rows must be contiguous, got strides ", z.strides());
+  const auto acc = at::toOpMathType(z.scalar_type());
+  const int64_t R = z.size(0);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == R && labels.scalar_type() == at::kLong, op,
+              ": labels must be int64 of shape (", R, ",), got ", labels.scalar_type(), " ", labels.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == z.size(1) && bias->is_contiguous() &&
+                    bias->scalar_type() == z.scalar_type(),
+                op, ": bias must be contiguous ", z.scalar_type(), " of shape (", z.size(1), ",), got ",
+                bias->scalar_type(), " ", bias->sizes());
+  }
+  if (temp_rows.has_value()) {
+    TORCH_CHECK(temp_rows->dim() == 1 && temp_rows->size(0) == R && temp_rows->scalar_type() == acc, op,
+                ": per-row temperature must be ", acc, " of shape (", R, ",), got ", temp_rows->scalar_type(), " ",
+                temp_rows->sizes());
+  }
+}
+
+void check_state(const at::Tensor& state, int64_t R, at::ScalarType acc, const char* op) {
+  TORCH_CHECK(state.dim() == 2 && state.size(0) == R && state.size(1) == 4 && state.is_contiguous() &&
+                  state.scalar_type() == acc,
+              op, ": state must be contiguous ", acc, " of shape (", R, ", 4), got ", state.scalar_type(), " ",
+              state.sizes());
+}
+
+void check_rows(const std::optional<at::Tensor>& g, int64_t R, at::ScalarType acc, const char* name) {
+  if (!g.has_value()) return;
+  TORCH_CHECK(g->dim() == 1 && g->size(0) == R && g->scalar_type() == acc, "dlogits: ", name, " must be ", acc,
+              " of shape (", R, ",), got ", g->scalar_type(), " ", g->sizes());
+}
+
+}  // namespace
+
+at::Tensor block_stats(const at::Tensor& z, const at::Tensor& labels, int64_t v0,
+                       const std::optional<at::Tensor>& bias, double temperature,
+                       const std::optional<at::Tensor>& temp_rows, const std::optional<at::Tensor>& state) {
+  check_block(z, labels, bias, temp_rows, "block_stats");
+  const int64_t R = z.size(0), n = z.size(1);
+  const auto acc = at::toOpMathType(z.scalar_type());
+  at::Tensor out;
+  if (state.has_value()) {
+    check_state(*state, R, acc, "block_stats");
+    out = state->clone();
+  } else {
+    out = at::empty({R, 4}, z.options().dtype(acc));
+  }
+  const bool first = !state.has_value();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "block_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* yp = labels.const_data_ptr<int64_t>();
+    const int64_t ys = labels.stride(0), ld = z.stride(0);
+    const RowVec<acc_t> trow = row_vec<acc_t>(temp_rows);
+    const acc_t it = static_cast<acc_t>(1.0 / temperature);
+    acc_t* sp = out.data_ptr<acc_t>();
+    at::parallel_for(0, R, grain_rows(n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc_t itr = trow ? acc_t(1) / trow.at(r) : it;
+        if (bp != nullptr) {
+          Row<scalar_t, true>::stats(zp + r * ld, bp, n, yp[r * ys] - v0, itr, sp + 4 * r, first);
+        } else {
+          Row<scalar_t, false>::stats(zp + r * ld, nullptr, n, yp[r * ys] - v0, itr, sp + 4 * r, first);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+void dlogits_out(const at::Tensor& z, const at::Tensor& labels, int64_t v0, const std::optional<at::Tensor>& bias,
+                 double temperature, const std::optional<at::Tensor>& temp_rows, const at::Tensor& m,
+                 const at::Tensor& log_s, const at::Tensor& cs, const std::optional<at::Tensor>& g_logp,
+                 const std::optional<at::Tensor>& g_ent, at::Tensor& out) {
+  check_block(z, labels, bias, temp_rows, "dlogits");
+  const int64_t R = z.size(0), n = z.size(1);
+  const auto acc = at::toOpMathType(z.scalar_type());
+  check_rows(m, R, acc, "m");
+  check_rows(log_s, R, acc, "log_s");
+  check_rows(cs, R, acc, "cs");
+  check_rows(g_logp, R, acc, "g_logp");
+  check_rows(g_ent, R, acc, "g_ent");
+  TORCH_CHECK(out.sizes() == z.sizes() && out.scalar_type() == z.scalar_type() && (n <= 1 || out.stride(1) == 1),
+              "dlogits: out must be ", z.scalar_type(), " of shape ", z.sizes(), " with contiguous rows, got ",
+              out.scalar_type(), " ", out.sizes(), " strides ", out.strides());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "dlogits", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* yp = labels.const_data_ptr<int64_t>();
+    const int64_t ys = labels.stride(0), ld = z.stride(0), ldo = out.stride(0);
+    const RowVec<acc_t> trow = row_vec<acc_t>(temp_rows), gl = row_vec<acc_t>(g_logp), ge = row_vec<acc_t>(g_ent);
+    const RowVec<acc_t> mv = row_vec<acc_t>(m), lsv = row_vec<acc_t>(log_s), csv = row_vec<acc_t>(cs);
+    const acc_t it = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, R, grain_rows(n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc_t itr = trow ? acc_t(1) / trow.at(r) : it;
+        const acc_t g1 = gl ? gl.at(r) : acc_t(0), g2 = ge ? ge.at(r) : acc_t(0);
+        const acc_t M = mv.at(r), ls = lsv.at(r), c = csv.at(r);
+        if (bp != nullptr) {
+          Row<scalar_t, true>::dlogits(zp + r * ld, op + r * ldo, bp, n, yp[r * ys] - v0, itr, M, ls, c, g1, g2,
+                                       static_cast<bool>(gl));
+        } else {
+          Row<scalar_t, false>::dlogits(zp + r * ld, op + r * ldo, nullptr, n, yp[r * ys] - v0, itr, M, ls, c, g1,
+                                        g2, static_cast<bool>(gl));
+        }
+      }
+    });
+  });
+}
+
+const char* capability() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "DEFAULT";
+#endif
+}
+
+}  // namespace rlk
