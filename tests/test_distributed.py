@@ -181,3 +181,17 @@ def test_global_normalizer_single_process():
                              cu_seqlens=torch.tensor([0, 2, 5])) == 2.0
     with pytest.raises(ValueError, match="cu_seqlens"):
         global_normalizer(torch.ones(5, dtype=torch.bool), mode="seq-mean-token-mean")
+
+
+def test_readme_scale_out_example_runs():
+    """The README's `torchrun --nproc_per_node 2 examples/scale_out.py` runs and reports matching gradients."""
+    import re
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "scale_out.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script],
+                         capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    diffs = [float(x) for x in re.findall(r"difference(?: to the full-batch gradient)? ([0-9.e+-]+)", run.stdout)]
+    assert len(diffs) == 4 and max(diffs) < 1e-5, run.stdout
