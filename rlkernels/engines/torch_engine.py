@@ -272,9 +272,6 @@ def chunk_upstream(chunk_loss: ChunkLoss, r0: int, r1: int, logp: Tensor, ent: T
     return total.detach(), g_logp, g_ent
 
 
-_chunk_upstream = chunk_upstream  # older name, kept for engines written against it
-
-
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss: ChunkLoss,
                  need_h: bool, need_w: bool, need_b: bool):
     """Single pass: (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) with the gradients formed chunk by
