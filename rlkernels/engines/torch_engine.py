@@ -180,22 +180,46 @@ class _Grads:
 # ----------------------------------------------------------------------------------------------------------------
 # row-chunk passes shared by the three autograd functions
 # ----------------------------------------------------------------------------------------------------------------
-def _chunk_stats(ws, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None):
-    """Forward statistics of one row chunk over all vocabulary blocks: (M, log S, C/S, logp, entropy)."""
+def merged_chunk_stats(V: int, plan: ChunkPlan, block_stats):
+    """Run ``block_stats(v0, v1) -> (M_b, S_b, C_b, z~_y or -inf)`` over the vocabulary blocks of one row chunk, merge
+    the states online (B §1.2) and finish: (M, log S, C/S, logp, entropy). Shared by the engines whose kernels
+    return one block's state at a time."""
     state, zy = None, None
-    V = weight.shape[0]
     for v0 in range(0, V, plan.vocab_block):
         v1 = min(v0 + plan.vocab_block, V)
-        z = _logits_block(ws, h, weight, bias, v0, v1, temperature)
-        local, in_block = _locate(labels, (offset or 0) + v0, v1 - v0, plan.vocab_blocked or offset is not None)
-        m_b, zy_b = _shift_(z, local, in_block)
-        _, s_b, c_b = _block_state(ws, z)
+        m_b, s_b, c_b, zy_b = block_stats(v0, v1)
         state = _merge(state, m_b, s_b, c_b)
         zy = zy_b if zy is None else torch.maximum(zy, zy_b)  # exactly one block holds the label
     m, s, c = state
     log_s = torch.log(s)
     cs = c / s
     return m, log_s, cs, zy - (m + log_s), log_s - cs
+
+
+def forward_rows(hidden: Tensor, plan: ChunkPlan, chunk_stats):
+    """The row-chunk loop of ``linear_forward``: ``chunk_stats(r0, r1) -> (M, log S, C/S, logp, entropy)`` per chunk,
+    gathered into (logp, entropy, M, log S, C/S), each (N,) in the compute dtype."""
+    N = hidden.shape[0]
+    out = [torch.empty(N, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(5)]
+    for r0 in range(0, N, plan.rows):
+        r1 = min(r0 + plan.rows, N)
+        m, log_s, cs, logp, ent = chunk_stats(r0, r1)
+        for i, x in enumerate((logp, ent, m, log_s, cs)):
+            out[i][r0:r1] = x
+    return tuple(out)
+
+
+def _chunk_stats(ws, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None):
+    """Forward statistics of one row chunk over all vocabulary blocks: (M, log S, C/S, logp, entropy)."""
+
+    def block_stats(v0, v1):
+        z = _logits_block(ws, h, weight, bias, v0, v1, temperature)
+        local, in_block = _locate(labels, (offset or 0) + v0, v1 - v0, plan.vocab_blocked or offset is not None)
+        m_b, zy_b = _shift_(z, local, in_block)
+        _, s_b, c_b = _block_state(ws, z)
+        return m_b, s_b, c_b, zy_b
+
+    return merged_chunk_stats(weight.shape[0], plan, block_stats)
 
 
 def _chunk_backward(ws, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0,
@@ -230,16 +254,9 @@ def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, v
 
     ``vocab_offset``: None for the whole vocabulary; for a tensor-parallel shard, the global id of weight row 0
     (labels outside the shard then give logp = -inf, to be merged across shards by :mod:`rlkernels.distributed`)."""
-    N = hidden.shape[0]
-    out = [torch.empty(N, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(5)]
     ws = _Workspace(plan, hidden)
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
-        m, log_s, cs, logp, ent = _chunk_stats(ws, hidden[r0:r1], weight, bias, labels[r0:r1],
-                                               _as_temperature(temperature, r0, r1), plan, vocab_offset)
-        for i, x in enumerate((logp, ent, m, log_s, cs)):
-            out[i][r0:r1] = x
-    return tuple(out)
+    return forward_rows(hidden, plan, lambda r0, r1: _chunk_stats(
+        ws, hidden[r0:r1], weight, bias, labels[r0:r1], _as_temperature(temperature, r0, r1), plan, vocab_offset))
 
 
 def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,

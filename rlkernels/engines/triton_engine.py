@@ -26,7 +26,7 @@ from torch import Tensor
 from ..triton_ops.logprobs import dlogits, logits_stats
 from . import Engine
 from .chunking import ChunkPlan
-from .torch_engine import _merge, chunk_upstream, compute_dtype
+from .torch_engine import chunk_upstream, compute_dtype, forward_rows, merged_chunk_stats
 
 
 def _block(buf: Tensor, r: int, v: int) -> Tensor:
@@ -79,19 +79,13 @@ class _Grads:
 
 def _chunk_stats(buf, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None):
     """(M, log S, C/S, logp, entropy) of one row chunk over all vocabulary blocks."""
-    state, zy = None, None
-    V = weight.shape[0]
-    for v0 in range(0, V, plan.vocab_block):
-        v1 = min(v0 + plan.vocab_block, V)
+
+    def block_stats(v0, v1):
         z = _block(buf, h.shape[0], v1 - v0)
         torch.mm(h, weight[v0:v1].T, out=z)
-        m_b, s_b, c_b, zy_b = logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0)
-        state = _merge(state, m_b, s_b, c_b)
-        zy = zy_b if zy is None else torch.maximum(zy, zy_b)
-    m, s, c = state
-    log_s = torch.log(s)
-    cs = c / s
-    return m, log_s, cs, zy - (m + log_s), log_s - cs
+        return logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0)
+
+    return merged_chunk_stats(weight.shape[0], plan, block_stats)
 
 
 def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0,
@@ -113,16 +107,9 @@ def _g(x: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
 
 def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None):
     """-> (logp, entropy, M, log S, C/S), each (N,): three numbers per row are all that backward needs."""
-    N = hidden.shape[0]
-    out = [torch.empty(N, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(5)]
     buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
-        m, log_s, cs, logp, ent = _chunk_stats(buf, hidden[r0:r1], weight, bias, labels[r0:r1],
-                                               _temp_rows(temperature, r0, r1), plan, vocab_offset)
-        for i, x in enumerate((logp, ent, m, log_s, cs)):
-            out[i][r0:r1] = x
-    return tuple(out)
+    return forward_rows(hidden, plan, lambda r0, r1: _chunk_stats(
+        buf, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1), plan, vocab_offset))
 
 
 def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,
