@@ -100,14 +100,33 @@ def test_device_mismatch_is_named(p):
         R.fused_logprobs(p["hidden"], meta, p["labels"])
 
 
-def test_unavailable_backend_explains_why(p):
-    status = R.available_backends()
-    missing = [b for b, s in status.items() if s != "available"]
-    if not missing:  # every engine is built on this machine: nothing to explain
-        assert set(status) == {"torch", "triton", "native"}
-        return
-    with pytest.raises(ValueError, match=f"backend='{missing[0]}' is not available"):
-        R.fused_logprobs(p["hidden"], p["weight"], p["labels"], backend=missing[0])
+def test_unavailable_backend_explains_why(p, monkeypatch):
+    """An engine that cannot load, and one that cannot run on this device, both fail with their reason."""
+    from rlkernels import engines
+
+    def broken():
+        raise engines.BackendUnavailable("no compiler found (install g++)")
+
+    monkeypatch.setitem(engines._LOADERS, "native", broken)
+    monkeypatch.setattr(engines, "_CACHE", {})
+    assert R.available_backends()["native"] == "no compiler found (install g++)"
+    with pytest.raises(ValueError, match="backend='native' is not available: no compiler found"):
+        R.fused_logprobs(p["hidden"], p["weight"], p["labels"], backend="native")
+    # auto falls back to the torch engine without complaint
+    R.fused_logprobs(p["hidden"], p["weight"], p["labels"])
+
+    class CudaOnly(engines.TorchEngine):
+        name = "triton"
+
+        def supports(self, device):
+            return None if device.type == "cuda" else "needs CUDA tensors"
+
+    monkeypatch.setitem(engines._LOADERS, "triton", CudaOnly)
+    monkeypatch.setattr(engines, "_CACHE", {})
+    if p["hidden"].device.type != "cuda":
+        assert R.available_backends(p["hidden"].device)["triton"] == "needs CUDA tensors"
+        with pytest.raises(ValueError, match="backend='triton' cannot run on cpu: needs CUDA tensors"):
+            R.fused_logprobs(p["hidden"], p["weight"], p["labels"], backend="triton")
 
 
 def test_env_backend_is_checked(p, monkeypatch):
