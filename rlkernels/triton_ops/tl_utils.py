@@ -7,7 +7,7 @@ import triton.language as tl
 
 # -inf logits are floored here so exp() gives exactly 0 and p * (z - mu) is 0 * finite, never 0 * inf (LOSSES.md
 # B §10.5). Same constant as the torch engine (rlkernels.engines.torch_engine.LOGIT_FLOOR).
-LOGIT_FLOOR: tl.constexpr = -1e20
+LOGIT_FLOOR = tl.constexpr(-1e20)  # a constexpr object: compiled Triton (3.6) reads no other globals
 
 
 @triton.jit
