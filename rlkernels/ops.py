@@ -76,7 +76,8 @@ class _LinearCall:
         elif I.compiling() and mask is not None:
             h2, y = I.neutralise_rows(h2, y, self.keep)
         self.hidden, self.labels, self.temperature = h2, y, temperature
-        self.plan = plan_chunks(h2.shape[0], weight.shape[0], chunk_size, default_mb=self.engine.default_budget_mb)
+        self.plan = plan_chunks(h2.shape[0], weight.shape[0], chunk_size, default_mb=self.engine.default_budget_mb,
+                                elem_bytes=self.engine.block_elem_bytes(h2.dtype))
 
     def logprobs(self, reduce_hidden_grad: bool = True) -> Tuple[Tensor, Tensor]:
         """(logp, entropy) of the kept rows, differentiable."""
@@ -190,7 +191,8 @@ def logprobs_from_logits(
             temperature = temperature[index]
     elif I.compiling() and mask is not None:
         z2, y = I.neutralise_rows(z2, y, keep)
-    plan = plan_chunks(z2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb)
+    plan = plan_chunks(z2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
+                       elem_bytes=engine.block_elem_bytes(z2.dtype))
     logp, ent = engine.logits_logprobs(z2, y, temperature, plan)
     logp = _scatter_rows(logp, index, n).reshape(shape)
     if not return_entropy:

@@ -126,11 +126,12 @@ def test_logprobs_from_logits(backend, dtype, temperature):
     N, V = 19, 517
     logits = (torch.randn(N, V, generator=g, dtype=torch.float64) * 3)
     logits[:, 5] = -float("inf")
-    labels = torch.randint(6, V, (N,), generator=g)
+    labels = torch.randint(6, V, (N,), generator=g).to(DEVICE)
     temp = 0.5 + torch.rand(N, generator=g, dtype=torch.float64) if temperature == "per-token" else 1.0
+    temp = temp.to(DEVICE) if isinstance(temp, torch.Tensor) else temp
     x = logits.to(dtype).to(DEVICE).requires_grad_()
     before = x.detach().clone()
-    logp, ent = R.logprobs_from_logits(x, labels.to(DEVICE), temperature=temp, return_entropy=True,
+    logp, ent = R.logprobs_from_logits(x, labels, temperature=temp, return_entropy=True,
                                        backend=backend, chunk_size=6)
     (gx,) = grads(_upstream(logp, ent), [x])
     assert torch.equal(x.detach(), before), "the caller's logits must not be modified"

@@ -10,7 +10,10 @@ pytest.importorskip("triton")
 
 from rlkernels.triton_ops import logprobs as K  # noqa: E402
 
-from conftest import DEVICE, make_problem  # noqa: E402
+import rlkernels as R  # noqa: E402
+from rlkernels import reference as ref  # noqa: E402
+
+from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, make_problem  # noqa: E402
 
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
@@ -50,3 +53,65 @@ def test_no_recompile_across_completion_lengths():
         torch.cuda.synchronize()
         counts.append(cached())
     assert counts[0] > 0 and counts[1] == counts[0] and counts[2] == counts[0], counts
+
+
+# per-row vectors: read one scalar per program, so never specialised on their alignment (else a new row offset or
+# completion length compiles a new kernel)
+ROW_VECTOR_ARGS = {"temp_ptr", "labels_ptr", "m_out", "s_out", "c_out", "zy_out", "m_ptr", "log_s_ptr", "cs_ptr",
+                   "g_logp_ptr", "g_ent_ptr"}
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__ if hasattr(k, "__name__") else str(k))
+def test_row_vectors_are_not_specialised(kernel):
+    import inspect
+
+    if not hasattr(kernel, "do_not_specialize"):
+        pytest.skip("the interpreter's kernel object keeps no specialisation list (checked in the compiled run)")
+    names = {p.name for p in inspect.signature(kernel.fn).parameters.values()}
+    dns = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
+    assert names & ROW_VECTOR_ARGS <= dns and "v_offset" in dns, sorted(names & ROW_VECTOR_ARGS - dns)
+    assert "z_ptr" not in dns, "the logits block keeps its alignment specialisation (vector loads)"
+
+
+TRITON = "triton" in BACKENDS
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("accum", ["input", "fp32"])
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_grad_weight_accumulation_modes(monkeypatch, accum, single_pass):
+    """bf16, several row chunks: both accumulation modes of grad_weight match the fp64 reference within the bf16
+    tolerance (eager bf16 autograd sets the scale), in the single pass and in the recompute backward."""
+    monkeypatch.setenv("RLKERNELS_GRAD_WEIGHT_ACCUM", accum)
+    p = make_problem(3, 11, 24, 301, dtype=torch.bfloat16, seed=5, device=DEVICE)
+    q = as_fp64(p)
+    kw = dict(old_logprobs=p["old_logprobs"], config="dapo")
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], backend="triton",
+                            chunk_size=8, single_pass=single_pass, **kw)
+    gh, gw = grads(out.loss, [p["hidden"], p["weight"]])
+    assert gw.dtype == torch.bfloat16 and gh.dtype == torch.bfloat16
+    exact, _ = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"], **kw)
+    gh64, gw64 = grads(exact, [q["hidden"], q["weight"]])
+    eager, _ = ref.linear_policy_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], **kw)
+    gh_e, gw_e = grads(eager, [p["hidden"], p["weight"]])
+    assert_matches("grad_weight", gw, gw64, gw_e, torch.bfloat16)
+    assert_matches("grad_hidden", gh, gh64, gh_e, torch.bfloat16)
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+def test_grad_weight_accumulation_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("RLKERNELS_GRAD_WEIGHT_ACCUM", "fp16")
+    p = make_problem(2, 4, 8, 37, dtype=torch.bfloat16, seed=6, device=DEVICE)
+    with pytest.raises(ValueError, match="RLKERNELS_GRAD_WEIGHT_ACCUM"):
+        R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                          old_logprobs=p["old_logprobs"], config="dapo", backend="triton")[0].backward()
+
+
+def test_triton_budget_counts_the_input_dtype():
+    """The Triton engine's block is the GEMM output in the input dtype: a 1 GiB budget holds twice the bf16 rows."""
+    from rlkernels.engines import plan_chunks
+
+    bf16 = plan_chunks(100000, 152064, budget_bytes=2**30, elem_bytes=torch.bfloat16.itemsize)
+    fp32 = plan_chunks(100000, 152064, budget_bytes=2**30)
+    assert bf16.rows * 152064 * 2 <= 2**30 and fp32.rows * 152064 * 4 <= 2**30
+    assert abs(bf16.rows - 2 * fp32.rows) <= 16 and not bf16.vocab_blocked

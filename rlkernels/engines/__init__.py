@@ -41,6 +41,10 @@ class Engine:
         """None if this engine can run on ``device``, else the reason it cannot."""
         return None
 
+    def block_elem_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes per logit that the memory budget counts (see :mod:`rlkernels.engines.chunking`): 4 by default."""
+        return 4
+
     # -- primitives ------------------------------------------------------------------------------------------------
     def linear_forward(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan,
                        vocab_offset: Optional[int] = None):

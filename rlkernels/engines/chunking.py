@@ -1,7 +1,9 @@
 """How many rows (and vocabulary entries) an engine processes at a time.
 
-The budget is the size of one fp32 logits block, ``rows x vocab_block x 4`` bytes; an engine holds a small multiple
-of it (the block, its exponentials, and in bf16 the GEMM output) at any moment, and never ``N x V``.
+The budget is the size of one logits block, ``rows x vocab_block x elem_bytes`` bytes, where ``elem_bytes`` is what
+the engine stores per logit: 4 for the torch and native engines (they work on fp32 blocks), the input dtype's size
+for the Triton engine (its block is the bf16 GEMM output itself). An engine holds a small multiple of it (the
+block, its exponentials, and in bf16 the GEMM output) at any moment, and never ``N x V``.
 Set it with ``RLKERNELS_MEMORY_BUDGET_MB`` (read at each call) or per call with ``chunk_size=`` (rows).
 """
 from __future__ import annotations
@@ -45,8 +47,9 @@ def memory_budget_bytes(default_mb: float = DEFAULT_BUDGET_MB) -> int:
 
 
 def plan_chunks(n_rows: int, vocab: int, chunk_size: Optional[int] = None, budget_bytes: Optional[int] = None,
-                default_mb: float = DEFAULT_BUDGET_MB) -> ChunkPlan:
-    """Rows per chunk and vocabulary per block such that ``rows * vocab_block * 4 <= budget`` where possible.
+                default_mb: float = DEFAULT_BUDGET_MB, elem_bytes: int = 4) -> ChunkPlan:
+    """Rows per chunk and vocabulary per block such that ``rows * vocab_block * elem_bytes <= budget`` where
+    possible.
 
     ``chunk_size`` fixes the rows; the vocabulary is then blocked only if that many full rows exceed the budget.
     """
@@ -55,13 +58,13 @@ def plan_chunks(n_rows: int, vocab: int, chunk_size: Optional[int] = None, budge
     if chunk_size is not None:
         rows = int(chunk_size)
     else:
-        rows = budget // (4 * vocab)
+        rows = budget // (elem_bytes * vocab)
         if rows >= ROW_MULTIPLE:
             rows -= rows % ROW_MULTIPLE
         rows = max(rows, MIN_ROWS)
     rows = max(1, min(rows, n_rows))
     vocab_block = vocab
-    if rows * vocab * 4 > budget:
-        vocab_block = max(MIN_VOCAB_BLOCK, budget // (4 * rows))
+    if rows * vocab * elem_bytes > budget:
+        vocab_block = max(MIN_VOCAB_BLOCK, budget // (elem_bytes * rows))
         vocab_block = min(vocab_block, vocab)
     return ChunkPlan(rows=rows, vocab_block=vocab_block, vocab=vocab)

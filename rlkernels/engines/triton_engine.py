@@ -41,14 +41,58 @@ def _bias_block(bias: Optional[Tensor], v0: int, v1: int) -> Optional[Tensor]:
     return None if bias is None else bias[v0:v1]
 
 
+# How grad_weight is accumulated across row chunks for bf16/fp16 inputs (RLKERNELS_GRAD_WEIGHT_ACCUM, read per call):
+#   "input" (default) grad_weight itself, in the input dtype, added into by each chunk's GEMM (cuBLAS beta=1, fp32
+#           inside the GEMM): no buffer beyond the gradient, one rounding to bf16 per row chunk;
+#   "fp32"  an fp32 V x H accumulator that each chunk's bf16 GEMM adds into (addmm with out_dtype=fp32), rounded
+#           once at the end, as eager's single GEMM over all rows; costs 4 bytes per weight entry more.
+# Measured on an H100 (bench/gpu_tune.py, qwen2.5-7b LM head, 16k tokens, dapo, 5 row chunks): against an fp32-input
+# run, grad_weight's relative error was 0.02606 with "input", 0.02598 with "fp32" and 0.02598 for eager bf16
+# autograd (the bf16 rounding of the logits dominates all three), while "fp32" held 2.1 GB more (the 152064 x 3584
+# accumulator) and took 1.7% (1 GiB blocks) to 6.4% (512 MiB blocks) longer.
+GRAD_WEIGHT_ACCUM = ("input", "fp32")
+
+
+def grad_weight_accum() -> str:
+    mode = os.environ.get("RLKERNELS_GRAD_WEIGHT_ACCUM", "input").strip().lower() or "input"
+    if mode not in GRAD_WEIGHT_ACCUM:
+        raise ValueError(f"RLKERNELS_GRAD_WEIGHT_ACCUM={mode!r}: choose one of {GRAD_WEIGHT_ACCUM}")
+    return mode
+
+
+_MIXED_ADDMM: dict = {}
+
+
+def _mixed_addmm_works(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc_fp32, a_half, b_half, out_dtype=fp32, out=acc)`` runs here and adds correctly
+    (CUDA builds of torch >= 2.8). Probed once per device on tiny matrices."""
+    key = (device.type, device.index)
+    if key not in _MIXED_ADDMM:
+        try:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            a = torch.randn(8, 16, generator=g).to(device, torch.bfloat16)
+            b = torch.randn(16, 8, generator=g).to(device, torch.bfloat16)
+            acc = torch.ones(8, 8, device=device)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            want = 1.0 + a.double() @ b.double()
+            _MIXED_ADDMM[key] = bool(torch.allclose(acc.double(), want, rtol=1e-5, atol=1e-5))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_ADDMM[key] = False
+    return _MIXED_ADDMM[key]
+
+
 class _Grads:
-    """grad_hidden in the input dtype; grad_weight and grad_bias accumulated in fp32 (fp64 for fp64)."""
+    """grad_hidden in the input dtype; grad_bias accumulated in fp32 (fp64 for fp64); grad_weight accumulated in the
+    input dtype, or in fp32 under RLKERNELS_GRAD_WEIGHT_ACCUM=fp32 (see GRAD_WEIGHT_ACCUM)."""
 
     def __init__(self, hidden, weight, bias, need_h, need_w, need_b):
         acc = compute_dtype(hidden.dtype)
         self.half = acc != hidden.dtype
+        self.w_in_input = self.half and need_w and grad_weight_accum() == "input"
+        self.mixed = self.half and need_w and not self.w_in_input and _mixed_addmm_works(hidden.device)
         self.h = torch.zeros_like(hidden) if need_h else None
-        self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        w_dtype = weight.dtype if self.w_in_input else acc
+        self.w = torch.zeros(weight.shape, dtype=w_dtype, device=weight.device) if need_w else None
         self.b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
         self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
 
@@ -64,10 +108,13 @@ class _Grads:
             else:
                 torch.mm(dz, w, out=gh)
         if self.w is not None:
-            if self.half:  # bf16 GEMM, accumulated across chunks in fp32 (one extra V x H pass per chunk)
-                self.w[v0:v1].add_(dz.T @ h)
+            gw = self.w[v0:v1]
+            if self.mixed:  # bf16 GEMM adding straight into the fp32 accumulator
+                torch.addmm(gw, dz.T, h, out_dtype=torch.float32, out=gw)
+            elif self.half and not self.w_in_input:  # fallback: one extra V x H pass per chunk
+                gw.add_(dz.T @ h)
             else:
-                self.w[v0:v1].addmm_(dz.T, h)
+                gw.addmm_(dz.T, h)
         if self.b is not None:
             self.b[v0:v1].add_(dz.sum(0, dtype=self.b.dtype))
 
@@ -175,8 +222,13 @@ def _interpreting() -> bool:
 
 class TritonEngine(Engine):
     name = "triton"
-    # budget of one fp32-equivalent logits block; the bf16 block itself is half of it (issue: <= 1 GiB extra)
+    # one logits block in the input dtype (the GEMM output itself). Measured on an H100 (bench/gpu_tune.py, qwen2.5-7b
+    # LM head, 16k tokens, bf16, grad_weight accumulated in bf16): a 1 GiB block ran fwd+bwd in 86.9 ms at 1023 MiB
+    # beyond the gradients, a 512 MiB block in 93.8 ms at 512 MiB; the three GEMMs alone took 73.3 ms.
     default_budget_mb = 1024.0
+
+    def block_elem_bytes(self, dtype: torch.dtype) -> int:
+        return dtype.itemsize
 
     def supports(self, device: torch.device) -> Optional[str]:
         if device.type == "cuda" or _interpreting():

@@ -21,14 +21,21 @@ from torch import Tensor
 
 from .tl_utils import LOGIT_FLOOR, dlogits_tile, load_scaled_logits, online_lse_update
 
-# A tile of 2048 fp32 values per program keeps registers low at num_warps=8 (a default to be tuned on the GPU:
-# no measurement on an H100 has been made yet; see bench/device_check.sh).
-BLOCK_V_FWD = 2048
-BLOCK_V_BWD = 2048
-NUM_WARPS = 8
+# Tiles and warps measured on an H100 (bench/gpu_tune.py, 2026-11-26; bench/results/gpu-h100/): over one
+# 2048 x 152064 bf16 block the statistics kernel read 1600 GB/s at 4096 x 4 warps (1275 GB/s at the former
+# 2048 x 8), and the dL/dz kernel moved 2240-2280 GB/s at any tile >= 2048 with 4-16 warps.
+BLOCK_V_FWD = 4096
+NUM_WARPS_FWD = 4
+BLOCK_V_BWD = 4096
+NUM_WARPS_BWD = 8
+
+# Per-row vectors (labels, temperatures, the saved statistics, the upstream gradients) are read one scalar per
+# program, so their alignment buys nothing; not specialising on it keeps one compiled kernel when row slices start
+# at other offsets (a new completion length, the next row chunk). v_offset varies with the vocabulary block.
+_ROW_ARGS = ["temp_ptr", "labels_ptr", "v_offset"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROW_ARGS + ["m_out", "s_out", "c_out", "zy_out"])
 def _logits_stats_kernel(
     z_ptr, stride_z, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
     m_out, s_out, c_out, zy_out,
@@ -63,7 +70,7 @@ def _logits_stats_kernel(
     tl.store(zy_out + row, zy)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROW_ARGS + ["m_ptr", "log_s_ptr", "cs_ptr", "g_logp_ptr", "g_ent_ptr"])
 def _dlogits_kernel(
     z_ptr, stride_z, out_ptr, stride_out, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
     m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
@@ -126,7 +133,7 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
         z, z.stride(0), bias if bias is not None else z, temp if row_temp else z, inv_t, labels, v_offset, n_cols,
         out[0], out[1], out[2], out[3],
         HAS_BIAS=bias is not None, ROW_TEMP=row_temp, ACC=_TL[acc], BLOCK_V=min(BLOCK_V_FWD, triton.next_power_of_2(n_cols)),
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS_FWD,
     )
     return out.unbind(0)
 
@@ -145,6 +152,6 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
         labels, v_offset, n_cols, m, log_s, cs,
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
         HAS_BIAS=bias is not None, ROW_TEMP=row_temp, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
-        ACC=_TL[_acc(z.dtype)], BLOCK_V=block, num_warps=NUM_WARPS,
+        ACC=_TL[_acc(z.dtype)], BLOCK_V=block, num_warps=NUM_WARPS_BWD,
     )
     return out
