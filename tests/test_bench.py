@@ -44,7 +44,7 @@ def plugin(tmp_path, monkeypatch):
     """Write a plugin module registering deliberately wrong providers; returns its (unique) module name."""
     name = f"wrong_providers_{abs(hash(str(tmp_path)))}"
     (tmp_path / f"{name}.py").write_text(textwrap.dedent("""
-        from rlkernels.bench.providers import EagerProvider, register_provider
+        from rlkernels.bench.providers import EagerProvider, note, register_provider
 
         class Wrong(EagerProvider):
             '''Eager with every output 1% too large: wrong everywhere.'''
@@ -63,8 +63,17 @@ def plugin(tmp_path, monkeypatch):
                 factor = 1.01 if inputs["labels"].numel() > 16 else 1.0
                 return lambda: {k: v * factor for k, v in f().items()}
 
+        class Noted(EagerProvider):
+            '''Eager that reports a fallback, as the liger provider does when its compiled path fails.'''
+            name = "noted"
+
+            def build(self, case, inputs):
+                note("noted: took its fallback path")
+                return super().build(case, inputs)
+
         register_provider(Wrong())
         register_provider(WrongAtScale())
+        register_provider(Noted())
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -245,6 +254,18 @@ def test_worker_subprocess_path(plugin, capsys, tmp_path):
     assert ok["status"] == "ok" and ok["median_ms"] > 0 and ok["ratio_vs_eager"] is None  # no eager row
     if sys.platform.startswith("linux"):
         assert ok["memory_method"].startswith("VmHWM")
+
+
+def test_a_providers_note_reaches_the_row_and_the_table(plugin, capsys, tmp_path):
+    """A provider that deviates from its description (Liger falling back to compiled=False) says so in its row, also
+    from the worker subprocess, and only in its own row."""
+    out = tmp_path / "rows.json"
+    code, captured = run(TINY + ["--plugin", plugin, "--provider", "eager,noted", "--json", str(out)], capsys)
+    assert code == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["noted"]["status"] == "ok" and rows["noted"]["notes"] == ["noted: took its fallback path"]
+    assert rows["eager"]["notes"] is None
+    assert "note: noted: took its fallback path" in captured.out
 
 
 def test_an_interrupt_keeps_what_was_measured(monkeypatch, capsys, tmp_path):

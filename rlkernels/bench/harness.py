@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from . import measure
-from .providers import EagerProvider, Provider, Runner, get_provider
+from .providers import EagerProvider, Provider, Runner, drain_notes, get_provider
 from .workloads import Case, compare, describe_failure, fingerprint, make_inputs, upcast, work_model
 
 
@@ -136,6 +136,7 @@ def run_case(case: Case, provider_name: str, settings: Settings) -> Dict[str, An
         row["times_ms"] = times
     except Exception as exc:  # a provider that crashes is a result to report, not a reason to stop the suite
         row.update(_error_row(exc))
+    row["notes"] = drain_notes() or None
     return row
 
 

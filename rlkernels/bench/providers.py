@@ -15,6 +15,7 @@ Nothing heavy is imported here: ``liger_kernel`` loads inside the liger provider
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -270,12 +271,31 @@ class LigerProvider(Provider):
         #   memory stays bounded by its own 2048-row x 4096-vocab blocks either way.
         # - compiled=True (torch.compile of its loss math) is its default, kept on CUDA. On the CPU it would add an
         #   inductor C++ build (tens of seconds) for a few N-sized elementwise ops next to seconds of matmuls.
-        loss_fn = LigerFusedLinearGRPOLoss(use_ref_model=kw["beta"] > 0, compiled=case.device == "cuda",
-                                           chunk_size=inputs["labels"].shape[0], **kw)
+        # - if its compiled path fails (Liger 0.8.5 under torch 2.11 on an H100: a dynamo "sources must not be
+        #   empty for symbol" assertion), the warm-up falls back to compiled=False and says so on stderr.
+        def make(compiled: bool):
+            return LigerFusedLinearGRPOLoss(use_ref_model=kw["beta"] > 0, compiled=compiled,
+                                            chunk_size=inputs["labels"].shape[0], **kw)
+
+        state = {"fn": make(case.device == "cuda")}
         i = inputs
-        return lambda: {"loss": loss_fn(i["hidden"], i["weight"], i["labels"], i["mask"], i["advantages"],
-                                        ref_per_token_logps=i.get("ref_logprobs"),
-                                        old_per_token_logps=i.get("old_logprobs"))[0]}
+
+        def call():
+            return state["fn"](i["hidden"], i["weight"], i["labels"], i["mask"], i["advantages"],
+                               ref_per_token_logps=i.get("ref_logprobs"), old_per_token_logps=i.get("old_logprobs"))[0]
+
+        def run():
+            try:
+                return {"loss": call()}
+            except Exception as exc:  # noqa: BLE001 - any failure of its compiled path
+                if not state["fn"].compiled:
+                    raise
+                note(f"liger: its torch.compile path failed ({type(exc).__name__}: {str(exc)[:160]}); "
+                     "measured with compiled=False")
+                state["fn"] = make(False)
+                return {"loss": call()}
+
+        return run
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -311,6 +331,25 @@ class GemmRooflineProvider(Provider):
 
     def runner(self, case, inputs):
         return _GemmRunner(case, inputs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# notes: what a provider did differently from its description (a fallback), kept in the row and printed under it
+# ------------------------------------------------------------------------------------------------------------------
+_NOTES: List[str] = []
+
+
+def note(message: str) -> None:
+    """Record ``message`` for the row being measured (and print it to stderr)."""
+    if message not in _NOTES:
+        _NOTES.append(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def drain_notes() -> List[str]:
+    out = list(_NOTES)
+    _NOTES.clear()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------

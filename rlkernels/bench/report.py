@@ -17,7 +17,7 @@ ROW_KEYS = (
     "overrides", "on_policy", "pad_frac", "status", "reason", "median_ms", "p20_ms", "p80_ms", "times_ms",
     "peak_mem_mb", "memory_method", "ratio_vs_eager", "mem_ratio_vs_eager", "flops", "bytes", "tflops", "gbps",
     "pct_roofline", "check", "fingerprint", "traceback", "warmup", "repeat", "python_version", "torch_version",
-    "triton_version", "rlkernels_version", "liger_version", "timestamp",
+    "triton_version", "rlkernels_version", "liger_version", "timestamp", "notes",
 )
 GROUP_KEYS = ("op", "mode", "shape", "M", "H", "V", "dtype", "device", "preset")
 
@@ -111,6 +111,8 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
             status = textwrap.wrap(_status(r), max(width - indent, 40)) or [""]
             out.append(line + status[0])
             out.extend(" " * indent + s for s in status[1:])
+            for n in r.get("notes") or ():
+                out.extend(textwrap.wrap(f"note: {n}", width, initial_indent="  ", subsequent_indent="    "))
         out.append("")
     first = rows[0] if rows else {}
     out.append(f"torch {first.get('torch_version')}, triton {first.get('triton_version')}, rlkernels "
