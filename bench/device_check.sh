@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine, from the repository root:
 #
-#     OUT=/some/dir bash bench/device_check.sh
+#     OUT=/some/dir bash bench/device_check.sh                 # every step (about 8 minutes at most)
+#     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
-# 1. the test suite on CUDA (compiled Triton, no interpreter): RLKERNELS_TEST_DEVICE=cuda pytest tests
-# 2. the GPU benchmark: grpo (dapo) fwd+bwd, every provider, qwen2.5-7b LM head, 16k tokens, bf16
-# 3. the GPU benchmark of the log-prob ops (logprobs, logits) at the same shape, without torch.compile
+# Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
+#   tune      bench/gpu_tune.py: the 3 GEMMs alone, fused_grpo_loss per grad_weight accumulation mode and budget,
+#             the kernels per tile and warp count, grad precision against an fp32 run (qwen2.5-7b, 16k tokens, bf16)
+#   grpo      rlkernels-bench, grpo op (dapo) fwd+bwd, qwen2.5-7b LM head, 16k tokens, bf16: eager, rlkernels-triton,
+#             liger (when importable), gemm-roofline
+#   compile   the same with torch.compile and the torch engine (slow warm-ups, so a step of their own)
+#   llama     the grpo op at H=4096, V=131072 (the issue's shape): eager, rlkernels-triton, liger, gemm-roofline
+#   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, gemm-roofline
+#   tests     the engine suites on CUDA (compiled Triton, no interpreter): RLKERNELS_TEST_DEVICE=cuda pytest
 #
-# Everything lands flat in $OUT (default ./device-out), 8 files at most, each name carrying the GPU's name:
-#   summary-<gpu>.txt              GPU, driver, versions, and each step's exit status and seconds
-#   tests-<gpu>.log                pytest output
-#   bench-grpo-<gpu>.{log,json,png}     table, rows, plot
-#   bench-logprobs-<gpu>.{log,json,png}
-# Each step runs under `timeout` and the script goes on when one fails; the limits add up to under 8 minutes
-# (150 + 180 + 100 s, plus up to 10 s each to kill a step that ignores SIGTERM). It never resets or reconfigures
-# the GPU. Exit status: 0 when every step passed, else 1.
+# Everything lands flat in $OUT (default ./device-out), at most 8 files, each name carrying the GPU's name:
+#   summary-<gpu>.txt   GPU, driver, versions, and each step's exit status and seconds
+#   log-<gpu>.txt       every step's output, one after another
+#   <step>-<gpu>.json   the rows of tune, grpo, compile, llama, logprobs
+#   tests-<gpu>.log     pytest output
+# Plots are made afterwards from the JSON (rlkernels.bench.report.write_plot). Exit status: 0 when every step
+# passed, else 1. Liger-Kernel travels as a wheel: see bench/results/README.md.
 set -u
 
 cd "$(dirname "$0")/.."
@@ -22,6 +28,7 @@ OUT="${OUT:-$PWD/device-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works whether or not the package is pip-installed here
 unset TRITON_INTERPRET                                   # compiled Triton kernels, not the CPU interpreter
+export RLKERNELS_DISABLE_NATIVE=1                        # the CPU engine is not measured here: skip its JIT build
 PY="${PYTHON:-python}"
 
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)"
@@ -42,35 +49,57 @@ except Exception as exc:  # report, do not fail: the steps below say what breaks
 import rlkernels
 print(f"python {platform.python_version()}, torch {torch.__version__} (cuda {torch.version.cuda}), triton {tv}, "
       f"rlkernels {rlkernels.__version__}")
+try:
+    import liger_kernel; lv = getattr(liger_kernel, "__version__", "importable")
+except Exception as exc:
+    lv = f"not importable ({type(exc).__name__})"
+print("liger-kernel:", lv)
 print("backends on cuda:", rlkernels.available_backends(torch.device("cuda")) if torch.cuda.is_available()
       else "CUDA not available")
 EOF
   echo
 } > "$SUMMARY"
 
+# compiling the kernels dominates the GPU suite: spread it over processes when pytest-xdist is there
+XDIST="$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")"
 FAILED=0
-step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $OUT/NAME-$TAG.log, record status
+LOG="$OUT/log-$TAG.txt"
+step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, append to $LOG, record status
   local name="$1" limit="$2"
   shift 2
   local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name-$TAG.log" 2>&1
+  echo "=== $name ($(date -u +%H:%M:%S), limit $limit s): $*" >> "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
-  [ "$rc" -eq 124 ] && echo "(timed out after $limit s)" >> "$OUT/$name-$TAG.log"
+  [ "$rc" -eq 124 ] && echo "(timed out after $limit s)" >> "$LOG"
   [ "$rc" -ne 0 ] && FAILED=1
   echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)" >> "$SUMMARY"
 }
 
-# the engine suites on CUDA (the CLI, trainer and native tests are CPU-only and already run by CI)
-step tests 150 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra -p no:cacheprovider \
-     tests/test_logprobs.py tests/test_loss.py tests/test_memory.py tests/test_triton.py tests/test_compile.py \
-     tests/test_hypothesis.py
-
 BENCH=("$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 16384 --dtype bfloat16 --no-progress
-       --timeout 100)  # per provider: a stuck one (compile, last) cannot eat the whole step
-step bench-grpo 180 "${BENCH[@]}" --op grpo --preset dapo --mode full --provider all \
-     --json "$OUT/bench-grpo-$TAG.json" --plot "$OUT/bench-grpo-$TAG.png"
-step bench-logprobs 100 "${BENCH[@]}" --op logprobs,logits --mode full \
-     --json "$OUT/bench-logprobs-$TAG.json" --plot "$OUT/bench-logprobs-$TAG.png"
+       --warmup 2 --repeat 5)
+for s in ${STEPS:-grpo tune tests logprobs llama compile}; do
+  case "$s" in
+    tune) step tune 90 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --json "$OUT/tune-$TAG.json" ;;
+    grpo) step grpo 140 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \
+               --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;
+    compile) step compile 150 "${BENCH[@]}" --timeout 120 --op grpo --preset dapo --mode full \
+               --provider compile,rlkernels-torch --json "$OUT/compile-$TAG.json" ;;
+    llama) step llama 90 "${BENCH[@]}" --shape llama3-8b --vocab 131072 --timeout 60 --op grpo --preset dapo \
+               --mode full --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/llama-$TAG.json" ;;
+    logprobs) step logprobs 70 "${BENCH[@]}" --timeout 45 --op logprobs,logits --mode full \
+               --provider eager,rlkernels-triton,gemm-roofline --json "$OUT/logprobs-$TAG.json" ;;
+    tests)
+      start=$SECONDS
+      timeout --kill-after=10 140 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra -p no:cacheprovider $XDIST \
+        tests/test_logprobs.py tests/test_loss.py tests/test_triton.py tests/test_compile.py tests/test_memory.py \
+        tests/test_hypothesis.py > "$OUT/tests-$TAG.log" 2>&1
+      rc=$?
+      [ "$rc" -ne 0 ] && FAILED=1
+      echo "tests: exit $rc after $((SECONDS - start)) s (limit 140 s); $(tail -n1 "$OUT/tests-$TAG.log")" >> "$SUMMARY" ;;
+    *) echo "unknown step $s" >> "$SUMMARY"; FAILED=1 ;;
+  esac
+done
 
 echo "total $SECONDS s" >> "$SUMMARY"
 cat "$SUMMARY"

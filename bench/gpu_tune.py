@@ -1,0 +1,227 @@
+"""GPU tuning sweep of the Triton engine, run by ``bench/device_check.sh`` (one short in-process run, about a minute).
+
+    python bench/gpu_tune.py --json OUT.json [--shape qwen2.5-7b] [--tokens 16384]
+
+What it measures, all in one process on one GPU so that every ratio is against a baseline of the same run:
+
+1. ``gemm``: the three bf16 GEMMs of the op alone (``h W^T``, ``dz W``, ``dz^T h``) into preallocated outputs;
+2. ``loss``: ``fused_grpo_loss`` (dapo) forward+backward on the Triton engine for each grad_weight accumulation
+   mode (``RLKERNELS_GRAD_WEIGHT_ACCUM``) and logits-block budget (``RLKERNELS_MEMORY_BUDGET_MB``), and the
+   recompute mode: time, and the peak memory above the inputs (gradients included, as new tensors);
+3. ``kernel``: the statistics and dL/dz kernels over one chunk for each vocabulary tile and warp count, as GB/s
+   by the byte model (stats reads the block; dL/dz reads and writes it);
+4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
+   for eager bf16 autograd and for each accumulation mode.
+
+Timings are CUDA-event medians. Nothing here is asserted: it prints a table and writes the rows as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+MiB = 2.0 ** 20
+
+
+CUDA = torch.cuda.is_available()
+
+
+def timed(fn, warmup: int = 2, repeat: int = 5, clear=None):
+    """(median ms, peak MiB above what is alive before each call); ``clear`` runs untimed before every call.
+    On CPU (the interpreter smoke run) the times are wall-clock and the peak is 0."""
+    for _ in range(warmup):
+        if clear:
+            clear()
+        fn()
+    times, peak = [], 0.0
+    for _ in range(repeat):
+        if clear:
+            clear()
+        if not CUDA:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+        peak = max(peak, (torch.cuda.max_memory_allocated() - base) / MiB)
+    return statistics.median(times), peak
+
+
+def empty_cache() -> None:
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen2.5-7b")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: gemm,loss,kernel,precision")
+    args = p.parse_args(argv)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if not CUDA and not interpret:
+        print("gpu_tune.py needs CUDA (or TRITON_INTERPRET=1 and a tiny shape, as a smoke run)", file=sys.stderr)
+        return 2
+    dev = "cuda" if CUDA else "cpu"
+    import rlkernels
+    from rlkernels import reference
+    from rlkernels.bench.shapes import resolve_shape
+    from rlkernels.bench.workloads import Case, make_inputs
+    from rlkernels.engines import triton_engine
+    from rlkernels.triton_ops import logprobs as K
+
+    skip = set(filter(None, args.skip.split(",")))
+    shape = resolve_shape(args.shape, tokens=args.tokens, hidden=args.hidden, vocab=args.vocab)
+    case = Case(op="grpo", mode="full", shape=shape, dtype="bfloat16", device=dev, preset="dapo")
+    inputs = make_inputs(case)
+    h, w = inputs["hidden"], inputs["weight"]
+    M, H, V = shape.tokens, shape.hidden, shape.vocab
+    cfg = case.config
+    kw = {k: inputs[k] for k in ("old_logprobs", "ref_logprobs", "rollout_logprobs") if k in inputs}
+    rows = []
+    t0 = time.time()
+
+    def row(section, **fields):
+        fields = {"section": section, **fields}
+        rows.append(fields)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()),
+              flush=True)
+
+    row("env", gpu=torch.cuda.get_device_name() if CUDA else "cpu (interpreter)", torch=torch.__version__,
+        rlkernels=rlkernels.__version__,
+        shape=shape.describe(), mixed_addmm=triton_engine._mixed_addmm_works(h.device))
+
+    gemm_total = None
+    if "gemm" not in skip:
+        hd, wd = h.detach().reshape(M, H), w.detach()
+        z = torch.empty(M, V, dtype=h.dtype, device=dev)
+        dz = torch.randn(M, V, device=dev, dtype=h.dtype)
+        gh, gw = torch.empty_like(hd), torch.empty_like(wd)
+        t_f, _ = timed(lambda: torch.mm(hd, wd.T, out=z))
+        t_h, _ = timed(lambda: torch.mm(dz, wd, out=gh))
+        t_w, _ = timed(lambda: torch.mm(dz.T, hd, out=gw))
+        gemm_total = t_f + t_h + t_w
+        tflops = 2.0 * M * H * V / 1e9
+        for name, t in (("h@W^T", t_f), ("dz@W", t_h), ("dz^T@h", t_w)):
+            row("gemm", gemm=name, ms=t, tflops=tflops / t)
+        row("gemm", gemm="3 GEMMs", ms=gemm_total, tflops=3 * tflops / gemm_total)
+        del z, dz, gh, gw
+        empty_cache()
+
+    def clear():
+        h.grad = None
+        w.grad = None
+
+    def loss_step(**extra):
+        def step():
+            loss, _ = rlkernels.fused_grpo_loss(h, w, inputs["labels"], inputs["advantages"], inputs["mask"],
+                                             config=cfg, backend="triton", **kw, **extra)
+            loss.backward()
+        return step
+
+    grad_mb = (h.numel() + w.numel()) * h.element_size() / MiB
+    if "loss" not in skip:
+        variants = [("fp32", 1024, True), ("input", 1024, True), ("fp32", 512, True), ("fp32", 2048, True),
+                    ("fp32", 4096, True), ("input", 2048, True), ("fp32", 1024, False)]
+        for accum, budget, single in variants:
+            os.environ["RLKERNELS_GRAD_WEIGHT_ACCUM"] = accum
+            os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(budget)
+            try:
+                t, peak = timed(loss_step(single_pass=single), clear=clear)
+                row("loss", accum=accum, budget_mb=budget, single_pass=single, ms=t, peak_mb=peak,
+                    extra_beyond_grads_mb=peak - grad_mb,
+                    vs_3gemm=(t / gemm_total) if gemm_total else None)
+            except Exception as exc:  # report and go on: the sweep is for tuning
+                row("loss", accum=accum, budget_mb=budget, single_pass=single, error=repr(exc)[:300])
+            empty_cache()
+        os.environ.pop("RLKERNELS_GRAD_WEIGHT_ACCUM", None)
+        os.environ.pop("RLKERNELS_MEMORY_BUDGET_MB", None)
+
+    if "precision" not in skip:
+        def grads_of(fn):
+            clear()
+            fn()
+            return h.grad.detach().float().clone(), w.grad.detach().float().clone()
+
+        # truth: the same math on fp32 copies of the bf16 inputs (fp32 GEMMs)
+        h32 = h.detach().float().requires_grad_()
+        w32 = w.detach().float().requires_grad_()
+        loss32, _ = rlkernels.fused_grpo_loss(h32, w32, inputs["labels"], inputs["advantages"], inputs["mask"],
+                                           config=cfg, backend="triton", **kw)
+        loss32.backward()
+        th, tw = h32.grad.detach(), w32.grad.detach()
+        del h32, w32, loss32
+        empty_cache()
+
+        def rel(a, b):
+            return float((a - b).norm() / b.norm())
+
+        for accum in ("fp32", "input"):
+            os.environ["RLKERNELS_GRAD_WEIGHT_ACCUM"] = accum
+            gh_, gw_ = grads_of(loss_step())
+            row("precision", impl=f"triton accum={accum}", rel_err_grad_w=rel(gw_, tw), rel_err_grad_h=rel(gh_, th))
+            del gh_, gw_
+        os.environ.pop("RLKERNELS_GRAD_WEIGHT_ACCUM", None)
+        try:
+            def eager():
+                loss, _ = reference.linear_policy_loss(h, w, inputs["labels"], inputs["advantages"], inputs["mask"],
+                                                       config=cfg, **kw)
+                loss.backward()
+            gh_, gw_ = grads_of(eager)
+            row("precision", impl="eager bf16 autograd", rel_err_grad_w=rel(gw_, tw), rel_err_grad_h=rel(gh_, th))
+        except Exception as exc:
+            row("precision", impl="eager bf16 autograd", error=repr(exc)[:300])
+
+    if "kernel" not in skip:
+        R = min(2048, M)
+        zb = (torch.randn(R, V, device=dev) * 2.0).to(h.dtype)
+        out = torch.empty_like(zb)
+        y = torch.randint(0, V, (R,), device=dev)
+        g1, g2 = torch.randn(R, device=dev), torch.randn(R, device=dev)
+        nbytes = zb.numel() * zb.element_size()
+        saved = (K.BLOCK_V_FWD, K.BLOCK_V_BWD, K.NUM_WARPS_FWD, K.NUM_WARPS_BWD)
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                K.BLOCK_V_FWD = K.BLOCK_V_BWD = block
+                K.NUM_WARPS_FWD = K.NUM_WARPS_BWD = warps
+                try:
+                    m, s, c, _ = K.logits_stats(zb, y, None, 1.0)
+                    log_s, cs = torch.log(s), c / s
+                    t_s, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0), repeat=10)
+                    t_d, _ = timed(lambda: K.dlogits(zb, out, y, None, 1.0, 0, m, log_s, cs, g1, g2), repeat=10)
+                    row("kernel", block_v=block, warps=warps, stats_ms=t_s, stats_gbs=nbytes / t_s / 1e6,
+                        dlogits_ms=t_d, dlogits_gbs=2 * nbytes / t_d / 1e6)
+                except Exception as exc:
+                    row("kernel", block_v=block, warps=warps, error=repr(exc)[:300])
+        K.BLOCK_V_FWD, K.BLOCK_V_BWD, K.NUM_WARPS_FWD, K.NUM_WARPS_BWD = saved
+        del zb, out
+        empty_cache()
+
+    row("done", seconds=time.time() - t0)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
