@@ -93,7 +93,7 @@ for s in ${STEPS:-grpo tune tests logprobs llama compile}; do
       start=$SECONDS
       timeout --kill-after=10 140 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra -p no:cacheprovider $XDIST \
         tests/test_logprobs.py tests/test_loss.py tests/test_triton.py tests/test_compile.py tests/test_memory.py \
-        tests/test_hypothesis.py > "$OUT/tests-$TAG.log" 2>&1
+        tests/test_advantages.py tests/test_hypothesis.py > "$OUT/tests-$TAG.log" 2>&1
       rc=$?
       [ "$rc" -ne 0 ] && FAILED=1
       echo "tests: exit $rc after $((SECONDS - start)) s (limit 140 s); $(tail -n1 "$OUT/tests-$TAG.log")" >> "$SUMMARY" ;;

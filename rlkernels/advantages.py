@@ -1,7 +1,11 @@
 """Group-relative advantages from scalar outcome rewards (LOSSES.md B §7 with the conventions of A.3).
 
-Vectorised with segment reductions (no Python loop over groups), in float64 internally: reward vectors are small and
-the differences ``R - mean`` of near-equal rewards are exactly where fp32 loses digits.
+Two implementations of the same function, both in float64 internally (reward vectors are small, and the
+differences ``R - mean`` of near-equal rewards are exactly where fp32 loses digits):
+
+* torch: vectorised segment reductions (no Python loop over groups), on any device;
+* triton: one kernel launch, one program per group (:mod:`rlkernels.triton_ops.advantages`), the default for CUDA
+  tensors; on CPU tensors it runs under ``TRITON_INTERPRET=1`` (the tests).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def group_advantages(
     *,
     eps: float = 1e-6,
     lengths: Optional[Tensor] = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Per-response advantages from scalar rewards, normalised within groups of responses to the same prompt.
 
@@ -46,6 +51,7 @@ def group_advantages(
             ``"passk"``: the best response of a group gets ``(R_1st - R_2nd) / (std_g + eps)``, the others 0.
         eps: added to the std (after the square root).
         lengths: ``(B,)`` response lengths, for ``"rpp_baseline"`` token weighting.
+        backend: ``"auto"`` (the Triton kernel for CUDA tensors, else torch), ``"torch"`` or ``"triton"``.
 
     Returns: ``(B,)`` advantages, fp32 (fp64 for fp64 rewards). Singleton groups, groups whose valid rewards are
     all equal, and NaN rewards get exactly 0.
@@ -82,11 +88,58 @@ def group_advantages(
     if not (eps >= 0):
         raise ValueError(f"eps={eps}: must be >= 0")
 
+    use_triton = _use_triton(backend, rewards.device)
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.double()
     valid = ~torch.isnan(r)
     if bool((torch.isinf(r) & valid).any()):
         raise ValueError("rewards holds inf; use NaN for unscorable responses")
+    if use_triton:
+        adv = _triton_advantages(r, ids if group_size is None else None, n_groups, group_size, method, eps)
+    else:
+        adv = _torch_advantages(r, valid, ids, n_groups, method, eps)
+    if method in ("lite_ppo", "rpp_baseline"):
+        centred, keep = adv
+        adv = _batch_scaled(method, centred, valid, r, lengths, eps)
+        adv = torch.where(keep, adv, torch.zeros_like(adv))
+    return adv.to(out_dtype)
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend={backend!r}: choose 'auto', 'torch' or 'triton'")
+    if backend == "torch":
+        return False
+    from .engines import BackendUnavailable, load_engine
+
+    try:
+        reason = load_engine("triton").supports(device)
+    except BackendUnavailable as exc:
+        reason = str(exc)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend='triton' cannot run on {device}: {reason}")
+    return reason is None
+
+
+def _triton_advantages(r: Tensor, ids: Optional[Tensor], n_groups: int, group_size: Optional[int], method: str,
+                       eps: float):
+    from .triton_ops.advantages import group_advantages_rows
+
+    if ids is None:  # contiguous groups of group_size
+        adv, keep = group_advantages_rows(r, method, eps, group_size=group_size)
+    else:  # sort by group (stably: pass@k's "first" is the first in the caller's order), run, scatter back
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids, minlength=n_groups)
+        starts = torch.cumsum(counts, 0) - counts
+        adv_sorted, keep_sorted = group_advantages_rows(r[order].contiguous(), method, eps, starts=starts,
+                                                        counts=counts)
+        adv, keep = torch.empty_like(adv_sorted), torch.empty_like(keep_sorted)
+        adv[order], keep[order] = adv_sorted, keep_sorted
+    return (adv, keep) if method in ("lite_ppo", "rpp_baseline") else adv
+
+
+def _torch_advantages(r: Tensor, valid: Tensor, ids: Tensor, n_groups: int, method: str, eps: float):
+    B = r.shape[0]
     rv = torch.where(valid, r, torch.zeros_like(r))
     count = segment_sum(valid.double(), ids, n_groups)
     mean = segment_sum(rv, ids, n_groups) / count.clamp(min=1)
@@ -95,24 +148,14 @@ def group_advantages(
     gmax = _segment_extreme(torch.where(valid, r, torch.full_like(r, -torch.inf)), ids, n_groups, largest=True)
     gmin = _segment_extreme(torch.where(valid, r, torch.full_like(r, torch.inf)), ids, n_groups, largest=False)
     degenerate = (count <= 1) | (gmax == gmin)  # per group: no learning signal (A.3)
+    keep = valid & ~degenerate[ids]
 
     if method == "grpo":
         adv = centred / (std[ids] + eps)
-    elif method == "dr_grpo":
-        adv = centred
     elif method == "rloo":
         n = count[ids]
         adv = centred * n / (n - 1).clamp(min=1)
-    elif method == "lite_ppo":
-        adv = centred / (r[valid].std() + eps)
-    elif method == "rpp_baseline":
-        w = torch.ones_like(r) if lengths is None else lengths.to(r)
-        w = torch.where(valid, w, torch.zeros_like(w))
-        total = w.sum()
-        mu = (w * centred).sum() / total.clamp(min=1e-12)
-        var = (w * (centred - mu) ** 2).sum() / (total - 1).clamp(min=1e-12)
-        adv = (centred - mu) / (var.sqrt() + eps)
-    else:  # passk: the first index holding the group maximum gets the gap to the runner-up
+    elif method == "passk":  # the first index holding the group maximum gets the gap to the runner-up
         index = torch.arange(B, device=r.device, dtype=torch.long)
         at_max = valid & (r == gmax[ids])
         first = _segment_extreme(torch.where(at_max, index, torch.full_like(index, B)).double(), ids, n_groups,
@@ -121,5 +164,24 @@ def group_advantages(
         runner_up = _segment_extreme(torch.where(valid & ~is_best, r, torch.full_like(r, -torch.inf)), ids,
                                      n_groups, largest=True)
         adv = torch.where(is_best, (gmax - runner_up)[ids] / (std[ids] + eps), torch.zeros_like(r))
-    adv = torch.where(valid & ~degenerate[ids], adv, torch.zeros_like(adv))
-    return adv.to(out_dtype)
+    else:  # dr_grpo, and the group-centred rewards that lite_ppo / rpp_baseline scale over the batch
+        adv = centred
+    adv = torch.where(keep, adv, torch.zeros_like(adv))
+    return (adv, keep) if method in ("lite_ppo", "rpp_baseline") else adv
+
+
+def _batch_scaled(method: str, centred: Tensor, valid: Tensor, r: Tensor, lengths: Optional[Tensor],
+                  eps: float) -> Tensor:
+    """lite_ppo: centred / (batch std of the valid rewards + eps); rpp_baseline: centred whitened over the batch
+    (token-weighted with ``lengths``). Masked sums, no host sync."""
+    if method == "lite_ppo":
+        n = valid.sum().double()
+        mu = torch.where(valid, r, torch.zeros_like(r)).sum() / n.clamp(min=1)
+        var = torch.where(valid, (r - mu) ** 2, torch.zeros_like(r)).sum() / (n - 1).clamp(min=1)
+        return centred / (var.sqrt() + eps)
+    w = torch.ones_like(r) if lengths is None else lengths.to(r)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    total = w.sum()
+    mu = (w * centred).sum() / total.clamp(min=1e-12)
+    var = (w * (centred - mu) ** 2).sum() / (total - 1).clamp(min=1e-12)
+    return (centred - mu) / (var.sqrt() + eps)

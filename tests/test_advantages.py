@@ -1,13 +1,27 @@
-"""group_advantages vs the loop-per-group reference, and the A.3 conventions."""
+"""group_advantages vs the loop-per-group reference, and the A.3 conventions, for each implementation (torch, and
+the Triton kernel where it runs: CUDA, or CPU under TRITON_INTERPRET=1)."""
 import pytest
 import torch
 
 import rlkernels as R
 from rlkernels import reference as ref
 
-from conftest import assert_matches
+from conftest import BACKENDS, DEVICE, assert_matches
 
 METHODS = ["grpo", "dr_grpo", "rloo", "lite_ppo", "rpp_baseline", "passk"]
+# the engines under test, mapped onto group_advantages' two implementations (the native engine has none of its own)
+ADV_BACKENDS = sorted({"triton" if b == "triton" else "torch" for b in BACKENDS}) or ["torch"]
+
+
+@pytest.fixture(params=ADV_BACKENDS)
+def backend(request):
+    return request.param
+
+
+def adv(r, backend, **kw):
+    """group_advantages on DEVICE, back on the CPU."""
+    kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    return R.group_advantages(r.to(DEVICE), backend=backend, **kw).cpu()
 
 
 def _rewards(seed, n=24, binary=False):
@@ -18,14 +32,30 @@ def _rewards(seed, n=24, binary=False):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("binary", [False, True])
-def test_group_size(method, binary):
+def test_group_size(method, binary, backend):
     r = _rewards(1, binary=binary)
-    assert_matches(method, R.group_advantages(r, group_size=4, method=method),
+    assert_matches(method, adv(r, backend, group_size=4, method=method),
                    ref.group_advantages(r, group_size=4, method=method))
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_variable_groups_singletons_equal_and_nan(method):
+def test_large_groups_span_several_tiles(method, backend):
+    """Groups longer than the kernel's tile (256): contiguous groups of 300, and labelled groups of 600, 1 and 299
+    with NaN rewards and ties at the top."""
+    g = torch.Generator().manual_seed(4)
+    r = torch.randint(0, 7, (900,), generator=g).double() / 7  # many ties, also at the maximum
+    r[torch.randperm(900, generator=g)[:40]] = float("nan")
+    assert_matches(method, adv(r, backend, group_size=300, method=method),
+                   ref.group_advantages(r, group_size=300, method=method))
+    ids = torch.randint(0, 2, (900,), generator=g) * 5
+    ids[17] = 3
+    lengths = torch.randint(1, 50, (900,), generator=g)
+    assert_matches(method, adv(r, backend, group_ids=ids, method=method, lengths=lengths),
+                   ref.group_advantages(r, group_ids=ids, method=method, lengths=lengths))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_variable_groups_singletons_equal_and_nan(method, backend):
     """Non-contiguous group labels of different sizes, a singleton, an all-equal group and NaN rewards."""
     r = _rewards(2, n=20)
     ids = torch.tensor([7, 3, 7, 3, 3, 9, 5, 5, 5, 5, 2, 2, 2, 11, 11, 11, 11, 4, 4, 4])
@@ -34,7 +64,7 @@ def test_variable_groups_singletons_equal_and_nan(method):
     r[[0, 14, 18]] = float("nan")  # unscorable responses
     r[ids == 4] = torch.tensor([float("nan"), 0.3, 0.3], dtype=torch.float64)  # all-equal among the valid ones
     lengths = torch.randint(1, 50, (20,), generator=torch.Generator().manual_seed(3))
-    ours = R.group_advantages(r, group_ids=ids, method=method, lengths=lengths)
+    ours = adv(r, backend, group_ids=ids, method=method, lengths=lengths)
     expect = ref.group_advantages(r, group_ids=ids, method=method, lengths=lengths)
     assert_matches(method, ours, expect)
     assert torch.isfinite(ours).all()
@@ -42,10 +72,10 @@ def test_variable_groups_singletons_equal_and_nan(method):
     assert torch.all(ours[zero] == 0), "singletons, all-equal groups and NaN rewards get exactly 0"
 
 
-def test_all_equal_exactly_zero_despite_rounding():
+def test_all_equal_exactly_zero_despite_rounding(backend):
     r = torch.full((6,), 0.1)  # 0.1 * 3 / 3 != 0.1 in floating point
     for method in METHODS:
-        assert torch.all(R.group_advantages(r, group_size=3, method=method) == 0), method
+        assert torch.all(adv(r, backend, group_size=3, method=method) == 0), method
 
 
 def test_grpo_closed_form_and_dtypes():
@@ -62,12 +92,12 @@ def test_grpo_closed_form_and_dtypes():
     assert torch.allclose(rloo, (g - other).flatten(), atol=1e-6)
 
 
-def test_passk_ties_pick_first_index():
+def test_passk_ties_pick_first_index(backend):
     r = torch.tensor([0.2, 0.9, 0.9, 0.1])
-    a = R.group_advantages(r, group_size=4, method="passk")
+    a = adv(r, backend, group_size=4, method="passk")
     assert a[1] == 0 and a[2] == 0 and a[0] == 0 and a[3] == 0  # tie at the top: the gap is 0
     r = torch.tensor([0.2, 0.9, 0.5, 0.1])
-    a = R.group_advantages(r, group_size=4, method="passk")
+    a = adv(r, backend, group_size=4, method="passk")
     assert a[1] > 0 and torch.all(a[[0, 2, 3]] == 0)
     assert torch.isclose(a[1], torch.tensor((0.9 - 0.5) / (r.std().item() + 1e-6)))
 
@@ -90,3 +120,8 @@ def test_bad_arguments():
         R.group_advantages(torch.zeros(6, dtype=torch.long), group_size=3)
     with pytest.raises(ValueError, match="rewards holds inf"):
         R.group_advantages(torch.tensor([1.0, float("inf"), 0.0]), group_size=3)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        R.group_advantages(r, group_size=3, backend="cuda")
+    if "triton" not in R.available_backends(r.device) or R.available_backends(r.device)["triton"] != "available":
+        with pytest.raises(ValueError, match="backend='triton' cannot run on cpu"):
+            R.group_advantages(r, group_size=3, backend="triton")
