@@ -6,10 +6,11 @@ What it measures, all in one process on one GPU so that every ratio is against a
 
 1. ``gemm``: the three bf16 GEMMs of the op alone (``h W^T``, ``dz W``, ``dz^T h``) into preallocated outputs;
 2. ``loss``: ``fused_grpo_loss`` (dapo) forward+backward on the Triton engine for each grad_weight accumulation
-   mode (``RLKERNELS_GRAD_WEIGHT_ACCUM``) and logits-block budget (``RLKERNELS_MEMORY_BUDGET_MB``), and the
-   recompute mode: time, and the peak memory above the inputs (gradients included, as new tensors);
-3. ``kernel``: the statistics and dL/dz kernels over one chunk for each vocabulary tile and warp count, as GB/s
-   by the byte model (stats reads the block; dL/dz reads and writes it);
+   mode (``RLKERNELS_GRAD_WEIGHT_ACCUM``), logits-block budget (``RLKERNELS_MEMORY_BUDGET_MB``), statistics loop
+   (``RLKERNELS_STATS_KERNEL``) and the recompute mode: time, and the peak memory above the inputs (gradients
+   included, as new tensors);
+3. ``kernel``: the statistics kernel (both loops) and the dL/dz kernel over one chunk for each vocabulary tile and
+   warp count, as GB/s by the byte model (stats reads the block; dL/dz reads and writes it);
 4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
    for eager bf16 autograd and for each accumulation mode.
 
@@ -140,19 +141,22 @@ def main(argv=None) -> int:
 
     grad_mb = (h.numel() + w.numel()) * h.element_size() / MiB
     if "loss" not in skip:
-        variants = [("fp32", 1024, True), ("input", 1024, True), ("fp32", 512, True), ("fp32", 2048, True),
-                    ("fp32", 4096, True), ("input", 2048, True), ("fp32", 1024, False)]
-        for accum, budget, single in variants:
+        # (grad_weight accumulation, logits-block MiB in the input dtype, single pass, statistics loop); first = default
+        variants = [("input", 1024, True, "tile"), ("input", 1024, True, "lanes"), ("fp32", 1024, True, "tile"),
+                    ("input", 512, True, "tile"), ("input", 2048, True, "tile"), ("input", 1024, False, "tile")]
+        for accum, budget, single, stats in variants:
             os.environ["RLKERNELS_GRAD_WEIGHT_ACCUM"] = accum
             os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(budget)
+            os.environ["RLKERNELS_STATS_KERNEL"] = stats
             try:
                 t, peak = timed(loss_step(single_pass=single), clear=clear)
-                row("loss", accum=accum, budget_mb=budget, single_pass=single, ms=t, peak_mb=peak,
+                row("loss", accum=accum, budget_mb=budget, single_pass=single, stats=stats, ms=t, peak_mb=peak,
                     extra_beyond_grads_mb=peak - grad_mb,
                     vs_3gemm=(t / gemm_total) if gemm_total else None)
             except Exception as exc:  # report and go on: the sweep is for tuning
-                row("loss", accum=accum, budget_mb=budget, single_pass=single, error=repr(exc)[:300])
+                row("loss", accum=accum, budget_mb=budget, single_pass=single, stats=stats, error=repr(exc)[:300])
             empty_cache()
+        os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_GRAD_WEIGHT_ACCUM", None)
         os.environ.pop("RLKERNELS_MEMORY_BUDGET_MB", None)
 
@@ -208,9 +212,16 @@ def main(argv=None) -> int:
                     log_s, cs = torch.log(s), c / s
                     t_s, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0), repeat=10)
                     t_d, _ = timed(lambda: K.dlogits(zb, out, y, None, 1.0, 0, m, log_s, cs, g1, g2), repeat=10)
+                    os.environ["RLKERNELS_STATS_KERNEL"] = "lanes"
+                    m2, s2, c2, _ = K.logits_stats(zb, y, None, 1.0)
+                    t_l, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0), repeat=10)
+                    os.environ.pop("RLKERNELS_STATS_KERNEL")
+                    agree = float(max((m2 - m).abs().max(), ((s2 - s) / s).abs().max(), ((c2 - c) / s).abs().max()))
                     row("kernel", block_v=block, warps=warps, stats_ms=t_s, stats_gbs=nbytes / t_s / 1e6,
+                        lanes_ms=t_l, lanes_gbs=nbytes / t_l / 1e6, lanes_vs_tile=agree,
                         dlogits_ms=t_d, dlogits_gbs=2 * nbytes / t_d / 1e6)
                 except Exception as exc:
+                    os.environ.pop("RLKERNELS_STATS_KERNEL", None)
                     row("kernel", block_v=block, warps=warps, error=repr(exc)[:300])
         K.BLOCK_V_FWD, K.BLOCK_V_BWD, K.NUM_WARPS_FWD, K.NUM_WARPS_BWD = saved
         del zb, out

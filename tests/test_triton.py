@@ -13,11 +13,11 @@ from rlkernels.triton_ops import logprobs as K  # noqa: E402
 import rlkernels as R  # noqa: E402
 from rlkernels import reference as ref  # noqa: E402
 
-from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, make_problem  # noqa: E402
+from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, leaves, make_problem  # noqa: E402
 
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
-ALLOWED_CONSTEXPR = {"HAS_BIAS", "ROW_TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V"}
+ALLOWED_CONSTEXPR = {"HAS_BIAS", "ROW_TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES"}
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__ if hasattr(k, "__name__") else str(k))
@@ -115,3 +115,70 @@ def test_triton_budget_counts_the_input_dtype():
     fp32 = plan_chunks(100000, 152064, budget_bytes=2**30)
     assert bf16.rows * 152064 * 2 <= 2**30 and fp32.rows * 152064 * 4 <= 2**30
     assert abs(bf16.rows - 2 * fp32.rows) <= 16 and not bf16.vocab_blocked
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kernel", ["tile", "lanes"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_cols", [1, 37, 700])
+def test_stats_kernels_match_float64(monkeypatch, kernel, dtype, n_cols):
+    """Both loops of the statistics kernel (RLKERNELS_STATS_KERNEL) give M = max z~, S = sum exp(z~ - M) and
+    C = sum exp(z~ - M)(z~ - M) of the block, with bias, per-row temperature, -inf logits (a whole -inf row too),
+    labels outside the block, and more than one tile per row."""
+    monkeypatch.setenv("RLKERNELS_STATS_KERNEL", kernel)
+    monkeypatch.setattr(K, "BLOCK_V_FWD", 128)  # several tiles (and lanes that see few columns) at test sizes
+    g = torch.Generator().manual_seed(n_cols)
+    rows = 6
+    z = (torch.randn(rows, n_cols, generator=g, dtype=torch.float64) * 4).to(dtype)
+    z[1, :: 3] = -float("inf")
+    z[4] = -float("inf")
+    bias = (torch.randn(n_cols, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    temp = 0.5 + torch.rand(rows, generator=g, dtype=torch.float64)
+    offset = 5
+    labels = torch.randint(offset, offset + n_cols, (rows,), generator=g)
+    labels[2] = 0  # outside the block
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    m, s, c, zy = K.logits_stats(z.to(DEVICE), labels.to(DEVICE), bias.to(DEVICE), temp.to(acc).to(DEVICE), offset)
+    zt = ((z.double() + bias.double()) / temp.to(acc).double()[:, None]).clamp(min=-1e20)
+    M = zt.max(1).values
+    e = torch.exp(zt - M[:, None])
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(m.cpu().double(), M, rtol=rtol, atol=0)
+    torch.testing.assert_close(s.cpu().double(), e.sum(1), rtol=rtol * 8, atol=0)
+    torch.testing.assert_close(c.cpu().double(), (e * (zt - M[:, None])).sum(1), rtol=rtol * 8, atol=rtol * 8)
+    want_zy = zt.gather(1, (labels - offset).clamp(0, n_cols - 1)[:, None]).squeeze(1)
+    want_zy[labels < offset] = -float("inf")
+    want_zy = torch.where(torch.isinf(want_zy) | (want_zy <= -1e20), torch.full_like(want_zy, -float("inf")), want_zy)
+    got_zy = zy.cpu().double()
+    assert torch.equal(torch.isinf(got_zy), torch.isinf(want_zy))
+    fin = ~torch.isinf(want_zy)
+    torch.testing.assert_close(got_zy[fin], want_zy[fin], rtol=rtol, atol=0)
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+def test_lanes_kernel_in_the_whole_loss(monkeypatch):
+    """The lanes loop, end to end: dapo loss and gradients, bf16, bias and per-token temperature, equal the fp64
+    reference within the bf16 tolerance."""
+    monkeypatch.setenv("RLKERNELS_STATS_KERNEL", "lanes")
+    p = make_problem(2, 9, 16, 301, dtype=torch.bfloat16, seed=8, bias=True, per_token_temperature=True,
+                     device=DEVICE)
+    q = as_fp64(p)
+    kw = dict(old_logprobs=p["old_logprobs"], config="dapo")
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
+                            temperature=p["temperature"], backend="triton", **kw)
+    got = grads(out.loss, leaves(p))
+    exact, _ = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"],
+                                      bias=q["bias"], temperature=q["temperature"], **kw)
+    want = grads(exact, leaves(q))
+    eager, _ = ref.linear_policy_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                                      bias=p["bias"], temperature=p["temperature"], **kw)
+    eager_g = grads(eager, leaves(p))
+    assert_matches("loss", out.loss, exact, eager, torch.bfloat16)
+    for name, a, b, e in zip(("hidden", "weight", "bias"), got, want, eager_g):
+        assert_matches(f"grad_{name}", a, b, e, torch.bfloat16)
+
+
+def test_stats_kernel_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("RLKERNELS_STATS_KERNEL", "warp")
+    with pytest.raises(ValueError, match="RLKERNELS_STATS_KERNEL"):
+        K.stats_kernel()

@@ -12,6 +12,7 @@ float dtype and do all arithmetic in fp32.
 Sequence lengths, row counts, temperatures and offsets are runtime arguments; only the tile size and feature flags
 are ``constexpr``, so a new completion length does not recompile.
 """
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -19,7 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .tl_utils import LOGIT_FLOOR, dlogits_tile, load_scaled_logits, online_lse_update
+from .tl_utils import (LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_lanes_update,
+                       online_lse_update)
 
 # Tiles and warps measured on an H100 (bench/gpu_tune.py, 2026-11-26; bench/results/gpu-h100/): over one
 # 2048 x 152064 bf16 block the statistics kernel read 1600 GB/s at 4096 x 4 warps (1275 GB/s at the former
@@ -28,6 +30,20 @@ BLOCK_V_FWD = 4096
 NUM_WARPS_FWD = 4
 BLOCK_V_BWD = 4096
 NUM_WARPS_BWD = 8
+
+# The statistics kernel's loop (RLKERNELS_STATS_KERNEL, read per call): "tile" merges each tile into one running
+# (M, S, C) with three block reductions per tile (measured above); "lanes" keeps the state per lane and reduces once
+# per row, one exp per element, no reduction in the loop: built for bandwidth, tested against "tile" under the
+# interpreter, not yet measured on a GPU (bench/gpu_tune.py sweeps both).
+STATS_KERNELS = ("tile", "lanes")
+
+
+def stats_kernel() -> str:
+    mode = os.environ.get("RLKERNELS_STATS_KERNEL", "tile").strip().lower() or "tile"
+    if mode not in STATS_KERNELS:
+        raise ValueError(f"RLKERNELS_STATS_KERNEL={mode!r}: choose one of {STATS_KERNELS}")
+    return mode
+
 
 # Per-row vectors (labels, temperatures, the saved statistics, the upstream gradients) are read one scalar per
 # program, so their alignment buys nothing; not specialising on it keeps one compiled kernel when row slices start
@@ -39,7 +55,7 @@ _ROW_ARGS = ["temp_ptr", "labels_ptr", "v_offset"]
 def _logits_stats_kernel(
     z_ptr, stride_z, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
     m_out, s_out, c_out, zy_out,
-    HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row.to(tl.int64) * stride_z
@@ -56,14 +72,25 @@ def _logits_stats_kernel(
         zy += tl.load(bias_ptr + safe_label).to(ACC)
     zy = tl.where(in_block, zy * inv_t, float("-inf"))
 
-    m = tl.full((), LOGIT_FLOOR, ACC)
-    s = tl.zeros((), ACC)
-    c = tl.zeros((), ACC)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        col_mask = cols < n_cols
-        z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC)
-        m, s, c = online_lse_update(m, s, c, z, col_mask)
+    if LANES:  # per-lane state, merged once at the end (see online_lse_lanes_update)
+        m_v = tl.full((BLOCK_V,), LOGIT_FLOOR, ACC)
+        s_v = tl.zeros((BLOCK_V,), ACC)
+        c_v = tl.zeros((BLOCK_V,), ACC)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            col_mask = cols < n_cols
+            z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC)
+            m_v, s_v, c_v = online_lse_lanes_update(m_v, s_v, c_v, z, col_mask)
+        m, s, c = merge_lanes(m_v, s_v, c_v)
+    else:  # one running state, merged tile by tile
+        m = tl.full((), LOGIT_FLOOR, ACC)
+        s = tl.zeros((), ACC)
+        c = tl.zeros((), ACC)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            col_mask = cols < n_cols
+            z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC)
+            m, s, c = online_lse_update(m, s, c, z, col_mask)
     tl.store(m_out + row, m)
     tl.store(s_out + row, s)
     tl.store(c_out + row, c)
@@ -132,7 +159,8 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     _logits_stats_kernel[(rows,)](
         z, z.stride(0), bias if bias is not None else z, temp if row_temp else z, inv_t, labels, v_offset, n_cols,
         out[0], out[1], out[2], out[3],
-        HAS_BIAS=bias is not None, ROW_TEMP=row_temp, ACC=_TL[acc], BLOCK_V=min(BLOCK_V_FWD, triton.next_power_of_2(n_cols)),
+        HAS_BIAS=bias is not None, ROW_TEMP=row_temp, ACC=_TL[acc],
+        BLOCK_V=min(BLOCK_V_FWD, triton.next_power_of_2(n_cols)), LANES=stats_kernel() == "lanes",
         num_warps=NUM_WARPS_FWD,
     )
     return out.unbind(0)

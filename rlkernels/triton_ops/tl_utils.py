@@ -38,6 +38,29 @@ def online_lse_update(m, s, c, z, col_mask):
 
 
 @triton.jit
+def online_lse_lanes_update(m, s, c, z, col_mask):
+    """The same merge kept per lane (m, s, c are BLOCK_V vectors; each lane sees every BLOCK_V-th column): no
+    reduction inside the loop, one exp per element. With e = exp(-|z - m|):
+    z > m: (m, s, c) <- (z, s e + 1, e (c + (m - z) s)); else (m, s + e, c + e (z - m)). Masked columns keep the
+    state."""
+    up = z > m
+    e = tl.exp(tl.where(up, m - z, z - m))
+    s_new = tl.where(up, s * e + 1.0, s + e)
+    c_new = tl.where(up, e * (c + (m - z) * s), c + e * (z - m))
+    m_new = tl.maximum(m, z)
+    return tl.where(col_mask, m_new, m), tl.where(col_mask, s_new, s), tl.where(col_mask, c_new, c)
+
+
+@triton.jit
+def merge_lanes(m, s, c):
+    """(M, S, C) of the whole row from the per-lane states: alpha_i = exp(m_i - M), S = sum alpha_i s_i,
+    C = sum alpha_i (c_i + (m_i - M) s_i). Lanes that saw nothing hold (LOGIT_FLOOR, 0, 0) and add 0."""
+    row_m = tl.max(m, axis=0)
+    alpha = tl.exp(m - row_m)
+    return row_m, tl.sum(alpha * s, axis=0), tl.sum(alpha * (c + (m - row_m) * s), axis=0)
+
+
+@triton.jit
 def dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP: tl.constexpr,
                  HAS_GENT: tl.constexpr):
     """dL/dz = [g_logp (1_y - p) - g_H p (z~ - mu)] / T for one tile (B §1.3), with t = z~ - M, p = exp(t - log S),
