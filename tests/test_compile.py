@@ -70,8 +70,8 @@ def test_no_recompile_across_completion_lengths(backend):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="inductor on CPU compiles C++; the GPU run uses device_check.sh")
 def test_inductor_logprobs(backend):
+    """Inductor around the custom ops (C++ on CPU, Triton on CUDA)."""
     torch._dynamo.reset()
     p = make_problem(2, 5, 8, 37, dtype=torch.float32, seed=7)
 
@@ -84,3 +84,18 @@ def test_inductor_logprobs(backend):
     loss_e = f(p["hidden"], p["weight"], p["labels"])
     for a, b in zip(g, grads(loss_e, leaves(p))):
         assert_matches("grad", a, b, dtype=torch.float32)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="a second inductor build is only cheap on CUDA (Triton codegen)")
+def test_inductor_fused_grpo_loss_bf16(backend):
+    """The product path on a GPU: fused_grpo_loss compiled by inductor with fullgraph=True, bf16, against eager."""
+    torch._dynamo.reset()
+    p = make_problem(3, 9, 16, 37, dtype=torch.bfloat16, seed=9)
+    f = _loss_fn("dapo", backend)
+    loss, _ = torch.compile(f, fullgraph=True)(*_args(p))
+    g = grads(loss, leaves(p))
+    loss_e, _ = f(*_args(p))
+    g_e = grads(loss_e, leaves(p))
+    assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
+    for a, b in zip(g, g_e):
+        assert_matches("grad", a.float(), b.float(), dtype=torch.bfloat16)
