@@ -33,6 +33,15 @@ def value_checks_enabled() -> bool:
     return not compiling()
 
 
+def env_choice(name: str, choices) -> str:
+    """The value of environment variable ``name`` (read now), lower-cased, one of ``choices``; unset or empty gives
+    ``choices[0]``. Anything else raises ValueError naming the variable."""
+    mode = os.environ.get(name, "").strip().lower() or choices[0]
+    if mode not in choices:
+        raise ValueError(f"{name}={mode!r}: choose one of {tuple(choices)}")
+    return mode
+
+
 def _shape(x: Tensor) -> str:
     return str(tuple(x.shape))
 

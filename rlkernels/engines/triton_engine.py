@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._inputs import env_choice
 from ..triton_ops.logprobs import dlogits, logits_stats
 from . import Engine
 from .chunking import ChunkPlan
@@ -54,10 +55,7 @@ GRAD_WEIGHT_ACCUM = ("input", "fp32")
 
 
 def grad_weight_accum() -> str:
-    mode = os.environ.get("RLKERNELS_GRAD_WEIGHT_ACCUM", "input").strip().lower() or "input"
-    if mode not in GRAD_WEIGHT_ACCUM:
-        raise ValueError(f"RLKERNELS_GRAD_WEIGHT_ACCUM={mode!r}: choose one of {GRAD_WEIGHT_ACCUM}")
-    return mode
+    return env_choice("RLKERNELS_GRAD_WEIGHT_ACCUM", GRAD_WEIGHT_ACCUM)
 
 
 _MIXED_ADDMM: dict = {}

@@ -12,7 +12,6 @@ float dtype and do all arithmetic in fp32.
 Sequence lengths, row counts, temperatures and offsets are runtime arguments; only the tile size and feature flags
 are ``constexpr``, so a new completion length does not recompile.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -20,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._inputs import env_choice
 from .tl_utils import (LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_lanes_update,
                        online_lse_update)
 
@@ -39,10 +39,7 @@ STATS_KERNELS = ("tile", "lanes")
 
 
 def stats_kernel() -> str:
-    mode = os.environ.get("RLKERNELS_STATS_KERNEL", "tile").strip().lower() or "tile"
-    if mode not in STATS_KERNELS:
-        raise ValueError(f"RLKERNELS_STATS_KERNEL={mode!r}: choose one of {STATS_KERNELS}")
-    return mode
+    return env_choice("RLKERNELS_STATS_KERNEL", STATS_KERNELS)
 
 
 # Per-row vectors (labels, temperatures, the saved statistics, the upstream gradients) are read one scalar per
