@@ -289,16 +289,20 @@ def chunk_upstream(chunk_loss: ChunkLoss, r0: int, r1: int, logp: Tensor, ent: T
     return total.detach(), g_logp, g_ent
 
 
+def fused_outputs(hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The single pass's (logp, entropy, loss) buffers: (N,), (N,) and a zero scalar, in the compute dtype."""
+    cdt = compute_dtype(hidden.dtype)
+    logp = torch.empty(hidden.shape[0], dtype=cdt, device=hidden.device)
+    return logp, torch.empty_like(logp), torch.zeros((), dtype=cdt, device=hidden.device)
+
+
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss: ChunkLoss,
                  need_h: bool, need_w: bool, need_b: bool):
     """Single pass: (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) with the gradients formed chunk by
     chunk from ``chunk_loss(r0, r1, logp_chunk, entropy_chunk) -> per-token loss``. Only valid for token-separable
     objectives, whose chunk gradients do not depend on other chunks."""
     N = hidden.shape[0]
-    cdt = compute_dtype(hidden.dtype)
-    logp = torch.empty(N, dtype=cdt, device=hidden.device)
-    ent = torch.empty_like(logp)
-    loss = torch.zeros((), dtype=cdt, device=hidden.device)
+    logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
     for r0 in range(0, N, plan.rows):

@@ -27,7 +27,7 @@ from .._inputs import env_choice
 from ..triton_ops.logprobs import dlogits, logits_stats
 from . import Engine
 from .chunking import ChunkPlan
-from .torch_engine import chunk_upstream, compute_dtype, forward_rows, merged_chunk_stats
+from .torch_engine import chunk_upstream, compute_dtype, forward_rows, fused_outputs, merged_chunk_stats
 
 
 def _block(buf: Tensor, r: int, v: int) -> Tensor:
@@ -175,10 +175,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
                  need_w: bool, need_b: bool):
     """Single pass (token-separable objectives): (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
     N = hidden.shape[0]
-    cdt = compute_dtype(hidden.dtype)
-    logp = torch.empty(N, dtype=cdt, device=hidden.device)
-    ent = torch.empty_like(logp)
-    loss = torch.zeros((), dtype=cdt, device=hidden.device)
+    logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
     buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
     for r0 in range(0, N, plan.rows):
