@@ -43,15 +43,15 @@ def _bias_block(bias: Optional[Tensor], v0: int, v1: int) -> Optional[Tensor]:
 
 
 # How grad_weight is accumulated across row chunks for bf16/fp16 inputs (RLKERNELS_GRAD_WEIGHT_ACCUM, read per call):
-#   "input" (default) grad_weight itself, in the input dtype, added into by each chunk's GEMM (cuBLAS beta=1, fp32
-#           inside the GEMM): no buffer beyond the gradient, one rounding to bf16 per row chunk;
-#   "fp32"  an fp32 V x H accumulator that each chunk's bf16 GEMM adds into (addmm with out_dtype=fp32), rounded
-#           once at the end, as eager's single GEMM over all rows; costs 4 bytes per weight entry more.
-# Measured on an H100 (bench/gpu_tune.py, qwen2.5-7b LM head, 16k tokens, dapo, 5 row chunks): against an fp32-input
-# run, grad_weight's relative error was 0.02606 with "input", 0.02598 with "fp32" and 0.02598 for eager bf16
-# autograd (the bf16 rounding of the logits dominates all three), while "fp32" held 2.1 GB more (the 152064 x 3584
-# accumulator) and took 1.7% (1 GiB blocks) to 6.4% (512 MiB blocks) longer.
-GRAD_WEIGHT_ACCUM = ("input", "fp32")
+#   "fp32"  (default, DESIGN.md "Precision") an fp32 V x H accumulator that each chunk's bf16 GEMM adds into (addmm
+#           with out_dtype=fp32, no extra pass), rounded once at the end, as eager's single GEMM over all rows;
+#   "input" grad_weight itself, in the input dtype, added into by each chunk's GEMM (cuBLAS beta=1, fp32 inside the
+#           GEMM): no buffer beyond the gradient, one rounding to bf16 per row chunk (as Liger-Kernel does).
+# Measured on an H100 (bench/gpu_tune.py, qwen2.5-7b LM head, 16k tokens, dapo, 1 GiB blocks = 5 row chunks): against
+# an fp32-input run, grad_weight's relative error was 0.02598 with "fp32" (eager bf16 autograd: 0.02598) and 0.02606
+# with "input"; "fp32" took 88.4 ms and held 3102 MiB beyond the gradients (2.1 GB of it the 152064 x 3584
+# accumulator), "input" 86.9 ms and 1023 MiB. "input" is the way under a ~1 GiB memory budget.
+GRAD_WEIGHT_ACCUM = ("fp32", "input")
 
 
 def grad_weight_accum() -> str:
@@ -80,8 +80,8 @@ def _mixed_addmm_works(device: torch.device) -> bool:
 
 
 class _Grads:
-    """grad_hidden in the input dtype; grad_bias accumulated in fp32 (fp64 for fp64); grad_weight accumulated in the
-    input dtype, or in fp32 under RLKERNELS_GRAD_WEIGHT_ACCUM=fp32 (see GRAD_WEIGHT_ACCUM)."""
+    """grad_hidden in the input dtype; grad_weight and grad_bias accumulated in fp32 (fp64 for fp64), or grad_weight
+    in the input dtype under RLKERNELS_GRAD_WEIGHT_ACCUM=input (see GRAD_WEIGHT_ACCUM)."""
 
     def __init__(self, hidden, weight, bias, need_h, need_w, need_b):
         acc = compute_dtype(hidden.dtype)
@@ -218,8 +218,8 @@ def _interpreting() -> bool:
 class TritonEngine(Engine):
     name = "triton"
     # one logits block in the input dtype (the GEMM output itself). Measured on an H100 (bench/gpu_tune.py, qwen2.5-7b
-    # LM head, 16k tokens, bf16, grad_weight accumulated in bf16): a 1 GiB block ran fwd+bwd in 86.9 ms at 1023 MiB
-    # beyond the gradients, a 512 MiB block in 93.8 ms at 512 MiB; the three GEMMs alone took 73.3 ms.
+    # LM head, 16k tokens, bf16, dapo; the three GEMMs alone took 73.3 ms): fwd+bwd took 88.4 ms with 1 GiB blocks,
+    # 99.9 ms with 512 MiB blocks, and 87.1 ms with 2 GiB blocks (fp32 grad_weight accumulation in all three).
     default_budget_mb = 1024.0
 
     def block_elem_bytes(self, dtype: torch.dtype) -> int:
