@@ -142,8 +142,8 @@ def main(argv=None) -> int:
     grad_mb = (h.numel() + w.numel()) * h.element_size() / MiB
     if "loss" not in skip:
         # (grad_weight accumulation, logits-block MiB in the input dtype, single pass, statistics loop); first = default
-        variants = [("input", 1024, True, "tile"), ("input", 1024, True, "lanes"), ("fp32", 1024, True, "tile"),
-                    ("input", 512, True, "tile"), ("input", 2048, True, "tile"), ("input", 1024, False, "tile")]
+        variants = [("fp32", 1024, True, "tile"), ("fp32", 1024, True, "lanes"), ("input", 1024, True, "tile"),
+                    ("input", 1024, True, "lanes"), ("fp32", 2048, True, "tile"), ("fp32", 1024, False, "tile")]
         for accum, budget, single, stats in variants:
             os.environ["RLKERNELS_GRAD_WEIGHT_ACCUM"] = accum
             os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(budget)
