@@ -5,8 +5,8 @@
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
-#   tune      bench/gpu_tune.py: the 3 GEMMs alone, fused_grpo_loss per grad_weight accumulation mode and budget,
-#             the kernels per tile and warp count, grad precision against an fp32 run (qwen2.5-7b, 16k tokens, bf16)
+#   tune      bench/gpu_tune.py: the 3 GEMMs alone, fused_grpo_loss per grad_weight accumulation mode, budget and stats loop,
+#             the logits op in GB/s, the kernels per tile and warp count, grad precision (qwen2.5-7b, 16k tokens, bf16)
 #   grpo      rlkernels-bench, grpo op (dapo) fwd+bwd, qwen2.5-7b LM head, 16k tokens, bf16: eager, rlkernels-triton,
 #             liger (when importable), gemm-roofline
 #   compile   the same with torch.compile and the torch engine (slow warm-ups: only when named in STEPS)
@@ -80,7 +80,7 @@ BENCH=("$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 16384 
        --warmup 2 --repeat 5)
 for s in ${STEPS:-grpo tune tests logprobs llama}; do
   case "$s" in
-    tune) step tune 90 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --json "$OUT/tune-$TAG.json" ;;
+    tune) step tune 110 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --json "$OUT/tune-$TAG.json" ;;
     grpo) step grpo 140 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \
                --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;
     compile) step compile 150 "${BENCH[@]}" --timeout 120 --op grpo --preset dapo --mode full \

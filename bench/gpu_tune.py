@@ -11,7 +11,9 @@ What it measures, all in one process on one GPU so that every ratio is against a
    included, as new tensors);
 3. ``kernel``: the statistics kernel (both loops) and the dL/dz kernel over one chunk for each vocabulary tile and
    warp count, as GB/s by the byte model (stats reads the block; dL/dz reads and writes it);
-4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
+4. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
+   for both statistics loops;
+5. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
    for eager bf16 autograd and for each accumulation mode.
 
 Timings are CUDA-event medians. Nothing here is asserted: it prints a table and writes the rows as JSON.
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--json", default=None)
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: gemm,loss,kernel,precision")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: gemm,loss,logits,kernel,precision")
     args = p.parse_args(argv)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if not CUDA and not interpret:
@@ -159,6 +161,38 @@ def main(argv=None) -> int:
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_GRAD_WEIGHT_ACCUM", None)
         os.environ.pop("RLKERNELS_MEMORY_BUDGET_MB", None)
+
+    if "logits" not in skip:
+        # the logits op end to end (logprobs_from_logits, fwd and fwd+bwd) against the byte model: forward reads the
+        # N x V logits once, backward reads them again and writes the gradient (N x V)
+        x = (torch.randn(M, V, device=dev) * 2.0).to(h.dtype).requires_grad_()
+        y = inputs["labels"].reshape(-1)
+        g_lp, g_en = torch.randn(M, device=dev), torch.randn(M, device=dev)
+        nbytes = x.numel() * x.element_size()
+        # the value checks (RLKERNELS_CHECK_VALUES, on by default) read the logits once more for NaN/inf: timed both ways
+        for stats, checks in (("tile", "1"), ("tile", "0"), ("lanes", "0")):
+            os.environ["RLKERNELS_STATS_KERNEL"] = stats
+            os.environ["RLKERNELS_CHECK_VALUES"] = checks
+
+            def fwd():
+                return rlkernels.logprobs_from_logits(x, y, return_entropy=True, backend="triton")
+
+            def full():
+                lp, en = fwd()
+                torch.autograd.grad((lp, en), x, (g_lp, g_en))
+
+            try:
+                t_f, _ = timed(fwd, repeat=10)
+                t_all, peak = timed(full, repeat=10)
+                t_b = max(t_all - t_f, 1e-9)
+                row("logits", stats=stats, value_checks=checks, fwd_ms=t_f, fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b,
+                    bwd_gbs=2 * nbytes / t_b / 1e6, full_ms=t_all, full_gbs=3 * nbytes / t_all / 1e6, peak_mb=peak)
+            except Exception as exc:
+                row("logits", stats=stats, value_checks=checks, error=repr(exc)[:300])
+        os.environ.pop("RLKERNELS_STATS_KERNEL", None)
+        os.environ.pop("RLKERNELS_CHECK_VALUES", None)
+        del x
+        empty_cache()
 
     if "precision" not in skip:
         def grads_of(fn):
