@@ -9,7 +9,7 @@ differences ``R - mean`` of near-equal rewards are exactly where fp32 loses digi
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -95,13 +95,11 @@ def group_advantages(
     if bool((torch.isinf(r) & valid).any()):
         raise ValueError("rewards holds inf; use NaN for unscorable responses")
     if use_triton:
-        adv = _triton_advantages(r, ids if group_size is None else None, n_groups, group_size, method, eps)
+        adv, keep = _triton_advantages(r, ids if group_size is None else None, n_groups, group_size, method, eps)
     else:
-        adv = _torch_advantages(r, valid, ids, n_groups, method, eps)
-    if method in ("lite_ppo", "rpp_baseline"):
-        centred, keep = adv
-        adv = _batch_scaled(method, centred, valid, r, lengths, eps)
-        adv = torch.where(keep, adv, torch.zeros_like(adv))
+        adv, keep = _torch_advantages(r, valid, ids, n_groups, method, eps)
+    if method in ("lite_ppo", "rpp_baseline"):  # adv holds the group-centred rewards: scale them over the batch
+        adv = torch.where(keep, _batch_scaled(method, adv, valid, r, lengths, eps), torch.zeros_like(adv))
     return adv.to(out_dtype)
 
 
@@ -121,24 +119,26 @@ def _use_triton(backend: str, device: torch.device) -> bool:
     return reason is None
 
 
+# Both implementations return (adv, keep): the per-group advantages (the group-centred rewards for lite_ppo and
+# rpp_baseline), 0 where not kept, and the mask of responses that carry signal (valid reward, live group).
 def _triton_advantages(r: Tensor, ids: Optional[Tensor], n_groups: int, group_size: Optional[int], method: str,
-                       eps: float):
+                       eps: float) -> Tuple[Tensor, Tensor]:
     from .triton_ops.advantages import group_advantages_rows
 
     if ids is None:  # contiguous groups of group_size
-        adv, keep = group_advantages_rows(r, method, eps, group_size=group_size)
-    else:  # sort by group (stably: pass@k's "first" is the first in the caller's order), run, scatter back
-        order = torch.argsort(ids, stable=True)
-        counts = torch.bincount(ids, minlength=n_groups)
-        starts = torch.cumsum(counts, 0) - counts
-        adv_sorted, keep_sorted = group_advantages_rows(r[order].contiguous(), method, eps, starts=starts,
-                                                        counts=counts)
-        adv, keep = torch.empty_like(adv_sorted), torch.empty_like(keep_sorted)
-        adv[order], keep[order] = adv_sorted, keep_sorted
-    return (adv, keep) if method in ("lite_ppo", "rpp_baseline") else adv
+        return group_advantages_rows(r, method, eps, group_size=group_size)
+    # sort by group (stably: pass@k's "first" is the first in the caller's order), run, scatter back
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=n_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    adv_sorted, keep_sorted = group_advantages_rows(r[order].contiguous(), method, eps, starts=starts, counts=counts)
+    adv, keep = torch.empty_like(adv_sorted), torch.empty_like(keep_sorted)
+    adv[order], keep[order] = adv_sorted, keep_sorted
+    return adv, keep
 
 
-def _torch_advantages(r: Tensor, valid: Tensor, ids: Tensor, n_groups: int, method: str, eps: float):
+def _torch_advantages(r: Tensor, valid: Tensor, ids: Tensor, n_groups: int, method: str,
+                      eps: float) -> Tuple[Tensor, Tensor]:
     B = r.shape[0]
     rv = torch.where(valid, r, torch.zeros_like(r))
     count = segment_sum(valid.double(), ids, n_groups)
@@ -166,8 +166,7 @@ def _torch_advantages(r: Tensor, valid: Tensor, ids: Tensor, n_groups: int, meth
         adv = torch.where(is_best, (gmax - runner_up)[ids] / (std[ids] + eps), torch.zeros_like(r))
     else:  # dr_grpo, and the group-centred rewards that lite_ppo / rpp_baseline scale over the batch
         adv = centred
-    adv = torch.where(keep, adv, torch.zeros_like(adv))
-    return (adv, keep) if method in ("lite_ppo", "rpp_baseline") else adv
+    return torch.where(keep, adv, torch.zeros_like(adv)), keep
 
 
 def _batch_scaled(method: str, centred: Tensor, valid: Tensor, r: Tensor, lengths: Optional[Tensor],

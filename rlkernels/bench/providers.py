@@ -272,7 +272,7 @@ class LigerProvider(Provider):
         # - compiled=True (torch.compile of its loss math) is its default, kept on CUDA. On the CPU it would add an
         #   inductor C++ build (tens of seconds) for a few N-sized elementwise ops next to seconds of matmuls.
         # - if its compiled path fails (Liger 0.8.5 under torch 2.11 on an H100: a dynamo "sources must not be
-        #   empty for symbol" assertion), the warm-up falls back to compiled=False and says so on stderr.
+        #   empty for symbol" assertion), the warm-up falls back to compiled=False and says so in the row's notes.
         def make(compiled: bool):
             return LigerFusedLinearGRPOLoss(use_ref_model=kw["beta"] > 0, compiled=compiled,
                                             chunk_size=inputs["labels"].shape[0], **kw)

@@ -105,13 +105,12 @@ def group_advantages_rows(r: Tensor, method: str, eps: float, group_size: Option
     keep = torch.empty(B, dtype=torch.int8, device=r.device)
     if B == 0:
         return out, keep.bool()
-    if group_size is not None:
-        n_groups, longest, contiguous = B // group_size, group_size, True
+    contiguous = group_size is not None
+    if contiguous:
+        n_groups, block = B // group_size, min(MAX_BLOCK, triton.next_power_of_2(group_size))
         starts = counts = r  # unused pointers
-    else:
-        n_groups, contiguous = starts.shape[0], False
-        longest = MAX_BLOCK
-    block = min(MAX_BLOCK, triton.next_power_of_2(max(int(longest), 1)))
+    else:  # group lengths vary: one tile size for all (no host read of the longest, no recompiles)
+        n_groups, block = starts.shape[0], MAX_BLOCK
     _group_advantages_kernel[(n_groups,)](
         r, starts, counts, group_size or 0, out, keep, float(eps),
         METHOD=METHOD_CODES[method], CONTIGUOUS=contiguous, BLOCK=block, num_warps=4 if block >= 128 else 1,

@@ -23,9 +23,11 @@ from .._inputs import env_choice
 from .tl_utils import (LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_lanes_update,
                        online_lse_update)
 
-# Tiles and warps measured on an H100 (bench/gpu_tune.py, 2026-11-26; bench/results/gpu-h100/): over one
-# 2048 x 152064 bf16 block the statistics kernel read 1600 GB/s at 4096 x 4 warps (1275 GB/s at the former
-# 2048 x 8), and the dL/dz kernel moved 2240-2280 GB/s at any tile >= 2048 with 4-16 warps.
+# Tiles and warps from one sweep on an H100 (bench/gpu_tune.py, 2026-11-26; bench/results/gpu-h100/), over one
+# 2048 x 152064 bf16 block: the statistics kernel read 1600 GB/s at 4096 x 4 warps, its best (1275 GB/s at the
+# former 2048 x 8); the dL/dz kernel moved 2226-2282 GB/s at tiles of 4096 and 8192 with 4-16 warps (2262 at
+# 4096 x 8), 1997-2242 at 2048, and 2376 at 1024 x 4, a 5% lead from a single sweep, to be confirmed before
+# switching to it.
 BLOCK_V_FWD = 4096
 NUM_WARPS_FWD = 4
 BLOCK_V_BWD = 4096
