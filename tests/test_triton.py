@@ -66,7 +66,7 @@ def test_row_vectors_are_not_specialised(kernel):
     import inspect
 
     if not hasattr(kernel, "do_not_specialize"):
-        pytest.skip("the interpreter's kernel object keeps no specialisation list (checked in the compiled run)")
+        pytest.skip("the interpreter's kernel object keeps no specialisation list (checked in the run without it)")
     names = {p.name for p in inspect.signature(kernel.fn).parameters.values()}
     dns = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
     assert names & ROW_VECTOR_ARGS <= dns and "v_offset" in dns, sorted(names & ROW_VECTOR_ARGS - dns)
