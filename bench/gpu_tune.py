@@ -10,7 +10,8 @@ What it measures, all in one process on one GPU so that every ratio is against a
    (``RLKERNELS_STATS_KERNEL``) and the recompute mode: time, and the peak memory above the inputs (gradients
    included, as new tensors);
 3. ``kernel``: the statistics kernel (both loops) and the dL/dz kernel over one chunk for each vocabulary tile and
-   warp count, as GB/s by the byte model (stats reads the block; dL/dz reads and writes it);
+   warp count, as GB/s by the byte model (stats reads the block; dL/dz reads and writes it), beside PyTorch's own
+   read (``amax``) and read + write (``copy_``) of the same block, the practical ceilings;
 4. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
    for both statistics loops;
 5. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
@@ -143,9 +144,10 @@ def main(argv=None) -> int:
 
     grad_mb = (h.numel() + w.numel()) * h.element_size() / MiB
     if "loss" not in skip:
-        # (grad_weight accumulation, logits-block MiB in the input dtype, single pass, statistics loop); first = default
-        variants = [("fp32", 1024, True, "tile"), ("fp32", 1024, True, "lanes"), ("input", 1024, True, "tile"),
-                    ("input", 1024, True, "lanes"), ("fp32", 2048, True, "tile"), ("fp32", 1024, False, "tile")]
+        # (grad_weight accumulation, budget MiB, single pass, statistics loop); first = default. A 5 GiB budget holds
+        # the qwen fp32 accumulator (2.2 GB, at most half the budget) so "auto" takes it there, with a ~3 GiB block
+        variants = [("auto", 1024, True, "tile"), ("auto", 1024, True, "lanes"), ("fp32", 1024, True, "tile"),
+                    ("auto", 5120, True, "tile"), ("auto", 1024, False, "tile")]
         for accum, budget, single, stats in variants:
             os.environ["RLKERNELS_GRAD_WEIGHT_ACCUM"] = accum
             os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(budget)
@@ -169,8 +171,8 @@ def main(argv=None) -> int:
         y = inputs["labels"].reshape(-1)
         g_lp, g_en = torch.randn(M, device=dev), torch.randn(M, device=dev)
         nbytes = x.numel() * x.element_size()
-        # the value checks (RLKERNELS_CHECK_VALUES, on by default) read the logits once more for NaN/inf: timed both ways
-        for stats, checks in (("tile", "1"), ("tile", "0"), ("lanes", "0")):
+        # the value checks (RLKERNELS_CHECK_VALUES, on by default) ride on the statistics kernel's read: both ways
+        for stats, checks in (("tile", "1"), ("tile", "0"), ("lanes", "1")):
             os.environ["RLKERNELS_STATS_KERNEL"] = stats
             os.environ["RLKERNELS_CHECK_VALUES"] = checks
 
@@ -236,6 +238,15 @@ def main(argv=None) -> int:
         y = torch.randint(0, V, (R,), device=dev)
         g1, g2 = torch.randn(R, device=dev), torch.randn(R, device=dev)
         nbytes = zb.numel() * zb.element_size()
+        # what this GPU's memory system gives plain PyTorch kernels over the same block: a read (row max) and a
+        # read + write (copy), the practical ceilings for the statistics and dL/dz kernels; and the statistics
+        # kernel at its default tile with the value check riding on it (the logits op's default)
+        t_amax, _ = timed(lambda: torch.amax(zb, dim=1), repeat=10)
+        t_copy, _ = timed(lambda: out.copy_(zb), repeat=10)
+        t_chk, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0, check=True), repeat=10)
+        row("kernel", baseline="torch.amax (read)", ms=t_amax, gbs=nbytes / t_amax / 1e6)
+        row("kernel", baseline="copy_ (read + write)", ms=t_copy, gbs=2 * nbytes / t_copy / 1e6)
+        row("kernel", baseline="stats, default tile, check=True", ms=t_chk, gbs=nbytes / t_chk / 1e6)
         saved = (K.BLOCK_V_FWD, K.BLOCK_V_BWD, K.NUM_WARPS_FWD, K.NUM_WARPS_BWD)
         for block in (1024, 2048, 4096, 8192):
             for warps in (4, 8, 16):

@@ -143,6 +143,17 @@ def check_finite_rows(name: str, x: Tensor, row_mask: Optional[Tensor] = None, a
         raise ValueError(f"{name} holds {what} in {int(bad.sum())} {where}")
 
 
+def check_scanned_rows(name: str, values: Tensor) -> None:
+    """The engine scanned ``name`` for NaN / +inf in its own read of it (``Engine.scans_logits``), leaving NaN in
+    ``values`` (one per kept row) where it found one: the same error as :func:`check_finite_rows`, raised before
+    anything is returned."""
+    if not value_checks_enabled() or values.numel() == 0:
+        return
+    bad = torch.isnan(values)
+    if bool(bad.any()):
+        raise ValueError(f"{name} holds NaN or +inf in {int(bad.sum())} row(s)")
+
+
 def check_temperature(temperature, shape: torch.Size, mask: Tensor, ref: Tensor, cdt: torch.dtype):
     """A float > 0, or a tensor of ``shape`` (per token) > 0 at kept positions -> float or flat tensor in ``cdt``."""
     if isinstance(temperature, Tensor):

@@ -76,8 +76,9 @@ class _LinearCall:
         elif I.compiling() and mask is not None:
             h2, y = I.neutralise_rows(h2, y, self.keep)
         self.hidden, self.labels, self.temperature = h2, y, temperature
+        reserve = self.engine.budget_reserve(weight, weight.requires_grad and torch.is_grad_enabled())
         self.plan = plan_chunks(h2.shape[0], weight.shape[0], chunk_size, default_mb=self.engine.default_budget_mb,
-                                elem_bytes=self.engine.block_elem_bytes(h2.dtype))
+                                elem_bytes=self.engine.block_elem_bytes(h2.dtype), reserve_bytes=reserve)
 
     def logprobs(self, reduce_hidden_grad: bool = True) -> Tuple[Tensor, Tensor]:
         """(logp, entropy) of the kept rows, differentiable."""
@@ -179,21 +180,31 @@ def logprobs_from_logits(
     labels = I.check_labels(labels, shape, V, keep, logits)
     cdt = I.compute_dtype(logits.dtype)
     temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
-    I.check_finite_rows("logits", logits.reshape(-1, V), keep.reshape(-1), allow_neg_inf=True)
-
     engine = resolve_backend(backend, logits.device)
-    z2, y = logits.reshape(-1, V), labels.reshape(-1)
-    n = z2.shape[0]
-    index = I.kept_index(keep)
-    if index is not None:
-        z2, y = z2.index_select(0, index), y[index]
-        if isinstance(temperature, Tensor):
-            temperature = temperature[index]
-    elif I.compiling() and mask is not None:
-        z2, y = I.neutralise_rows(z2, y, keep)
-    plan = plan_chunks(z2.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
+    if not engine.scans_logits:  # else the engine's kernel flags them in its one read of the logits (below)
+        I.check_finite_rows("logits", logits.reshape(-1, V), keep.reshape(-1), allow_neg_inf=True)
+
+    y = labels.reshape(-1)
+    n = y.shape[0]
+    index = None
+    if engine.logits_in_place:  # the caller's tensor as it is (a view like logits[:, :-1] too): no copy
+        z2 = logits
+        if mask is not None:  # rows the engine never reads
+            y = torch.where(keep.reshape(-1), y, torch.full((), -1, dtype=y.dtype, device=y.device))
+    else:
+        z2 = logits.reshape(-1, V)
+        index = I.kept_index(keep)
+        if index is not None:
+            z2, y = z2.index_select(0, index), y[index]
+            if isinstance(temperature, Tensor):
+                temperature = temperature[index]
+        elif I.compiling() and mask is not None:
+            z2, y = I.neutralise_rows(z2, y, keep)
+    plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
                        elem_bytes=engine.block_elem_bytes(z2.dtype))
     logp, ent = engine.logits_logprobs(z2, y, temperature, plan)
+    if engine.scans_logits:
+        I.check_scanned_rows("logits", logp)
     logp = _scatter_rows(logp, index, n).reshape(shape)
     if not return_entropy:
         return logp

@@ -17,7 +17,7 @@ from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, leaves, m
 
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
-ALLOWED_CONSTEXPR = {"HAS_BIAS", "ROW_TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES"}
+ALLOWED_CONSTEXPR = {"HAS_BIAS", "ROW_TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES", "CHECK", "ROWS_3D"}
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__ if hasattr(k, "__name__") else str(k))
@@ -32,7 +32,7 @@ def test_sizes_and_hyperparameters_are_runtime_arguments(kernel):
     runtime = {p.name for p in params} - constexpr
     assert "BLOCK_V" in constexpr, "annotations not read"
     assert constexpr <= ALLOWED_CONSTEXPR, f"unexpected constexpr parameters {constexpr - ALLOWED_CONSTEXPR}"
-    for name in ("n_cols", "v_offset", "stride_z", "inv_t_scalar"):
+    for name in ("n_cols", "v_offset", "stride_z", "stride_outer", "rows_inner", "inv_t_scalar"):
         assert name in runtime
 
 
@@ -77,7 +77,7 @@ TRITON = "triton" in BACKENDS
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("accum", ["input", "fp32"])
+@pytest.mark.parametrize("accum", ["input", "fp32", "auto"])
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_grad_weight_accumulation_modes(monkeypatch, accum, single_pass):
     """bf16, several row chunks: both accumulation modes of grad_weight match the fp64 reference within the bf16
@@ -105,6 +105,38 @@ def test_grad_weight_accumulation_mode_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="RLKERNELS_GRAD_WEIGHT_ACCUM"):
         R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
                           old_logprobs=p["old_logprobs"], config="dapo", backend="triton")[0].backward()
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+def test_auto_accumulation_keeps_the_memory_budget(monkeypatch):
+    """"auto" (the default) takes the fp32 grad_weight accumulator only when it needs at most half the budget, and
+    the logits block then gets the rest: block + accumulator stay within the budget. A single row chunk (one GEMM,
+    the same bits either way) and an accumulator too big for the budget accumulate in the input dtype."""
+    from rlkernels.engines import load_engine, plan_chunks
+    from rlkernels.engines.triton_engine import grad_weight_accum
+
+    engine = load_engine("triton")
+    monkeypatch.delenv("RLKERNELS_GRAD_WEIGHT_ACCUM", raising=False)
+    qwen = torch.empty(152064, 3584, dtype=torch.bfloat16, device="meta")  # accumulator 2.2 GB: over a 1 GiB budget
+    small = torch.empty(32000, 1024, dtype=torch.bfloat16, device="meta")  # accumulator 131 MB
+    cases = ((qwen, 16384, None, "input"), (qwen, 65536, 8192, "fp32"), (small, 16384, None, "fp32"),
+             (small, 16384, 200, "input"), (small, 100, None, "input"), (small.float(), 16384, None, "input"))
+    for w, n, budget_mb, want in cases:
+        if budget_mb is None:
+            monkeypatch.delenv("RLKERNELS_MEMORY_BUDGET_MB", raising=False)
+        else:
+            monkeypatch.setenv("RLKERNELS_MEMORY_BUDGET_MB", str(budget_mb))
+        reserve = engine.budget_reserve(w, True)
+        plan = plan_chunks(n, w.shape[0], default_mb=engine.default_budget_mb, elem_bytes=w.element_size(),
+                           reserve_bytes=reserve)
+        got = grad_weight_accum(w, n, plan) if w.dtype == torch.bfloat16 else "input"
+        assert got == want and (reserve > 0) == (want == "fp32" or n <= plan.rows), (tuple(w.shape), n, budget_mb)
+        block = plan.rows * plan.vocab_block * w.element_size()
+        assert block + (w.numel() * 4 if want == "fp32" else 0) <= (budget_mb or 1024) * 2**20
+        assert engine.budget_reserve(w, False) == 0  # no grad_weight wanted: the whole budget for the block
+    monkeypatch.setenv("RLKERNELS_GRAD_WEIGHT_ACCUM", "fp32")  # forced, whatever the budget; the block keeps it all
+    assert engine.budget_reserve(small, True) == 0
+    assert grad_weight_accum(qwen, 16384, plan_chunks(16384, 152064, default_mb=1024.0, elem_bytes=2)) == "fp32"
 
 
 def test_triton_budget_counts_the_input_dtype():
@@ -182,3 +214,124 @@ def test_stats_kernel_choice_is_checked(monkeypatch):
     monkeypatch.setenv("RLKERNELS_STATS_KERNEL", "warp")
     with pytest.raises(ValueError, match="RLKERNELS_STATS_KERNEL"):
         K.stats_kernel()
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kernel", ["tile", "lanes"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_stats_kernel_flags_nonfinite_rows(monkeypatch, kernel):
+    """check=True: S is NaN exactly in the rows holding a NaN or +inf (in any tile); -inf is a value, not an error,
+    and the other rows' statistics are unchanged."""
+    monkeypatch.setenv("RLKERNELS_STATS_KERNEL", kernel)
+    monkeypatch.setattr(K, "BLOCK_V_FWD", 128)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 300, generator=g).to(torch.bfloat16)
+    z[0, 7] = float("nan")
+    z[1, 299] = float("inf")  # the last, partial tile
+    z[2, 150] = -float("inf")
+    z[4, :] = -float("inf")
+    labels = torch.randint(0, 300, (5,), generator=g)
+    checked = K.logits_stats(z.to(DEVICE), labels.to(DEVICE), None, 1.0, check=True)
+    plain = K.logits_stats(z.to(DEVICE), labels.to(DEVICE), None, 1.0)
+    s = checked[1].cpu()
+    assert torch.isnan(s).tolist() == [True, True, False, False, False]
+    for a, b in zip(checked, plain):
+        torch.testing.assert_close(a.cpu()[2:], b.cpu()[2:], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_logits_value_check_rides_on_the_statistics_read(monkeypatch):
+    """logprobs_from_logits on the Triton engine reads the logits once: no separate NaN scan, the kernel flags the
+    rows; the error names the argument and counts kept rows only; -inf is allowed; checks off, no error."""
+    import rlkernels._inputs as I
+
+    scanned = []
+    real = I.check_finite_rows
+    monkeypatch.setattr(I, "check_finite_rows", lambda name, *a, **k: (scanned.append(name), real(name, *a, **k)))
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 6, 97, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    y = torch.randint(0, 97, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    z[0, 0, ::5] = -float("inf")
+    y[0, 0] = 1
+    clean = R.logprobs_from_logits(z.to(DEVICE), y.to(DEVICE), mask=mask.to(DEVICE), backend="triton")
+    want, _ = ref.logprobs_from_logits(z.double(), y)
+    torch.testing.assert_close(clean.cpu().double()[mask], want[mask], rtol=1e-5, atol=1e-5)
+    assert "logits" not in scanned
+    bad = z.clone()
+    bad[0, 2, 50] = float("nan")
+    bad[1, 1, 3] = float("inf")
+    bad[1, 5, 0] = float("nan")  # a masked-out row: ignored
+    with pytest.raises(ValueError, match=r"logits holds NaN or \+inf in 2 row\(s\)"):
+        R.logprobs_from_logits(bad.to(DEVICE), y.to(DEVICE), mask=mask.to(DEVICE), backend="triton")
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "0")
+    out = R.logprobs_from_logits(bad.to(DEVICE), y.to(DEVICE), mask=mask.to(DEVICE), backend="triton")
+    assert out.shape == (2, 6)
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("layout", ["contiguous", "shifted view", "2-D"])
+def test_masked_logits_rows_are_skipped_not_copied(layout):
+    """The Triton logits path hands the kernels the caller's tensor as it is, a (B, T, V) view such as
+    ``logits[:, :-1]`` included, and marks dropped rows with a negative label: no gather of the kept rows or
+    flattening copy (forward) and no scatter into zeros (backward). The one N x V tensor made is the gradient;
+    dropped rows may hold NaN and garbage labels and still give 0 and a 0 gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class BigTensors(TorchDispatchMode):
+        def __init__(self, nbytes):
+            super().__init__()
+            self.nbytes, self.made = nbytes, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= self.nbytes:
+                    if func not in (torch.ops.aten.view.default, torch.ops.aten.detach.default,
+                                    torch.ops.aten._unsafe_view.default):
+                        self.made.append(str(func))
+            return out
+
+    g = torch.Generator().manual_seed(9)
+    B, T, V = 3, 8, 203
+    z = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3).to(torch.bfloat16)
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.4
+    mask[0, 0] = True
+    z[~mask] = float("nan")
+    y[~mask] = -100
+    temp = 0.6 + torch.rand(B, T, generator=g, dtype=torch.float64)
+    g_lp, g_en = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    if layout == "shifted view":  # the model's (B, T + 1, V) output, last position dropped
+        full = torch.cat([z, torch.randn(B, 1, V, generator=g).to(z.dtype)], 1).to(DEVICE).requires_grad_()
+        x = full[:, :-1]
+        assert not x.is_contiguous()
+        leaf = full
+    else:
+        x = leaf = z.to(DEVICE).requires_grad_()
+    args = (x, y.to(DEVICE), mask.to(DEVICE), temp.float().to(DEVICE), g_lp.to(DEVICE), g_en.to(DEVICE))
+    if layout == "2-D":
+        x, *rest = args
+        args = (x.reshape(B * T, V), *(a.reshape(B * T) for a in rest))
+    with BigTensors(B * T * V * 2 // 2) as probe:
+        lp, en = R.logprobs_from_logits(args[0], args[1], mask=args[2], temperature=args[3], return_entropy=True,
+                                        backend="triton")
+        (gx,) = torch.autograd.grad((lp, en), leaf, (args[4], args[5]))
+    # the shifted view's gradient goes through slice_backward into the (B, T + 1, V) leaf: autograd's, not ours
+    made = [op for op in probe.made if op != "aten.slice_backward.default"]
+    assert made == ["rlkernels.logits_logprobs_backward.default"], probe.made
+    lp, en = lp.reshape(B, T), en.reshape(B, T)
+    gx = gx[:, :-1] if layout == "shifted view" else gx.reshape(B, T, V)
+    keep = mask
+    assert torch.equal(lp.cpu()[~keep], torch.zeros(int((~keep).sum()))) and not torch.isnan(en.cpu()).any()
+    assert torch.equal(gx.cpu()[~keep].float(), torch.zeros(int((~keep).sum()), V))
+    zk = z.double()[keep].requires_grad_()
+    want_lp, want_en = ref.logprobs_from_logits(zk, y[keep], temperature=temp[keep])
+    (want_g,) = torch.autograd.grad((want_lp, want_en), zk, (g_lp[keep].double(), g_en[keep].double()))
+    torch.testing.assert_close(lp.cpu().double()[keep], want_lp.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(en.cpu().double()[keep], want_en.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(gx.cpu().double()[keep], want_g, rtol=1e-2, atol=1e-2 * float(want_g.abs().max()))

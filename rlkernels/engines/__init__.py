@@ -36,6 +36,13 @@ class Engine:
 
     name = "abstract"
     default_budget_mb = 64.0
+    # True: logits_forward, with value checks on, turns every row holding a NaN or +inf logit into NaN logp in the
+    # same read that computes it, so the caller checks the (N,) result instead of scanning N x V logits first
+    scans_logits = False
+    # True: logits_forward / logits_backward take the caller's logits as they are, (N, V) or (B, T, V) with any row
+    # strides (a view such as logits[:, :-1]), rows b T + t, and a negative label as a masked-out row (never read;
+    # logp, entropy and gradient 0): nothing is gathered, flattened or copied. False: (N, V) of kept rows only.
+    logits_in_place = False
 
     def supports(self, device: torch.device) -> Optional[str]:
         """None if this engine can run on ``device``, else the reason it cannot."""
@@ -44,6 +51,11 @@ class Engine:
     def block_elem_bytes(self, dtype: torch.dtype) -> int:
         """Bytes per logit that the memory budget counts (see :mod:`rlkernels.engines.chunking`): 4 by default."""
         return 4
+
+    def budget_reserve(self, weight: Tensor, need_weight_grad: bool) -> int:
+        """Bytes of the memory budget this engine keeps for buffers other than the logits block (the Triton engine's
+        fp32 grad_weight accumulator); the block is sized from the rest. 0 by default."""
+        return 0
 
     # -- primitives ------------------------------------------------------------------------------------------------
     def linear_forward(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan,
@@ -64,7 +76,7 @@ class Engine:
         raise NotImplementedError
 
     def logits_forward(self, logits, labels, temperature, plan: ChunkPlan):
-        """-> (logp, entropy, M, log S, C/S) from logits (N, V)."""
+        """-> (logp, entropy, M, log S, C/S) from logits (N, V) (or see ``logits_in_place``)."""
         raise NotImplementedError
 
     def logits_backward(self, logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent) -> Tensor:

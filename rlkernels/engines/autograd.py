@@ -118,13 +118,13 @@ def linear_logprobs(engine_name: str, hidden, weight, bias, labels, temperature,
 @torch.library.custom_op("rlkernels::logits_logprobs", mutates_args=())
 def logits_logprobs_op(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float, rows: int,
                        backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    plan = ChunkPlan(rows, logits.shape[1], logits.shape[1])
+    plan = ChunkPlan(rows, logits.shape[-1], logits.shape[-1])
     return _own(_engine(backend).logits_forward(logits, labels, _temperature(temperature, temp_scalar), plan))
 
 
 @logits_logprobs_op.register_fake
 def _(logits, labels, temperature, temp_scalar, rows, backend):
-    n, cdt = logits.shape[0], compute_dtype(logits.dtype)
+    n, cdt = labels.shape[0], compute_dtype(logits.dtype)
     return tuple(logits.new_empty(n, dtype=cdt) for _ in range(5))
 
 
@@ -132,14 +132,14 @@ def _(logits, labels, temperature, temp_scalar, rows, backend):
 def logits_logprobs_backward_op(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float,
                                 rows: int, backend: str, m: Tensor, log_s: Tensor, cs: Tensor,
                                 g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
-    plan = ChunkPlan(rows, logits.shape[1], logits.shape[1])
+    plan = ChunkPlan(rows, logits.shape[-1], logits.shape[-1])
     return _engine(backend).logits_backward(logits, labels, _temperature(temperature, temp_scalar), plan, m, log_s,
                                             cs, g_logp, g_ent)
 
 
 @logits_logprobs_backward_op.register_fake
 def _(logits, labels, temperature, temp_scalar, rows, backend, m, log_s, cs, g_logp, g_ent):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)  # row-major, as every engine returns it
 
 
 def _logits_setup(ctx, inputs, output):

@@ -47,13 +47,14 @@ def memory_budget_bytes(default_mb: float = DEFAULT_BUDGET_MB) -> int:
 
 
 def plan_chunks(n_rows: int, vocab: int, chunk_size: Optional[int] = None, budget_bytes: Optional[int] = None,
-                default_mb: float = DEFAULT_BUDGET_MB, elem_bytes: int = 4) -> ChunkPlan:
+                default_mb: float = DEFAULT_BUDGET_MB, elem_bytes: int = 4, reserve_bytes: int = 0) -> ChunkPlan:
     """Rows per chunk and vocabulary per block such that ``rows * vocab_block * elem_bytes <= budget`` where
-    possible.
+    possible, the budget less ``reserve_bytes`` (an engine's other buffers, at most half of it).
 
     ``chunk_size`` fixes the rows; the vocabulary is then blocked only if that many full rows exceed the budget.
     """
     budget = memory_budget_bytes(default_mb) if budget_bytes is None else int(budget_bytes)
+    budget -= min(int(reserve_bytes), budget // 2)
     n_rows = max(int(n_rows), 1)
     if chunk_size is not None:
         rows = int(chunk_size)

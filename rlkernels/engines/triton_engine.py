@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._inputs import env_choice
+from .._inputs import env_choice, value_checks_enabled
 from ..triton_ops.logprobs import dlogits, logits_stats
 from . import Engine
-from .chunking import ChunkPlan
+from .chunking import ChunkPlan, memory_budget_bytes
 from .torch_engine import chunk_upstream, compute_dtype, forward_rows, fused_outputs, merged_chunk_stats
 
 
@@ -43,19 +43,34 @@ def _bias_block(bias: Optional[Tensor], v0: int, v1: int) -> Optional[Tensor]:
 
 
 # How grad_weight is accumulated across row chunks for bf16/fp16 inputs (RLKERNELS_GRAD_WEIGHT_ACCUM, read per call):
-#   "fp32"  (default, DESIGN.md "Precision") an fp32 V x H accumulator that each chunk's bf16 GEMM adds into (addmm
-#           with out_dtype=fp32, no extra pass), rounded once at the end, as eager's single GEMM over all rows;
+#   "fp32"  an fp32 V x H accumulator that each chunk's bf16 GEMM adds into (addmm with out_dtype=fp32, no extra
+#           pass), rounded once at the end, as eager's single GEMM over all rows;
 #   "input" grad_weight itself, in the input dtype, added into by each chunk's GEMM (cuBLAS beta=1, fp32 inside the
-#           GEMM): no buffer beyond the gradient, one rounding to bf16 per row chunk (as Liger-Kernel does).
+#           GEMM): no buffer beyond the gradient, one rounding to bf16 per row chunk (as Liger-Kernel does);
+#   "auto"  (default) "fp32" when the accumulator takes at most half the memory budget, which then sizes the logits
+#           block from what is left (see TritonEngine.budget_reserve), else "input"; also "input" when there is one
+#           row chunk, where both give the same bits (one GEMM, one rounding).
 # Measured on an H100 (bench/gpu_tune.py, qwen2.5-7b LM head, 16k tokens, dapo, 1 GiB blocks = 5 row chunks): against
 # an fp32-input run, grad_weight's relative error was 0.02598 with "fp32" (eager bf16 autograd: 0.02598) and 0.02606
 # with "input"; "fp32" took 88.4 ms and held 3102 MiB beyond the gradients (2.1 GB of it the 152064 x 3584
-# accumulator), "input" 86.9 ms and 1023 MiB. "input" is the way under a ~1 GiB memory budget.
-GRAD_WEIGHT_ACCUM = ("fp32", "input")
+# accumulator), "input" 86.9 ms and 1023 MiB. So "auto" keeps the memory budget (the issue's <= 1 GiB beyond inputs
+# and gradients) at the cost of 0.3% of the error eager bf16 already has; DESIGN.md "Precision" (fp32 accumulation
+# across chunks) holds whenever the budget allows it, and RLKERNELS_GRAD_WEIGHT_ACCUM=fp32 forces it.
+GRAD_WEIGHT_ACCUM = ("auto", "fp32", "input")
 
 
-def grad_weight_accum() -> str:
-    return env_choice("RLKERNELS_GRAD_WEIGHT_ACCUM", GRAD_WEIGHT_ACCUM)
+def _accumulator_fits(weight: Tensor) -> bool:
+    return weight.numel() * 4 <= memory_budget_bytes(TritonEngine.default_budget_mb) // 2
+
+
+def grad_weight_accum(weight: Tensor, n_rows: int, plan: ChunkPlan) -> str:
+    """"fp32" or "input": the grad_weight accumulation for a call with ``n_rows`` rows under ``plan``."""
+    mode = env_choice("RLKERNELS_GRAD_WEIGHT_ACCUM", GRAD_WEIGHT_ACCUM)
+    if mode != "auto":
+        return mode
+    if plan.rows >= n_rows and not plan.vocab_blocked:
+        return "input"
+    return "fp32" if _accumulator_fits(weight) else "input"
 
 
 _MIXED_ADDMM: dict = {}
@@ -80,13 +95,13 @@ def _mixed_addmm_works(device: torch.device) -> bool:
 
 
 class _Grads:
-    """grad_hidden in the input dtype; grad_weight and grad_bias accumulated in fp32 (fp64 for fp64), or grad_weight
-    in the input dtype under RLKERNELS_GRAD_WEIGHT_ACCUM=input (see GRAD_WEIGHT_ACCUM)."""
+    """grad_hidden in the input dtype; grad_bias accumulated in fp32 (fp64 for fp64); grad_weight in fp32 or in the
+    input dtype (see GRAD_WEIGHT_ACCUM)."""
 
-    def __init__(self, hidden, weight, bias, need_h, need_w, need_b):
+    def __init__(self, hidden, weight, bias, need_h, need_w, need_b, plan: ChunkPlan):
         acc = compute_dtype(hidden.dtype)
         self.half = acc != hidden.dtype
-        self.w_in_input = self.half and need_w and grad_weight_accum() == "input"
+        self.w_in_input = self.half and need_w and grad_weight_accum(weight, hidden.shape[0], plan) == "input"
         self.mixed = self.half and need_w and not self.w_in_input and _mixed_addmm_works(hidden.device)
         self.h = torch.zeros_like(hidden) if need_h else None
         w_dtype = weight.dtype if self.w_in_input else acc
@@ -160,7 +175,7 @@ def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, v
 def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,
                     need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None):
     """Recompute mode backward: each logits block is recomputed (4 GEMMs in all with the forward)."""
-    grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+    grads = _Grads(hidden, weight, bias, need_h, need_w, need_b, plan)
     buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
     N = hidden.shape[0]
     for r0 in range(0, N, plan.rows):
@@ -176,7 +191,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     """Single pass (token-separable objectives): (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
     N = hidden.shape[0]
     logp, ent, loss = fused_outputs(hidden)
-    grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+    grads = _Grads(hidden, weight, bias, need_h, need_w, need_b, plan)
     buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
     for r0 in range(0, N, plan.rows):
         r1 = min(r0 + plan.rows, N)
@@ -193,20 +208,22 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
 
 
 def logits_forward(logits, labels, temperature, plan: ChunkPlan):
-    """Logits input: one kernel over all rows (the logits exist already; nothing to chunk)."""
+    """Logits input, (N, V) or (B, T, V) as the caller has them (see ``Engine.logits_in_place``): one kernel over
+    all rows (the logits exist already; nothing to chunk). With value checks on, that kernel also flags NaN / +inf
+    (their rows come out NaN; see ``Engine.scans_logits``), so the logits are read once."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    m, s, c, zy = logits_stats(logits, labels, None, temperature)
+    m, s, c, zy = logits_stats(logits, labels, None, temperature, check=value_checks_enabled())
     log_s = torch.log(s)
     cs = c / s
     return zy - (m + log_s), log_s - cs, m, log_s, cs
 
 
 def logits_backward(logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent):
-    """dL/dlogits written into a new tensor: the caller's logits are never modified."""
+    """dL/dlogits written into a new (row-major) tensor: the caller's logits are never modified."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    grad = torch.empty_like(logits)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return dlogits(logits, grad, labels, None, temperature, 0, m, log_s, cs,
                    None if g_logp is None else g_logp.contiguous(), None if g_ent is None else g_ent.contiguous())
 
@@ -221,9 +238,18 @@ class TritonEngine(Engine):
     # LM head, 16k tokens, bf16, dapo; the three GEMMs alone took 73.3 ms): fwd+bwd took 88.4 ms with 1 GiB blocks,
     # 99.9 ms with 512 MiB blocks, and 87.1 ms with 2 GiB blocks (fp32 grad_weight accumulation in all three).
     default_budget_mb = 1024.0
+    scans_logits = True
+    logits_in_place = True
 
     def block_elem_bytes(self, dtype: torch.dtype) -> int:
         return dtype.itemsize
+
+    def budget_reserve(self, weight: Tensor, need_weight_grad: bool) -> int:
+        if not (need_weight_grad and compute_dtype(weight.dtype) != weight.dtype):
+            return 0
+        if env_choice("RLKERNELS_GRAD_WEIGHT_ACCUM", GRAD_WEIGHT_ACCUM) != "auto" or not _accumulator_fits(weight):
+            return 0  # forced modes keep the whole budget for the block, as before
+        return weight.numel() * 4
 
     def supports(self, device: torch.device) -> Optional[str]:
         if device.type == "cuda" or _interpreting():

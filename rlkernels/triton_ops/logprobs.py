@@ -9,6 +9,9 @@ float dtype and do all arithmetic in fp32.
   (hidden+W path: the GEMM output buffer becomes the gradient buffer) or into a new tensor (logits path: the
   caller's logits are never modified). Bytes: the block is read once and written once.
 
+A negative label marks a masked-out row (the logits path passes the caller's whole tensor and a mask that way, so
+nothing is gathered or copied): its logits are never read, logp and entropy come out 0 and its gradient row 0.
+
 Sequence lengths, row counts, temperatures and offsets are runtime arguments; only the tile size and feature flags
 are ``constexpr``, so a new completion length does not recompile.
 """
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from .._inputs import env_choice
 from .tl_utils import (LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_lanes_update,
-                       online_lse_update)
+                       online_lse_update, row_offset)
 
 # Tiles and warps from one sweep on an H100 (bench/gpu_tune.py, 2026-11-26; bench/results/gpu-h100/), over one
 # 2048 x 152064 bf16 block: the statistics kernel read 1600 GB/s at 4096 x 4 warps, its best (1275 GB/s at the
@@ -47,61 +50,68 @@ def stats_kernel() -> str:
 # Per-row vectors (labels, temperatures, the saved statistics, the upstream gradients) are read one scalar per
 # program, so their alignment buys nothing; not specialising on it keeps one compiled kernel when row slices start
 # at other offsets (a new completion length, the next row chunk). v_offset varies with the vocabulary block.
-_ROW_ARGS = ["temp_ptr", "labels_ptr", "v_offset"]
+# rows_inner (the completion length T of a (B, T, V) tensor) too.
+_ROW_ARGS = ["temp_ptr", "labels_ptr", "v_offset", "rows_inner"]
 
 
 @triton.jit(do_not_specialize=_ROW_ARGS + ["m_out", "s_out", "c_out", "zy_out"])
 def _logits_stats_kernel(
-    z_ptr, stride_z, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
+    z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
     m_out, s_out, c_out, zy_out,
     HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
+    CHECK: tl.constexpr, ROWS_3D: tl.constexpr,
 ):
     row = tl.program_id(0)
-    z_row = z_ptr + row.to(tl.int64) * stride_z
+    z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
     if ROW_TEMP:
         inv_t = 1.0 / tl.load(temp_ptr + row).to(ACC)
     else:
         inv_t = inv_t_scalar
+    # a negative label marks a masked-out row: never read, (M, S, C, z~_y) = (0, 1, 0, 0), so logp = entropy = 0
+    label = tl.load(labels_ptr + row)
+    row_ok = label >= 0
+    n_read = tl.where(row_ok, n_cols, 0)
     # the label logit, read before the floor so that a -inf label logit gives logp = -inf
-    label_local = tl.load(labels_ptr + row) - v_offset
+    label_local = label - v_offset
     in_block = (label_local >= 0) & (label_local < n_cols)
     safe_label = tl.where(in_block, label_local, 0)
-    zy = tl.load(z_row + safe_label).to(ACC)
+    zy = tl.load(z_row + safe_label, mask=row_ok, other=0.0).to(ACC)
     if HAS_BIAS:
         zy += tl.load(bias_ptr + safe_label).to(ACC)
     zy = tl.where(in_block, zy * inv_t, float("-inf"))
+    zy = tl.where(row_ok, zy, 0.0)
 
     if LANES:  # per-lane state, merged once at the end (see online_lse_lanes_update)
         m_v = tl.full((BLOCK_V,), LOGIT_FLOOR, ACC)
         s_v = tl.zeros((BLOCK_V,), ACC)
         c_v = tl.zeros((BLOCK_V,), ACC)
-        for start in range(0, n_cols, BLOCK_V):
+        for start in range(0, n_read, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             col_mask = cols < n_cols
-            z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC)
+            z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC, CHECK)
             m_v, s_v, c_v = online_lse_lanes_update(m_v, s_v, c_v, z, col_mask)
         m, s, c = merge_lanes(m_v, s_v, c_v)
     else:  # one running state, merged tile by tile
         m = tl.full((), LOGIT_FLOOR, ACC)
         s = tl.zeros((), ACC)
         c = tl.zeros((), ACC)
-        for start in range(0, n_cols, BLOCK_V):
+        for start in range(0, n_read, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             col_mask = cols < n_cols
-            z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC)
+            z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC, CHECK)
             m, s, c = online_lse_update(m, s, c, z, col_mask)
-    tl.store(m_out + row, m)
-    tl.store(s_out + row, s)
-    tl.store(c_out + row, c)
+    tl.store(m_out + row, tl.where(row_ok, m, 0.0))
+    tl.store(s_out + row, tl.where(row_ok, s, 1.0))
+    tl.store(c_out + row, tl.where(row_ok, c, 0.0))
     tl.store(zy_out + row, zy)
 
 
 @triton.jit(do_not_specialize=_ROW_ARGS + ["m_ptr", "log_s_ptr", "cs_ptr", "g_logp_ptr", "g_ent_ptr"])
 def _dlogits_kernel(
-    z_ptr, stride_z, out_ptr, stride_out, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
-    m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
+    z_ptr, stride_z, stride_outer, rows_inner, out_ptr, stride_out, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr,
+    v_offset, n_cols, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
     HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr, ROWS_3D: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -110,16 +120,21 @@ def _dlogits_kernel(
         inv_t = 1.0 / tl.load(temp_ptr + row).to(ACC)
     else:
         inv_t = inv_t_scalar
-    z = load_scaled_logits(z_ptr + row.to(tl.int64) * stride_z, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC)
+    label = tl.load(labels_ptr + row)
+    row_ok = label >= 0  # else a masked-out row: its gradient is 0 and its logits are never read
+    read_mask = cols < tl.where(row_ok, n_cols, 0)
+    z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
+    z = load_scaled_logits(z_row, bias_ptr, cols, read_mask, inv_t, HAS_BIAS, ACC, False)
     g_logp = tl.zeros((), ACC)
     g_ent = tl.zeros((), ACC)
     if HAS_GLOGP:
         g_logp = tl.load(g_logp_ptr + row).to(ACC)
     if HAS_GENT:
         g_ent = tl.load(g_ent_ptr + row).to(ACC)
-    label_local = tl.load(labels_ptr + row) - v_offset
+    label_local = label - v_offset
     dz = dlogits_tile(z, cols, label_local, tl.load(m_ptr + row), tl.load(log_s_ptr + row), tl.load(cs_ptr + row),
                       g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT)
+    dz = tl.where(row_ok, dz, 0.0)
     out_row = out_ptr + row.to(tl.int64) * stride_out
     tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=col_mask)
 
@@ -142,43 +157,60 @@ def _temperature_args(temperature, z: Tensor) -> Tuple[Optional[Tensor], float, 
     return None, 1.0 / float(temperature), False
 
 
-def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0):
-    """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols) whose column 0 is vocabulary entry ``v_offset``.
+def _rows(z: Tensor) -> Tuple[int, int, int, int, bool]:
+    """(rows, row stride, outer stride, rows per outer index, 3-D?) of a (rows, n_cols) or (B, T, n_cols) tensor with
+    unit stride along the vocabulary: row r = b T + t of a 3-D tensor lies at b * outer + t * row stride, so a
+    (B, T, V) view such as ``logits[:, :-1]`` is read where it lies, never flattened into a copy."""
+    assert z.stride(-1) == 1, "logits must have unit stride along the vocabulary"
+    if z.dim() == 2:
+        return z.shape[0], z.stride(0), 0, 1, False
+    B, T, _ = z.shape
+    return B * T, z.stride(1), z.stride(0), max(T, 1), True
+
+
+def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0,
+                 check: bool = False):
+    """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols), or (B, T, n_cols) with rows b T + t, whose column 0
+    is vocabulary entry ``v_offset``.
 
     ``labels`` (rows,) are global ids; ``bias`` is the block's slice or None; ``temperature`` a float or a (rows,)
     tensor. Returns four (rows,) fp32 (fp64) tensors; z~_y is -inf where the label lies outside the block.
+    ``check``: the value check rides on this one read of the block: S is NaN in every row holding a NaN or +inf.
     """
-    rows, n_cols = z.shape
-    assert z.stride(1) == 1, "logits block must be row-major"
+    rows, stride, outer, inner, rows_3d = _rows(z)
+    n_cols = z.shape[-1]
     acc = _acc(z.dtype)
     out = torch.empty(4, rows, dtype=acc, device=z.device)
     if rows == 0:
         return out.unbind(0)
     temp, inv_t, row_temp = _temperature_args(temperature, z)
     _logits_stats_kernel[(rows,)](
-        z, z.stride(0), bias if bias is not None else z, temp if row_temp else z, inv_t, labels, v_offset, n_cols,
+        z, stride, outer, inner, bias if bias is not None else z, temp if row_temp else z, inv_t, labels, v_offset, n_cols,
         out[0], out[1], out[2], out[3],
         HAS_BIAS=bias is not None, ROW_TEMP=row_temp, ACC=_TL[acc],
         BLOCK_V=min(BLOCK_V_FWD, triton.next_power_of_2(n_cols)), LANES=stats_kernel() == "lanes",
-        num_warps=NUM_WARPS_FWD,
+        CHECK=check, ROWS_3D=rows_3d, num_warps=NUM_WARPS_FWD,
     )
     return out.unbind(0)
 
 
 def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int,
             m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
-    """Write dL/dz of the block ``z`` into ``out`` (may be ``z`` itself: each element is read before it is written
-    by the same program). Returns ``out``."""
-    rows, n_cols = z.shape
+    """Write dL/dz of the block ``z`` (2-D or 3-D, as in :func:`logits_stats`) into ``out``, a row-major tensor of
+    the same shape (may be ``z`` itself: each element is read before it is written by the same program). Returns
+    ``out``."""
+    rows, stride, outer, inner, rows_3d = _rows(z)
+    n_cols = z.shape[-1]
+    assert out.shape == z.shape and out.stride(-1) == 1 and (out.dim() == 2 or out.is_contiguous())
     if rows == 0:
         return out
     temp, inv_t, row_temp = _temperature_args(temperature, z)
     block = min(BLOCK_V_BWD, triton.next_power_of_2(n_cols))
     _dlogits_kernel[(rows, triton.cdiv(n_cols, block))](
-        z, z.stride(0), out, out.stride(0), bias if bias is not None else z, temp if row_temp else z, inv_t,
+        z, stride, outer, inner, out, out.stride(-2), bias if bias is not None else z, temp if row_temp else z, inv_t,
         labels, v_offset, n_cols, m, log_s, cs,
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
         HAS_BIAS=bias is not None, ROW_TEMP=row_temp, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
-        ACC=_TL[_acc(z.dtype)], BLOCK_V=block, num_warps=NUM_WARPS_BWD,
+        ACC=_TL[_acc(z.dtype)], BLOCK_V=block, ROWS_3D=rows_3d, num_warps=NUM_WARPS_BWD,
     )
     return out

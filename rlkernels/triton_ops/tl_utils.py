@@ -11,13 +11,27 @@ LOGIT_FLOOR = tl.constexpr(-1e20)  # a constexpr object: compiled Triton (3.6) r
 
 
 @triton.jit
-def load_scaled_logits(z_row_ptr, bias_ptr, cols, col_mask, inv_t, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+def row_offset(row, stride, stride_outer, rows_inner, ROWS_3D: tl.constexpr):
+    """Element offset (int64) of row ``row``: ``row * stride``, or for a (B, T, V) tensor with rows b T + t,
+    ``b * stride_outer + t * stride``."""
+    r = row.to(tl.int64)
+    if ROWS_3D:
+        return (r // rows_inner) * stride_outer + (r % rows_inner) * stride
+    return r * stride
+
+
+@triton.jit
+def load_scaled_logits(z_row_ptr, bias_ptr, cols, col_mask, inv_t, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                       FLAG_NONFINITE: tl.constexpr):
     """One tile of z~ = (z + b) * (1/T) in the accumulation dtype ACC (fp32; fp64 for fp64 inputs), with -inf (and
-    masked-off columns) floored."""
+    masked-off columns) floored. With FLAG_NONFINITE, NaN and +inf come back as NaN (the floor's max would turn a
+    NaN into the floor on a GPU), so that the row's sums, and its logp and entropy, turn NaN."""
     z = tl.load(z_row_ptr + cols, mask=col_mask, other=float("-inf")).to(ACC)
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     z = z * inv_t
+    if FLAG_NONFINITE:
+        return tl.where((z != z) | (z == float("inf")), float("nan"), tl.maximum(z, LOGIT_FLOOR))
     return tl.maximum(z, LOGIT_FLOOR)
 
 
