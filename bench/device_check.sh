@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine, from the repository root:
 #
-#     OUT=/some/dir bash bench/device_check.sh          # grpo tune tests logprobs llama: ~6 min (limits 10 min)
+#     OUT=/some/dir bash bench/device_check.sh          # grpo tune tests logprobs llama kernels: ~7-8 min
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
-#   tune      bench/gpu_tune.py: the 3 GEMMs alone, fused_grpo_loss per grad_weight accumulation mode, budget and stats loop,
-#             the logits op in GB/s, the kernels per tile and warp count, grad precision (qwen2.5-7b, 16k tokens, bf16)
+#   tune      bench/gpu_tune.py: the 3 GEMMs alone, fused_grpo_loss per grad_weight accumulation mode, budget, stats loop
+#             and pipeline stages, the logits op in GB/s, grad precision (qwen2.5-7b, 16k tokens, bf16)
 #   grpo      rlkernels-bench, grpo op (dapo) fwd+bwd, qwen2.5-7b LM head, 16k tokens, bf16: eager, rlkernels-triton,
 #             liger (when importable), gemm-roofline
 #   compile   the same with torch.compile and the torch engine (slow warm-ups: only when named in STEPS)
 #   llama     the grpo op at H=4096, V=131072 (the shape): eager, rlkernels-triton, liger, gemm-roofline
 #   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, gemm-roofline
 #   tests     the engine suites on CUDA (compiled Triton, no interpreter): RLKERNELS_TEST_DEVICE=cuda pytest
+#   kernels   bench/gpu_tune.py --only kernel: both statistics loops at 1-3 pipeline stages and the dL/dz kernel per
+#             tile and warp count, beside PyTorch's read and copy of the same block (~40 compiles; last, so that a
+#             call that runs out of time still brings back everything before it)
 #
-# Everything lands flat in $OUT (default ./device-out), at most 8 files, each name carrying the GPU's name:
+# Everything lands flat in $OUT (default ./device-out), each name carrying the GPU's name: 8 files with the default
+# steps, the most a device call brings back (compile adds one: name it with fewer steps)
 #   summary-<gpu>.txt   GPU, driver, versions, and each step's exit status and seconds
 #   log-<gpu>.txt       every step's output, one after another
-#   <step>-<gpu>.json   the rows of tune, grpo, compile, llama, logprobs
+#   <step>-<gpu>.json   the rows of tune, grpo, compile, llama, logprobs, kernels
 #   tests-<gpu>.log     pytest output
 # Plots are made afterwards from the JSON (rlkernels.bench.report.write_plot). Exit status: 0 when every step
 # passed, else 1. Liger-Kernel travels as a wheel: see bench/results/README.md.
@@ -78,9 +82,11 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, append to
 
 BENCH=("$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 16384 --dtype bfloat16 --no-progress
        --warmup 2 --repeat 5)
-for s in ${STEPS:-grpo tune tests logprobs llama}; do
+for s in ${STEPS:-grpo tune tests logprobs llama kernels}; do
   case "$s" in
-    tune) step tune 110 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --json "$OUT/tune-$TAG.json" ;;
+    tune) step tune 110 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --skip kernel --json "$OUT/tune-$TAG.json" ;;
+    kernels) step kernels 120 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only kernel \
+               --json "$OUT/kernels-$TAG.json" ;;
     grpo) step grpo 140 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \
                --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;
     compile) step compile 150 "${BENCH[@]}" --timeout 120 --op grpo --preset dapo --mode full \

@@ -9,9 +9,10 @@ What it measures, all in one process on one GPU so that every ratio is against a
    mode (``RLKERNELS_GRAD_WEIGHT_ACCUM``), logits-block budget (``RLKERNELS_MEMORY_BUDGET_MB``), statistics loop
    (``RLKERNELS_STATS_KERNEL``) and the recompute mode: time, and the peak memory above the inputs (gradients
    included, as new tensors);
-3. ``kernel``: the statistics kernel (both loops) and the dL/dz kernel over one chunk for each vocabulary tile and
-   warp count, as GB/s by the byte model (stats reads the block; dL/dz reads and writes it), beside PyTorch's own
-   read (``amax``) and read + write (``copy_``) of the same block, the practical ceilings;
+3. ``kernel``: the statistics kernel (both loops, 1-3 software-pipeline stages) and the dL/dz kernel over one chunk
+   for each vocabulary tile and warp count, as GB/s by the byte model (stats reads the block; dL/dz reads and writes
+   it), beside PyTorch's own read (``amax``) and read + write (``copy_``) of the same block, the practical ceilings
+   (about 40 kernel compiles: ``bench/device_check.sh`` runs it as its own step, ``--only kernel``);
 4. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
    for both statistics loops;
 5. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--json", default=None)
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: gemm,loss,logits,kernel,precision")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: gemm,loss,logits,precision,kernel")
+    p.add_argument("--only", default="", help="comma-separated sections to run (the others are skipped)")
     args = p.parse_args(argv)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if not CUDA and not interpret:
@@ -93,7 +95,12 @@ def main(argv=None) -> int:
     from rlkernels.engines import triton_engine
     from rlkernels.triton_ops import logprobs as K
 
+    sections = {"gemm", "loss", "logits", "precision", "kernel"}
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        skip |= sections - set(args.only.split(","))
+    if skip - sections:
+        p.error(f"unknown sections {sorted(skip - sections)}; choose from {sorted(sections)}")
     shape = resolve_shape(args.shape, tokens=args.tokens, hidden=args.hidden, vocab=args.vocab)
     case = Case(op="grpo", mode="full", shape=shape, dtype="bfloat16", device=dev, preset="dapo")
     inputs = make_inputs(case)
@@ -146,20 +153,24 @@ def main(argv=None) -> int:
     if "loss" not in skip:
         # (grad_weight accumulation, budget MiB, single pass, statistics loop); first = default. A 5 GiB budget holds
         # the qwen fp32 accumulator (2.2 GB, at most half the budget) so "auto" takes it there, with a ~3 GiB block
-        variants = [("auto", 1024, True, "tile"), ("auto", 1024, True, "lanes"), ("fp32", 1024, True, "tile"),
-                    ("auto", 5120, True, "tile"), ("auto", 1024, False, "tile")]
-        for accum, budget, single, stats in variants:
+        # The fifth field: software-pipeline stages of the statistics loop (K.STATS_STAGES).
+        variants = [("auto", 1024, True, "tile", 1), ("auto", 1024, True, "lanes", 1), ("auto", 1024, True, "tile", 3),
+                    ("fp32", 1024, True, "tile", 1), ("auto", 5120, True, "tile", 1), ("auto", 1024, False, "tile", 1)]
+        default_stages = K.STATS_STAGES
+        for accum, budget, single, stats, stages in variants:
             os.environ["RLKERNELS_GRAD_WEIGHT_ACCUM"] = accum
             os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(budget)
             os.environ["RLKERNELS_STATS_KERNEL"] = stats
+            K.STATS_STAGES = stages
+            what = dict(accum=accum, budget_mb=budget, single_pass=single, stats=stats, stages=stages)
             try:
                 t, peak = timed(loss_step(single_pass=single), clear=clear)
-                row("loss", accum=accum, budget_mb=budget, single_pass=single, stats=stats, ms=t, peak_mb=peak,
-                    extra_beyond_grads_mb=peak - grad_mb,
+                row("loss", **what, ms=t, peak_mb=peak, extra_beyond_grads_mb=peak - grad_mb,
                     vs_3gemm=(t / gemm_total) if gemm_total else None)
             except Exception as exc:  # report and go on: the sweep is for tuning
-                row("loss", accum=accum, budget_mb=budget, single_pass=single, stats=stats, error=repr(exc)[:300])
+                row("loss", **what, error=repr(exc)[:300])
             empty_cache()
+        K.STATS_STAGES = default_stages
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_GRAD_WEIGHT_ACCUM", None)
         os.environ.pop("RLKERNELS_MEMORY_BUDGET_MB", None)
@@ -247,28 +258,36 @@ def main(argv=None) -> int:
         row("kernel", baseline="torch.amax (read)", ms=t_amax, gbs=nbytes / t_amax / 1e6)
         row("kernel", baseline="copy_ (read + write)", ms=t_copy, gbs=2 * nbytes / t_copy / 1e6)
         row("kernel", baseline="stats, default tile, check=True", ms=t_chk, gbs=nbytes / t_chk / 1e6)
-        saved = (K.BLOCK_V_FWD, K.BLOCK_V_BWD, K.NUM_WARPS_FWD, K.NUM_WARPS_BWD)
-        for block in (1024, 2048, 4096, 8192):
-            for warps in (4, 8, 16):
-                K.BLOCK_V_FWD = K.BLOCK_V_BWD = block
-                K.NUM_WARPS_FWD = K.NUM_WARPS_BWD = warps
-                try:
-                    m, s, c, _ = K.logits_stats(zb, y, None, 1.0)
-                    log_s, cs = torch.log(s), c / s
-                    t_s, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0), repeat=10)
-                    t_d, _ = timed(lambda: K.dlogits(zb, out, y, None, 1.0, 0, m, log_s, cs, g1, g2), repeat=10)
-                    os.environ["RLKERNELS_STATS_KERNEL"] = "lanes"
-                    m2, s2, c2, _ = K.logits_stats(zb, y, None, 1.0)
-                    t_l, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0), repeat=10)
-                    os.environ.pop("RLKERNELS_STATS_KERNEL")
-                    agree = float(max((m2 - m).abs().max(), ((s2 - s) / s).abs().max(), ((c2 - c) / s).abs().max()))
-                    row("kernel", block_v=block, warps=warps, stats_ms=t_s, stats_gbs=nbytes / t_s / 1e6,
-                        lanes_ms=t_l, lanes_gbs=nbytes / t_l / 1e6, lanes_vs_tile=agree,
-                        dlogits_ms=t_d, dlogits_gbs=2 * nbytes / t_d / 1e6)
-                except Exception as exc:
-                    os.environ.pop("RLKERNELS_STATS_KERNEL", None)
-                    row("kernel", block_v=block, warps=warps, error=repr(exc)[:300])
-        K.BLOCK_V_FWD, K.BLOCK_V_BWD, K.NUM_WARPS_FWD, K.NUM_WARPS_BWD = saved
+        knobs = ("BLOCK_V_FWD", "BLOCK_V_BWD", "BLOCK_V_LANES", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "NUM_WARPS_LANES",
+                 "STATS_STAGES")
+        saved = {k: getattr(K, k) for k in knobs}
+        # the statistics loops (tile, lanes) at 1-3 pipeline stages, and the dL/dz kernel, per tile x warps
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)):
+            K.BLOCK_V_FWD = K.BLOCK_V_BWD = K.BLOCK_V_LANES = block
+            K.NUM_WARPS_FWD = K.NUM_WARPS_BWD = K.NUM_WARPS_LANES = warps
+            fields = {}
+            try:
+                K.STATS_STAGES = 1
+                m, s, c, _ = K.logits_stats(zb, y, None, 1.0)
+                log_s, cs = torch.log(s), c / s
+                t_d, _ = timed(lambda: K.dlogits(zb, out, y, None, 1.0, 0, m, log_s, cs, g1, g2), repeat=10)
+                fields.update(dlogits_ms=t_d, dlogits_gbs=2 * nbytes / t_d / 1e6)
+                for stages in (1, 2, 3):
+                    K.STATS_STAGES = stages
+                    for loop in ("tile", "lanes"):
+                        os.environ["RLKERNELS_STATS_KERNEL"] = loop
+                        m2, s2, c2, _ = K.logits_stats(zb, y, None, 1.0)
+                        agree = float(max((m2 - m).abs().max(), ((s2 - s) / s).abs().max(),
+                                          ((c2 - c) / s).abs().max()))
+                        t_s, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0), repeat=10)
+                        fields[f"{loop}{stages}_gbs"] = nbytes / t_s / 1e6
+                        fields[f"{loop}{stages}_vs_tile1"] = agree
+                row("kernel", block_v=block, warps=warps, **fields)
+            except Exception as exc:
+                row("kernel", block_v=block, warps=warps, **fields, error=repr(exc)[:300])
+            os.environ.pop("RLKERNELS_STATS_KERNEL", None)
+        for k, v in saved.items():
+            setattr(K, k, v)
         del zb, out
         empty_cache()
 

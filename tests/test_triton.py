@@ -17,7 +17,8 @@ from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, leaves, m
 
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
-ALLOWED_CONSTEXPR = {"HAS_BIAS", "ROW_TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES", "CHECK", "ROWS_3D"}
+ALLOWED_CONSTEXPR = {"HAS_BIAS", "ROW_TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES", "CHECK", "ROWS_3D",
+                     "STAGES"}
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__ if hasattr(k, "__name__") else str(k))
@@ -159,6 +160,7 @@ def test_stats_kernels_match_float64(monkeypatch, kernel, dtype, n_cols):
     labels outside the block, and more than one tile per row."""
     monkeypatch.setenv("RLKERNELS_STATS_KERNEL", kernel)
     monkeypatch.setattr(K, "BLOCK_V_FWD", 128)  # several tiles (and lanes that see few columns) at test sizes
+    monkeypatch.setattr(K, "BLOCK_V_LANES", 128)
     g = torch.Generator().manual_seed(n_cols)
     rows = 6
     z = (torch.randn(rows, n_cols, generator=g, dtype=torch.float64) * 4).to(dtype)
@@ -217,13 +219,16 @@ def test_stats_kernel_choice_is_checked(monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("kernel", ["tile", "lanes"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
-def test_stats_kernel_flags_nonfinite_rows(monkeypatch, kernel):
+def test_stats_kernel_flags_nonfinite_rows(monkeypatch, kernel, stages):
     """check=True: S is NaN exactly in the rows holding a NaN or +inf (in any tile); -inf is a value, not an error,
     and the other rows' statistics are unchanged."""
     monkeypatch.setenv("RLKERNELS_STATS_KERNEL", kernel)
     monkeypatch.setattr(K, "BLOCK_V_FWD", 128)
+    monkeypatch.setattr(K, "BLOCK_V_LANES", 128)
+    monkeypatch.setattr(K, "STATS_STAGES", stages)  # pipelined loop (compiled only; the interpreter runs it plainly)
     g = torch.Generator().manual_seed(3)
     z = torch.randn(5, 300, generator=g).to(torch.bfloat16)
     z[0, 7] = float("nan")

@@ -35,6 +35,14 @@ BLOCK_V_FWD = 4096
 NUM_WARPS_FWD = 4
 BLOCK_V_BWD = 4096
 NUM_WARPS_BWD = 8
+# The lanes loop keeps three fp32 vectors of BLOCK_V lanes: at 4096 x 4 warps that is 128 registers per thread (the
+# sm_90 compile, rlkernels.triton_ops.aot), a third of the programs an SM could hold; 1024 x 4 needs 40.
+BLOCK_V_LANES = 1024
+NUM_WARPS_LANES = 4
+# Software pipelining of the statistics loop (tl.range num_stages): 1 = none, the measured default; 2-3 stream the
+# next tiles through shared memory with cp.async while this one is reduced (8-16 KiB per program at 4096 columns).
+# Not yet timed on a GPU: bench/gpu_tune.py sweeps it.
+STATS_STAGES = 1
 
 # The statistics kernel's loop (RLKERNELS_STATS_KERNEL, read per call): "tile" merges each tile into one running
 # (M, S, C) with three block reductions per tile (measured above); "lanes" keeps the state per lane and reduces once
@@ -59,7 +67,7 @@ def _logits_stats_kernel(
     z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
     m_out, s_out, c_out, zy_out,
     HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
-    CHECK: tl.constexpr, ROWS_3D: tl.constexpr,
+    CHECK: tl.constexpr, ROWS_3D: tl.constexpr, STAGES: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
@@ -85,7 +93,7 @@ def _logits_stats_kernel(
         m_v = tl.full((BLOCK_V,), LOGIT_FLOOR, ACC)
         s_v = tl.zeros((BLOCK_V,), ACC)
         c_v = tl.zeros((BLOCK_V,), ACC)
-        for start in range(0, n_read, BLOCK_V):
+        for start in tl.range(0, n_read, BLOCK_V, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_V)
             col_mask = cols < n_cols
             z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC, CHECK)
@@ -95,7 +103,7 @@ def _logits_stats_kernel(
         m = tl.full((), LOGIT_FLOOR, ACC)
         s = tl.zeros((), ACC)
         c = tl.zeros((), ACC)
-        for start in range(0, n_read, BLOCK_V):
+        for start in tl.range(0, n_read, BLOCK_V, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_V)
             col_mask = cols < n_cols
             z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC, CHECK)
@@ -184,12 +192,14 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     if rows == 0:
         return out.unbind(0)
     temp, inv_t, row_temp = _temperature_args(temperature, z)
+    lanes = stats_kernel() == "lanes"
+    block, warps = (BLOCK_V_LANES, NUM_WARPS_LANES) if lanes else (BLOCK_V_FWD, NUM_WARPS_FWD)
     _logits_stats_kernel[(rows,)](
         z, stride, outer, inner, bias if bias is not None else z, temp if row_temp else z, inv_t, labels, v_offset, n_cols,
         out[0], out[1], out[2], out[3],
         HAS_BIAS=bias is not None, ROW_TEMP=row_temp, ACC=_TL[acc],
-        BLOCK_V=min(BLOCK_V_FWD, triton.next_power_of_2(n_cols)), LANES=stats_kernel() == "lanes",
-        CHECK=check, ROWS_3D=rows_3d, num_warps=NUM_WARPS_FWD,
+        BLOCK_V=min(block, triton.next_power_of_2(n_cols)), LANES=lanes,
+        CHECK=check, ROWS_3D=rows_3d, STAGES=STATS_STAGES, num_warps=warps,
     )
     return out.unbind(0)
 

@@ -1,0 +1,192 @@
+"""Compile the Triton kernels ahead of time for a GPU target on any machine (no GPU needed) and report what the
+compiler made of each: registers, shared and local memory (local = register spills), the width of the global loads,
+and whether the loop streams through ``cp.async``.
+
+The GPU machines are lent to some sessions only; this is the check every session and CI can run. A kernel that
+would not compile for sm_90 fails here first (as the 3.6 compiler once rejected a global that the interpreter
+accepted), and what decides bandwidth before any timing (16-byte loads, no spills, registers that leave room for
+enough programs per SM) is read from the compiler's own output.
+
+    python -m rlkernels.triton_ops.aot          # the table, for sm_90 (H100/H200)
+
+Needs Triton's NVIDIA backend (in the PyPI wheel: the compiler toolchain and ``cuobjdump`` ship with it). Arguments
+are specialised as at run time for an aligned bf16 block with V a multiple of 16 (V = 152064 or 131072): data
+pointers 16-byte aligned, row strides and column counts divisible by 16, except the ``do_not_specialize`` ones.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import triton
+import triton.language as tl
+
+from . import advantages as A
+from . import logprobs as K
+
+TARGET_ARCH = 90  # sm_90: H100, H200
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kernel: object  # a triton JITFunction
+    signature: Dict[str, str]  # runtime arguments -> Triton type strings
+    constexprs: Dict[str, object]
+    num_warps: int
+    aligned: tuple = ()  # arguments specialised as divisible by 16
+    streams_logits: bool = True  # reads a logits block (so its loads should be 16-byte vectors)
+
+
+@dataclass
+class Report:
+    variant: Variant
+    registers: int
+    shared_bytes: int
+    local_bytes: int
+    vector_loads: int  # ld.global.v4 (16-byte) instructions
+    async_copies: int  # cp.async instructions (pipelined loops)
+    scalar_2byte_loads: int  # ld.global.b16: one bf16 at a time
+    notes: List[str] = field(default_factory=list)
+
+    def row(self) -> str:
+        v = self.variant
+        return (f"{v.name:<44} {v.num_warps:>5} {self.registers:>5} {self.shared_bytes:>7} {self.local_bytes:>6} "
+                f"{self.vector_loads:>5} {self.async_copies:>5}")
+
+
+HEADER = f"{'variant':<44} {'warps':>5} {'regs':>5} {'shared':>7} {'local':>6} {'ld.v4':>5} {'cp.as':>5}"
+
+
+def _stats_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
+    return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "bias_ptr": dtype,
+            "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32", "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32",
+            "m_out": f"*{acc}", "s_out": f"*{acc}", "c_out": f"*{acc}", "zy_out": f"*{acc}"}
+
+
+def _dlogits_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
+    return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "out_ptr": dtype,
+            "stride_out": "i64", "bias_ptr": dtype, "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32",
+            "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32", "m_ptr": f"*{acc}", "log_s_ptr": f"*{acc}",
+            "cs_ptr": f"*{acc}", "g_logp_ptr": f"*{acc}", "g_ent_ptr": f"*{acc}"}
+
+
+_STATS_ALIGNED = ("z_ptr", "stride_z", "stride_outer", "bias_ptr", "n_cols")
+_DLOGITS_ALIGNED = ("z_ptr", "stride_z", "stride_outer", "out_ptr", "stride_out", "bias_ptr", "n_cols")
+
+
+def variants() -> List[Variant]:
+    """The kernels as the engine launches them (module defaults for tiles, warps and stages), plus the opt-in
+    configurations that bench/gpu_tune.py compares."""
+    out = []
+
+    def stats(name, lanes=False, check=False, rows_3d=False, bias=False, row_temp=False, stages=None, dtype="*bf16",
+              acc=tl.float32):
+        block, warps = (K.BLOCK_V_LANES, K.NUM_WARPS_LANES) if lanes else (K.BLOCK_V_FWD, K.NUM_WARPS_FWD)
+        out.append(Variant(f"stats {name}", K._logits_stats_kernel,
+                           _stats_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
+                           dict(HAS_BIAS=bias, ROW_TEMP=row_temp, ACC=acc, BLOCK_V=block, LANES=lanes, CHECK=check,
+                                ROWS_3D=rows_3d, STAGES=K.STATS_STAGES if stages is None else stages),
+                           warps, _STATS_ALIGNED))
+
+    stats("tile (hidden+W path)")
+    stats("tile, bias, per-token T", bias=True, row_temp=True)
+    stats("tile, checked, (B,T,V) (logits path)", check=True, rows_3d=True)
+    stats("tile, 3 stages", stages=3)
+    stats("lanes", lanes=True)
+    stats("lanes, checked, (B,T,V)", lanes=True, check=True, rows_3d=True)
+    stats("tile, fp64", dtype="*fp64", acc=tl.float64)
+
+    def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, row_temp=False):
+        out.append(Variant(f"dlogits {name}", K._dlogits_kernel, _dlogits_signature(),
+                           dict(HAS_BIAS=bias, ROW_TEMP=row_temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=tl.float32,
+                                BLOCK_V=K.BLOCK_V_BWD, ROWS_3D=rows_3d),
+                           K.NUM_WARPS_BWD, _DLOGITS_ALIGNED))
+
+    dlogits("logp + entropy")
+    dlogits("logp only", gent=False)
+    dlogits("bias, per-token T, (B,T,V)", bias=True, row_temp=True, rows_3d=True)
+
+    for method, code in (("grpo", A.GRPO), ("passk", A.PASSK)):
+        for contiguous in (True, False):
+            out.append(Variant(f"advantages {method}, {'fixed G' if contiguous else 'segments'}",
+                               A._group_advantages_kernel,
+                               {"r_ptr": "*fp64", "start_ptr": "*i64", "count_ptr": "*i64", "group_size": "i64",
+                                "out_ptr": "*fp64", "keep_ptr": "*i8", "eps": "fp64"},
+                               dict(METHOD=code, CONTIGUOUS=contiguous, BLOCK=A.MAX_BLOCK), 4, (),
+                               streams_logits=False))
+    return out
+
+
+def _tool(name: str) -> str:
+    import triton.backends.nvidia as nvidia
+
+    path = os.path.join(os.path.dirname(nvidia.__file__), "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} is not in Triton's NVIDIA backend ({path})")
+    return path
+
+
+def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
+    """Compile ``v`` for ``sm_<arch>`` and read its resources back from the cubin."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = v.kernel.arg_names
+    signature = dict(v.signature)
+    signature.update({k: "constexpr" for k in v.constexprs})
+    missing = set(names) - set(signature)
+    if missing:
+        raise ValueError(f"{v.name}: no type for {sorted(missing)}")
+    constexprs = {(names.index(k),): val for k, val in v.constexprs.items()}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in v.aligned}
+    src = ASTSource(v.kernel, signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps, "enable_fp_fusion": True})
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+    found = re.search(r"REG:(\d+).*?SHARED:(\d+)\s+LOCAL:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"{v.name}: no resource usage in cuobjdump's output:\n{usage}")
+    regs, shared, local = (int(x) for x in found.groups())
+    return Report(v, regs, max(shared, int(getattr(compiled.metadata, "shared", 0))), local,
+                  ptx.count("ld.global.v4"), len(re.findall(r"cp\.async\.c[ag]", ptx)),
+                  len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)))
+
+
+def available() -> Optional[str]:
+    """None if kernels can be compiled here for sm_90, else why not."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+
+        _tool("cuobjdump")
+    except Exception as exc:  # an older or CPU-only Triton: say why
+        return f"{type(exc).__name__}: {exc}"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "TRITON_INTERPRET is set: the kernels are interpreted functions, not compilable ones"
+    return None
+
+
+def main() -> int:
+    why = available()
+    if why:
+        print(f"cannot compile ahead of time here: {why}")
+        return 2
+    print(f"Triton {triton.__version__}, target sm_{TARGET_ARCH}")
+    print(HEADER)
+    for v in variants():
+        print(compile_variant(v).row(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
