@@ -77,3 +77,15 @@ def test_probe_sees_eager_logits():
                                          config="dapo")
         loss.backward()
     assert probe.nbytes >= 4 * B * T * V
+
+
+def test_vocab_blocks_are_aligned():
+    """A blocked vocabulary comes in multiples of 128 entries (16-byte aligned rows in the block buffer, which the
+    Triton kernels read in 16-byte vectors), within the budget, and never below the minimum block."""
+    from rlkernels.engines.chunking import MIN_VOCAB_BLOCK, VOCAB_MULTIPLE, plan_chunks
+
+    for vocab, budget, elem in ((152064, 3 * 2**20, 2), (50257, 3 * 2**20, 4), (131072, 100000, 2), (997, 2097, 4)):
+        plan = plan_chunks(10**6, vocab, budget_bytes=budget, elem_bytes=elem)
+        assert plan.vocab_blocked, (vocab, budget)
+        assert plan.vocab_block % VOCAB_MULTIPLE == 0 and plan.vocab_block >= MIN_VOCAB_BLOCK
+        assert plan.rows * plan.vocab_block * elem <= max(budget, plan.rows * MIN_VOCAB_BLOCK * elem)

@@ -19,6 +19,9 @@ DEFAULT_BUDGET_MB = 64.0
 ROW_MULTIPLE = 16  # GEMM-friendly row counts
 MIN_ROWS = 16  # below this, block the vocabulary instead of shrinking the row chunk
 MIN_VOCAB_BLOCK = 256
+# a vocabulary block is a multiple of this (when the vocabulary is blocked at all): its rows then start 16-byte
+# aligned in the block buffer, and the Triton kernels read them in 16-byte vectors (rlkernels.triton_ops.aot)
+VOCAB_MULTIPLE = 128
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ def plan_chunks(n_rows: int, vocab: int, chunk_size: Optional[int] = None, budge
     rows = max(1, min(rows, n_rows))
     vocab_block = vocab
     if rows * vocab * elem_bytes > budget:
-        vocab_block = max(MIN_VOCAB_BLOCK, budget // (elem_bytes * rows))
+        vocab_block = budget // (elem_bytes * rows)
+        vocab_block = max(MIN_VOCAB_BLOCK, vocab_block - vocab_block % VOCAB_MULTIPLE)
         vocab_block = min(vocab_block, vocab)
     return ChunkPlan(rows=rows, vocab_block=vocab_block, vocab=vocab)
