@@ -19,8 +19,11 @@ from .objective import LossOutput, is_token_separable, metrics, policy_loss_flat
 Temperature = Union[float, Tensor]
 
 
-def _scatter_rows(values: Tensor, index: Optional[Tensor], n: int) -> Tensor:
-    """values for the kept rows -> (n,) with zeros at dropped rows (differentiable)."""
+def _scatter_rows(values: Tensor, index: Optional[Tensor], n: int, computed: Optional[Tensor] = None) -> Tensor:
+    """values for the kept rows -> (n,) with zeros at dropped rows (differentiable). ``computed``: the dropped rows
+    were computed anyway (neutralised, under torch.compile); this (n,) keep mask zeroes them, as eager does."""
+    if computed is not None:
+        return torch.where(computed, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if index is None:
         return values
     return values.new_zeros(n).index_copy(0, index, values)
@@ -69,12 +72,14 @@ class _LinearCall:
         h2, y = hidden.reshape(-1, H), labels.reshape(-1)
         self.n = h2.shape[0]
         self.index = I.kept_index(self.keep)
+        self.computed = None
         if self.index is not None:  # padding costs nothing: only kept rows reach the engine
             h2, y = h2.index_select(0, self.index), y[self.index]
             if isinstance(temperature, Tensor):
                 temperature = temperature[self.index]
         elif I.compiling() and mask is not None:
             h2, y = I.neutralise_rows(h2, y, self.keep)
+            self.computed = self.keep.reshape(-1)
         self.hidden, self.labels, self.temperature = h2, y, temperature
         reserve = self.engine.budget_reserve(weight, weight.requires_grad and torch.is_grad_enabled())
         self.plan = plan_chunks(h2.shape[0], weight.shape[0], chunk_size, default_mb=self.engine.default_budget_mb,
@@ -92,7 +97,7 @@ class _LinearCall:
 
     def scatter(self, values: Tensor) -> Tensor:
         """Per-kept-row values back to the caller's shape, zeros at dropped rows."""
-        return _scatter_rows(values, self.index, self.n).reshape(self.shape)
+        return _scatter_rows(values, self.index, self.n, self.computed).reshape(self.shape)
 
 
 def fused_logprobs(
@@ -186,7 +191,7 @@ def logprobs_from_logits(
 
     y = labels.reshape(-1)
     n = y.shape[0]
-    index = None
+    index = computed = None
     if engine.logits_in_place:  # the caller's tensor as it is (a view like logits[:, :-1] too): no copy
         z2 = logits
         if mask is not None:  # rows the engine never reads
@@ -200,15 +205,16 @@ def logprobs_from_logits(
                 temperature = temperature[index]
         elif I.compiling() and mask is not None:
             z2, y = I.neutralise_rows(z2, y, keep)
+            computed = keep.reshape(-1)
     plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
                        elem_bytes=engine.block_elem_bytes(z2.dtype))
     logp, ent = engine.logits_logprobs(z2, y, temperature, plan)
     if engine.scans_logits:
         I.check_scanned_rows("logits", logp)
-    logp = _scatter_rows(logp, index, n).reshape(shape)
+    logp = _scatter_rows(logp, index, n, computed).reshape(shape)
     if not return_entropy:
         return logp
-    return logp, _scatter_rows(ent, index, n).reshape(shape)
+    return logp, _scatter_rows(ent, index, n, computed).reshape(shape)
 
 
 def fused_grpo_loss(

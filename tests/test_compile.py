@@ -99,3 +99,50 @@ def test_inductor_fused_grpo_loss_bf16(backend):
     assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
     for a, b in zip(g, g_e):
         assert_matches("grad", a.float(), b.float(), dtype=torch.bfloat16)
+
+
+def test_logits_path_under_compile(backend):
+    """logprobs_from_logits compiled with fullgraph=True on a shifted (B, T, V) view with a mask and garbage in the
+    dropped rows: values and the gradient equal eager's, and the dropped rows get exactly 0."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    B, T, V = 3, 7, 53
+    full = torch.randn(B, T + 1, V, generator=g).to(DEVICE)
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(DEVICE)
+    full[:, :-1][~mask] = float("nan")
+    labels = labels.masked_fill(~mask, -100)
+    temp = (0.5 + torch.rand(B, T, generator=g)).to(DEVICE)
+
+    def f(full, labels, mask, temp):
+        logp, ent = R.logprobs_from_logits(full[:, :-1], labels, mask=mask, temperature=temp, return_entropy=True,
+                                           backend=backend)
+        return logp, ent, (logp * 2 + ent).sum()
+
+    x = full.clone().requires_grad_()
+    logp, ent, s = torch.compile(f, fullgraph=True, backend="aot_eager")(x, labels, mask, temp)
+    (gx,) = torch.autograd.grad(s, x)
+    x_e = full.clone().requires_grad_()
+    logp_e, ent_e, s_e = f(x_e, labels, mask, temp)
+    (gx_e,) = torch.autograd.grad(s_e, x_e)
+    assert_matches("logp", logp, logp_e, dtype=torch.float32)
+    assert_matches("entropy", ent, ent_e, dtype=torch.float32)
+    assert_matches("grad", gx, gx_e, dtype=torch.float32)
+    assert torch.all(gx[:, :-1][~mask] == 0) and torch.all(gx[:, -1] == 0) and torch.all(logp[~mask] == 0)
+
+
+def test_fused_logprobs_masked_positions_are_zero_under_compile(backend):
+    """Under compile the dropped rows are computed (no gather); their log-probs and entropies still come back 0,
+    as in eager, and the rest equals eager."""
+    torch._dynamo.reset()
+    p = make_problem(3, 9, 16, 37, dtype=torch.float32, seed=13)
+
+    def f(hidden, weight, labels, mask):
+        return R.fused_logprobs(hidden, weight, labels, mask=mask, return_entropy=True, backend=backend)
+
+    logp, ent = torch.compile(f, fullgraph=True, backend="aot_eager")(p["hidden"], p["weight"], p["labels"],
+                                                                       p["mask"])
+    logp_e, ent_e = f(p["hidden"], p["weight"], p["labels"], p["mask"])
+    assert torch.all(logp[~p["mask"]] == 0) and torch.all(ent[~p["mask"]] == 0)
+    assert_matches("logp", logp, logp_e, dtype=torch.float32)
+    assert_matches("entropy", ent, ent_e, dtype=torch.float32)
