@@ -190,7 +190,9 @@ def test_readme_scale_out_example_runs():
     import sys
 
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "scale_out.py")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script],
+    # --standalone: a free rendezvous port, not the fixed 29500 that another run may still hold
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script],
                          capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr[-3000:]
     diffs = [float(x) for x in re.findall(r"difference(?: to the full-batch gradient)? ([0-9.e+-]+)", run.stdout)]

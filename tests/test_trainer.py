@@ -129,8 +129,9 @@ def test_torchrun_ddp(tmp_path):
     import sys
 
     script = os.path.join(os.path.dirname(__file__), "ddp_trainer_check.py")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script,
-                          str(tmp_path)], capture_output=True, text=True, timeout=240,
+    # --standalone: a free rendezvous port, not the fixed 29500 that another run may still hold
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, str(tmp_path)], capture_output=True, text=True, timeout=240,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [open(tmp_path / f"rank{r}.txt").read().split() for r in (0, 1)]
