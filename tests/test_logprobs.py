@@ -41,10 +41,10 @@ def test_fused_logprobs_fp64(backend, size, bias, temperature):
         assert_matches(f"grad_{name}", a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_logprobs_low_precision(backend, dtype, bias):
-    """bf16/fp32 against fp64, allowed k x the error of eager PyTorch in the same dtype."""
+    """bf16/fp16/fp32 against fp64, allowed k x the error of eager PyTorch in the same dtype."""
     p = make_problem(4, 16, 64, 1031, dtype=dtype, bias=bias, seed=3, logit_scale=4.0)
     logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], bias=p["bias"], return_entropy=True,
                                  backend=backend, chunk_size=16)
@@ -119,7 +119,7 @@ def test_extreme_and_neg_inf_logits(backend):
     assert torch.isfinite(gb).all() and torch.all(gb[[3, 9, 10]] == 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", ["1", "per-token"])
 def test_logprobs_from_logits(backend, dtype, temperature):
     g = torch.Generator().manual_seed(13)

@@ -143,7 +143,7 @@ def test_single_pass_equals_two_stage(backend, name, overrides, which):
         assert_matches(k, a.metrics[k], b.metrics[k], scale=1.0, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("preset", ["dapo", "gspo", "grpo"])
 def test_low_precision_loss(backend, dtype, preset):
     p = make_problem(4, 16, 32, 301, dtype=dtype, bias=True, seed=23, logit_scale=3.0)
