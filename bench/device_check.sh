@@ -85,7 +85,7 @@ BENCH=("$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 16384 
 for s in ${STEPS:-grpo tune tests logprobs llama kernels}; do
   case "$s" in
     tune) step tune 110 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --skip kernel --json "$OUT/tune-$TAG.json" ;;
-    kernels) step kernels 120 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only kernel \
+    kernels) step kernels 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only kernel \
                --json "$OUT/kernels-$TAG.json" ;;
     grpo) step grpo 140 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \
                --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;

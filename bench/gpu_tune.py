@@ -9,10 +9,10 @@ What it measures, all in one process on one GPU so that every ratio is against a
    mode (``RLKERNELS_GRAD_WEIGHT_ACCUM``), logits-block budget (``RLKERNELS_MEMORY_BUDGET_MB``), statistics loop
    (``RLKERNELS_STATS_KERNEL``) and the recompute mode: time, and the peak memory above the inputs (gradients
    included, as new tensors);
-3. ``kernel``: the statistics kernel (both loops, 1-3 software-pipeline stages) and the dL/dz kernel over one chunk
-   for each vocabulary tile and warp count, as GB/s by the byte model (stats reads the block; dL/dz reads and writes
+3. ``kernel``: the statistics kernel (both loops; unmasked whole tiles or every tile masked; 1-3 software-pipeline
+   stages) and the dL/dz kernel (both tilings) over one chunk for each vocabulary tile and warp count, as GB/s by the byte model (stats reads the block; dL/dz reads and writes
    it), beside PyTorch's own read (``amax``) and read + write (``copy_``) of the same block, the practical ceilings
-   (about 40 kernel compiles: ``bench/device_check.sh`` runs it as its own step, ``--only kernel``);
+   (about 50 kernel compiles: ``bench/device_check.sh`` runs it as its own step, ``--only kernel``);
 4. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
    for both statistics loops;
 5. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
@@ -116,6 +116,10 @@ def main(argv=None) -> int:
         rows.append(fields)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()),
               flush=True)
+        if args.json:  # rewritten after every row: a step cut off by its time limit keeps what it measured
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(rows, f, indent=1, default=str)
+            os.replace(args.json + ".tmp", args.json)
 
     row("env", gpu=torch.cuda.get_device_name() if CUDA else "cpu (interpreter)", torch=torch.__version__,
         rlkernels=rlkernels.__version__,
@@ -151,26 +155,28 @@ def main(argv=None) -> int:
 
     grad_mb = (h.numel() + w.numel()) * h.element_size() / MiB
     if "loss" not in skip:
-        # (grad_weight accumulation, budget MiB, single pass, statistics loop); first = default. A 5 GiB budget holds
-        # the qwen fp32 accumulator (2.2 GB, at most half the budget) so "auto" takes it there, with a ~3 GiB block
-        # The fifth field: software-pipeline stages of the statistics loop (K.STATS_STAGES).
-        variants = [("auto", 1024, True, "tile", 1), ("auto", 1024, True, "lanes", 1), ("auto", 1024, True, "tile", 3),
-                    ("fp32", 1024, True, "tile", 1), ("auto", 5120, True, "tile", 1), ("auto", 1024, False, "tile", 1)]
-        default_stages = K.STATS_STAGES
-        for accum, budget, single, stats, stages in variants:
-            os.environ["RLKERNELS_GRAD_WEIGHT_ACCUM"] = accum
-            os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(budget)
-            os.environ["RLKERNELS_STATS_KERNEL"] = stats
-            K.STATS_STAGES = stages
-            what = dict(accum=accum, budget_mb=budget, single_pass=single, stats=stats, stages=stages)
+        # first = the defaults; each variant changes one thing. A 5 GiB budget holds the qwen fp32 accumulator
+        # (2.2 GB, at most half the budget), so "auto" takes it there, with a ~3 GiB block. stages: software
+        # pipelining of the statistics loop (K.STATS_STAGES); split: unmasked whole tiles (K.SPLIT_TAIL).
+        base = dict(accum="auto", budget_mb=1024, single_pass=True, stats="tile", stages=K.STATS_STAGES,
+                    split=K.SPLIT_TAIL)
+        changes = [{}, dict(stats="lanes"), dict(stages=3), dict(split=not K.SPLIT_TAIL), dict(accum="fp32"),
+                   dict(budget_mb=5120), dict(single_pass=False)]
+        defaults = (K.STATS_STAGES, K.SPLIT_TAIL)
+        for change in changes:
+            what = {**base, **change}
+            os.environ["RLKERNELS_GRAD_WEIGHT_ACCUM"] = what["accum"]
+            os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(what["budget_mb"])
+            os.environ["RLKERNELS_STATS_KERNEL"] = what["stats"]
+            K.STATS_STAGES, K.SPLIT_TAIL = what["stages"], what["split"]
             try:
-                t, peak = timed(loss_step(single_pass=single), clear=clear)
+                t, peak = timed(loss_step(single_pass=what["single_pass"]), clear=clear)
                 row("loss", **what, ms=t, peak_mb=peak, extra_beyond_grads_mb=peak - grad_mb,
                     vs_3gemm=(t / gemm_total) if gemm_total else None)
             except Exception as exc:  # report and go on: the sweep is for tuning
                 row("loss", **what, error=repr(exc)[:300])
             empty_cache()
-        K.STATS_STAGES = default_stages
+        K.STATS_STAGES, K.SPLIT_TAIL = defaults
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_GRAD_WEIGHT_ACCUM", None)
         os.environ.pop("RLKERNELS_MEMORY_BUDGET_MB", None)
@@ -259,29 +265,33 @@ def main(argv=None) -> int:
         row("kernel", baseline="copy_ (read + write)", ms=t_copy, gbs=2 * nbytes / t_copy / 1e6)
         row("kernel", baseline="stats, default tile, check=True", ms=t_chk, gbs=nbytes / t_chk / 1e6)
         knobs = ("BLOCK_V_FWD", "BLOCK_V_BWD", "BLOCK_V_LANES", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "NUM_WARPS_LANES",
-                 "STATS_STAGES")
+                 "STATS_STAGES", "SPLIT_TAIL")
         saved = {k: getattr(K, k) for k in knobs}
-        # the statistics loops (tile, lanes) at 1-3 pipeline stages, and the dL/dz kernel, per tile x warps
-        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)):
+        # per tile x warps: the dL/dz kernel and both statistics loops with unmasked whole tiles (split) or every
+        # tile masked, the split ones also at 2 and 3 pipeline stages (10 compiles per tile)
+        for block, warps in ((1024, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)):
             K.BLOCK_V_FWD = K.BLOCK_V_BWD = K.BLOCK_V_LANES = block
             K.NUM_WARPS_FWD = K.NUM_WARPS_BWD = K.NUM_WARPS_LANES = warps
             fields = {}
             try:
-                K.STATS_STAGES = 1
+                K.STATS_STAGES, K.SPLIT_TAIL = 1, True
                 m, s, c, _ = K.logits_stats(zb, y, None, 1.0)
                 log_s, cs = torch.log(s), c / s
-                t_d, _ = timed(lambda: K.dlogits(zb, out, y, None, 1.0, 0, m, log_s, cs, g1, g2), repeat=10)
-                fields.update(dlogits_ms=t_d, dlogits_gbs=2 * nbytes / t_d / 1e6)
-                for stages in (1, 2, 3):
-                    K.STATS_STAGES = stages
+                for split in (True, False):
+                    K.SPLIT_TAIL = split
+                    t_d, _ = timed(lambda: K.dlogits(zb, out, y, None, 1.0, 0, m, log_s, cs, g1, g2), repeat=10)
+                    fields[f"dlogits_{'split' if split else 'masked'}_gbs"] = 2 * nbytes / t_d / 1e6
+                for split, stages in ((True, 1), (False, 1), (True, 2), (True, 3)):
+                    K.STATS_STAGES, K.SPLIT_TAIL = stages, split
                     for loop in ("tile", "lanes"):
                         os.environ["RLKERNELS_STATS_KERNEL"] = loop
                         m2, s2, c2, _ = K.logits_stats(zb, y, None, 1.0)
                         agree = float(max((m2 - m).abs().max(), ((s2 - s) / s).abs().max(),
                                           ((c2 - c) / s).abs().max()))
                         t_s, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0), repeat=10)
-                        fields[f"{loop}{stages}_gbs"] = nbytes / t_s / 1e6
-                        fields[f"{loop}{stages}_vs_tile1"] = agree
+                        key = f"{loop}_{'split' if split else 'masked'}{stages}"
+                        fields[f"{key}_gbs"] = nbytes / t_s / 1e6
+                        fields[f"{key}_vs_ref"] = agree
                 row("kernel", block_v=block, warps=warps, **fields)
             except Exception as exc:
                 row("kernel", block_v=block, warps=warps, **fields, error=repr(exc)[:300])
@@ -292,9 +302,6 @@ def main(argv=None) -> int:
         empty_cache()
 
     row("done", seconds=time.time() - t0)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
     return 0
 
 

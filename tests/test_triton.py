@@ -18,7 +18,7 @@ from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, leaves, m
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
 ALLOWED_CONSTEXPR = {"HAS_BIAS", "ROW_TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES", "CHECK", "ROWS_3D",
-                     "STAGES"}
+                     "STAGES", "SPLIT_TAIL"}
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__ if hasattr(k, "__name__") else str(k))
@@ -151,16 +151,18 @@ def test_triton_budget_counts_the_input_dtype():
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("kernel", ["tile", "lanes"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_cols", [1, 37, 700])
-def test_stats_kernels_match_float64(monkeypatch, kernel, dtype, n_cols):
+def test_stats_kernels_match_float64(monkeypatch, kernel, dtype, n_cols, split):
     """Both loops of the statistics kernel (RLKERNELS_STATS_KERNEL) give M = max z~, S = sum exp(z~ - M) and
     C = sum exp(z~ - M)(z~ - M) of the block, with bias, per-row temperature, -inf logits (a whole -inf row too),
     labels outside the block, and more than one tile per row."""
     monkeypatch.setenv("RLKERNELS_STATS_KERNEL", kernel)
     monkeypatch.setattr(K, "BLOCK_V_FWD", 128)  # several tiles (and lanes that see few columns) at test sizes
     monkeypatch.setattr(K, "BLOCK_V_LANES", 128)
+    monkeypatch.setattr(K, "SPLIT_TAIL", split)  # unmasked whole tiles + a masked last one, or every tile masked
     g = torch.Generator().manual_seed(n_cols)
     rows = 6
     z = (torch.randn(rows, n_cols, generator=g, dtype=torch.float64) * 4).to(dtype)
@@ -340,3 +342,40 @@ def test_masked_logits_rows_are_skipped_not_copied(layout):
     torch.testing.assert_close(lp.cpu().double()[keep], want_lp.detach(), rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(en.cpu().double()[keep], want_en.detach(), rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(gx.cpu().double()[keep], want_g, rtol=1e-2, atol=1e-2 * float(want_g.abs().max()))
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("n_cols", [37, 300, 384])
+def test_padded_block_rows(monkeypatch, split, n_cols):
+    """The engine's blocks pad each row to a multiple of 16 entries (16-byte loads for any V): the kernels read up to
+    the padded width and ignore what the padding holds (NaN here), dL/dz in place leaves 0 there, and the results
+    equal those of an unpadded block, with unmasked whole tiles (split) or every tile masked."""
+    monkeypatch.setattr(K, "SPLIT_TAIL", split)
+    monkeypatch.setattr(K, "BLOCK_V_FWD", 128)
+    monkeypatch.setattr(K, "BLOCK_V_BWD", 128)
+    g = torch.Generator().manual_seed(n_cols)
+    rows, width = 5, K.padded_width(n_cols)
+    z = (torch.randn(rows, n_cols, generator=g) * 3).to(torch.bfloat16)
+    z[1, ::7] = -float("inf")
+    labels = torch.randint(0, n_cols, (rows,), generator=g)
+    labels[3] = -1  # a masked-out row
+    bias = (torch.randn(n_cols, generator=g) * 0.5).to(torch.bfloat16)
+    g_lp, g_en = torch.randn(rows, generator=g), torch.randn(rows, generator=g)
+    buf = torch.full((rows, width), float("nan"), dtype=torch.bfloat16)
+    buf[:, :n_cols] = z
+    args = [t.to(DEVICE) for t in (labels, bias)]
+    plain = K.logits_stats(z.to(DEVICE), *args, 0.7)
+    bufd = buf.to(DEVICE)
+    block = bufd[:, :n_cols]
+    padded = K.logits_stats(block, *args, 0.7, n_load=width)
+    for a, b in zip(padded, plain):
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=False)
+    m, s, c, _ = plain
+    log_s, cs = torch.log(s), c / s
+    want = K.dlogits(z.to(DEVICE), torch.empty_like(z.to(DEVICE)), *args, 0.7, 0, m, log_s, cs, g_lp.to(DEVICE),
+                     g_en.to(DEVICE))
+    got = K.dlogits(block, block, *args, 0.7, 0, m, log_s, cs, g_lp.to(DEVICE), g_en.to(DEVICE), n_load=width)
+    assert torch.equal(got.cpu(), want.cpu()) and torch.all(want.cpu()[3] == 0)
+    assert torch.all(bufd.cpu()[:, n_cols:] == 0)  # the padding (none at 384) holds 0 after dL/dz

@@ -24,14 +24,20 @@ import torch
 from torch import Tensor
 
 from .._inputs import env_choice, value_checks_enabled
-from ..triton_ops.logprobs import dlogits, logits_stats
+from ..triton_ops.logprobs import dlogits, logits_stats, padded_width
 from . import Engine
 from .chunking import ChunkPlan, memory_budget_bytes
 from .torch_engine import chunk_upstream, compute_dtype, forward_rows, fused_outputs, merged_chunk_stats
 
 
+def _buffer(hidden: Tensor, plan: ChunkPlan) -> Tensor:
+    """The logits block buffer, its rows padded to a multiple of ROW_PAD entries (16-byte loads for any V)."""
+    return torch.empty(plan.rows, padded_width(plan.vocab_block), dtype=hidden.dtype, device=hidden.device)
+
+
 def _block(buf: Tensor, r: int, v: int) -> Tensor:
-    return buf[:r] if v == buf.shape[1] else buf.view(-1)[: r * v].view(r, v)
+    """r rows x v values of the buffer, at its padded row stride (cuBLAS writes and reads it in place)."""
+    return buf[:r, :v]
 
 
 def _temp_rows(temperature, r0: int, r1: int):
@@ -143,7 +149,8 @@ def _chunk_stats(buf, h, weight, bias, labels, temperature, plan, offset: Option
     def block_stats(v0, v1):
         z = _block(buf, h.shape[0], v1 - v0)
         torch.mm(h, weight[v0:v1].T, out=z)
-        return logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0)
+        return logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0,
+                            n_load=padded_width(v1 - v0))
 
     return merged_chunk_stats(weight.shape[0], plan, block_stats)
 
@@ -157,7 +164,7 @@ def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, l
         if recompute:
             torch.mm(h, weight[v0:v1].T, out=z)
         dlogits(z, z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0, m, log_s, cs, g_logp,
-                g_ent)
+                g_ent, n_load=padded_width(v1 - v0))
         grads.add(z, h, weight, r0, v0, v1, plan.vocab_blocked)
 
 
@@ -167,7 +174,7 @@ def _g(x: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
 
 def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None):
     """-> (logp, entropy, M, log S, C/S), each (N,): three numbers per row are all that backward needs."""
-    buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
+    buf = _buffer(hidden, plan)
     return forward_rows(hidden, plan, lambda r0, r1: _chunk_stats(
         buf, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1), plan, vocab_offset))
 
@@ -176,7 +183,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
                     need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None):
     """Recompute mode backward: each logits block is recomputed (4 GEMMs in all with the forward)."""
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b, plan)
-    buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
+    buf = _buffer(hidden, plan)
     N = hidden.shape[0]
     for r0 in range(0, N, plan.rows):
         r1 = min(r0 + plan.rows, N)
@@ -192,7 +199,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     N = hidden.shape[0]
     logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b, plan)
-    buf = torch.empty(plan.rows, plan.vocab_block, dtype=hidden.dtype, device=hidden.device)
+    buf = _buffer(hidden, plan)
     for r0 in range(0, N, plan.rows):
         r1 = min(r0 + plan.rows, N)
         h, y, temp = hidden[r0:r1], labels[r0:r1], _temp_rows(temperature, r0, r1)

@@ -1,11 +1,12 @@
 """Compile the Triton kernels ahead of time for a GPU target on any machine (no GPU needed) and report what the
 compiler made of each: registers, shared and local memory (local = register spills), the width of the global loads,
-and whether the loop streams through ``cp.async``.
+whether the loop streams through ``cp.async``, and so how many programs (warps) an SM can keep resident.
 
 The GPU machines are lent to some sessions only; this is the check every session and CI can run. A kernel that
 would not compile for sm_90 fails here first (as the 3.6 compiler once rejected a global that the interpreter
-accepted), and what decides bandwidth before any timing (16-byte loads, no spills, registers that leave room for
-enough programs per SM) is read from the compiler's own output.
+accepted), and what bounds bandwidth before any timing (16-byte loads, no spills, enough resident warps to keep
+loads in flight) is read from the compiler's own output. Which configuration is fastest still takes a GPU
+(bench/gpu_tune.py).
 
     python -m rlkernels.triton_ops.aot          # the table, for sm_90 (H100/H200)
 
@@ -19,7 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import triton
@@ -51,32 +52,48 @@ class Report:
     vector_loads: int  # ld.global.v4 (16-byte) instructions
     async_copies: int  # cp.async instructions (pipelined loops)
     scalar_2byte_loads: int  # ld.global.b16: one bf16 at a time
-    notes: List[str] = field(default_factory=list)
+
+    @property
+    def programs_per_sm(self) -> int:
+        """Programs an sm_90 SM holds at once: the least of its limits on registers (65536, allocated per warp in
+        units of 256), threads (2048), blocks (32) and shared memory (228 KiB, 1 KiB reserved per block)."""
+        warps = self.variant.num_warps
+        regs_per_warp = -(-self.registers * 32 // 256) * 256
+        by_regs = 65536 // max(regs_per_warp * warps, 1)
+        by_smem = (228 * 1024) // (self.shared_bytes + 1024)
+        return min(by_regs, 2048 // (32 * warps), 32, by_smem)
+
+    @property
+    def warps_per_sm(self) -> int:
+        return self.programs_per_sm * self.variant.num_warps
 
     def row(self) -> str:
         v = self.variant
         return (f"{v.name:<44} {v.num_warps:>5} {self.registers:>5} {self.shared_bytes:>7} {self.local_bytes:>6} "
-                f"{self.vector_loads:>5} {self.async_copies:>5}")
+                f"{self.vector_loads:>5} {self.async_copies:>5} {self.programs_per_sm:>6} {self.warps_per_sm:>6}")
 
 
-HEADER = f"{'variant':<44} {'warps':>5} {'regs':>5} {'shared':>7} {'local':>6} {'ld.v4':>5} {'cp.as':>5}"
+HEADER = (f"{'variant':<44} {'warps':>5} {'regs':>5} {'shared':>7} {'local':>6} {'ld.v4':>5} {'cp.as':>5} "
+          f"{'prg/SM':>6} {'wrp/SM':>6}")
 
 
 def _stats_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
     return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "bias_ptr": dtype,
             "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32", "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32",
-            "m_out": f"*{acc}", "s_out": f"*{acc}", "c_out": f"*{acc}", "zy_out": f"*{acc}"}
+            "n_load": "i32", "m_out": f"*{acc}", "s_out": f"*{acc}", "c_out": f"*{acc}", "zy_out": f"*{acc}"}
 
 
 def _dlogits_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
     return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "out_ptr": dtype,
             "stride_out": "i64", "bias_ptr": dtype, "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32",
-            "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32", "m_ptr": f"*{acc}", "log_s_ptr": f"*{acc}",
+            "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32", "n_load": "i32", "m_ptr": f"*{acc}", "log_s_ptr": f"*{acc}",
             "cs_ptr": f"*{acc}", "g_logp_ptr": f"*{acc}", "g_ent_ptr": f"*{acc}"}
 
 
-_STATS_ALIGNED = ("z_ptr", "stride_z", "stride_outer", "bias_ptr", "n_cols")
-_DLOGITS_ALIGNED = ("z_ptr", "stride_z", "stride_outer", "out_ptr", "stride_out", "bias_ptr", "n_cols")
+_STATS_ALIGNED = ("z_ptr", "stride_z", "stride_outer", "bias_ptr", "n_cols", "n_load")
+_DLOGITS_ALIGNED = ("z_ptr", "stride_z", "stride_outer", "out_ptr", "stride_out", "bias_ptr", "n_cols", "n_load")
+# V not a multiple of 16 in the engine's own (padded) block: only n_cols loses its divisibility
+_ODD_V = ("n_cols",)
 
 
 def variants() -> List[Variant]:
@@ -85,15 +102,19 @@ def variants() -> List[Variant]:
     out = []
 
     def stats(name, lanes=False, check=False, rows_3d=False, bias=False, row_temp=False, stages=None, dtype="*bf16",
-              acc=tl.float32):
+              acc=tl.float32, unaligned=(), split=None):
         block, warps = (K.BLOCK_V_LANES, K.NUM_WARPS_LANES) if lanes else (K.BLOCK_V_FWD, K.NUM_WARPS_FWD)
         out.append(Variant(f"stats {name}", K._logits_stats_kernel,
                            _stats_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
                            dict(HAS_BIAS=bias, ROW_TEMP=row_temp, ACC=acc, BLOCK_V=block, LANES=lanes, CHECK=check,
-                                ROWS_3D=rows_3d, STAGES=K.STATS_STAGES if stages is None else stages),
-                           warps, _STATS_ALIGNED))
+                                ROWS_3D=rows_3d, STAGES=K.STATS_STAGES if stages is None else stages,
+                                SPLIT_TAIL=K.SPLIT_TAIL if split is None else split),
+                           warps, tuple(a for a in _STATS_ALIGNED if a not in unaligned)))
 
     stats("tile (hidden+W path)")
+    stats("tile, V odd, padded block", unaligned=_ODD_V)
+    stats("tile, every tile masked", split=False)
+    stats("tile, every tile masked, V odd, padded", split=False, unaligned=_ODD_V)
     stats("tile, bias, per-token T", bias=True, row_temp=True)
     stats("tile, checked, (B,T,V) (logits path)", check=True, rows_3d=True)
     stats("tile, 3 stages", stages=3)
@@ -101,13 +122,16 @@ def variants() -> List[Variant]:
     stats("lanes, checked, (B,T,V)", lanes=True, check=True, rows_3d=True)
     stats("tile, fp64", dtype="*fp64", acc=tl.float64)
 
-    def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, row_temp=False):
+    def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, row_temp=False, unaligned=(), split=None):
         out.append(Variant(f"dlogits {name}", K._dlogits_kernel, _dlogits_signature(),
                            dict(HAS_BIAS=bias, ROW_TEMP=row_temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=tl.float32,
-                                BLOCK_V=K.BLOCK_V_BWD, ROWS_3D=rows_3d),
-                           K.NUM_WARPS_BWD, _DLOGITS_ALIGNED))
+                                BLOCK_V=K.BLOCK_V_BWD, ROWS_3D=rows_3d,
+                                SPLIT_TAIL=K.SPLIT_TAIL if split is None else split),
+                           K.NUM_WARPS_BWD, tuple(a for a in _DLOGITS_ALIGNED if a not in unaligned)))
 
     dlogits("logp + entropy")
+    dlogits("V odd, padded block", unaligned=_ODD_V)
+    dlogits("every tile masked", split=False)
     dlogits("logp only", gent=False)
     dlogits("bias, per-token T, (B,T,V)", bias=True, row_temp=True, rows_3d=True)
 

@@ -43,6 +43,10 @@ NUM_WARPS_LANES = 4
 # next tiles through shared memory with cp.async while this one is reduced (8-16 KiB per program at 4096 columns).
 # Not yet timed on a GPU: bench/gpu_tune.py sweeps it.
 STATS_STAGES = 1
+# Whole tiles read and reduced without masks, the row's partial last tile with them (True), or every tile masked
+# as first measured (False). Compiled for sm_90 (rlkernels.triton_ops.aot), the split keeps 16-byte loads when V is
+# not a multiple of 16 (in the engine's padded blocks) at a few more registers; bench/gpu_tune.py times both.
+SPLIT_TAIL = True
 
 # The statistics kernel's loop (RLKERNELS_STATS_KERNEL, read per call): "tile" merges each tile into one running
 # (M, S, C) with three block reductions per tile (measured above); "lanes" keeps the state per lane and reduces once
@@ -65,9 +69,9 @@ _ROW_ARGS = ["temp_ptr", "labels_ptr", "v_offset", "rows_inner"]
 @triton.jit(do_not_specialize=_ROW_ARGS + ["m_out", "s_out", "c_out", "zy_out"])
 def _logits_stats_kernel(
     z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
-    m_out, s_out, c_out, zy_out,
+    n_load, m_out, s_out, c_out, zy_out,
     HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
-    CHECK: tl.constexpr, ROWS_3D: tl.constexpr, STAGES: tl.constexpr,
+    CHECK: tl.constexpr, ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
@@ -78,7 +82,10 @@ def _logits_stats_kernel(
     # a negative label marks a masked-out row: never read, (M, S, C, z~_y) = (0, 1, 0, 0), so logp = entropy = 0
     label = tl.load(labels_ptr + row)
     row_ok = label >= 0
-    n_read = tl.where(row_ok, n_cols, 0)
+    n_vals = tl.where(row_ok, n_cols, 0)
+    n_full = (n_vals // BLOCK_V) * BLOCK_V  # whole tiles, read without masks; then the partial one with masks
+    if not SPLIT_TAIL:
+        n_full = n_full * 0  # every tile masked (the loop as first measured)
     # the label logit, read before the floor so that a -inf label logit gives logp = -inf
     label_local = label - v_offset
     in_block = (label_local >= 0) & (label_local < n_cols)
@@ -93,21 +100,29 @@ def _logits_stats_kernel(
         m_v = tl.full((BLOCK_V,), LOGIT_FLOOR, ACC)
         s_v = tl.zeros((BLOCK_V,), ACC)
         c_v = tl.zeros((BLOCK_V,), ACC)
-        for start in tl.range(0, n_read, BLOCK_V, num_stages=STAGES):
+        for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, CHECK, False)
+            m_v, s_v, c_v = online_lse_lanes_update(m_v, s_v, c_v, z, None, False)
+        for start in tl.range(n_full, n_vals, BLOCK_V, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_V)
             col_mask = cols < n_cols
-            z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC, CHECK)
-            m_v, s_v, c_v = online_lse_lanes_update(m_v, s_v, c_v, z, col_mask)
+            z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, ACC, CHECK, True)
+            m_v, s_v, c_v = online_lse_lanes_update(m_v, s_v, c_v, z, col_mask, True)
         m, s, c = merge_lanes(m_v, s_v, c_v)
     else:  # one running state, merged tile by tile
         m = tl.full((), LOGIT_FLOOR, ACC)
         s = tl.zeros((), ACC)
         c = tl.zeros((), ACC)
-        for start in tl.range(0, n_read, BLOCK_V, num_stages=STAGES):
+        for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, CHECK, False)
+            m, s, c = online_lse_update(m, s, c, z, None, False)
+        for start in tl.range(n_full, n_vals, BLOCK_V, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_V)
             col_mask = cols < n_cols
-            z = load_scaled_logits(z_row, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, ACC, CHECK)
-            m, s, c = online_lse_update(m, s, c, z, col_mask)
+            z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, ACC, CHECK, True)
+            m, s, c = online_lse_update(m, s, c, z, col_mask, True)
     tl.store(m_out + row, tl.where(row_ok, m, 0.0))
     tl.store(s_out + row, tl.where(row_ok, s, 1.0))
     tl.store(c_out + row, tl.where(row_ok, c, 0.0))
@@ -117,22 +132,20 @@ def _logits_stats_kernel(
 @triton.jit(do_not_specialize=_ROW_ARGS + ["m_ptr", "log_s_ptr", "cs_ptr", "g_logp_ptr", "g_ent_ptr"])
 def _dlogits_kernel(
     z_ptr, stride_z, stride_outer, rows_inner, out_ptr, stride_out, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr,
-    v_offset, n_cols, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
+    v_offset, n_cols, n_load, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
     HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr, ROWS_3D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr, ROWS_3D: tl.constexpr, SPLIT_TAIL: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < n_cols
     if ROW_TEMP:
         inv_t = 1.0 / tl.load(temp_ptr + row).to(ACC)
     else:
         inv_t = inv_t_scalar
     label = tl.load(labels_ptr + row)
     row_ok = label >= 0  # else a masked-out row: its gradient is 0 and its logits are never read
-    read_mask = cols < tl.where(row_ok, n_cols, 0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
-    z = load_scaled_logits(z_row, bias_ptr, cols, read_mask, inv_t, HAS_BIAS, ACC, False)
+    out_row = out_ptr + row.to(tl.int64) * stride_out
     g_logp = tl.zeros((), ACC)
     g_ent = tl.zeros((), ACC)
     if HAS_GLOGP:
@@ -140,11 +153,23 @@ def _dlogits_kernel(
     if HAS_GENT:
         g_ent = tl.load(g_ent_ptr + row).to(ACC)
     label_local = label - v_offset
-    dz = dlogits_tile(z, cols, label_local, tl.load(m_ptr + row), tl.load(log_s_ptr + row), tl.load(cs_ptr + row),
-                      g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT)
-    dz = tl.where(row_ok, dz, 0.0)
-    out_row = out_ptr + row.to(tl.int64) * stride_out
-    tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=col_mask)
+    m = tl.load(m_ptr + row)
+    log_s = tl.load(log_s_ptr + row)
+    cs = tl.load(cs_ptr + row)
+    n_unmasked = tl.where(row_ok, n_cols, 0)
+    if not SPLIT_TAIL:
+        n_unmasked = n_unmasked * 0  # every tile masked (the kernel as first measured)
+    if (tl.program_id(1) + 1) * BLOCK_V <= n_unmasked:  # a whole tile of values: no masks
+        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, False, False)
+        dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT)
+        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty))
+    else:  # the row's last tile (its padding written with 0), or a masked-out row (zeros, nothing read)
+        col_mask = cols < n_cols
+        z = load_scaled_logits(z_row, bias_ptr, cols, cols < tl.where(row_ok, n_load, 0), col_mask, inv_t,
+                               HAS_BIAS, ACC, False, True)
+        dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT)
+        dz = tl.where(row_ok, dz, 0.0)  # (outside col_mask z is the floor: p = 0, dz = 0)
+        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load)
 
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -176,14 +201,35 @@ def _rows(z: Tensor) -> Tuple[int, int, int, int, bool]:
     return B * T, z.stride(1), z.stride(0), max(T, 1), True
 
 
+# Rows of the engine's own logits blocks are padded to a multiple of this many entries: a row stride and a read
+# bound divisible by 16 are what let the compiler issue 16-byte loads (rlkernels.triton_ops.aot); without them a V
+# such as 50257 is read one bf16 at a time.
+ROW_PAD = 16
+
+
+def padded_width(n_cols: int) -> int:
+    """Row length of a block buffer for ``n_cols`` values: a multiple of ROW_PAD."""
+    return -(-n_cols // ROW_PAD) * ROW_PAD
+
+
+def _n_load(z: Tensor, n_load: Optional[int]) -> int:
+    n_cols = z.shape[-1]
+    if n_load is None:
+        return n_cols
+    assert n_cols <= n_load <= z.stride(-2) and z.dim() == 2, "padding needs a 2-D block with room in each row"
+    return n_load
+
+
 def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0,
-                 check: bool = False):
+                 check: bool = False, n_load: Optional[int] = None):
     """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols), or (B, T, n_cols) with rows b T + t, whose column 0
     is vocabulary entry ``v_offset``.
 
     ``labels`` (rows,) are global ids; ``bias`` is the block's slice or None; ``temperature`` a float or a (rows,)
     tensor. Returns four (rows,) fp32 (fp64) tensors; z~_y is -inf where the label lies outside the block.
     ``check``: the value check rides on this one read of the block: S is NaN in every row holding a NaN or +inf.
+    ``n_load``: how far each row may be read (default: its n_cols values), for a block whose rows are padded in
+    memory that the caller owns (see :func:`padded_width`); the padding's contents are ignored.
     """
     rows, stride, outer, inner, rows_3d = _rows(z)
     n_cols = z.shape[-1]
@@ -196,31 +242,33 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     block, warps = (BLOCK_V_LANES, NUM_WARPS_LANES) if lanes else (BLOCK_V_FWD, NUM_WARPS_FWD)
     _logits_stats_kernel[(rows,)](
         z, stride, outer, inner, bias if bias is not None else z, temp if row_temp else z, inv_t, labels, v_offset, n_cols,
-        out[0], out[1], out[2], out[3],
+        _n_load(z, n_load), out[0], out[1], out[2], out[3],
         HAS_BIAS=bias is not None, ROW_TEMP=row_temp, ACC=_TL[acc],
         BLOCK_V=min(block, triton.next_power_of_2(n_cols)), LANES=lanes,
-        CHECK=check, ROWS_3D=rows_3d, STAGES=STATS_STAGES, num_warps=warps,
+        CHECK=check, ROWS_3D=rows_3d, STAGES=STATS_STAGES, SPLIT_TAIL=SPLIT_TAIL, num_warps=warps,
     )
     return out.unbind(0)
 
 
 def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int,
-            m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
+            m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor],
+            n_load: Optional[int] = None) -> Tensor:
     """Write dL/dz of the block ``z`` (2-D or 3-D, as in :func:`logits_stats`) into ``out``, a row-major tensor of
     the same shape (may be ``z`` itself: each element is read before it is written by the same program). Returns
-    ``out``."""
+    ``out``. ``n_load`` as in :func:`logits_stats`; the padding of ``out`` (then ``z`` itself) is written with 0."""
     rows, stride, outer, inner, rows_3d = _rows(z)
     n_cols = z.shape[-1]
     assert out.shape == z.shape and out.stride(-1) == 1 and (out.dim() == 2 or out.is_contiguous())
     if rows == 0:
         return out
     temp, inv_t, row_temp = _temperature_args(temperature, z)
-    block = min(BLOCK_V_BWD, triton.next_power_of_2(n_cols))
-    _dlogits_kernel[(rows, triton.cdiv(n_cols, block))](
+    n_load = _n_load(z, n_load)
+    block = min(BLOCK_V_BWD, triton.next_power_of_2(n_load))
+    _dlogits_kernel[(rows, triton.cdiv(n_load, block))](
         z, stride, outer, inner, out, out.stride(-2), bias if bias is not None else z, temp if row_temp else z, inv_t,
-        labels, v_offset, n_cols, m, log_s, cs,
+        labels, v_offset, n_cols, n_load, m, log_s, cs,
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
         HAS_BIAS=bias is not None, ROW_TEMP=row_temp, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
-        ACC=_TL[_acc(z.dtype)], BLOCK_V=block, ROWS_3D=rows_3d, num_warps=NUM_WARPS_BWD,
+        ACC=_TL[_acc(z.dtype)], BLOCK_V=block, ROWS_3D=rows_3d, SPLIT_TAIL=SPLIT_TAIL, num_warps=NUM_WARPS_BWD,
     )
     return out

@@ -21,14 +21,23 @@ def row_offset(row, stride, stride_outer, rows_inner, ROWS_3D: tl.constexpr):
 
 
 @triton.jit
-def load_scaled_logits(z_row_ptr, bias_ptr, cols, col_mask, inv_t, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-                       FLAG_NONFINITE: tl.constexpr):
-    """One tile of z~ = (z + b) * (1/T) in the accumulation dtype ACC (fp32; fp64 for fp64 inputs), with -inf (and
-    masked-off columns) floored. With FLAG_NONFINITE, NaN and +inf come back as NaN (the floor's max would turn a
-    NaN into the floor on a GPU), so that the row's sums, and its logp and entropy, turn NaN."""
-    z = tl.load(z_row_ptr + cols, mask=col_mask, other=float("-inf")).to(ACC)
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HAS_BIAS: tl.constexpr,
+                       ACC: tl.constexpr, FLAG_NONFINITE: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of z~ = (z + b) * (1/T) in the accumulation dtype ACC (fp32; fp64 for fp64 inputs), with -inf
+    floored. MASKED=False: a whole tile of values, no masks (the loop body). MASKED=True (a row's last, partial
+    tile): columns outside ``col_mask`` (``cols < n_cols``) come back as the floor; ``load_mask`` (``cols <
+    n_load``) may reach past the row's values into padding that the caller owns, a bound divisible by 16 that keeps
+    the loads 16 bytes wide when V is not. With FLAG_NONFINITE, NaN and +inf come back as NaN (the floor's max would
+    turn a NaN into the floor on a GPU), so that the row's sums, and its logp and entropy, turn NaN."""
+    if MASKED:
+        z = tl.load(z_row_ptr + cols, mask=load_mask, other=float("-inf")).to(ACC)
+        z = tl.where(col_mask, z, float("-inf"))
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    else:
+        z = tl.load(z_row_ptr + cols).to(ACC)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols).to(ACC)
     z = z * inv_t
     if FLAG_NONFINITE:
         return tl.where((z != z) | (z == float("inf")), float("nan"), tl.maximum(z, LOGIT_FLOOR))
@@ -36,33 +45,41 @@ def load_scaled_logits(z_row_ptr, bias_ptr, cols, col_mask, inv_t, HAS_BIAS: tl.
 
 
 @triton.jit
-def online_lse_update(m, s, c, z, col_mask):
+def online_lse_update(m, s, c, z, col_mask, MASKED: tl.constexpr):
     """Merge one tile into the running (M, S, C) state of B §1.2, C = sum exp(z - M) (z - M).
 
     The state starts at (LOGIT_FLOOR, 0, 0): finite, so the first rescale is exp(floor - M') * 0 = 0 without nan.
+    MASKED: only the columns in ``col_mask`` count (a floored column would add exp(0) = 1 to a row of -inf).
     """
-    tile_max = tl.max(tl.where(col_mask, z, LOGIT_FLOOR), axis=0)
+    if MASKED:
+        tile_max = tl.max(tl.where(col_mask, z, LOGIT_FLOOR), axis=0)
+    else:
+        tile_max = tl.max(z, axis=0)
     m_new = tl.maximum(m, tile_max)
     alpha = tl.exp(m - m_new)
     shifted = z - m_new
-    e = tl.where(col_mask, tl.exp(shifted), 0.0)
+    e = tl.exp(shifted)
+    if MASKED:
+        e = tl.where(col_mask, e, 0.0)
     c = alpha * (c + (m - m_new) * s) + tl.sum(e * shifted, axis=0)
     s = alpha * s + tl.sum(e, axis=0)
     return m_new, s, c
 
 
 @triton.jit
-def online_lse_lanes_update(m, s, c, z, col_mask):
+def online_lse_lanes_update(m, s, c, z, col_mask, MASKED: tl.constexpr):
     """The same merge kept per lane (m, s, c are BLOCK_V vectors; each lane sees every BLOCK_V-th column): no
     reduction inside the loop, one exp per element. With e = exp(-|z - m|):
-    z > m: (m, s, c) <- (z, s e + 1, e (c + (m - z) s)); else (m, s + e, c + e (z - m)). Masked columns keep the
-    state."""
+    z > m: (m, s, c) <- (z, s e + 1, e (c + (m - z) s)); else (m, s + e, c + e (z - m)). MASKED: columns outside
+    ``col_mask`` keep the state."""
     up = z > m
     e = tl.exp(tl.where(up, m - z, z - m))
     s_new = tl.where(up, s * e + 1.0, s + e)
     c_new = tl.where(up, e * (c + (m - z) * s), c + e * (z - m))
     m_new = tl.maximum(m, z)
-    return tl.where(col_mask, m_new, m), tl.where(col_mask, s_new, s), tl.where(col_mask, c_new, c)
+    if MASKED:
+        return tl.where(col_mask, m_new, m), tl.where(col_mask, s_new, s), tl.where(col_mask, c_new, c)
+    return m_new, s_new, c_new
 
 
 @triton.jit
