@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine, from the repository root:
 #
-#     OUT=/some/dir bash bench/device_check.sh          # grpo tune tests logprobs llama kernels: ~7-8 min
+#     OUT=/some/dir bash bench/device_check.sh          # tests grpo tune logprobs llama kernels: ~8 min
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
@@ -82,9 +82,9 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, append to
 
 BENCH=("$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 16384 --dtype bfloat16 --no-progress
        --warmup 2 --repeat 5)
-for s in ${STEPS:-grpo tune tests logprobs llama kernels}; do
+for s in ${STEPS:-tests grpo tune logprobs llama kernels}; do
   case "$s" in
-    tune) step tune 110 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --skip kernel --json "$OUT/tune-$TAG.json" ;;
+    tune) step tune 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --skip kernel --json "$OUT/tune-$TAG.json" ;;
     kernels) step kernels 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only kernel \
                --json "$OUT/kernels-$TAG.json" ;;
     grpo) step grpo 140 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \

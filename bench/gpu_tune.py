@@ -7,12 +7,13 @@ What it measures, all in one process on one GPU so that every ratio is against a
 1. ``gemm``: the three bf16 GEMMs of the op alone (``h W^T``, ``dz W``, ``dz^T h``) into preallocated outputs;
 2. ``loss``: ``fused_grpo_loss`` (dapo) forward+backward on the Triton engine for each grad_weight accumulation
    mode (``RLKERNELS_GRAD_WEIGHT_ACCUM``), logits-block budget (``RLKERNELS_MEMORY_BUDGET_MB``), statistics loop
-   (``RLKERNELS_STATS_KERNEL``) and the recompute mode: time, and the peak memory above the inputs (gradients
-   included, as new tensors);
+   (``RLKERNELS_STATS_KERNEL``), pipeline stages and tail split, ``RLKERNELS_AUTOTUNE=1`` (and what it picked) and the
+   recompute mode: time, and the peak memory above the inputs (gradients included, as new tensors);
 3. ``kernel``: the statistics kernel (both loops; unmasked whole tiles or every tile masked; 1-3 software-pipeline
-   stages) and the dL/dz kernel (both tilings) over one chunk for each vocabulary tile and warp count, as GB/s by the byte model (stats reads the block; dL/dz reads and writes
-   it), beside PyTorch's own read (``amax``) and read + write (``copy_``) of the same block, the practical ceilings
-   (about 50 kernel compiles: ``bench/device_check.sh`` runs it as its own step, ``--only kernel``);
+   stages) and the dL/dz kernel (both tilings) over one chunk for each vocabulary tile and warp count, as GB/s by
+   the byte model (stats reads the block; dL/dz reads and writes it), beside PyTorch's own read (``amax``) and
+   read + write (``copy_``) of the same block, the practical ceilings (about 50 kernel compiles:
+   ``bench/device_check.sh`` runs it as its own step, ``--only kernel``);
 4. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
    for both statistics loops;
 5. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     from rlkernels.bench.shapes import resolve_shape
     from rlkernels.bench.workloads import Case, make_inputs
     from rlkernels.engines import triton_engine
+    from rlkernels.triton_ops import autotune
     from rlkernels.triton_ops import logprobs as K
 
     sections = {"gemm", "loss", "logits", "precision", "kernel"}
@@ -159,9 +161,9 @@ def main(argv=None) -> int:
         # (2.2 GB, at most half the budget), so "auto" takes it there, with a ~3 GiB block. stages: software
         # pipelining of the statistics loop (K.STATS_STAGES); split: unmasked whole tiles (K.SPLIT_TAIL).
         base = dict(accum="auto", budget_mb=1024, single_pass=True, stats="tile", stages=K.STATS_STAGES,
-                    split=K.SPLIT_TAIL)
-        changes = [{}, dict(stats="lanes"), dict(stages=3), dict(split=not K.SPLIT_TAIL), dict(accum="fp32"),
-                   dict(budget_mb=5120), dict(single_pass=False)]
+                    split=K.SPLIT_TAIL, autotune=False)
+        changes = [{}, dict(stats="lanes"), dict(stages=3), dict(split=not K.SPLIT_TAIL), dict(autotune=True),
+                   dict(accum="fp32"), dict(budget_mb=5120), dict(single_pass=False)]
         defaults = (K.STATS_STAGES, K.SPLIT_TAIL)
         for change in changes:
             what = {**base, **change}
@@ -169,13 +171,17 @@ def main(argv=None) -> int:
             os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(what["budget_mb"])
             os.environ["RLKERNELS_STATS_KERNEL"] = what["stats"]
             K.STATS_STAGES, K.SPLIT_TAIL = what["stages"], what["split"]
+            os.environ["RLKERNELS_AUTOTUNE"] = "1" if what["autotune"] else "0"  # tunes during the warm-up calls
             try:
                 t, peak = timed(loss_step(single_pass=what["single_pass"]), clear=clear)
                 row("loss", **what, ms=t, peak_mb=peak, extra_beyond_grads_mb=peak - grad_mb,
                     vs_3gemm=(t / gemm_total) if gemm_total else None)
             except Exception as exc:  # report and go on: the sweep is for tuning
                 row("loss", **what, error=repr(exc)[:300])
+            if what["autotune"]:
+                row("autotune", picks={str(k[0:1] + k[2:]): str(v) for k, v in autotune.tuned().items()})
             empty_cache()
+        os.environ.pop("RLKERNELS_AUTOTUNE", None)
         K.STATS_STAGES, K.SPLIT_TAIL = defaults
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_GRAD_WEIGHT_ACCUM", None)

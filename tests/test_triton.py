@@ -379,3 +379,68 @@ def test_padded_block_rows(monkeypatch, split, n_cols):
     got = K.dlogits(block, block, *args, 0.7, 0, m, log_s, cs, g_lp.to(DEVICE), g_en.to(DEVICE), n_load=width)
     assert torch.equal(got.cpu(), want.cpu()) and torch.all(want.cpu()[3] == 0)
     assert torch.all(bufd.cpu()[:, n_cols:] == 0)  # the padding (none at 384) holds 0 after dL/dz
+
+
+def test_autotune_picks_the_fastest_once(monkeypatch):
+    """pick(): times every candidate, keeps the fastest per key for the process, keeps the default (first) unless
+    another beats it by more than 3%, skips candidates the compiler rejects, and says so when none runs. (Timings
+    are stubbed: this is the selection logic, not a timed test.)"""
+    from triton.runtime.errors import OutOfResources
+
+    from rlkernels.triton_ops import autotune
+
+    autotune.reset()
+    ms = {"default": 4.0, "fast": 1.0, "slow": 6.0, "near": 3.9}
+    calls = []
+
+    def run(cfg):
+        calls.append(cfg)
+        if cfg == "too big":
+            raise OutOfResources(1, 0, "shared memory")
+
+    def fake_median_ms(fn, device):
+        fn()
+        return ms[calls[-1]]
+
+    monkeypatch.setattr(autotune, "_median_ms", fake_median_ms)
+    key = ("stats", torch.device("cpu"), torch.bfloat16, 4096)
+    assert autotune.pick(key, ["default", "too big", "fast", "slow"], run) == "fast"
+    n = len(calls)
+    assert autotune.pick(key, ["default", "too big", "fast", "slow"], run) == "fast" and len(calls) == n
+    assert autotune.pick(key[:3] + (8192,), ["default", "near"], run) == "default"  # 2.5% faster: noise
+    with pytest.raises(RuntimeError, match="no candidate ran"):
+        autotune.pick(key[:3] + (2,), ["too big"], run)
+    assert autotune.bucket(152064) == 262144 and autotune.bucket(4096) == 4096 and autotune.bucket(1) == 1
+    autotune.reset()
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+def test_autotuned_kernels_give_the_same_results(monkeypatch):
+    """RLKERNELS_AUTOTUNE=1: the tuned launches give the defaults' results (in place too: tuning writes only into
+    scratch, never into the block that dL/dz overwrites)."""
+    from rlkernels.triton_ops import autotune
+
+    monkeypatch.setattr(autotune, "REPEATS", 1)
+    monkeypatch.setattr(autotune, "stats_candidates", lambda lanes: [K.stats_launch(lanes), K.LaunchConfig(64, 2)])
+    monkeypatch.setattr(autotune, "dlogits_candidates", lambda: [K.dlogits_launch(), K.LaunchConfig(64, 2, 1, False)])
+    g = torch.Generator().manual_seed(21)
+    z = (torch.randn(6, 300, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    y = torch.randint(0, 300, (6,), generator=g).to(DEVICE)
+    g1, g2 = torch.randn(6, generator=g).to(DEVICE), torch.randn(6, generator=g).to(DEVICE)
+
+    def both():
+        m, s, c, zy = K.logits_stats(z, y, None, 0.8)
+        log_s, cs = torch.log(s), c / s
+        block = z.clone()
+        K.dlogits(block, block, y, None, 0.8, 0, m, log_s, cs, g1, g2)
+        return (m, s, c, zy, block)
+
+    monkeypatch.delenv("RLKERNELS_AUTOTUNE", raising=False)
+    plain = both()
+    monkeypatch.setenv("RLKERNELS_AUTOTUNE", "1")
+    autotune.reset()
+    tuned = both()
+    assert len(autotune.tuned()) == 2
+    for a, b in zip(tuned, plain):
+        torch.testing.assert_close(a.cpu().float(), b.cpu().float(), rtol=1e-6, atol=1e-6)
+    autotune.reset()

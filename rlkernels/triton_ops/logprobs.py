@@ -15,6 +15,7 @@ nothing is gathered or copied): its logits are never read, logp and entropy come
 Sequence lengths, row counts, temperatures and offsets are runtime arguments; only the tile size and feature flags
 are ``constexpr``, so a new completion length does not recompile.
 """
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -23,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._inputs import env_choice
+from . import autotune
 from .tl_utils import (LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_lanes_update,
                        online_lse_update, row_offset)
 
@@ -220,6 +222,38 @@ def _n_load(z: Tensor, n_load: Optional[int]) -> int:
     return n_load
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How a kernel is launched: vocabulary tile, warps, pipeline stages of the statistics loop, and whether whole
+    tiles are read without masks (see the module constants for the measured defaults)."""
+    block_v: int
+    num_warps: int
+    stages: int = 1
+    split_tail: bool = True
+
+
+def stats_launch(lanes: bool) -> LaunchConfig:
+    """The default launch of the statistics kernel (the module constants, read now)."""
+    if lanes:
+        return LaunchConfig(BLOCK_V_LANES, NUM_WARPS_LANES, STATS_STAGES, SPLIT_TAIL)
+    return LaunchConfig(BLOCK_V_FWD, NUM_WARPS_FWD, STATS_STAGES, SPLIT_TAIL)
+
+
+def dlogits_launch() -> LaunchConfig:
+    """The default launch of the dL/dz kernel (the module constants, read now)."""
+    return LaunchConfig(BLOCK_V_BWD, NUM_WARPS_BWD, 1, SPLIT_TAIL)
+
+
+def _row_sample(z: Tensor, rows: int) -> Tuple[Tensor, int]:
+    """A leading slice of ``z`` with about autotune.SAMPLE_ROWS rows (whole batches of a 3-D tensor), and its rows."""
+    if z.dim() == 2:
+        k = min(z.shape[0], autotune.SAMPLE_ROWS)
+        return z[:k], k
+    T = max(z.shape[1], 1)
+    b = min(z.shape[0], max(1, autotune.SAMPLE_ROWS // T))
+    return z[:b], b * z.shape[1]
+
+
 def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0,
                  check: bool = False, n_load: Optional[int] = None):
     """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols), or (B, T, n_cols) with rows b T + t, whose column 0
@@ -231,23 +265,36 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     ``n_load``: how far each row may be read (default: its n_cols values), for a block whose rows are padded in
     memory that the caller owns (see :func:`padded_width`); the padding's contents are ignored.
     """
-    rows, stride, outer, inner, rows_3d = _rows(z)
-    n_cols = z.shape[-1]
+    rows = _rows(z)[0]
     acc = _acc(z.dtype)
     out = torch.empty(4, rows, dtype=acc, device=z.device)
     if rows == 0:
         return out.unbind(0)
     temp, inv_t, row_temp = _temperature_args(temperature, z)
     lanes = stats_kernel() == "lanes"
-    block, warps = (BLOCK_V_LANES, NUM_WARPS_LANES) if lanes else (BLOCK_V_FWD, NUM_WARPS_FWD)
-    _logits_stats_kernel[(rows,)](
-        z, stride, outer, inner, bias if bias is not None else z, temp if row_temp else z, inv_t, labels, v_offset, n_cols,
-        _n_load(z, n_load), out[0], out[1], out[2], out[3],
-        HAS_BIAS=bias is not None, ROW_TEMP=row_temp, ACC=_TL[acc],
-        BLOCK_V=min(block, triton.next_power_of_2(n_cols)), LANES=lanes,
-        CHECK=check, ROWS_3D=rows_3d, STAGES=STATS_STAGES, SPLIT_TAIL=SPLIT_TAIL, num_warps=warps,
-    )
+    n_load = _n_load(z, n_load)
+    cfg = stats_launch(lanes)
+    if autotune.enabled():
+        key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None, row_temp, check,
+               z.dim())
+        zs, k = _row_sample(z, rows)
+        scratch = torch.empty(4, k, dtype=acc, device=z.device)
+        cfg = autotune.pick(key, autotune.stats_candidates(lanes), lambda c: _launch_stats(
+            zs, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, check, lanes, c, scratch))
+    _launch_stats(z, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, check, lanes, cfg, out)
     return out.unbind(0)
+
+
+def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, check, lanes, cfg: LaunchConfig, out):
+    rows, stride, outer, inner, rows_3d = _rows(z)
+    n_cols = z.shape[-1]
+    _logits_stats_kernel[(rows,)](
+        z, stride, outer, inner, bias if bias is not None else z, temp if temp is not None else z, inv_t, labels,
+        v_offset, n_cols, n_load, out[0], out[1], out[2], out[3],
+        HAS_BIAS=bias is not None, ROW_TEMP=temp is not None, ACC=_TL[_acc(z.dtype)],
+        BLOCK_V=min(cfg.block_v, triton.next_power_of_2(n_cols)), LANES=lanes,
+        CHECK=check, ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, num_warps=cfg.num_warps,
+    )
 
 
 def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int,
@@ -256,19 +303,35 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
     """Write dL/dz of the block ``z`` (2-D or 3-D, as in :func:`logits_stats`) into ``out``, a row-major tensor of
     the same shape (may be ``z`` itself: each element is read before it is written by the same program). Returns
     ``out``. ``n_load`` as in :func:`logits_stats`; the padding of ``out`` (then ``z`` itself) is written with 0."""
-    rows, stride, outer, inner, rows_3d = _rows(z)
-    n_cols = z.shape[-1]
+    rows = _rows(z)[0]
     assert out.shape == z.shape and out.stride(-1) == 1 and (out.dim() == 2 or out.is_contiguous())
     if rows == 0:
         return out
     temp, inv_t, row_temp = _temperature_args(temperature, z)
     n_load = _n_load(z, n_load)
-    block = min(BLOCK_V_BWD, triton.next_power_of_2(n_load))
-    _dlogits_kernel[(rows, triton.cdiv(n_load, block))](
-        z, stride, outer, inner, out, out.stride(-2), bias if bias is not None else z, temp if row_temp else z, inv_t,
-        labels, v_offset, n_cols, n_load, m, log_s, cs,
-        g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
-        HAS_BIAS=bias is not None, ROW_TEMP=row_temp, HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
-        ACC=_TL[_acc(z.dtype)], BLOCK_V=block, ROWS_3D=rows_3d, SPLIT_TAIL=SPLIT_TAIL, num_warps=NUM_WARPS_BWD,
-    )
+    vectors = (m, log_s, cs, g_logp, g_ent)
+    cfg = dlogits_launch()
+    if autotune.enabled():  # timed out of place on a slice: the block itself may be ``out``
+        key = ("dlogits", z.device, z.dtype, autotune.bucket(z.shape[-1]), bias is not None, row_temp,
+               g_logp is not None, g_ent is not None, z.dim())
+        zs, k = _row_sample(z, rows)
+        scratch = torch.empty(zs.shape[:-1] + (n_load,), dtype=out.dtype, device=z.device)[..., : z.shape[-1]]
+        sliced = tuple(None if v is None else v[:k] for v in vectors)
+        cfg = autotune.pick(key, autotune.dlogits_candidates(), lambda c: _launch_dlogits(
+            zs, scratch, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, sliced, c))
+    _launch_dlogits(z, out, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, vectors, cfg)
     return out
+
+
+def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors, cfg: LaunchConfig):
+    rows, stride, outer, inner, rows_3d = _rows(z)
+    m, log_s, cs, g_logp, g_ent = vectors
+    block = min(cfg.block_v, triton.next_power_of_2(n_load))
+    _dlogits_kernel[(rows, triton.cdiv(n_load, block))](
+        z, stride, outer, inner, out, out.stride(-2), bias if bias is not None else z,
+        temp if temp is not None else z, inv_t, labels, v_offset, z.shape[-1], n_load, m, log_s, cs,
+        g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
+        HAS_BIAS=bias is not None, ROW_TEMP=temp is not None, HAS_GLOGP=g_logp is not None,
+        HAS_GENT=g_ent is not None, ACC=_TL[_acc(z.dtype)], BLOCK_V=block, ROWS_3D=rows_3d,
+        SPLIT_TAIL=cfg.split_tail, num_warps=cfg.num_warps,
+    )
