@@ -25,8 +25,7 @@ from torch import Tensor
 
 from .._inputs import env_choice
 from . import autotune
-from .tl_utils import (LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_lanes_update,
-                       online_lse_update, row_offset)
+from .tl_utils import LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_step, row_offset
 
 # Tiles and warps from one sweep on an H100 (bench/gpu_tune.py, 2026-11-26; bench/results/gpu-h100/), over one
 # 2048 x 152064 bf16 block: the statistics kernel read 1600 GB/s at 4096 x 4 warps, its best (1275 GB/s at the
@@ -99,32 +98,24 @@ def _logits_stats_kernel(
     zy = tl.where(row_ok, zy, 0.0)
 
     if LANES:  # per-lane state, merged once at the end (see online_lse_lanes_update)
-        m_v = tl.full((BLOCK_V,), LOGIT_FLOOR, ACC)
-        s_v = tl.zeros((BLOCK_V,), ACC)
-        c_v = tl.zeros((BLOCK_V,), ACC)
-        for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
-            cols = start + tl.arange(0, BLOCK_V)
-            z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, CHECK, False)
-            m_v, s_v, c_v = online_lse_lanes_update(m_v, s_v, c_v, z, None, False)
-        for start in tl.range(n_full, n_vals, BLOCK_V, num_stages=STAGES):
-            cols = start + tl.arange(0, BLOCK_V)
-            col_mask = cols < n_cols
-            z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, ACC, CHECK, True)
-            m_v, s_v, c_v = online_lse_lanes_update(m_v, s_v, c_v, z, col_mask, True)
-        m, s, c = merge_lanes(m_v, s_v, c_v)
+        m = tl.full((BLOCK_V,), LOGIT_FLOOR, ACC)
+        s = tl.zeros((BLOCK_V,), ACC)
+        c = tl.zeros((BLOCK_V,), ACC)
     else:  # one running state, merged tile by tile
         m = tl.full((), LOGIT_FLOOR, ACC)
         s = tl.zeros((), ACC)
         c = tl.zeros((), ACC)
-        for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
-            cols = start + tl.arange(0, BLOCK_V)
-            z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, CHECK, False)
-            m, s, c = online_lse_update(m, s, c, z, None, False)
-        for start in tl.range(n_full, n_vals, BLOCK_V, num_stages=STAGES):
-            cols = start + tl.arange(0, BLOCK_V)
-            col_mask = cols < n_cols
-            z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, ACC, CHECK, True)
-            m, s, c = online_lse_update(m, s, c, z, col_mask, True)
+    for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, CHECK, False)
+        m, s, c = online_lse_step(m, s, c, z, None, False, LANES)
+    for start in tl.range(n_full, n_vals, BLOCK_V, num_stages=STAGES):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_mask = cols < n_cols
+        z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, ACC, CHECK, True)
+        m, s, c = online_lse_step(m, s, c, z, col_mask, True, LANES)
+    if LANES:
+        m, s, c = merge_lanes(m, s, c)
     tl.store(m_out + row, tl.where(row_ok, m, 0.0))
     tl.store(s_out + row, tl.where(row_ok, s, 1.0))
     tl.store(c_out + row, tl.where(row_ok, c, 0.0))

@@ -83,6 +83,16 @@ def online_lse_lanes_update(m, s, c, z, col_mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def online_lse_step(m, s, c, z, col_mask, MASKED: tl.constexpr, LANES: tl.constexpr):
+    """One tile into the running state: per lane (LANES: m, s, c are BLOCK_V vectors) or merged (scalars)."""
+    if LANES:
+        m, s, c = online_lse_lanes_update(m, s, c, z, col_mask, MASKED)
+    else:
+        m, s, c = online_lse_update(m, s, c, z, col_mask, MASKED)
+    return m, s, c
+
+
+@triton.jit
 def merge_lanes(m, s, c):
     """(M, S, C) of the whole row from the per-lane states: alpha_i = exp(m_i - M), S = sum alpha_i s_i,
     C = sum alpha_i (c_i + (m_i - M) s_i). Lanes that saw nothing hold (LOGIT_FLOOR, 0, 0) and add 0."""
