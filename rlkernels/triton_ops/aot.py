@@ -86,8 +86,8 @@ def _stats_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
 def _dlogits_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
     return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "out_ptr": dtype,
             "stride_out": "i64", "bias_ptr": dtype, "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32",
-            "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32", "n_load": "i32", "m_ptr": f"*{acc}", "log_s_ptr": f"*{acc}",
-            "cs_ptr": f"*{acc}", "g_logp_ptr": f"*{acc}", "g_ent_ptr": f"*{acc}"}
+            "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32", "n_load": "i32", "m_ptr": f"*{acc}",
+            "log_s_ptr": f"*{acc}", "cs_ptr": f"*{acc}", "g_logp_ptr": f"*{acc}", "g_ent_ptr": f"*{acc}"}
 
 
 _STATS_ALIGNED = ("z_ptr", "stride_z", "stride_outer", "bias_ptr", "n_cols", "n_load")
@@ -169,7 +169,8 @@ def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
     constexprs = {(names.index(k),): val for k, val in v.constexprs.items()}
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in v.aligned}
     src = ASTSource(v.kernel, signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps, "enable_fp_fusion": True})
+    options = {"num_warps": v.num_warps, "enable_fp_fusion": True}  # fusion on: Triton 3.6's default on the GPUs
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
