@@ -318,3 +318,14 @@ def test_kl_penalty_matches_reference():
         assert_matches(est + " grad", grads(a.sum(), [x])[0], grads(b.sum(), [y])[0])
     with pytest.raises(ValueError, match="estimator"):
         R.kl_penalty(lp, rp, "k4")
+
+
+def test_single_pass_backward_runs_once(backend):
+    """The single pass keeps its gradients for one backward (they are scaled in place by grad_output): a second
+    backward through the same graph is refused with the way out, not answered with rescaled gradients."""
+    p = make_problem(2, 6, 8, 41, seed=31)
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], config="dapo",
+                            backend=backend, single_pass=True)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single_pass=False"):
+        out.loss.backward()

@@ -95,6 +95,9 @@ def test_resume_continues(tmp_path):
     history = t2.train()
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert os.path.isdir(tmp_path / "run" / "checkpoint-4")
+    # the resumed run logged steps 3 and 4 only (a fresh run to 4 would have appended steps 1-4 again)
+    logged = [json.loads(x)["step"] for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert logged == [1, 2, 3, 4]
 
 
 def test_cli(tmp_path, capsys):
