@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine, from the repository root:
 #
-#     OUT=/some/dir bash bench/device_check.sh          # tests grpo tune logprobs llama kernels: ~8 min
+#     OUT=/some/dir bash bench/device_check.sh          # tests grpo tune logprobs llama kernels
+#
+# The default steps' limits add up to 810 s, more than one 10-minute device call: run it with the call's limit
+# (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after every row), or name fewer
+# STEPS.
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
@@ -14,7 +18,7 @@
 #   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, gemm-roofline
 #   tests     the engine suites on CUDA (compiled Triton, no interpreter): RLKERNELS_TEST_DEVICE=cuda pytest
 #   kernels   bench/gpu_tune.py --only kernel: both statistics loops at 1-3 pipeline stages and the dL/dz kernel per
-#             tile and warp count, beside PyTorch's read and copy of the same block (~40 compiles; last, so that a
+#             tile and warp count, beside PyTorch's read and copy of the same block (~50 compiles; last, so that a
 #             call that runs out of time still brings back everything before it)
 #
 # Everything lands flat in $OUT (default ./device-out), each name carrying the GPU's name: 8 files with the default
@@ -68,17 +72,20 @@ EOF
 XDIST="$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")"
 FAILED=0
 LOG="$OUT/log-$TAG.txt"
-step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, append to $LOG, record status
-  local name="$1" limit="$2"
-  shift 2
+step_to() {  # step_to LOGFILE NAME LIMIT_SECONDS COMMAND...: run with a time limit, append to LOGFILE, record status
+  local log="$1" name="$2" limit="$3"
+  shift 3
   local start=$SECONDS
-  echo "=== $name ($(date -u +%H:%M:%S), limit $limit s): $*" >> "$LOG"
-  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  echo "=== $name ($(date -u +%H:%M:%S), limit $limit s): $*" >> "$log"
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
-  [ "$rc" -eq 124 ] && echo "(timed out after $limit s)" >> "$LOG"
+  [ "$rc" -eq 124 ] && echo "(timed out after $limit s)" >> "$log"
   [ "$rc" -ne 0 ] && FAILED=1
-  echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)" >> "$SUMMARY"
+  local last=""
+  [ "$log" != "$LOG" ] && last="; $(tail -n1 "$log")"
+  echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit s)$last" >> "$SUMMARY"
 }
+step() { step_to "$LOG" "$@"; }  # step NAME LIMIT_SECONDS COMMAND...: into the shared log
 
 BENCH=("$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 16384 --dtype bfloat16 --no-progress
        --warmup 2 --repeat 5)
@@ -95,14 +102,9 @@ for s in ${STEPS:-tests grpo tune logprobs llama kernels}; do
                --mode full --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/llama-$TAG.json" ;;
     logprobs) step logprobs 110 "${BENCH[@]}" --timeout 50 --op logprobs,logits --mode full \
                --provider eager,rlkernels-triton,gemm-roofline --json "$OUT/logprobs-$TAG.json" ;;
-    tests)
-      start=$SECONDS
-      timeout --kill-after=10 140 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra -p no:cacheprovider $XDIST \
-        tests/test_logprobs.py tests/test_loss.py tests/test_triton.py tests/test_compile.py tests/test_memory.py \
-        tests/test_advantages.py tests/test_hypothesis.py > "$OUT/tests-$TAG.log" 2>&1
-      rc=$?
-      [ "$rc" -ne 0 ] && FAILED=1
-      echo "tests: exit $rc after $((SECONDS - start)) s (limit 140 s); $(tail -n1 "$OUT/tests-$TAG.log")" >> "$SUMMARY" ;;
+    tests) step_to "$OUT/tests-$TAG.log" tests 140 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra \
+               -p no:cacheprovider $XDIST tests/test_logprobs.py tests/test_loss.py tests/test_triton.py \
+               tests/test_compile.py tests/test_memory.py tests/test_advantages.py tests/test_hypothesis.py ;;
     *) echo "unknown step $s" >> "$SUMMARY"; FAILED=1 ;;
   esac
 done

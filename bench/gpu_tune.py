@@ -1,23 +1,25 @@
-"""GPU tuning sweep of the Triton engine, run by ``bench/device_check.sh`` (one short in-process run, about a minute).
+"""GPU tuning sweep of the Triton engine, run by ``bench/device_check.sh`` (its ``tune`` step with ``--skip kernel``,
+its ``kernels`` step with ``--only kernel``), each one in-process run.
 
-    python bench/gpu_tune.py --json OUT.json [--shape qwen2.5-7b] [--tokens 16384]
+    python bench/gpu_tune.py --json OUT.json [--shape qwen2.5-7b] [--tokens 16384] [--skip S,...] [--only S,...]
 
-What it measures, all in one process on one GPU so that every ratio is against a baseline of the same run:
+What it measures, all in one process on one GPU so that every ratio is against a baseline of the same run, in this
+order:
 
 1. ``gemm``: the three bf16 GEMMs of the op alone (``h W^T``, ``dz W``, ``dz^T h``) into preallocated outputs;
-2. ``loss``: ``fused_grpo_loss`` (dapo) forward+backward on the Triton engine for each grad_weight accumulation
-   mode (``RLKERNELS_GRAD_WEIGHT_ACCUM``), logits-block budget (``RLKERNELS_MEMORY_BUDGET_MB``), statistics loop
-   (``RLKERNELS_STATS_KERNEL``), pipeline stages and tail split, ``RLKERNELS_AUTOTUNE=1`` (and what it picked) and the
-   recompute mode: time, and the peak memory above the inputs (gradients included, as new tensors);
-3. ``kernel``: the statistics kernel (both loops; unmasked whole tiles or every tile masked; 1-3 software-pipeline
-   stages) and the dL/dz kernel (both tilings) over one chunk for each vocabulary tile and warp count, as GB/s by
-   the byte model (stats reads the block; dL/dz reads and writes it), beside PyTorch's own read (``amax``) and
-   read + write (``copy_``) of the same block, the practical ceilings (about 50 kernel compiles:
-   ``bench/device_check.sh`` runs it as its own step, ``--only kernel``);
-4. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
-   for both statistics loops;
-5. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
-   for eager bf16 autograd and for each accumulation mode.
+2. ``loss``: ``fused_grpo_loss`` (dapo) forward+backward on the Triton engine, the defaults and one change at a time:
+   grad_weight accumulation (``RLKERNELS_GRAD_WEIGHT_ACCUM``), memory budget (``RLKERNELS_MEMORY_BUDGET_MB``, MiB
+   of the input dtype), statistics loop (``RLKERNELS_STATS_KERNEL``), pipeline stages, tail split,
+   ``RLKERNELS_AUTOTUNE=1`` (and what it picked), recompute mode: time, and the peak memory above the inputs
+   (gradients included, as new tensors);
+3. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
+   with value checks on and off and both statistics loops;
+4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
+   for eager bf16 autograd and for each accumulation mode;
+5. ``kernel``: PyTorch's own read (``amax``) and read + write (``copy_``) of one 2048-row block, the practical
+   ceilings, then for five tile x warp pairs the dL/dz kernel (split and all-masked tiles) and both statistics loops
+   (split or all-masked; the split ones also at 2 and 3 pipeline stages), as GB/s by the byte model (statistics read
+   the block; dL/dz reads and writes it): about 50 kernel compiles.
 
 Timings are CUDA-event medians. Nothing here is asserted: it prints a table and writes the rows as JSON.
 """

@@ -51,7 +51,8 @@ def group_advantages(
             ``"passk"``: the best response of a group gets ``(R_1st - R_2nd) / (std_g + eps)``, the others 0.
         eps: added to the std (after the square root).
         lengths: ``(B,)`` response lengths, for ``"rpp_baseline"`` token weighting.
-        backend: ``"auto"`` (the Triton kernel for CUDA tensors, else torch), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (the Triton kernel where the Triton engine runs: CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``; else torch), ``"torch"`` or ``"triton"``.
 
     Returns: ``(B,)`` advantages, fp32 (fp64 for fp64 rewards). Singleton groups, groups whose valid rewards are
     all equal, and NaN rewards get exactly 0.

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import LOSS_AGGS, PolicyLossConfig, resolve_config
+from .engines.torch_engine import finish_stats
 
 __all__ = ["global_normalizer", "tp_linear_logprobs", "shard_offset"]
 
@@ -82,12 +83,11 @@ class _TPLinearLogprobs(torch.autograd.Function):
         parts = torch.stack([scale * s_local, scale * (cs * s_local + (m - big_m) * s_local), zy])
         dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
         s, c, zy = parts.unbind(0)
-        log_s_g = torch.log(s)
-        cs_g = c / s
+        log_s_g, cs_g, logp, ent = finish_stats(big_m, s, c, zy)
         t_saved = temperature if isinstance(temperature, Tensor) else None
         ctx.save_for_backward(hidden, weight, bias, labels, t_saved, big_m, log_s_g, cs_g)
         ctx.args = (engine, None if t_saved is not None else temperature, plan, group, offset, reduce_hidden_grad)
-        return zy - (big_m + log_s_g), log_s_g - cs_g
+        return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):

@@ -29,6 +29,21 @@ def _scatter_rows(values: Tensor, index: Optional[Tensor], n: int, computed: Opt
     return values.new_zeros(n).index_copy(0, index, values)
 
 
+def _kept_rows(x2d: Tensor, y: Tensor, temperature, keep: Tensor, mask: Optional[Tensor]):
+    """The rows an engine computes: the kept ones gathered (with their per-token temperatures), or, under
+    torch.compile (no data-dependent gather), all of them with the dropped ones neutralised.
+    -> (x2d, y, temperature, index of the kept rows or None, keep mask of neutralised rows or None)."""
+    index = I.kept_index(keep)
+    if index is not None:
+        if isinstance(temperature, Tensor):
+            temperature = temperature[index]
+        return x2d.index_select(0, index), y[index], temperature, index, None
+    if I.compiling() and mask is not None:
+        x2d, y = I.neutralise_rows(x2d, y, keep)
+        return x2d, y, temperature, None, keep.reshape(-1)
+    return x2d, y, temperature, None, None
+
+
 class _LinearCall:
     """A checked hidden+W call, flattened: the kept rows only (padding never reaches the engine), the engine, the
     chunk plan, and the tensor-parallel group and shard offset when the LM head is vocab-sharded."""
@@ -71,15 +86,8 @@ class _LinearCall:
         self.weight, self.bias = weight, bias
         h2, y = hidden.reshape(-1, H), labels.reshape(-1)
         self.n = h2.shape[0]
-        self.index = I.kept_index(self.keep)
-        self.computed = None
-        if self.index is not None:  # padding costs nothing: only kept rows reach the engine
-            h2, y = h2.index_select(0, self.index), y[self.index]
-            if isinstance(temperature, Tensor):
-                temperature = temperature[self.index]
-        elif I.compiling() and mask is not None:
-            h2, y = I.neutralise_rows(h2, y, self.keep)
-            self.computed = self.keep.reshape(-1)
+        # padding costs nothing: only kept rows reach the engine
+        h2, y, temperature, self.index, self.computed = _kept_rows(h2, y, temperature, self.keep, mask)
         self.hidden, self.labels, self.temperature = h2, y, temperature
         reserve = self.engine.budget_reserve(weight, weight.requires_grad and torch.is_grad_enabled())
         self.plan = plan_chunks(h2.shape[0], weight.shape[0], chunk_size, default_mb=self.engine.default_budget_mb,
@@ -186,26 +194,18 @@ def logprobs_from_logits(
     cdt = I.compute_dtype(logits.dtype)
     temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
     engine = resolve_backend(backend, logits.device)
-    if not engine.scans_logits:  # else the engine's kernel flags them in its one read of the logits (below)
-        I.check_finite_rows("logits", logits.reshape(-1, V), keep.reshape(-1), allow_neg_inf=True)
-
     y = labels.reshape(-1)
     n = y.shape[0]
     index = computed = None
-    if engine.logits_in_place:  # the caller's tensor as it is (a view like logits[:, :-1] too): no copy
-        z2 = logits
+    # the caller's tensor as it is (a view like logits[:, :-1] too: no copy), or flattened once
+    z2 = logits if engine.logits_in_place else logits.reshape(-1, V)
+    if not engine.scans_logits:  # else the engine's kernel flags them in its one read of the logits (below)
+        I.check_finite_rows("logits", z2.reshape(-1, V), keep.reshape(-1), allow_neg_inf=True)
+    if engine.logits_in_place:
         if mask is not None:  # rows the engine never reads
             y = torch.where(keep.reshape(-1), y, torch.full((), -1, dtype=y.dtype, device=y.device))
     else:
-        z2 = logits.reshape(-1, V)
-        index = I.kept_index(keep)
-        if index is not None:
-            z2, y = z2.index_select(0, index), y[index]
-            if isinstance(temperature, Tensor):
-                temperature = temperature[index]
-        elif I.compiling() and mask is not None:
-            z2, y = I.neutralise_rows(z2, y, keep)
-            computed = keep.reshape(-1)
+        z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask)
     plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
                        elem_bytes=engine.block_elem_bytes(z2.dtype))
     logp, ent = engine.logits_logprobs(z2, y, temperature, plan)

@@ -1,5 +1,5 @@
 """Run by tests/test_trainer.py under `torchrun --nproc_per_node 2`: a few DDP steps of the reference trainer, then
-each rank writes a checksum of its parameters (DDP must keep them identical) and its global normaliser."""
+each rank writes the world size and a checksum of its parameters (DDP must keep them identical)."""
 import sys
 
 import torch

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import Engine
 from .chunking import ChunkPlan
-from .torch_engine import Temperature, _block, chunk_upstream, compute_dtype
+from .torch_engine import Temperature, _block, chunk_upstream, compute_dtype, fused_outputs
 
 
 def _ops():
@@ -196,9 +196,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     chunk, the objective's upstream gradients are asked for right away and dL/dz is formed while the logits block is
     still in memory (3 GEMMs per chunk instead of 4)."""
     N, cdt = hidden.shape[0], compute_dtype(hidden.dtype)
-    logp = torch.empty(N, dtype=cdt, device=hidden.device)
-    ent = torch.empty_like(logp)
-    loss = torch.zeros((), dtype=cdt, device=hidden.device)
+    logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
     any_grad = need_h or need_w or (need_b and bias is not None)
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
@@ -258,7 +256,8 @@ class NativeEngine(Engine):
     """The engine of ``backend="native"``: CPU tensors, every float dtype (fp32/bf16/fp16 with fp32 math, fp64)."""
 
     name = "native"
-    default_budget_mb = 64.0  # one GEMM block in the input dtype; see chunking.DEFAULT_BUDGET_MB for the rows
+    default_budget_mb = 64.0  # counted in fp32 (Engine.block_elem_bytes): a bf16 block is 32 MiB; see
+    # chunking.DEFAULT_BUDGET_MB for how the rows were chosen
 
     linear_forward = staticmethod(linear_forward)
     linear_backward = staticmethod(linear_backward)

@@ -191,9 +191,15 @@ def merged_chunk_stats(V: int, plan: ChunkPlan, block_stats):
         state = _merge(state, m_b, s_b, c_b)
         zy = zy_b if zy is None else torch.maximum(zy, zy_b)  # exactly one block holds the label
     m, s, c = state
+    return (m, *finish_stats(m, s, c, zy))
+
+
+def finish_stats(m: Tensor, s: Tensor, c: Tensor, zy: Tensor):
+    """(log S, C/S, logp, entropy) from a row's merged state (M, S, C) and its label logit z~_y (B §1.1):
+    logp = z~_y - (M + log S), entropy = log S - C/S. Every engine but the native one finishes here."""
     log_s = torch.log(s)
     cs = c / s
-    return m, log_s, cs, zy - (m + log_s), log_s - cs
+    return log_s, cs, zy - (m + log_s), log_s - cs
 
 
 def forward_rows(hidden: Tensor, plan: ChunkPlan, chunk_stats):
@@ -317,9 +323,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
             t = _logits_block(ws, h, weight, bias, 0, weight.shape[0], temp)
             m, zy = _shift_(t, y, None)
             e, s, c = _block_state(ws, t)
-            log_s = torch.log(s)
-            cs = c / s
-            lp, en = zy - (m + log_s), log_s - cs
+            log_s, cs, lp, en = finish_stats(m, s, c, zy)
             part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
             if g_logp is not None or g_ent is not None:
                 p = e.div_(s[:, None])
@@ -340,9 +344,8 @@ def logits_forward(logits, labels, temperature, plan: ChunkPlan):
         z = _load_logits(ws, logits, r0, r1, _as_temperature(temperature, r0, r1))
         m, zy = _shift_(z, labels[r0:r1], None)
         _, s, c = _block_state(ws, z)
-        log_s = torch.log(s)
-        cs = c / s
-        for i, x in enumerate((zy - (m + log_s), log_s - cs, m, log_s, cs)):
+        log_s, cs, lp, en = finish_stats(m, s, c, zy)
+        for i, x in enumerate((lp, en, m, log_s, cs)):
             out[i][r0:r1] = x
     return tuple(out)
 

@@ -5,7 +5,8 @@ Per row chunk (and vocabulary block when the budget requires it):
 * forward: ``torch.mm`` writes the logits block in the input dtype (bf16 GEMM, fp32 accumulation inside cuBLAS);
   ``logits_stats`` reads it once and returns the online (M, S, C) state and the label logit;
 * backward / single pass: ``dlogits`` overwrites that same buffer with dL/dz (the block is never copied to fp32),
-  then two GEMMs give grad_hidden and grad_weight (fp32 accumulator across chunks).
+  then two GEMMs give grad_hidden and grad_weight (accumulated across chunks in fp32 or the input dtype: see
+  GRAD_WEIGHT_ACCUM).
 
 These are the engine primitives; the autograd wiring is shared by every engine (:mod:`rlkernels.engines.autograd`).
 
@@ -27,7 +28,8 @@ from .._inputs import env_choice, value_checks_enabled
 from ..triton_ops.logprobs import dlogits, logits_stats, padded_width
 from . import Engine
 from .chunking import ChunkPlan, memory_budget_bytes
-from .torch_engine import chunk_upstream, compute_dtype, forward_rows, fused_outputs, merged_chunk_stats
+from .torch_engine import (chunk_upstream, compute_dtype, finish_stats, forward_rows, fused_outputs,
+                           merged_chunk_stats)
 
 
 def _buffer(hidden: Tensor, plan: ChunkPlan) -> Tensor:
@@ -54,19 +56,22 @@ def _bias_block(bias: Optional[Tensor], v0: int, v1: int) -> Optional[Tensor]:
 #   "input" grad_weight itself, in the input dtype, added into by each chunk's GEMM (cuBLAS beta=1, fp32 inside the
 #           GEMM): no buffer beyond the gradient, one rounding to bf16 per row chunk (as Liger-Kernel does);
 #   "auto"  (default) "fp32" when the accumulator takes at most half the memory budget, which then sizes the logits
-#           block from what is left (see TritonEngine.budget_reserve), else "input"; also "input" when there is one
-#           row chunk, where both give the same bits (one GEMM, one rounding).
-# Measured on an H100 (bench/gpu_tune.py, qwen2.5-7b LM head, 16k tokens, dapo, 1 GiB blocks = 5 row chunks): against
-# an fp32-input run, grad_weight's relative error was 0.02598 with "fp32" (eager bf16 autograd: 0.02598) and 0.02606
-# with "input"; "fp32" took 88.4 ms and held 3102 MiB beyond the gradients (2.1 GB of it the 152064 x 3584
-# accumulator), "input" 86.9 ms and 1023 MiB. So "auto" keeps the memory budget (the issue's <= 1 GiB beyond inputs
-# and gradients) at the cost of 0.3% of the error eager bf16 already has; DESIGN.md "Precision" (fp32 accumulation
-# across chunks) holds whenever the budget allows it, and RLKERNELS_GRAD_WEIGHT_ACCUM=fp32 forces it.
+#           block from what is left (see TritonEngine.budget_reserve), else "input"; also "input" when the call is
+#           one row chunk and one vocabulary block, where both give the same bits (one GEMM, one rounding).
+# Measured on an H100 (bench/gpu_tune.py, qwen2.5-7b LM head, 16k tokens, dapo): against an fp32-input run,
+# grad_weight's relative error was 0.02598 with "fp32" (eager bf16 autograd: 0.02598) and 0.02606 with "input", at
+# that run's default 512 MiB blocks (10 row chunks); with 1 GiB blocks (5 chunks), "fp32" took 88.4 ms and held
+# 3102 MiB beyond the gradients (2.2 GB of it the 152064 x 3584 accumulator), "input" 86.9 ms and 1023 MiB. So
+# "auto" keeps the memory budget (the issue's <= 1 GiB beyond inputs and gradients) at the cost of 0.3% of the error
+# eager bf16 already has; DESIGN.md "Precision" (fp32 accumulation across chunks) holds whenever the budget allows
+# it, and RLKERNELS_GRAD_WEIGHT_ACCUM=fp32 forces it.
 GRAD_WEIGHT_ACCUM = ("auto", "fp32", "input")
 
 
-def _accumulator_fits(weight: Tensor) -> bool:
-    return weight.numel() * 4 <= memory_budget_bytes(TritonEngine.default_budget_mb) // 2
+def _auto_fp32(weight: Tensor) -> bool:
+    """Under "auto" (read now), whether the fp32 accumulator is taken: it fits in half the memory budget."""
+    auto = env_choice("RLKERNELS_GRAD_WEIGHT_ACCUM", GRAD_WEIGHT_ACCUM) == "auto"
+    return auto and weight.numel() * 4 <= memory_budget_bytes(TritonEngine.default_budget_mb) // 2
 
 
 def grad_weight_accum(weight: Tensor, n_rows: int, plan: ChunkPlan) -> str:
@@ -76,7 +81,7 @@ def grad_weight_accum(weight: Tensor, n_rows: int, plan: ChunkPlan) -> str:
         return mode
     if plan.rows >= n_rows and not plan.vocab_blocked:
         return "input"
-    return "fp32" if _accumulator_fits(weight) else "input"
+    return "fp32" if _auto_fp32(weight) else "input"
 
 
 _MIXED_ADDMM: dict = {}
@@ -221,9 +226,8 @@ def logits_forward(logits, labels, temperature, plan: ChunkPlan):
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     m, s, c, zy = logits_stats(logits, labels, None, temperature, check=value_checks_enabled())
-    log_s = torch.log(s)
-    cs = c / s
-    return zy - (m + log_s), log_s - cs, m, log_s, cs
+    log_s, cs, logp, ent = finish_stats(m, s, c, zy)
+    return logp, ent, m, log_s, cs
 
 
 def logits_backward(logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent):
@@ -254,8 +258,8 @@ class TritonEngine(Engine):
     def budget_reserve(self, weight: Tensor, need_weight_grad: bool) -> int:
         if not (need_weight_grad and compute_dtype(weight.dtype) != weight.dtype):
             return 0
-        if env_choice("RLKERNELS_GRAD_WEIGHT_ACCUM", GRAD_WEIGHT_ACCUM) != "auto" or not _accumulator_fits(weight):
-            return 0  # forced modes keep the whole budget for the block, as before
+        if not _auto_fp32(weight):
+            return 0  # "input", or a forced mode: the whole budget for the block
         return weight.numel() * 4
 
     def supports(self, device: torch.device) -> Optional[str]:

@@ -1,7 +1,7 @@
 """Log-probs and entropy over a block of logits: the forward statistics kernel and the dL/dz kernel.
 
 Both read a row-major block of logits ``z`` (the GEMM output for the hidden+W path, or the caller's logits) in any
-float dtype and do all arithmetic in fp32.
+float dtype and do all arithmetic in fp32 (fp64 for fp64 inputs).
 
 * ``logits_stats``: one program per row streams the block's vocabulary in ``BLOCK_V`` tiles, keeping the online
   state (M, S, C), and reads the label logit with one scalar load. Bytes: the block is read once (2 B/entry in bf16).
@@ -36,8 +36,9 @@ BLOCK_V_FWD = 4096
 NUM_WARPS_FWD = 4
 BLOCK_V_BWD = 4096
 NUM_WARPS_BWD = 8
-# The lanes loop keeps three fp32 vectors of BLOCK_V lanes: at 4096 x 4 warps that is 128 registers per thread (the
-# sm_90 compile, rlkernels.triton_ops.aot), a third of the programs an SM could hold; 1024 x 4 needs 40.
+# The lanes loop keeps three fp32 vectors of BLOCK_V lanes: at 4096 x 4 warps the sm_90 compile
+# (rlkernels.triton_ops.aot, Triton 3.9) needed 128 registers per thread before SPLIT_TAIL and 134 after, 16 resident
+# warps per SM; 1024 x 4 needs 40 (48 warps).
 BLOCK_V_LANES = 1024
 NUM_WARPS_LANES = 4
 # Software pipelining of the statistics loop (tl.range num_stages): 1 = none, the measured default; 2-3 stream the
@@ -45,8 +46,10 @@ NUM_WARPS_LANES = 4
 # Not yet timed on a GPU: bench/gpu_tune.py sweeps it.
 STATS_STAGES = 1
 # Whole tiles read and reduced without masks, the row's partial last tile with them (True), or every tile masked
-# as first measured (False). Compiled for sm_90 (rlkernels.triton_ops.aot), the split keeps 16-byte loads when V is
-# not a multiple of 16 (in the engine's padded blocks) at a few more registers; bench/gpu_tune.py times both.
+# as first measured (False). Compiled for sm_90 (bench/results/aot-sm90-triton3.9.txt), the split issues twice the
+# 16-byte loads per row and no per-element masks, at 64 registers against 56 for the statistics kernel (80 against 85
+# with V odd); the 16-byte loads for V odd come from the padded block rows, with or without it.
+# bench/gpu_tune.py times both.
 SPLIT_TAIL = True
 
 # The statistics kernel's loop (RLKERNELS_STATS_KERNEL, read per call): "tile" merges each tile into one running
