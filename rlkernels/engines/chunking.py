@@ -3,8 +3,8 @@
 The budget is the size of one logits block, ``rows x vocab_block x elem_bytes`` bytes, where ``elem_bytes`` is what
 the engine counts per logit: 4 for the torch and native engines (the torch engine works on fp32 blocks; the native
 engine keeps its block in the input dtype but is budgeted as fp32, so a bf16 block takes half the budget), the
-input dtype's size for the Triton engine (its block is the bf16 GEMM output itself). An engine holds a small multiple of it (the
-block, its exponentials, and in bf16 the GEMM output) at any moment, and never ``N x V``.
+input dtype's size for the Triton engine (its block is the bf16 GEMM output itself). An engine holds a small
+multiple of it (the block, its exponentials, and in bf16 the GEMM output) at any moment, and never ``N x V``.
 Set it with ``RLKERNELS_MEMORY_BUDGET_MB`` (read at each call) or per call with ``chunk_size=`` (rows).
 """
 from __future__ import annotations
