@@ -5,9 +5,11 @@ Only Triton features available in 3.6 are used (the GPU machines run 3.6; CI run
 import triton
 import triton.language as tl
 
+from ..engines import torch_engine
+
 # -inf logits are floored here so exp() gives exactly 0 and p * (z - mu) is 0 * finite, never 0 * inf (LOSSES.md
-# B §10.5). Same constant as the torch engine (rlkernels.engines.torch_engine.LOGIT_FLOOR).
-LOGIT_FLOOR = tl.constexpr(-1e20)  # a constexpr object: compiled Triton (3.6) reads no other globals
+# B §10.5): the torch engine's constant, as a constexpr object (compiled Triton 3.6 reads no other globals).
+LOGIT_FLOOR = tl.constexpr(torch_engine.LOGIT_FLOOR)
 
 
 @triton.jit
