@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine, from the repository root:
 #
-#     OUT=/some/dir bash bench/device_check.sh          # tests grpo tune logprobs llama kernels
+#     OUT=/some/dir bash bench/device_check.sh          # grpo llama logprobs tests tune kernels
 #
 # The default steps' limits add up to 810 s, more than one 10-minute device call: run it with the call's limit
 # (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after every row), or name fewer
-# STEPS.
+# STEPS. The default order puts first what the Triton engine issue's targets are judged on (the grpo op at both
+# shapes, the logits op's bandwidth, the GPU test suite: limits 510 s together; session 2 measured 101 + 49 s for
+# grpo and tests), then the tuning sweeps.
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
@@ -89,7 +91,7 @@ step() { step_to "$LOG" "$@"; }  # step NAME LIMIT_SECONDS COMMAND...: into the 
 
 BENCH=("$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 16384 --dtype bfloat16 --no-progress
        --warmup 2 --repeat 5)
-for s in ${STEPS:-tests grpo tune logprobs llama kernels}; do
+for s in ${STEPS:-grpo llama logprobs tests tune kernels}; do
   case "$s" in
     tune) step tune 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --skip kernel --json "$OUT/tune-$TAG.json" ;;
     kernels) step kernels 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only kernel \
