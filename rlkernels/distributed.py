@@ -113,12 +113,37 @@ def tp_linear_logprobs(engine, hidden: Tensor, weight: Tensor, bias: Optional[Te
                                    reduce_hidden_grad)
 
 
-def _count_sequences(mask: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+def _count_sequences(i: int, mask: Tensor, cu_seqlens: Optional[Tensor]) -> int:
     if mask.dim() == 2:
         return mask.shape[0]
     if cu_seqlens is None:
-        raise ValueError("global_normalizer: a packed (1-D) mask needs its cu_seqlens to count sequences")
+        raise ValueError(f"global_normalizer: packed (1-D) mask {i} needs its cu_seqlens to count sequences")
     return cu_seqlens.numel() - 1
+
+
+def _local_count(masks: list, seqs: list, mode: str) -> float:
+    """This rank's kept tokens (token-mean) or sequences (other modes), after checking every mask against its
+    cu_seqlens: a list that does not pair up raises instead of counting part of the step."""
+    if len(seqs) != len(masks):
+        raise ValueError(f"cu_seqlens: got {len(seqs)} for {len(masks)} mask(s); pass one per micro-batch mask")
+    for i, (m, cu) in enumerate(zip(masks, seqs)):
+        if not isinstance(m, Tensor):
+            raise TypeError(f"mask {i} must be a torch.Tensor, got {type(m).__name__}")
+        if m.dim() not in (1, 2):
+            raise ValueError(f"mask {i} has shape {tuple(m.shape)}; expected (B, T) or packed (N,)")
+        if cu is None:
+            continue
+        if not isinstance(cu, Tensor) or cu.dtype.is_floating_point or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"cu_seqlens {i}: expected a 1-D integer tensor (S+1,) with S >= 1, got "
+                             f"{tuple(cu.shape) if isinstance(cu, Tensor) else type(cu).__name__}")
+        if m.dim() != 1:
+            raise ValueError(f"cu_seqlens {i} is for a packed (N,) mask; mask {i} has shape {tuple(m.shape)}")
+        if int(cu[0]) != 0 or int(cu[-1]) != m.numel():
+            raise ValueError(f"cu_seqlens {i} must start at 0 and end at N={m.numel()} (mask {i}'s length); got "
+                             f"{int(cu[0])} ... {int(cu[-1])}")
+    if mode == "token-mean":
+        return float(sum(int((m != 0).sum()) for m in masks))
+    return float(sum(_count_sequences(i, m, cu) for i, (m, cu) in enumerate(zip(masks, seqs))))
 
 
 def global_normalizer(mask: Union[Tensor, Sequence[Tensor]], group=None,
@@ -133,7 +158,11 @@ def global_normalizer(mask: Union[Tensor, Sequence[Tensor]], group=None,
         group: the data-parallel process group (None: the default group; 1 rank when not initialised).
         mode: ``"token-mean"`` (divide by the global kept-token count) or a sequence mode (divide by the global number
             of sequences, empty ones included); a PolicyLossConfig or preset name gives its ``loss_agg``.
-        cu_seqlens: for packed masks, the sequence boundaries (one per mask), to count sequences.
+        cu_seqlens: for packed masks, the sequence boundaries, one per mask (a list as long as ``mask``'s), each
+            starting at 0 and ending at its mask's length; needed to count sequences of packed masks.
+
+    Raises: ValueError / TypeError naming the mask or cu_seqlens that does not fit (on every rank of ``group``:
+    the others raise RuntimeError naming the failing rank, none is left waiting in the all-reduce).
 
     Returns: ``global count / world size`` as a float: pass it as ``normalizer=`` to every micro-batch's loss.
     """
@@ -146,12 +175,14 @@ def global_normalizer(mask: Union[Tensor, Sequence[Tensor]], group=None,
     masks = [mask] if isinstance(mask, Tensor) else list(mask)
     seqs = [None] * len(masks) if cu_seqlens is None else (
         [cu_seqlens] if isinstance(cu_seqlens, Tensor) else list(cu_seqlens))
-    if mode == "token-mean":
-        local = float(sum(int((m != 0).sum()) for m in masks))
-    else:
-        local = float(sum(_count_sequences(m, cu) for m, cu in zip(masks, seqs)))
     if not (dist.is_available() and dist.is_initialized()):
-        return max(local, 1.0)
+        return max(_local_count(masks, seqs, mode), 1.0)
+    error, local = None, 0.0
+    try:
+        local = _local_count(masks, seqs, mode)
+    except (ValueError, TypeError) as exc:
+        error = exc
+    agree(group, error, "global_normalizer")  # a rank with bad input must not leave the others in the all-reduce
     total = torch.tensor([local], dtype=torch.float64, device=_collective_device(group))
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     world = dist.get_world_size(group)

@@ -160,6 +160,12 @@ def _bad_rank_worker(rank, kind):
         weight = p["weight"][rank * V // 2:(rank + 1) * V // 2]
         labels = p["labels"] if rank == 0 else torch.full_like(p["labels"], V)  # out of range on rank 1 only
         expected = (RuntimeError, "rank 1 of the process group rejected") if rank == 0 else (ValueError, "labels")
+    elif kind == "normalizer":  # rank 1 gives two packed masks but one cu_seqlens
+        masks = [torch.ones(5, dtype=torch.bool)] * (1 if rank == 0 else 2)
+        expected = (RuntimeError, "rank 1 of the process group rejected") if rank == 0 else (ValueError, "cu_seqlens")
+        with pytest.raises(expected[0], match=expected[1]):
+            global_normalizer(masks, mode="seq-mean-token-mean", cu_seqlens=[torch.tensor([0, 2, 5])])
+        return
     else:
         weight = p["weight"][:20] if rank == 0 else p["weight"][20:]  # 20 and 18 rows
         labels = p["labels"]
@@ -168,7 +174,7 @@ def _bad_rank_worker(rank, kind):
         R.fused_logprobs(p["hidden"], weight, labels, tp_group=dist.group.WORLD)
 
 
-@pytest.mark.parametrize("kind", ["labels", "shards"])
+@pytest.mark.parametrize("kind", ["labels", "shards", "normalizer"])
 def test_bad_rank_fails_everywhere_without_hanging(kind):
     _launch(_bad_rank_worker, kind, backend=BACKENDS[0])
 
@@ -181,6 +187,22 @@ def test_global_normalizer_single_process():
                              cu_seqlens=torch.tensor([0, 2, 5])) == 2.0
     with pytest.raises(ValueError, match="cu_seqlens"):
         global_normalizer(torch.ones(5, dtype=torch.bool), mode="seq-mean-token-mean")
+
+
+@pytest.mark.parametrize("masks,cu,match", [
+    ([torch.ones(5, dtype=torch.bool)] * 2, [torch.tensor([0, 2, 5])], "got 1 for 2 mask"),  # part of the step
+    ([torch.ones(5, dtype=torch.bool)], torch.tensor([0, 2, 4]), "end at N=5"),
+    ([torch.ones(2, 3, dtype=torch.bool)], torch.tensor([0, 6]), "packed"),
+    ([torch.ones(5, dtype=torch.bool)], torch.tensor([[0, 5]]), "1-D integer"),
+    ([torch.ones(2, 2, 2, dtype=torch.bool)], None, "mask 0 has shape"),
+])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_global_normalizer_rejects_what_does_not_pair_up(masks, cu, match, mode):
+    """A cu_seqlens list shorter than the masks once counted only the paired masks; every mismatch now raises."""
+    with pytest.raises(ValueError, match=match):
+        global_normalizer(masks, mode=mode, cu_seqlens=cu)
+    with pytest.raises(TypeError, match="mask 1 must be a torch.Tensor"):
+        global_normalizer([torch.ones(3), [1, 1]], mode=mode)
 
 
 def test_readme_scale_out_example_runs():
