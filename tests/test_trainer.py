@@ -138,4 +138,5 @@ def test_torchrun_ddp(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [open(tmp_path / f"rank{r}.txt").read().split() for r in (0, 1)]
     assert ranks[0][0] == "2" and ranks[0] == ranks[1], ranks
+    assert ranks[0][2] == "0", "the trainer left its process group up after close()"
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 4

@@ -95,7 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"rlkernels-train: error: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    history = trainer.train()
+    with trainer:
+        history = trainer.train()
     wall = time.perf_counter() - t0
     last = history[-10:]
     summary = dict(steps=len(history), wall_s=round(wall, 1),

@@ -146,14 +146,17 @@ class _PolicyLoss(torch.nn.Module):
 
 
 def _init_distributed(device: torch.device):
-    """(rank, world size); starts the process group when launched by torchrun with more than one process."""
+    """(rank, world size, started here?); starts the process group when launched by torchrun with more than one
+    process and none is running yet."""
     import torch.distributed as dist
 
+    started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started = True
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), started
+    return 0, 1, started
 
 
 class GRPOTrainer:
@@ -171,7 +174,7 @@ class GRPOTrainer:
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        self.rank, self.world = _init_distributed(self.device)
+        self.rank, self.world, self._owns_group = _init_distributed(self.device)
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.rng = random.Random(cfg.seed + 1_000_003 * self.rank)  # each rank samples its own prompts
         if tokenizer is None or model is None:
@@ -190,6 +193,24 @@ class GRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.history: List[Dict[str, float]] = []
+
+    def close(self) -> None:
+        """Tear down the process group if this trainer started it (under torchrun): every rank waits for the others
+        to finish, then destroys it. A gloo group left to the interpreter's exit sometimes aborted a rank there
+        ("terminate called without an active exception"). Safe to call twice; ``with GRPOTrainer(cfg) as t:`` calls
+        it on leaving."""
+        import torch.distributed as dist
+
+        if self._owns_group and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        self._owns_group = False
+
+    def __enter__(self) -> "GRPOTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- setup ------------------------------------------------------------------------------------------------------
     @staticmethod
