@@ -3,13 +3,17 @@
 Every check runs before any compute and raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape,
 device or value) naming the argument and the shapes involved. Value checks (label range, NaN at kept positions,
 ``cu_seqlens`` consistency) read data back to the host; set ``RLKERNELS_CHECK_VALUES=0`` to skip them in production
-(they are also skipped while ``torch.compile`` traces).
+(they are also skipped while ``torch.compile`` traces). Inside :func:`deferred_checks` (every public op's checking
+section) the data-dependent ones are queued on the device and read back together: one host sync for all of them,
+raising the first that failed, in the order they were made.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -31,6 +35,46 @@ def value_checks_enabled() -> bool:
     if os.environ.get("RLKERNELS_CHECK_VALUES", "1") in ("0", "false", "False", "no"):
         return False
     return not compiling()
+
+
+_PENDING: contextvars.ContextVar[Optional[List[Tuple[Tensor, Callable[[], str]]]]] = contextvars.ContextVar(
+    "rlkernels_pending_checks", default=None)
+
+
+def fail_if(bad: Tensor, message: Callable[[], str]) -> None:
+    """``ValueError(message())`` if any element of ``bad`` is True. Inside :func:`deferred_checks` the test is only
+    queued (``bad.any()`` on the device, no sync); ``message`` runs only when it fails, so it may read data back."""
+    pending = _PENDING.get()
+    if pending is not None:
+        pending.append((bad.any(), message))
+    elif bool(bad.any()):
+        raise ValueError(message())
+
+
+def deferred_checks():
+    """Queue the value checks made inside (:func:`fail_if`) and read their results back once, on leaving: the first
+    that failed, in the order they were made, raises. Checks that later code depends on for safe indexing
+    (``cu_seqlens``) still raise at once. Nested uses join the outermost. With value checks off (or while
+    torch.compile traces) a null context."""
+    if not value_checks_enabled() or _PENDING.get() is not None:
+        return contextlib.nullcontext()
+    return _deferred()
+
+
+@contextlib.contextmanager
+def _deferred():
+    pending: List[Tuple[Tensor, Callable[[], str]]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+    if pending:
+        device = pending[0][0].device
+        failed = torch.stack([flag.reshape(()).to(device) for flag, _ in pending]).tolist()  # the one sync
+        for hit, (_, message) in zip(failed, pending):
+            if hit:
+                raise ValueError(message())
 
 
 def env_choice(name: str, choices) -> str:
@@ -78,8 +122,8 @@ def check_mask(mask, shape: torch.Size, ref: Tensor) -> Tensor:
     _same_device("mask", mask, ref, "labels")
     if mask.dtype == torch.bool:
         return mask
-    if value_checks_enabled() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0/1 (or bool); found other values")
+    if value_checks_enabled():
+        fail_if((mask != 0) & (mask != 1), lambda: "mask must hold only 0/1 (or bool); found other values")
     return mask != 0
 
 
@@ -90,10 +134,12 @@ def check_labels(labels, shape: torch.Size, vocab: int, mask: Tensor, ref: Tenso
     _same_device("labels", labels, ref, "hidden" if ref is not labels else "labels")
     if value_checks_enabled() and labels.numel() > 0:
         bad = mask & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            where = bad.nonzero()[0].tolist()
-            raise ValueError(f"labels must lie in [0, V={vocab}) at kept positions; found {int(labels[tuple(where)])} "
-                             f"at index {tuple(where)}")
+
+        def message() -> str:
+            where = tuple(bad.nonzero()[0].tolist())
+            return f"labels must lie in [0, V={vocab}) at kept positions; found {int(labels[where])} at index {where}"
+
+        fail_if(bad, message)
     return labels.long()
 
 
@@ -137,10 +183,9 @@ def check_finite_rows(name: str, x: Tensor, row_mask: Optional[Tensor] = None, a
         bad |= lo == -math.inf
     if row_mask is not None:
         bad &= row_mask.reshape(-1)
-    if bool(bad.any()):
-        what = "NaN or +inf" if allow_neg_inf else "NaN or inf"
-        where = "kept position(s)" if rows.shape[1] == 1 else "row(s)"
-        raise ValueError(f"{name} holds {what} in {int(bad.sum())} {where}")
+    what = "NaN or +inf" if allow_neg_inf else "NaN or inf"
+    where = "kept position(s)" if rows.shape[1] == 1 else "row(s)"
+    fail_if(bad, lambda: f"{name} holds {what} in {int(bad.sum())} {where}")
 
 
 def check_scanned_rows(name: str, values: Tensor) -> None:
@@ -150,8 +195,7 @@ def check_scanned_rows(name: str, values: Tensor) -> None:
     if not value_checks_enabled() or values.numel() == 0:
         return
     bad = torch.isnan(values)
-    if bool(bad.any()):
-        raise ValueError(f"{name} holds NaN or +inf in {int(bad.sum())} row(s)")
+    fail_if(bad, lambda: f"{name} holds NaN or +inf in {int(bad.sum())} row(s)")
 
 
 def check_temperature(temperature, shape: torch.Size, mask: Tensor, ref: Tensor, cdt: torch.dtype):
@@ -168,8 +212,7 @@ def check_temperature(temperature, shape: torch.Size, mask: Tensor, ref: Tensor,
             t = temperature.to(cdt)
             if value_checks_enabled():
                 bad = mask & ~(torch.isfinite(t) & (t > 0))
-                if bool(bad.any()):
-                    raise ValueError(f"temperature must be finite and > 0 at kept positions; found "
+                fail_if(bad, lambda: f"temperature must be finite and > 0 at kept positions; found "
                                      f"{float(t[bad][0])} at {int(bad.sum())} position(s)")
             return torch.where(mask, t, torch.ones_like(t)).reshape(-1)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -303,9 +346,10 @@ def kept_index(mask: Tensor) -> Optional[Tensor]:
     """Indices of kept rows, or None when every row is kept or the gather is not possible (under torch.compile its
     data-dependent size would break the graph; :func:`neutralise_rows` makes dropped rows harmless instead)."""
     flat = mask.reshape(-1)
-    if flat.numel() == 0 or compiling() or bool(flat.all()):
+    if flat.numel() == 0 or compiling():
         return None
-    return flat.nonzero().squeeze(1)
+    index = flat.nonzero().squeeze(1)  # one sync: the size of the result
+    return None if index.numel() == flat.numel() else index
 
 
 

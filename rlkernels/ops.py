@@ -73,15 +73,16 @@ class _LinearCall:
         H, V_local = I.check_linear(hidden, weight, bias)
         self.V = V if V is not None else V_local
         self.shape = hidden.shape[:-1]
-        self.keep = I.check_mask(mask, self.shape, hidden)
-        labels = I.check_labels(labels, self.shape, self.V, self.keep, hidden)
-        cdt = I.compute_dtype(hidden.dtype)
-        temperature = I.check_temperature(temperature, self.shape, self.keep, hidden, cdt)
-        self.extra = extra_checks(self.shape, self.keep, cdt) if extra_checks is not None else None
-        I.check_finite_rows("hidden", hidden.reshape(-1, H), self.keep.reshape(-1))
-        I.check_finite_rows("weight", weight)
-        if bias is not None:
-            I.check_finite_rows("bias", bias, allow_neg_inf=True)
+        with I.deferred_checks():  # the value checks below: one host sync for all of them, here
+            self.keep = I.check_mask(mask, self.shape, hidden)
+            labels = I.check_labels(labels, self.shape, self.V, self.keep, hidden)
+            cdt = I.compute_dtype(hidden.dtype)
+            temperature = I.check_temperature(temperature, self.shape, self.keep, hidden, cdt)
+            self.extra = extra_checks(self.shape, self.keep, cdt) if extra_checks is not None else None
+            I.check_finite_rows("hidden", hidden.reshape(-1, H), self.keep.reshape(-1))
+            I.check_finite_rows("weight", weight)
+            if bias is not None:
+                I.check_finite_rows("bias", bias, allow_neg_inf=True)
         self.engine = resolve_backend(backend, hidden.device)
         self.weight, self.bias = weight, bias
         h2, y = hidden.reshape(-1, H), labels.reshape(-1)
@@ -189,18 +190,19 @@ def logprobs_from_logits(
     if V == 0:
         raise ValueError(f"logits has shape {tuple(logits.shape)}: the vocabulary is empty")
     shape = logits.shape[:-1]
-    keep = I.check_mask(mask, shape, logits)
-    labels = I.check_labels(labels, shape, V, keep, logits)
-    cdt = I.compute_dtype(logits.dtype)
-    temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
     engine = resolve_backend(backend, logits.device)
+    # the caller's tensor as it is (a view like logits[:, :-1] too: no copy), or flattened once
+    z2 = logits if engine.logits_in_place else logits.reshape(-1, V)
+    with I.deferred_checks():  # one host sync for the value checks
+        keep = I.check_mask(mask, shape, logits)
+        labels = I.check_labels(labels, shape, V, keep, logits)
+        cdt = I.compute_dtype(logits.dtype)
+        temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
+        if not engine.scans_logits:  # else the engine's kernel flags them in its one read of the logits (below)
+            I.check_finite_rows("logits", z2.reshape(-1, V), keep.reshape(-1), allow_neg_inf=True)
     y = labels.reshape(-1)
     n = y.shape[0]
     index = computed = None
-    # the caller's tensor as it is (a view like logits[:, :-1] too: no copy), or flattened once
-    z2 = logits if engine.logits_in_place else logits.reshape(-1, V)
-    if not engine.scans_logits:  # else the engine's kernel flags them in its one read of the logits (below)
-        I.check_finite_rows("logits", z2.reshape(-1, V), keep.reshape(-1), allow_neg_inf=True)
     if engine.logits_in_place:
         if mask is not None:  # rows the engine never reads
             y = torch.where(keep.reshape(-1), y, torch.full((), -1, dtype=y.dtype, device=y.device))
@@ -341,7 +343,6 @@ def policy_loss(
     cfg = resolve_config(config, **overrides)
     I.require_tensor("logp", logp, dtypes=(torch.float32, torch.float64), dims=(1, 2))
     shape = logp.shape
-    keep = I.check_mask(mask, shape, logp)
     I.check_config_inputs(cfg, ref_logprobs, rollout_logprobs, is_weights, have_entropy=entropy is not None)
     if entropy is None:
         entropy = torch.zeros_like(logp)
@@ -349,9 +350,11 @@ def policy_loss(
         I.require_tensor("entropy", entropy, dtypes=(torch.float32, torch.float64))
         if entropy.shape != shape:
             raise ValueError(f"entropy has shape {tuple(entropy.shape)}; expected {tuple(shape)} like logp")
-    batch = I.build_token_batch(shape, keep, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                rollout_logprobs=rollout_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens,
-                                normalizer=normalizer, cdt=logp.dtype, ref=logp)
+    with I.deferred_checks():  # one host sync for the value checks
+        keep = I.check_mask(mask, shape, logp)
+        batch = I.build_token_batch(shape, keep, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                    rollout_logprobs=rollout_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens,
+                                    normalizer=normalizer, cdt=logp.dtype, ref=logp)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     flat_logp = torch.where(batch.mask, logp.reshape(-1), zero)
     flat_ent = torch.where(batch.mask, entropy.reshape(-1).to(logp.dtype), zero)

@@ -185,3 +185,62 @@ def test_presets_and_overrides():
     for name in R.PRESETS:
         extra = dict(norm_length=100) if name == "dr_grpo" else {}
         assert isinstance(PolicyLossConfig.from_preset(name, **extra), PolicyLossConfig)
+
+
+class _HostReads:
+    """Counts the reads of tensor data back to Python (each a host sync on a GPU) made inside rlkernels."""
+    NAMES = ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero")
+
+    def __init__(self, monkeypatch):
+        import traceback
+
+        self.where = []
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _orig=orig, _name=name, **k):
+                frames = [f for f in traceback.extract_stack()[:-1] if "/rlkernels/" in f.filename]
+                if frames and t.numel() > 0:
+                    self.where.append(f"{_name} at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}")
+                return _orig(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("op", ["fused_grpo_loss", "fused_logprobs", "logprobs_from_logits", "policy_loss"])
+def test_value_checks_cost_one_host_sync(p, monkeypatch, op):
+    """With every value check on, the checks of a call are read back together: one sync, plus the row gather's
+    nonzero (its size is data) where padding is dropped. They were one sync per checked input (7 for a
+    fused_grpo_loss with a mask and old_logprobs)."""
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "1")
+    old = torch.randn(p["labels"].shape) - 3
+    logits = torch.randn(*p["labels"].shape, 37)
+    logp = torch.randn(p["labels"].shape).clamp(max=0)
+    reads = _HostReads(monkeypatch)
+    if op == "fused_grpo_loss":
+        R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], old_logprobs=old,
+                          ref_logprobs=old, config="dapo", kl_coef=0.01, backend="torch")
+    elif op == "fused_logprobs":
+        R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], backend="torch")
+    elif op == "logprobs_from_logits":
+        R.logprobs_from_logits(logits, p["labels"], mask=p["mask"], backend="torch")
+    else:
+        R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=old)
+    checks = [w for w in reads.where if w.startswith("tolist")]
+    assert len(checks) == 1, reads.where
+    assert len(reads.where) <= 2 and all(w.startswith(("tolist", "nonzero")) for w in reads.where), reads.where
+
+
+def test_deferred_checks_raise_the_first_failure_in_order(p):
+    """Several bad inputs at once: the error is the one the checks meet first (labels, then the per-token inputs
+    such as advantages, then hidden), as when each check raised at once."""
+    hidden = p["hidden"].clone()
+    hidden[0, 0, 0] = float("nan")
+    nan_adv = torch.full_like(p["advantages"], float("nan"))
+    bad_labels = torch.full_like(p["labels"], 37)
+    with pytest.raises(ValueError, match="labels must lie"):
+        call(p, labels=bad_labels, hidden=hidden, advantages=nan_adv)
+    with pytest.raises(ValueError, match="advantages holds NaN"):
+        call(p, hidden=hidden, advantages=nan_adv)
+    with pytest.raises(ValueError, match="hidden holds NaN"):
+        call(p, hidden=hidden, mask=torch.ones_like(p["mask"]))
