@@ -113,7 +113,14 @@ class PolicyLossConfig:
         Such objectives can form ``dL/dz`` in the forward pass (the single-pass engine mode). Sequence-level ratios,
         the entropy-quantile mask and the off-policy sequence mask couple the tokens of a sequence or a batch.
         """
-        return self.ratio_level == "token" and self.top_entropy_quantile >= 1.0 and self.opsm_delta is None
+        return self.ratio_level == "token" and self.sequence_separable
+
+    @property
+    def sequence_separable(self) -> bool:
+        """True when each token's gradient depends only on the log-probs and entropies of its own sequence
+        (token-separable ones included; sequence-level ratios too). Row chunks that hold whole sequences then take
+        the single pass as well."""
+        return self.top_entropy_quantile >= 1.0 and self.opsm_delta is None
 
     def replace(self, **changes: Any) -> "PolicyLossConfig":
         """A validated copy with ``changes`` applied; unknown field names raise ``TypeError``."""

@@ -17,7 +17,8 @@ The computation is split so that the engine's single-pass mode can reuse it chun
 * :func:`policy_loss` = prepare + token_loss + sum + metrics.
 
 For token-separable configs (:func:`is_token_separable`) ``prepare`` needs no log-probs, so ``token_loss`` applied to a
-chunk of rows is exactly that chunk of the full result.
+chunk of rows is exactly that chunk of the full result; for sequence-separable ones (:func:`is_sequence_separable`:
+sequence-level ratios) the same holds for chunks of whole sequences.
 """
 from __future__ import annotations
 
@@ -152,8 +153,18 @@ def is_token_separable(cfg: PolicyLossConfig, batch: TokenBatch) -> bool:
     Besides a token-separable config, rollout correction must not need the current log-probs: with
     ``old_logprobs`` absent its weights are built from ``sg(logp)``, known only after the forward pass.
     """
-    rollout_needs_logp = cfg.rollout_correction != "none" and batch.is_weights is None and batch.old_logprobs is None
-    return cfg.token_separable and not rollout_needs_logp
+    return cfg.token_separable and not _rollout_needs_logp(cfg, batch)
+
+
+def is_sequence_separable(cfg: PolicyLossConfig, batch: TokenBatch) -> bool:
+    """Whether ``prepare`` can run without the current log-probs and ``token_loss`` couples tokens only within a
+    sequence (sequence-level ratios): then ``token_loss`` on rows holding whole sequences is exactly those rows of
+    the full result, and the single pass applies with sequence-aligned row chunks."""
+    return cfg.sequence_separable and not _rollout_needs_logp(cfg, batch)
+
+
+def _rollout_needs_logp(cfg: PolicyLossConfig, batch: TokenBatch) -> bool:
+    return cfg.rollout_correction != "none" and batch.is_weights is None and batch.old_logprobs is None
 
 
 # ----------------------------------------------------------------------------------------------------------------

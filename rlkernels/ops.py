@@ -14,7 +14,9 @@ from torch import Tensor, nn
 from . import _inputs as I
 from .config import PolicyLossConfig, resolve_config
 from .engines import plan_chunks, resolve_backend
-from .objective import LossOutput, is_token_separable, metrics, policy_loss_flat, prepare, token_loss
+from .engines.chunking import sequence_aligned
+from .objective import (LossOutput, is_sequence_separable, is_token_separable, metrics, policy_loss_flat, prepare,
+                        token_loss)
 
 Temperature = Union[float, Tensor]
 
@@ -265,8 +267,9 @@ def fused_grpo_loss(
         temperature: float > 0 or per-token tensor: the rollout's sampling temperature.
         backend, chunk_size: engine choice and rows per chunk (see :func:`fused_logprobs`).
         single_pass: ``None`` (default) forms the gradients during the forward pass whenever the objective is
-            token-separable and gradients are needed (3 GEMMs instead of 4); ``False`` forces the two-stage path;
-            ``True`` requires the single pass.
+            token-separable and gradients are needed (3 GEMMs instead of 4); for sequence-level ratios (GSPO,
+            LUSPO) too when every sequence's kept tokens fit in one row chunk (the chunks then end at sequence
+            boundaries); ``False`` forces the two-stage path; ``True`` requires the single pass.
         tp_group, reduce_hidden_grad: a vocab-sharded LM head (see :func:`fused_logprobs`); the objective runs on
             every rank on the merged full-vocabulary log-probs (two-stage path).
 
@@ -291,14 +294,21 @@ def fused_grpo_loss(
     separable = is_token_separable(cfg, batch) and tp_group is None
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if single_pass and I.compiling():
+        raise ValueError("single_pass=True cannot run under torch.compile; leave single_pass=None")
+    plan = call.plan
+    wanted = single_pass or (single_pass is None and wants_grad and not I.compiling())
+    if wanted and not separable and tp_group is None and is_sequence_separable(cfg, batch):
+        # sequence-level ratios: exact chunk by chunk when every chunk holds whole sequences
+        aligned = sequence_aligned(call.plan, batch.seq_ids)
+        separable, plan = aligned is not None, aligned or call.plan
     if single_pass and not separable:
         raise ValueError("single_pass=True needs a token-separable objective (token-level ratio, no entropy "
                          "quantile, no off-policy sequence mask, and old_logprobs when rollout_correction is on) "
-                         "and no tp_group")
+                         "and no tp_group; a sequence-level ratio also needs row chunks that hold whole sequences "
+                         "(chunk_size or the memory budget's rows >= the most kept tokens of one sequence)")
     if single_pass is None:  # the single pass calls the objective per chunk from Python: eager mode only
         single_pass = separable and wants_grad and not I.compiling()
-    elif single_pass and I.compiling():
-        raise ValueError("single_pass=True cannot run under torch.compile; leave single_pass=None")
 
     if not single_pass:
         logp, ent = call.logprobs(reduce_hidden_grad)
@@ -311,7 +321,7 @@ def fused_grpo_loss(
         return token_loss(logp_c, ent_c, batch.select(rows), prep.select(rows), cfg).total
 
     loss, logp, ent = call.engine.linear_fused_loss(call.hidden, weight, bias, call.labels, call.temperature,
-                                                    call.plan, chunk_loss)
+                                                    plan, chunk_loss)
     terms = token_loss(logp, ent, batch, prep, cfg)
     out = metrics(terms, logp, ent, batch, prep, cfg)
     out["loss"] = loss.detach().float()

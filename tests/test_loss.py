@@ -6,7 +6,7 @@ import rlkernels as R
 from rlkernels import PRESETS
 from rlkernels import reference as ref
 
-from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem
+from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem, stable_seed
 
 NEEDS = {"dr_grpo": dict(norm_length=9)}
 
@@ -113,18 +113,19 @@ KNOB_CASES = [(base, *k) for base in ("grpo", "dapo", "gspo") for k in KNOBS
 
 @pytest.mark.parametrize("base,name,overrides,which", KNOB_CASES, ids=[f"{c[0]}-{c[1]}" for c in KNOB_CASES])
 def test_knobs(backend, base, name, overrides, which):
-    p = make_problem(3, 9, 16, 37, bias=True, seed=hash(name) % 997)
+    p = make_problem(3, 9, 16, 37, bias=True, seed=stable_seed(base, name))
     _compare(p, base, overrides, _inputs(p, which), backend)
 
 
 @pytest.mark.parametrize("name,overrides,which", KNOBS, ids=[k[0] for k in KNOBS])
 def test_single_pass_equals_two_stage(backend, name, overrides, which):
-    p = make_problem(3, 9, 16, 37, bias=True, per_token_temperature=True, seed=hash(name) % 991)
+    p = make_problem(3, 9, 16, 37, bias=True, per_token_temperature=True, seed=stable_seed(name))
     cfg = R.PolicyLossConfig.from_preset("dapo", **overrides)
     kw = _inputs(p, which)
-    # rollout correction needs the current log-probs when old_logprobs are absent
-    separable = cfg.token_separable and not (cfg.rollout_correction != "none" and "old_logprobs" not in kw)
-    if not separable:
+    # rollout correction needs the current log-probs when old_logprobs are absent; sequence-level ratios need row
+    # chunks of whole sequences (9 rows here)
+    rollout_needs_logp = cfg.rollout_correction != "none" and "old_logprobs" not in kw
+    if not cfg.sequence_separable or rollout_needs_logp:
         with pytest.raises(ValueError, match="single_pass=True"):
             R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
                               config=cfg, single_pass=True, backend=backend, **kw)
@@ -133,7 +134,7 @@ def test_single_pass_equals_two_stage(backend, name, overrides, which):
     for sp in (True, False):
         out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
                                 temperature=p["temperature"], config=cfg, single_pass=sp, backend=backend,
-                                chunk_size=4, **kw)
+                                chunk_size=4 if cfg.token_separable else 12, **kw)
         outs.append((out, grads(out.loss, leaves(p))))
     (a, ga), (b, gb) = outs
     assert_matches("loss", a.loss, b.loss, scale=1.0)
@@ -329,3 +330,86 @@ def test_single_pass_backward_runs_once(backend):
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="single_pass=False"):
         out.loss.backward()
+
+
+SEQUENCE_RATIOS = [("gspo", {}), ("luspo", {}), ("gspo", dict(ratio_level="sequence_token")),
+                   ("gspo", dict(rollout_correction="seq_tis", kl_coef=0.05, entropy_coef=0.01))]
+
+
+def _spy_fused(monkeypatch):
+    """Records the plan of every single-pass call (Engine.linear_fused_loss)."""
+    from rlkernels.engines import Engine
+
+    plans, orig = [], Engine.linear_fused_loss
+
+    def spy(self, hidden, weight, bias, labels, temperature, plan, chunk_loss):
+        plans.append(plan)
+        return orig(self, hidden, weight, bias, labels, temperature, plan, chunk_loss)
+
+    monkeypatch.setattr(Engine, "linear_fused_loss", spy)
+    return plans
+
+
+@pytest.mark.parametrize("config,overrides", SEQUENCE_RATIOS,
+                         ids=[f"{c}-{'-'.join(o) or 'plain'}" for c, o in SEQUENCE_RATIOS])
+def test_sequence_ratio_single_pass(backend, monkeypatch, config, overrides):
+    """Sequence-level ratios take the single pass (3 GEMMs) when a row chunk can hold any one sequence's kept tokens:
+    the chunks then end at sequence boundaries, and the result is the fp64 reference's, as on the two-stage path."""
+    p = make_problem(5, 9, 16, 37, bias=True, per_token_temperature=True, seed=83)
+    kw = _inputs(p, ("old", "ref", "roll"))
+    plans = _spy_fused(monkeypatch)
+    _compare(p, config, overrides, kw, backend, single_pass=True, chunk_size=20)
+    (plan,) = plans
+    kept = p["mask"].sum(1).tolist()
+    ends = {sum(kept[: i + 1]) for i in range(len(kept))}
+    assert plan.bounds is not None and len(plan.bounds) > 2, plan  # several chunks ...
+    assert set(plan.bounds[1:]) <= ends, (plan.bounds, kept)  # ... each ending where a sequence ends
+    assert all(b - a <= 20 for a, b in zip(plan.bounds, plan.bounds[1:]))
+
+
+def test_sequence_ratio_falls_back_when_a_sequence_outgrows_the_chunk(backend, monkeypatch):
+    p = make_problem(3, 9, 16, 37, mask_frac=0.0, seed=89)  # 9 kept tokens per sequence, chunks of 5 rows
+    plans = _spy_fused(monkeypatch)
+    auto = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], config="gspo",
+                             old_logprobs=p["old_logprobs"], backend=backend, chunk_size=5)
+    assert plans == []  # the two-stage (recompute) path
+    _compare(p, "gspo", {}, _inputs(p, ("old",)), backend, chunk_size=5)
+    assert torch.isfinite(auto.loss)
+    with pytest.raises(ValueError, match="whole sequences"):
+        R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], config="gspo",
+                          old_logprobs=p["old_logprobs"], backend=backend, chunk_size=5, single_pass=True)
+
+
+def test_sequence_ratio_single_pass_packed(backend, monkeypatch):
+    """Packed sequences of uneven lengths (one empty): chunk boundaries follow cu_seqlens."""
+    p = make_problem(4, 8, 8, 41, seed=97)
+    keep, k = _packed(p)
+    plans = _spy_fused(monkeypatch)
+    common = dict(cu_seqlens=k["cu"], old_logprobs=k["old"], config="gspo", backend=backend, chunk_size=8)
+    out = R.fused_grpo_loss(k["hidden"], p["weight"], k["labels"], p["advantages"], k["mask"], single_pass=True,
+                            **common)
+    two = R.fused_grpo_loss(k["hidden"], p["weight"], k["labels"], p["advantages"], k["mask"], single_pass=False,
+                            **common)
+    loss_r, _ = ref.linear_policy_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"] & keep,
+                                       old_logprobs=p["old_logprobs"], config="gspo")
+    assert_matches("loss", out.loss, loss_r, scale=1.0)
+    assert_matches("loss vs two-stage", out.loss, two.loss, scale=1.0)
+    for name, a, b in zip(("hidden", "weight"), grads(out.loss, [k["hidden"], p["weight"]]),
+                          grads(two.loss, [k["hidden"], p["weight"]])):
+        assert_matches(f"grad_{name} vs two-stage", a, b)
+    kept_ends = torch.cumsum((p["mask"] & keep).sum(1), 0).tolist()
+    assert len(plans) == 1 and set(plans[0].bounds[1:]) <= set(kept_ends), (plans, kept_ends)
+
+
+def test_sequence_aligned_plan():
+    from rlkernels.engines.chunking import ChunkPlan, sequence_aligned
+
+    plan = ChunkPlan(rows=8, vocab_block=100, vocab=100)
+    ids = torch.tensor([0] * 3 + [1] * 7 + [2] * 2 + [4] * 8)
+    aligned = sequence_aligned(plan, ids)
+    assert aligned.bounds == (0, 3, 10, 12, 20) and aligned.ranges(20) == [(0, 3), (3, 10), (10, 12), (12, 20)]
+    assert sequence_aligned(ChunkPlan(rows=12, vocab_block=100, vocab=100), ids).bounds == (0, 12, 20)
+    assert sequence_aligned(ChunkPlan(rows=7, vocab_block=100, vocab=100), ids) is None  # 8 rows of sequence 4
+    assert sequence_aligned(plan, torch.tensor([0, 1, 0])) is None  # sequence 0 not contiguous
+    assert sequence_aligned(plan, torch.tensor([], dtype=torch.long)).ranges(0) == []
+    assert plan.ranges(20) == [(0, 8), (8, 16), (16, 20)]

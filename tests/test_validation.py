@@ -66,7 +66,9 @@ CASES = [
      "hidden holds NaN"),
     (lambda p: dict(weight=p["weight"].detach().clone().index_fill_(0, torch.tensor([3]), float("inf"))),
      ValueError, "weight holds NaN or inf"),
-    (lambda p: dict(single_pass=True, config="gspo"), ValueError, "single_pass=True needs a token-separable"),
+    (lambda p: dict(single_pass=True, config="gspo", top_entropy_quantile=0.5), ValueError,
+     "single_pass=True needs a token-separable"),
+    (lambda p: dict(single_pass=True, config="gspo", chunk_size=2), ValueError, "row chunks that hold whole sequences"),
 ]
 
 

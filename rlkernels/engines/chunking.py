@@ -10,8 +10,11 @@ Set it with ``RLKERNELS_MEMORY_BUDGET_MB`` (read at each call) or per call with 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
 
 # Default budget per logits block. Measured on the 2-core CPU machine of this project (torch 2.13, fp32, H=1024,
 # V=32000): 256-512-row chunks reach ~90% of whole-batch GEMM speed; 64 MiB gives 512 rows at V=32000 and
@@ -27,13 +30,50 @@ VOCAB_MULTIPLE = 128
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    rows: int  # rows per chunk
+    rows: int  # rows per chunk (the most, when bounds are given)
     vocab_block: int  # vocabulary entries per block
     vocab: int  # the whole vocabulary V
+    # row chunk boundaries (0, ..., N) when the chunks must hold whole sequences (see sequence_aligned), else None:
+    # chunks of ``rows`` rows. Only the single pass reads them.
+    bounds: Optional[Tuple[int, ...]] = None
 
     @property
     def vocab_blocked(self) -> bool:
         return self.vocab_block < self.vocab
+
+    def ranges(self, n_rows: int) -> List[Tuple[int, int]]:
+        """``(r0, r1)`` of each row chunk of ``n_rows`` rows."""
+        if self.bounds is None:
+            return [(r0, min(r0 + self.rows, n_rows)) for r0 in range(0, n_rows, self.rows)]
+        if self.bounds[-1] != n_rows:
+            raise RuntimeError(f"internal: a sequence-aligned plan for {self.bounds[-1]} rows used on {n_rows}")
+        return list(zip(self.bounds[:-1], self.bounds[1:]))
+
+
+def sequence_aligned(plan: ChunkPlan, seq_ids: Tensor) -> Optional[ChunkPlan]:
+    """``plan`` with row chunks that end only where a sequence ends, each packing as many whole sequences as fit in
+    ``plan.rows`` rows (greedily, in order); None when one sequence alone has more rows than that, or when a
+    sequence's rows are not contiguous. ``seq_ids``: (N,) the sequence of each row. One host sync.
+
+    With such chunks, an objective whose tokens are coupled only within a sequence (sequence-level ratios: GSPO,
+    LUSPO) gets its exact per-token gradients chunk by chunk, so the single pass (3 GEMMs) applies to it too.
+    """
+    if seq_ids.numel() == 0:
+        return replace(plan, bounds=(0,))
+    ids, counts = torch.unique_consecutive(seq_ids, return_counts=True)
+    ids, counts = torch.stack([ids.long(), counts.long()]).tolist()
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        return None  # a sequence split into runs: sorted ids are contiguous, so this is an unusual layout
+    if max(counts) > plan.rows:
+        return None
+    bounds, start, end = [0], 0, 0
+    for length in counts:
+        if end + length - start > plan.rows:
+            bounds.append(end)
+            start = end
+        end += length
+    bounds.append(end)
+    return replace(plan, bounds=tuple(bounds))
 
 
 def memory_budget_bytes(default_mb: float = DEFAULT_BUDGET_MB) -> int:

@@ -118,12 +118,12 @@ class _Grads:
         if self.b is not None:
             self.b[v0:v1].add_(dz.sum(0, dtype=self.b.dtype))
 
-    def results(self, rows: int):
-        """(grad_hidden, grad_weight, grad_bias) after all blocks; ``rows`` = the row chunk size of the plan."""
+    def results(self, plan: ChunkPlan):
+        """(grad_hidden, grad_weight, grad_bias) after all blocks of ``plan``'s row chunks."""
         if self.h is not None:
-            for r0 in range(0, self.h.shape[0], rows):
+            for r0, r1 in plan.ranges(self.h.shape[0]):
                 if r0 not in self.rows_done:
-                    self.h[r0: r0 + rows].zero_()
+                    self.h[r0:r1].zero_()
         if self.w is not None and not self.vocab_done:
             self.w.zero_()  # no chunk had an upstream gradient
         w = None if self.w is None else self.w.to(self.weight_dtype)
@@ -180,14 +180,14 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
     N, cdt = hidden.shape[0], compute_dtype(hidden.dtype)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
     if (g_logp is None and g_ent is None) or not (need_h or need_w or (need_b and bias is not None)):
-        return grads.results(plan.rows)
+        return grads.results(plan)
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
     for r0 in range(0, N, plan.rows):
         r1 = min(r0 + plan.rows, N)
         stats = tuple(_rows(x, r0, r1, cdt) for x in (m, log_s, cs))
         _chunk_grads(ws, grads, hidden[r0:r1], weight, bias, labels[r0:r1], _temp(temperature, r0, r1), plan, stats,
                      _rows(g_logp, r0, r1, cdt), _rows(g_ent, r0, r1, cdt), r0, offset=vocab_offset or 0)
-    return grads.results(plan.rows)
+    return grads.results(plan)
 
 
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool, need_w: bool,
@@ -200,8 +200,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
     any_grad = need_h or need_w or (need_b and bias is not None)
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         h, y, temp = hidden[r0:r1], labels[r0:r1], _temp(temperature, r0, r1)
         state, z = _chunk_state(ws, h, weight, bias, y, temp, plan)
         lp, en, *stats = _ops().finish(state)
@@ -211,7 +210,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
                          _rows(g_ent, 0, r1 - r0, cdt), r0, z=None if plan.vocab_blocked else z)
         logp[r0:r1], ent[r0:r1] = lp, en
         loss += part
-    return (loss, logp, ent, *grads.results(plan.rows))
+    return (loss, logp, ent, *grads.results(plan))
 
 
 def logits_forward(logits, labels, temperature, plan: ChunkPlan):

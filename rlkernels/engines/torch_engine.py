@@ -311,8 +311,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         h, y, temp = hidden[r0:r1], labels[r0:r1], _as_temperature(temperature, r0, r1)
         if plan.vocab_blocked:  # statistics first, then a recompute pass per block
             m, log_s, cs, lp, en = _chunk_stats(ws, h, weight, bias, y, temp, plan)

@@ -205,8 +205,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b, plan)
     buf = _buffer(hidden, plan)
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         h, y, temp = hidden[r0:r1], labels[r0:r1], _temp_rows(temperature, r0, r1)
         m, log_s, cs, lp, en = _chunk_stats(buf, h, weight, bias, y, temp, plan)
         part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)

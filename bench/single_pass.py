@@ -1,0 +1,84 @@
+"""Single pass (3 GEMMs) against the two-stage recompute path (4 GEMMs) of ``fused_grpo_loss``, forward + backward,
+for a preset, timed alternately in one process (median of ``--repeat``):
+
+    python bench/single_pass.py                        # gspo, cpu-small shape (M=2048, H=1024, V=32000), fp32
+    python bench/single_pass.py --preset dapo --device cuda --dtype bfloat16 --batch 16 --seq-len 1024 \\
+        --hidden 3584 --vocab 152064
+
+For sequence-level ratios (gspo, luspo) the single pass needs row chunks that hold whole sequences: it runs when the
+memory budget's rows (or ``--chunk-size``) are at least ``--seq-len``; the script says which path ran.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import rlkernels as R
+from rlkernels.engines import Engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="gspo")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+
+    dev, dt = torch.device(args.device), getattr(torch, args.dtype)
+    B, T, H, V = args.batch, args.seq_len, args.hidden, args.vocab
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(B, T, H, generator=g).to(dev, dt).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H**0.5).to(dev, dt).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g).to(dev)
+    mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+    advantages = torch.randn(B, generator=g).to(dev)
+    old = (torch.randn(B, T, generator=g) * 0.1 - 10).to(dev)
+
+    fused_calls = []
+    original = Engine.linear_fused_loss
+
+    def counted(self, *a):
+        fused_calls.append(1)
+        return original(self, *a)
+
+    Engine.linear_fused_loss = counted
+
+    def call(single_pass):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = R.fused_grpo_loss(hidden, weight, labels, advantages, mask, old_logprobs=old, config=args.preset,
+                                backend=args.backend, chunk_size=args.chunk_size, single_pass=single_pass)
+        out.loss.backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        hidden.grad = weight.grad = None
+        return time.perf_counter() - t0
+
+    times = {None: [], False: []}
+    for sp in times:  # warm-up
+        call(sp)
+    fused_calls.clear()
+    call(None)
+    path = "single pass" if fused_calls else "two-stage (the single pass does not apply here)"
+    for _ in range(args.repeat):
+        for sp in times:
+            times[sp].append(call(sp))
+    a, b = statistics.median(times[None]), statistics.median(times[False])
+    print(f"{args.preset} fwd+bwd, M={B * T} (B={B}, T={T}), H={H}, V={V}, {args.dtype}, {dev.type}, "
+          f"backend={args.backend}: default ({path}) {a * 1e3:.0f} ms, two-stage {b * 1e3:.0f} ms, "
+          f"ratio {a / b:.3f}")
+
+
+if __name__ == "__main__":
+    main()
