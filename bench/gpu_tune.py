@@ -10,8 +10,8 @@ order:
 2. ``loss``: ``fused_grpo_loss`` (dapo) forward+backward on the Triton engine, the defaults and one change at a time:
    grad_weight accumulation (``RLKERNELS_GRAD_WEIGHT_ACCUM``), memory budget (``RLKERNELS_MEMORY_BUDGET_MB``, MiB
    of the input dtype), statistics loop (``RLKERNELS_STATS_KERNEL``), pipeline stages, tail split,
-   ``RLKERNELS_AUTOTUNE=1`` (and what it picked), recompute mode: time, and the peak memory above the inputs
-   (gradients included, as new tensors);
+   ``RLKERNELS_AUTOTUNE=1`` (and what it picked), recompute mode, and gspo single pass (sequence-aligned chunks)
+   against gspo recompute: time, and the peak memory above the inputs (gradients included, as new tensors);
 3. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
    with value checks on and off and both statistics loops;
 4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
@@ -150,10 +150,10 @@ def main(argv=None) -> int:
         h.grad = None
         w.grad = None
 
-    def loss_step(**extra):
+    def loss_step(config=cfg, **extra):
         def step():
             loss, _ = rlkernels.fused_grpo_loss(h, w, inputs["labels"], inputs["advantages"], inputs["mask"],
-                                             config=cfg, backend="triton", **kw, **extra)
+                                             config=config, backend="triton", **kw, **extra)
             loss.backward()
         return step
 
@@ -162,10 +162,12 @@ def main(argv=None) -> int:
         # first = the defaults; each variant changes one thing. A 5 GiB budget holds the qwen fp32 accumulator
         # (2.2 GB, at most half the budget), so "auto" takes it there, with a ~3 GiB block. stages: software
         # pipelining of the statistics loop (K.STATS_STAGES); split: unmasked whole tiles (K.SPLIT_TAIL).
-        base = dict(accum="auto", budget_mb=1024, single_pass=True, stats="tile", stages=K.STATS_STAGES,
-                    split=K.SPLIT_TAIL, autotune=False)
+        # preset=gspo: the sequence-level ratio's single pass (row chunks of whole sequences) against its recompute
+        base = dict(preset=case.preset, accum="auto", budget_mb=1024, single_pass=True, stats="tile",
+                    stages=K.STATS_STAGES, split=K.SPLIT_TAIL, autotune=False)
         changes = [{}, dict(stats="lanes"), dict(stages=3), dict(split=not K.SPLIT_TAIL), dict(autotune=True),
-                   dict(accum="fp32"), dict(budget_mb=5120), dict(single_pass=False)]
+                   dict(accum="fp32"), dict(budget_mb=5120), dict(single_pass=False), dict(preset="gspo"),
+                   dict(preset="gspo", single_pass=False)]
         defaults = (K.STATS_STAGES, K.SPLIT_TAIL)
         for change in changes:
             what = {**base, **change}
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
             K.STATS_STAGES, K.SPLIT_TAIL = what["stages"], what["split"]
             os.environ["RLKERNELS_AUTOTUNE"] = "1" if what["autotune"] else "0"  # tunes during the warm-up calls
             try:
-                t, peak = timed(loss_step(single_pass=what["single_pass"]), clear=clear)
+                t, peak = timed(loss_step(config=what["preset"], single_pass=what["single_pass"]), clear=clear)
                 row("loss", **what, ms=t, peak_mb=peak, extra_beyond_grads_mb=peak - grad_mb,
                     vs_3gemm=(t / gemm_total) if gemm_total else None)
             except Exception as exc:  # report and go on: the sweep is for tuning
