@@ -296,17 +296,18 @@ def fused_grpo_loss(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if single_pass and I.compiling():
         raise ValueError("single_pass=True cannot run under torch.compile; leave single_pass=None")
-    plan = call.plan
+    plan, why_not = call.plan, None
     wanted = single_pass or (single_pass is None and wants_grad and not I.compiling())
     if wanted and not separable and tp_group is None and is_sequence_separable(cfg, batch):
         # sequence-level ratios: exact chunk by chunk when every chunk holds whole sequences
-        aligned = sequence_aligned(call.plan, batch.seq_ids)
+        aligned, longest = sequence_aligned(call.plan, batch.seq_ids, batch.num_seqs)
         separable, plan = aligned is not None, aligned or call.plan
+        why_not = (f"a sequence-level ratio needs row chunks that hold whole sequences: the longest has {longest} "
+                   f"kept tokens, the chunks {call.plan.rows} rows (raise chunk_size or RLKERNELS_MEMORY_BUDGET_MB)")
     if single_pass and not separable:
-        raise ValueError("single_pass=True needs a token-separable objective (token-level ratio, no entropy "
-                         "quantile, no off-policy sequence mask, and old_logprobs when rollout_correction is on) "
-                         "and no tp_group; a sequence-level ratio also needs row chunks that hold whole sequences "
-                         "(chunk_size or the memory budget's rows >= the most kept tokens of one sequence)")
+        raise ValueError("single_pass=True cannot apply: " + (why_not or (
+            "it needs an objective whose per-token gradients depend only on the token's own sequence (no entropy "
+            "quantile, no off-policy sequence mask, old_logprobs when rollout_correction is on) and no tp_group")))
     if single_pass is None:  # the single pass calls the objective per chunk from Python: eager mode only
         single_pass = separable and wants_grad and not I.compiling()
 

@@ -375,7 +375,7 @@ def test_sequence_ratio_falls_back_when_a_sequence_outgrows_the_chunk(backend, m
     assert plans == []  # the two-stage (recompute) path
     _compare(p, "gspo", {}, _inputs(p, ("old",)), backend, chunk_size=5)
     assert torch.isfinite(auto.loss)
-    with pytest.raises(ValueError, match="whole sequences"):
+    with pytest.raises(ValueError, match="whole sequences: the longest has 9 kept tokens, the chunks 5 rows"):
         R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], config="gspo",
                           old_logprobs=p["old_logprobs"], backend=backend, chunk_size=5, single_pass=True)
 
@@ -405,11 +405,12 @@ def test_sequence_aligned_plan():
     from rlkernels.engines.chunking import ChunkPlan, sequence_aligned
 
     plan = ChunkPlan(rows=8, vocab_block=100, vocab=100)
-    ids = torch.tensor([0] * 3 + [1] * 7 + [2] * 2 + [4] * 8)
-    aligned = sequence_aligned(plan, ids)
+    ids = torch.tensor([0] * 3 + [1] * 7 + [2] * 2 + [4] * 8)  # sequence 3 (and 5) empty
+    aligned, longest = sequence_aligned(plan, ids, 6)
+    assert longest == 8
     assert aligned.bounds == (0, 3, 10, 12, 20) and aligned.ranges(20) == [(0, 3), (3, 10), (10, 12), (12, 20)]
-    assert sequence_aligned(ChunkPlan(rows=12, vocab_block=100, vocab=100), ids).bounds == (0, 12, 20)
-    assert sequence_aligned(ChunkPlan(rows=7, vocab_block=100, vocab=100), ids) is None  # 8 rows of sequence 4
-    assert sequence_aligned(plan, torch.tensor([0, 1, 0])) is None  # sequence 0 not contiguous
-    assert sequence_aligned(plan, torch.tensor([], dtype=torch.long)).ranges(0) == []
+    assert sequence_aligned(ChunkPlan(rows=12, vocab_block=100, vocab=100), ids, 6)[0].bounds == (0, 12, 20)
+    assert sequence_aligned(ChunkPlan(rows=7, vocab_block=100, vocab=100), ids, 6) == (None, 8)  # sequence 4
+    assert sequence_aligned(plan, torch.tensor([0, 1, 0]), 2)[0] is None  # sequence 0 not contiguous
+    assert sequence_aligned(plan, torch.tensor([], dtype=torch.long), 3)[0].ranges(0) == []
     assert plan.ranges(20) == [(0, 8), (8, 16), (16, 20)]

@@ -67,7 +67,7 @@ CASES = [
     (lambda p: dict(weight=p["weight"].detach().clone().index_fill_(0, torch.tensor([3]), float("inf"))),
      ValueError, "weight holds NaN or inf"),
     (lambda p: dict(single_pass=True, config="gspo", top_entropy_quantile=0.5), ValueError,
-     "single_pass=True needs a token-separable"),
+     "single_pass=True cannot apply: it needs an objective"),
     (lambda p: dict(single_pass=True, config="gspo", chunk_size=2), ValueError, "row chunks that hold whole sequences"),
 ]
 
@@ -209,28 +209,33 @@ class _HostReads:
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
-@pytest.mark.parametrize("op", ["fused_grpo_loss", "fused_logprobs", "logprobs_from_logits", "policy_loss"])
+@pytest.mark.parametrize("op", ["fused_grpo_loss", "fused_grpo_loss gspo", "fused_logprobs", "logprobs_from_logits",
+                                "policy_loss"])
 def test_value_checks_cost_one_host_sync(p, monkeypatch, op):
     """With every value check on, the checks of a call are read back together: one sync, plus the row gather's
-    nonzero (its size is data) where padding is dropped. They were one sync per checked input (7 for a
-    fused_grpo_loss with a mask and old_logprobs)."""
+    nonzero (its size is data) where padding is dropped, plus for a sequence-level ratio's single pass one read of
+    the sequence lengths (its chunk bounds). They were one sync per checked input (7 for a fused_grpo_loss with a
+    mask and old_logprobs)."""
     monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "1")
     old = torch.randn(p["labels"].shape) - 3
     logits = torch.randn(*p["labels"].shape, 37)
     logp = torch.randn(p["labels"].shape).clamp(max=0)
     reads = _HostReads(monkeypatch)
-    if op == "fused_grpo_loss":
+    if op.startswith("fused_grpo_loss"):
         R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], old_logprobs=old,
-                          ref_logprobs=old, config="dapo", kl_coef=0.01, backend="torch")
+                          ref_logprobs=old, config=op.split()[-1] if " " in op else "dapo", kl_coef=0.01,
+                          backend="torch")
     elif op == "fused_logprobs":
         R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], backend="torch")
     elif op == "logprobs_from_logits":
         R.logprobs_from_logits(logits, p["labels"], mask=p["mask"], backend="torch")
     else:
         R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=old)
-    checks = [w for w in reads.where if w.startswith("tolist")]
-    assert len(checks) == 1, reads.where
-    assert len(reads.where) <= 2 and all(w.startswith(("tolist", "nonzero")) for w in reads.where), reads.where
+    checks = [w for w in reads.where if w.startswith("tolist") and "_inputs.py" in w]
+    bounds = [w for w in reads.where if "chunking.py" in w]
+    assert len(checks) == 1 and len(bounds) == (1 if "gspo" in op else 0), reads.where
+    assert len(reads.where) <= 2 + len(bounds) and all(w.startswith(("tolist", "nonzero")) for w in reads.where), \
+        reads.where
 
 
 def test_deferred_checks_raise_the_first_failure_in_order(p):

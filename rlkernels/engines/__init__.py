@@ -72,7 +72,8 @@ class Engine:
 
     def linear_fused(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool,
                      need_w: bool, need_b: bool):
-        """Single pass for token-separable losses -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
+        """Single pass for losses whose chunk gradients need only the chunk (token-separable, or sequence-separable
+        over ``plan.bounds`` chunks of whole sequences) -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
         raise NotImplementedError
 
     def logits_forward(self, logits, labels, temperature, plan: ChunkPlan):
@@ -95,7 +96,8 @@ class Engine:
 
     def linear_fused_loss(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
                           plan: ChunkPlan, chunk_loss) -> Tuple[Tensor, Tensor, Tensor]:
-        """Single pass for token-separable losses: (loss, logp, entropy); gradients formed in forward."""
+        """Single pass (token-separable losses, or sequence-separable ones over chunks of whole sequences):
+        (loss, logp, entropy); gradients formed in forward."""
         return autograd.LinearFusedLoss.apply(self, hidden, weight, bias, labels, temperature, plan, chunk_loss)
 
 

@@ -50,30 +50,34 @@ class ChunkPlan:
         return list(zip(self.bounds[:-1], self.bounds[1:]))
 
 
-def sequence_aligned(plan: ChunkPlan, seq_ids: Tensor) -> Optional[ChunkPlan]:
-    """``plan`` with row chunks that end only where a sequence ends, each packing as many whole sequences as fit in
-    ``plan.rows`` rows (greedily, in order); None when one sequence alone has more rows than that, or when a
-    sequence's rows are not contiguous. ``seq_ids``: (N,) the sequence of each row. One host sync.
+def sequence_aligned(plan: ChunkPlan, seq_ids: Tensor, num_seqs: int) -> Tuple[Optional[ChunkPlan], int]:
+    """``(plan with row chunks that end only where a sequence ends, longest sequence's rows)``: each chunk packs as
+    many whole sequences as fit in ``plan.rows`` rows (greedily, in order); the plan is None when one sequence alone
+    has more rows than that, or when ``seq_ids`` (N,) (the sequence of each row, in ``[0, num_seqs)``) is not
+    non-decreasing, so that a sequence's rows are not contiguous. One host sync.
 
     With such chunks, an objective whose tokens are coupled only within a sequence (sequence-level ratios: GSPO,
     LUSPO) gets its exact per-token gradients chunk by chunk, so the single pass (3 GEMMs) applies to it too.
     """
     if seq_ids.numel() == 0:
-        return replace(plan, bounds=(0,))
-    ids, counts = torch.unique_consecutive(seq_ids, return_counts=True)
-    ids, counts = torch.stack([ids.long(), counts.long()]).tolist()
-    if any(b <= a for a, b in zip(ids, ids[1:])):
-        return None  # a sequence split into runs: sorted ids are contiguous, so this is an unusual layout
-    if max(counts) > plan.rows:
-        return None
+        return replace(plan, bounds=(0,)), 0
+    counts = torch.zeros(num_seqs + 1, dtype=torch.long, device=seq_ids.device)
+    counts.index_add_(0, seq_ids, torch.ones_like(seq_ids, dtype=torch.long))
+    counts[num_seqs] = (seq_ids[1:] < seq_ids[:-1]).any()  # the order flag rides on the same read
+    *counts, unordered = counts.tolist()
+    longest = max(counts)
+    if unordered or longest > plan.rows:
+        return None, longest
     bounds, start, end = [0], 0, 0
     for length in counts:
+        if length == 0:
+            continue
         if end + length - start > plan.rows:
             bounds.append(end)
             start = end
         end += length
     bounds.append(end)
-    return replace(plan, bounds=tuple(bounds))
+    return replace(plan, bounds=tuple(bounds)), longest
 
 
 def memory_budget_bytes(default_mb: float = DEFAULT_BUDGET_MB) -> int:

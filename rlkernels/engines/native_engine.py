@@ -192,7 +192,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
 
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool, need_w: bool,
                  need_b: bool):
-    """Single pass for token-separable losses -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias): per row
+    """Single pass (see Engine.linear_fused) -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias): per row
     chunk, the objective's upstream gradients are asked for right away and dL/dz is formed while the logits block is
     still in memory (3 GEMMs per chunk instead of 4)."""
     N, cdt = hidden.shape[0], compute_dtype(hidden.dtype)

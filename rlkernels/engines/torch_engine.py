@@ -6,7 +6,7 @@ Per row chunk (and per vocabulary block when a row chunk of the full vocabulary 
   the cancellation-free entropy ``H = log S - C / S`` (B §1.1); only ``M``, ``log S`` and ``C / S`` are saved per row;
 * backward: recompute the block, form ``dL/dz = [g_logp (1_y - p) - g_H p (z~ - mu)] / T`` (B §1.3) in place, two GEMMs
   for the hidden and weight gradients, ``grad_weight`` accumulated in fp32;
-* single pass (token-separable objectives): the forward asks the objective for the per-token upstream gradients of the
+* single pass (token-separable objectives, and sequence-level ratios over row chunks of whole sequences): the forward asks the objective for the per-token upstream gradients of the
   chunk right away and forms ``dL/dz`` while the logits are still in memory: 3 GEMMs instead of 4.
 
 These are plain functions (the engine primitives of :class:`rlkernels.engines.Engine`); the autograd wiring and the
@@ -305,8 +305,9 @@ def fused_outputs(hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss: ChunkLoss,
                  need_h: bool, need_w: bool, need_b: bool):
     """Single pass: (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) with the gradients formed chunk by
-    chunk from ``chunk_loss(r0, r1, logp_chunk, entropy_chunk) -> per-token loss``. Only valid for token-separable
-    objectives, whose chunk gradients do not depend on other chunks."""
+    chunk from ``chunk_loss(r0, r1, logp_chunk, entropy_chunk) -> per-token loss``. Only valid when a chunk's
+    gradients do not depend on other chunks: token-separable objectives, or sequence-separable ones with
+    ``plan.bounds`` at sequence boundaries."""
     N = hidden.shape[0]
     logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)

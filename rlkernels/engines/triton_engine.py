@@ -10,8 +10,8 @@ Per row chunk (and vocabulary block when the budget requires it):
 
 These are the engine primitives; the autograd wiring is shared by every engine (:mod:`rlkernels.engines.autograd`).
 
-The recompute mode costs 4 GEMMs (forward, and forward again in backward); the single pass for token-separable
-objectives forms dL/dz right after the statistics, while the block is still in memory: 3 GEMMs.
+The recompute mode costs 4 GEMMs (forward, and forward again in backward); the single pass (token-separable
+objectives, and sequence-level ratios over chunks of whole sequences) forms dL/dz right after the statistics, while the block is still in memory: 3 GEMMs.
 
 On CPU tensors this engine runs only under ``TRITON_INTERPRET=1`` (set before triton is imported), which is how the
 test suite checks it without a GPU.
@@ -200,7 +200,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
 
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool,
                  need_w: bool, need_b: bool):
-    """Single pass (token-separable objectives): (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
+    """Single pass (see Engine.linear_fused): (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
     N = hidden.shape[0]
     logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b, plan)
