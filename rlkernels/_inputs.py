@@ -53,12 +53,23 @@ def fail_if(bad: Tensor, message: Callable[[], str]) -> None:
 
 def deferred_checks():
     """Queue the value checks made inside (:func:`fail_if`) and read their results back once, on leaving: the first
-    that failed, in the order they were made, raises. Checks that later code depends on for safe indexing
-    (``cu_seqlens``) still raise at once. Nested uses join the outermost. With value checks off (or while
-    torch.compile traces) a null context."""
-    if not value_checks_enabled() or _PENDING.get() is not None:
+    that failed, in the order they were made, raises. An error raised at once inside (a wrong type or shape, and the
+    ``cu_seqlens`` checks that later code relies on for safe indexing) gives way to a queued check made before it
+    that failed, so the error is the one the checks meet first, as when every check raised at once. A nested use
+    reads its own checks back on leaving. With value checks off (or while torch.compile traces) a null context."""
+    if not value_checks_enabled():
         return contextlib.nullcontext()
     return _deferred()
+
+
+def _raise_first_failed(pending: List[Tuple[Tensor, Callable[[], str]]]) -> None:
+    if not pending:
+        return
+    device = pending[0][0].device
+    failed = torch.stack([flag.reshape(()).to(device) for flag, _ in pending]).tolist()  # the one sync
+    for hit, (_, message) in zip(failed, pending):
+        if hit:
+            raise ValueError(message())
 
 
 @contextlib.contextmanager
@@ -67,14 +78,18 @@ def _deferred():
     token = _PENDING.set(pending)
     try:
         yield
-    finally:
+    except Exception as exc:
         _PENDING.reset(token)
-    if pending:
-        device = pending[0][0].device
-        failed = torch.stack([flag.reshape(()).to(device) for flag, _ in pending]).tolist()  # the one sync
-        for hit, (_, message) in zip(failed, pending):
-            if hit:
-                raise ValueError(message())
+        token = None
+        try:
+            _raise_first_failed(pending)  # an earlier queued check wins
+        except ValueError as first:
+            raise first from exc
+        raise
+    finally:
+        if token is not None:
+            _PENDING.reset(token)
+    _raise_first_failed(pending)
 
 
 def env_choice(name: str, choices) -> str:

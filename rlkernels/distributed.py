@@ -133,9 +133,12 @@ def _local_count(masks: list, seqs: list, mode: str) -> float:
             raise ValueError(f"mask {i} has shape {tuple(m.shape)}; expected (B, T) or packed (N,)")
         if cu is None:
             continue
-        if not isinstance(cu, Tensor) or cu.dtype.is_floating_point or cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"cu_seqlens {i}: expected a 1-D integer tensor (S+1,) with S >= 1, got "
-                             f"{tuple(cu.shape) if isinstance(cu, Tensor) else type(cu).__name__}")
+        if not isinstance(cu, Tensor) or cu.dtype.is_floating_point or cu.dtype == torch.bool:
+            raise TypeError(f"cu_seqlens {i}: expected an integer tensor, got "
+                            f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"cu_seqlens {i}: expected a 1-D integer tensor (S+1,) with S >= 1, got shape "
+                             f"{tuple(cu.shape)}")
         if m.dim() != 1:
             raise ValueError(f"cu_seqlens {i} is for a packed (N,) mask; mask {i} has shape {tuple(m.shape)}")
         if int(cu[0]) != 0 or int(cu[-1]) != m.numel():
@@ -175,6 +178,9 @@ def global_normalizer(mask: Union[Tensor, Sequence[Tensor]], group=None,
     masks = [mask] if isinstance(mask, Tensor) else list(mask)
     seqs = [None] * len(masks) if cu_seqlens is None else (
         [cu_seqlens] if isinstance(cu_seqlens, Tensor) else list(cu_seqlens))
+    if any(isinstance(cu, (int, float)) for cu in seqs):
+        raise TypeError("cu_seqlens must be an integer tensor (S+1,), or a list of them, one per mask; got a list "
+                        "of numbers")
     if not (dist.is_available() and dist.is_initialized()):
         return max(_local_count(masks, seqs, mode), 1.0)
     error, local = None, 0.0

@@ -192,14 +192,14 @@ def logprobs_from_logits(
     if V == 0:
         raise ValueError(f"logits has shape {tuple(logits.shape)}: the vocabulary is empty")
     shape = logits.shape[:-1]
-    engine = resolve_backend(backend, logits.device)
-    # the caller's tensor as it is (a view like logits[:, :-1] too: no copy), or flattened once
-    z2 = logits if engine.logits_in_place else logits.reshape(-1, V)
     with I.deferred_checks():  # one host sync for the value checks
         keep = I.check_mask(mask, shape, logits)
         labels = I.check_labels(labels, shape, V, keep, logits)
         cdt = I.compute_dtype(logits.dtype)
         temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
+        engine = resolve_backend(backend, logits.device)
+        # the caller's tensor as it is (a view like logits[:, :-1] too: no copy), or flattened once
+        z2 = logits if engine.logits_in_place else logits.reshape(-1, V)
         if not engine.scans_logits:  # else the engine's kernel flags them in its one read of the logits (below)
             I.check_finite_rows("logits", z2.reshape(-1, V), keep.reshape(-1), allow_neg_inf=True)
     y = labels.reshape(-1)
@@ -354,15 +354,15 @@ def policy_loss(
     cfg = resolve_config(config, **overrides)
     I.require_tensor("logp", logp, dtypes=(torch.float32, torch.float64), dims=(1, 2))
     shape = logp.shape
-    I.check_config_inputs(cfg, ref_logprobs, rollout_logprobs, is_weights, have_entropy=entropy is not None)
-    if entropy is None:
-        entropy = torch.zeros_like(logp)
-    else:
-        I.require_tensor("entropy", entropy, dtypes=(torch.float32, torch.float64))
-        if entropy.shape != shape:
-            raise ValueError(f"entropy has shape {tuple(entropy.shape)}; expected {tuple(shape)} like logp")
     with I.deferred_checks():  # one host sync for the value checks
         keep = I.check_mask(mask, shape, logp)
+        I.check_config_inputs(cfg, ref_logprobs, rollout_logprobs, is_weights, have_entropy=entropy is not None)
+        if entropy is None:
+            entropy = torch.zeros_like(logp)
+        else:
+            I.require_tensor("entropy", entropy, dtypes=(torch.float32, torch.float64))
+            if entropy.shape != shape:
+                raise ValueError(f"entropy has shape {tuple(entropy.shape)}; expected {tuple(shape)} like logp")
         batch = I.build_token_batch(shape, keep, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                     rollout_logprobs=rollout_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens,
                                     normalizer=normalizer, cdt=logp.dtype, ref=logp)

@@ -203,6 +203,10 @@ def test_global_normalizer_rejects_what_does_not_pair_up(masks, cu, match, mode)
         global_normalizer(masks, mode=mode, cu_seqlens=cu)
     with pytest.raises(TypeError, match="mask 1 must be a torch.Tensor"):
         global_normalizer([torch.ones(3), [1, 1]], mode=mode)
+    with pytest.raises(TypeError, match="a list of numbers"):
+        global_normalizer(torch.ones(5, dtype=torch.bool), mode=mode, cu_seqlens=[0, 2, 5])
+    with pytest.raises(TypeError, match="float32"):
+        global_normalizer(torch.ones(5, dtype=torch.bool), mode=mode, cu_seqlens=torch.tensor([0.0, 5.0]))
 
 
 def test_readme_scale_out_example_runs():

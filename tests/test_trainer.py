@@ -140,3 +140,18 @@ def test_torchrun_ddp(tmp_path):
     assert ranks[0][0] == "2" and ranks[0] == ranks[1], ranks
     assert ranks[0][2] == "0", "the trainer left its process group up after close()"
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 4
+
+
+def test_torchrun_ddp_rank_failure_stops_every_rank(tmp_path):
+    """One rank raising inside train() stops the job with its error; the other rank fails in its next collective
+    rather than waiting (the trainer's close() skips its barrier when leaving on an error)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "ddp_trainer_check.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          script, str(tmp_path), "fail"], capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode != 0
+    assert "rank 1's reward function failed" in run.stderr, run.stderr[-3000:]
+    assert "rank 0 left train()" in run.stdout and "rank 1 left train()" in run.stdout, run.stdout

@@ -251,3 +251,28 @@ def test_deferred_checks_raise_the_first_failure_in_order(p):
         call(p, hidden=hidden, advantages=nan_adv)
     with pytest.raises(ValueError, match="hidden holds NaN"):
         call(p, hidden=hidden, mask=torch.ones_like(p["mask"]))
+    # a queued check that failed wins over an error raised at once by a later check (type, shape, config)
+    with pytest.raises(ValueError, match="mask must hold only 0/1"):
+        call(p, mask=p["mask"].long() * 2, labels=p["labels"].float())
+    with pytest.raises(ValueError, match="labels must lie"):
+        call(p, labels=bad_labels, advantages=p["advantages"][:1])
+    with pytest.raises(ValueError, match="labels must lie"):
+        call(p, labels=bad_labels, kl_coef=0.1)
+    with pytest.raises(ValueError, match="advantages holds NaN"):
+        call(p, advantages=nan_adv, old_logprobs=torch.zeros(p["labels"].shape, dtype=torch.bfloat16))
+    logits = torch.randn(*p["labels"].shape, 37)
+    with pytest.raises(ValueError, match="labels must lie"):
+        R.logprobs_from_logits(logits, bad_labels, backend="nope")
+    with pytest.raises(ValueError, match="mask must hold only 0/1"):
+        R.policy_loss(torch.zeros(p["labels"].shape), torch.zeros(p["labels"].shape)[:, :2], p["advantages"],
+                      p["mask"].long() * 2)
+
+
+def test_nested_deferred_checks_read_their_own():
+    """An op called inside another's deferred checks still checks its inputs before it computes."""
+    from rlkernels import _inputs as I
+
+    with pytest.raises(ValueError, match="labels must lie"):
+        with I.deferred_checks():
+            I.fail_if(torch.tensor([False]), lambda: "never")
+            R.logprobs_from_logits(torch.randn(4, 5), torch.tensor([0, 1, 2, 5]), backend="torch")

@@ -152,6 +152,8 @@ def _init_distributed(device: torch.device):
 
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":  # NCCL collectives run on the current device: this rank's own GPU
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         started = True
     if dist.is_available() and dist.is_initialized():
@@ -194,23 +196,25 @@ class GRPOTrainer:
         self.step = 0
         self.history: List[Dict[str, float]] = []
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
         """Tear down the process group if this trainer started it (under torchrun): every rank waits for the others
-        to finish, then destroys it. A gloo group left to the interpreter's exit sometimes aborted a rank there
-        ("terminate called without an active exception"). Safe to call twice; ``with GRPOTrainer(cfg) as t:`` calls
-        it on leaving."""
+        to finish (``barrier``), then destroys it. A gloo group left to the interpreter's exit sometimes aborted a
+        rank there ("terminate called without an active exception"). Safe to call twice; ``with GRPOTrainer(cfg) as
+        t:`` calls it on leaving, without the barrier when leaving on an error (the other ranks are not coming: they
+        fail in their next collective instead of waiting for this one)."""
         import torch.distributed as dist
 
         if self._owns_group and dist.is_available() and dist.is_initialized():
-            dist.barrier()
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
         self._owns_group = False
 
     def __enter__(self) -> "GRPOTrainer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(barrier=exc_type is None)
 
     # -- setup ------------------------------------------------------------------------------------------------------
     @staticmethod
