@@ -149,6 +149,27 @@ def _local_count(masks: list, seqs: list, mode: str) -> float:
     return float(sum(_count_sequences(i, m, cu) for i, (m, cu) in enumerate(zip(masks, seqs))))
 
 
+def _count(mask, mode, cu_seqlens) -> float:
+    """This rank's count for :func:`global_normalizer`, every argument checked."""
+    if isinstance(mode, PolicyLossConfig):
+        mode = mode.loss_agg
+    elif mode not in LOSS_AGGS:
+        mode = resolve_config(mode).loss_agg if isinstance(mode, str) else mode
+    if mode not in LOSS_AGGS:
+        raise ValueError(f"mode={mode!r}: a loss_agg ({LOSS_AGGS}), a preset name or a PolicyLossConfig")
+    if not isinstance(mask, (Tensor, list, tuple)):
+        raise TypeError(f"mask must be a torch.Tensor or a list of them, got {type(mask).__name__}")
+    masks = [mask] if isinstance(mask, Tensor) else list(mask)
+    if cu_seqlens is not None and not isinstance(cu_seqlens, (Tensor, list, tuple)):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor or a list of them, got {type(cu_seqlens).__name__}")
+    seqs = [None] * len(masks) if cu_seqlens is None else (
+        [cu_seqlens] if isinstance(cu_seqlens, Tensor) else list(cu_seqlens))
+    if any(isinstance(cu, (int, float)) for cu in seqs):
+        raise TypeError("cu_seqlens must be an integer tensor (S+1,), or a list of them, one per mask; got a list "
+                        "of numbers")
+    return _local_count(masks, seqs, mode)
+
+
 def global_normalizer(mask: Union[Tensor, Sequence[Tensor]], group=None,
                       mode: Union[str, PolicyLossConfig] = "token-mean",
                       cu_seqlens: Optional[Union[Tensor, Sequence[Tensor]]] = None) -> float:
@@ -169,23 +190,11 @@ def global_normalizer(mask: Union[Tensor, Sequence[Tensor]], group=None,
 
     Returns: ``global count / world size`` as a float: pass it as ``normalizer=`` to every micro-batch's loss.
     """
-    if isinstance(mode, PolicyLossConfig):
-        mode = mode.loss_agg
-    elif mode not in LOSS_AGGS:
-        mode = resolve_config(mode).loss_agg if isinstance(mode, str) else mode
-    if mode not in LOSS_AGGS:
-        raise ValueError(f"mode={mode!r}: a loss_agg ({LOSS_AGGS}), a preset name or a PolicyLossConfig")
-    masks = [mask] if isinstance(mask, Tensor) else list(mask)
-    seqs = [None] * len(masks) if cu_seqlens is None else (
-        [cu_seqlens] if isinstance(cu_seqlens, Tensor) else list(cu_seqlens))
-    if any(isinstance(cu, (int, float)) for cu in seqs):
-        raise TypeError("cu_seqlens must be an integer tensor (S+1,), or a list of them, one per mask; got a list "
-                        "of numbers")
     if not (dist.is_available() and dist.is_initialized()):
-        return max(_local_count(masks, seqs, mode), 1.0)
+        return max(_count(mask, mode, cu_seqlens), 1.0)
     error, local = None, 0.0
     try:
-        local = _local_count(masks, seqs, mode)
+        local = _count(mask, mode, cu_seqlens)
     except (ValueError, TypeError) as exc:
         error = exc
     agree(group, error, "global_normalizer")  # a rank with bad input must not leave the others in the all-reduce

@@ -207,6 +207,10 @@ def test_global_normalizer_rejects_what_does_not_pair_up(masks, cu, match, mode)
         global_normalizer(torch.ones(5, dtype=torch.bool), mode=mode, cu_seqlens=[0, 2, 5])
     with pytest.raises(TypeError, match="float32"):
         global_normalizer(torch.ones(5, dtype=torch.bool), mode=mode, cu_seqlens=torch.tensor([0.0, 5.0]))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor or a list"):
+        global_normalizer(None, mode=mode)
+    with pytest.raises(ValueError, match="not a preset"):
+        global_normalizer(torch.ones(5, dtype=torch.bool), mode="nope")
 
 
 def test_readme_scale_out_example_runs():
