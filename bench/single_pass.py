@@ -7,10 +7,14 @@ for a preset, timed alternately in one process (median of ``--repeat``):
 
 For sequence-level ratios (gspo, luspo) the single pass needs row chunks that hold whole sequences: it runs when the
 memory budget's rows (or ``--chunk-size``) are at least ``--seq-len``; the script says which path ran.
+
+Under ``torchrun --nproc_per_node W`` the LM head is vocab-sharded over the W ranks (``tp_group``: gloo on CPU, nccl
+on GPU) and rank 0 prints the times.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -36,9 +40,19 @@ def main() -> None:
 
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
     B, T, H, V = args.batch, args.seq_len, args.hidden, args.vocab
+    world, rank, group = int(os.environ.get("WORLD_SIZE", "1")), 0, None
+    if world > 1:
+        import torch.distributed as dist
+
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        rank, group = dist.get_rank(), dist.group.WORLD
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(B, T, H, generator=g).to(dev, dt).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) / H**0.5).to(dev, dt).requires_grad_()
+    full = torch.randn(V, H, generator=g) / H**0.5
+    weight = full[rank * V // world:(rank + 1) * V // world].to(dev, dt).requires_grad_()
     labels = torch.randint(0, V, (B, T), generator=g).to(dev)
     mask = torch.ones(B, T, dtype=torch.bool, device=dev)
     advantages = torch.randn(B, generator=g).to(dev)
@@ -52,13 +66,23 @@ def main() -> None:
         return original(self, *a)
 
     Engine.linear_fused_loss = counted
+    from rlkernels import distributed
+
+    tp_original = distributed.tp_linear_fused_loss
+
+    def tp_counted(*a, **k):
+        fused_calls.append(1)
+        return tp_original(*a, **k)
+
+    distributed.tp_linear_fused_loss = tp_counted
 
     def call(single_pass):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = R.fused_grpo_loss(hidden, weight, labels, advantages, mask, old_logprobs=old, config=args.preset,
-                                backend=args.backend, chunk_size=args.chunk_size, single_pass=single_pass)
+                                backend=args.backend, chunk_size=args.chunk_size, single_pass=single_pass,
+                                tp_group=group)
         out.loss.backward()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -75,9 +99,13 @@ def main() -> None:
         for sp in times:
             times[sp].append(call(sp))
     a, b = statistics.median(times[None]), statistics.median(times[False])
-    print(f"{args.preset} fwd+bwd, M={B * T} (B={B}, T={T}), H={H}, V={V}, {args.dtype}, {dev.type}, "
-          f"backend={args.backend}: default ({path}) {a * 1e3:.0f} ms, two-stage {b * 1e3:.0f} ms, "
-          f"ratio {a / b:.3f}")
+    if rank == 0:
+        tp = f", vocab-sharded over {world} ranks" if world > 1 else ""
+        print(f"{args.preset} fwd+bwd, M={B * T} (B={B}, T={T}), H={H}, V={V}{tp}, {args.dtype}, {dev.type}, "
+              f"backend={args.backend}: default ({path}) {a * 1e3:.0f} ms, two-stage {b * 1e3:.0f} ms, "
+              f"ratio {a / b:.3f}")
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from torch import Tensor
 from .config import LOSS_AGGS, PolicyLossConfig, resolve_config
 from .engines.torch_engine import finish_stats
 
-__all__ = ["global_normalizer", "tp_linear_logprobs", "shard_offset"]
+__all__ = ["global_normalizer", "tp_linear_logprobs", "tp_linear_fused_loss", "shard_offset", "merge_shards"]
 
 
 def _require_initialized(name: str) -> None:
@@ -65,24 +65,34 @@ def shard_offset(weight: Tensor, tp_group) -> Tuple[int, int]:
     return rank * sizes[0], sizes[0] * world
 
 
+def merge_shards(group, m: Tensor, s: Tensor, c: Tensor, zy: Tensor, owned: Tensor):
+    """The online log-sum-exp state (M, S, C) and label logit z~_y of rows over the whole vocabulary, from this
+    shard's (``c`` relative to ``m``; ``zy`` counts only where ``owned``: the label lies in this shard): one MAX
+    and one SUM all-reduce over ``group``."""
+    big_m = m.clone()
+    dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+    # rebase this shard's (S, C), taken relative to its own max m, onto the global max M (B §1.2)
+    scale = torch.exp(m - big_m)
+    parts = torch.stack([scale * s, scale * (c + (m - big_m) * s), torch.where(owned, zy, torch.zeros_like(zy))])
+    dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
+    s, c, zy = parts.unbind(0)
+    return big_m, s, c, zy
+
+
+def _owned(labels: Tensor, offset: int, v_local: int) -> Tensor:
+    return (labels >= offset) & (labels < offset + v_local)
+
+
 class _TPLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine, hidden, weight, bias, labels, temperature, plan, group, offset: int,
                 reduce_hidden_grad: bool):
         ctx.set_materialize_grads(False)
-        v_local = weight.shape[0]
         logp_l, _, m, log_s, cs = engine.linear_forward(hidden, weight, bias, labels, temperature, plan,
                                                         vocab_offset=offset)
-        owned = (labels >= offset) & (labels < offset + v_local)
-        zy = torch.where(owned, logp_l + (m + log_s), torch.zeros_like(logp_l))
-        big_m = m.clone()
-        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
-        # rebase this shard's (S, C), taken relative to its own max m, onto the global max M (B §1.2)
-        scale = torch.exp(m - big_m)
         s_local = torch.exp(log_s)
-        parts = torch.stack([scale * s_local, scale * (cs * s_local + (m - big_m) * s_local), zy])
-        dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=group)
-        s, c, zy = parts.unbind(0)
+        big_m, s, c, zy = merge_shards(group, m, s_local, cs * s_local, logp_l + (m + log_s),
+                                       _owned(labels, offset, weight.shape[0]))
         log_s_g, cs_g, logp, ent = finish_stats(big_m, s, c, zy)
         t_saved = temperature if isinstance(temperature, Tensor) else None
         ctx.save_for_backward(hidden, weight, bias, labels, t_saved, big_m, log_s_g, cs_g)
@@ -111,6 +121,39 @@ def tp_linear_logprobs(engine, hidden: Tensor, weight: Tensor, bias: Optional[Te
     """(logp, entropy) over the full vocabulary from this rank's shard of the LM head (flat inputs)."""
     return _TPLinearLogprobs.apply(engine, hidden, weight, bias, labels, temperature, plan, group, offset,
                                    reduce_hidden_grad)
+
+
+class _TPFusedEngine:
+    """The single pass on a vocab-sharded LM head, for :class:`rlkernels.engines.autograd.LinearFusedLoss`: each row
+    chunk's statistics are merged across the group before the objective and dL/dz (two small all-reduces per
+    chunk), so every rank forms the exact gradients of its shard; grad_hidden, a partial sum, is all-reduced once."""
+
+    def __init__(self, engine, group, offset: int, reduce_hidden_grad: bool):
+        self.engine, self.group, self.offset, self.reduce_hidden_grad = engine, group, offset, reduce_hidden_grad
+
+    def linear_fused(self, hidden, weight, bias, labels, temperature, plan, chunk_loss, need_h, need_w, need_b):
+        v_local = weight.shape[0]
+
+        def merge(r0, r1, m, s, c, zy):
+            return merge_shards(self.group, m, s, c, zy, _owned(labels[r0:r1], self.offset, v_local))
+
+        out = self.engine.linear_fused(hidden, weight, bias, labels, temperature, plan, chunk_loss, need_h, need_w,
+                                       need_b, vocab_offset=self.offset, merge=merge)
+        gh = out[3]
+        if gh is not None and self.reduce_hidden_grad:
+            dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+
+def tp_linear_fused_loss(engine, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
+                         plan, chunk_loss, group, offset: int, reduce_hidden_grad: bool = True):
+    """(loss, logp, entropy) of the single pass (3 GEMMs) from this rank's shard of the LM head (flat inputs):
+    every rank gets the loss of the full vocabulary, its shard's grad_weight / grad_bias and the full grad_hidden
+    (or its partial sum with ``reduce_hidden_grad=False``)."""
+    from .engines.autograd import LinearFusedLoss
+
+    return LinearFusedLoss.apply(_TPFusedEngine(engine, group, offset, reduce_hidden_grad), hidden, weight, bias,
+                                 labels, temperature, plan, chunk_loss)
 
 
 def _count_sequences(i: int, mask: Tensor, cu_seqlens: Optional[Tensor]) -> int:

@@ -271,7 +271,8 @@ def fused_grpo_loss(
             LUSPO) too when every sequence's kept tokens fit in one row chunk (the chunks then end at sequence
             boundaries); ``False`` forces the two-stage path; ``True`` requires the single pass.
         tp_group, reduce_hidden_grad: a vocab-sharded LM head (see :func:`fused_logprobs`); the objective runs on
-            every rank on the merged full-vocabulary log-probs (two-stage path).
+            every rank on the merged full-vocabulary log-probs, in the single pass too (each row chunk's statistics
+            merged across the group by two small all-reduces before its gradients are formed).
 
     Returns:
         :class:`LossOutput` ``(loss, metrics)``: ``loss`` a scalar (fp32) to call ``backward()`` on; ``metrics`` a dict of
@@ -291,14 +292,14 @@ def fused_grpo_loss(
     call = _LinearCall(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group, token_batch)
     batch = call.extra if call.index is None else call.extra.select(call.index)
 
-    separable = is_token_separable(cfg, batch) and tp_group is None
+    separable = is_token_separable(cfg, batch)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if single_pass and I.compiling():
         raise ValueError("single_pass=True cannot run under torch.compile; leave single_pass=None")
     plan, why_not = call.plan, None
     wanted = single_pass or (single_pass is None and wants_grad and not I.compiling())
-    if wanted and not separable and tp_group is None and is_sequence_separable(cfg, batch):
+    if wanted and not separable and is_sequence_separable(cfg, batch):
         # sequence-level ratios: exact chunk by chunk when every chunk holds whole sequences
         aligned, longest = sequence_aligned(call.plan, batch.seq_ids, batch.num_seqs)
         separable, plan = aligned is not None, aligned or call.plan
@@ -307,7 +308,7 @@ def fused_grpo_loss(
     if single_pass and not separable:
         raise ValueError("single_pass=True cannot apply: " + (why_not or (
             "it needs an objective whose per-token gradients depend only on the token's own sequence (no entropy "
-            "quantile, no off-policy sequence mask, old_logprobs when rollout_correction is on) and no tp_group")))
+            "quantile, no off-policy sequence mask, old_logprobs when rollout_correction is on)")))
     if single_pass is None:  # the single pass calls the objective per chunk from Python: eager mode only
         single_pass = separable and wants_grad and not I.compiling()
 
@@ -321,8 +322,14 @@ def fused_grpo_loss(
         rows = slice(r0, r1)
         return token_loss(logp_c, ent_c, batch.select(rows), prep.select(rows), cfg).total
 
-    loss, logp, ent = call.engine.linear_fused_loss(call.hidden, weight, bias, call.labels, call.temperature,
-                                                    plan, chunk_loss)
+    if tp_group is not None:
+        from .distributed import tp_linear_fused_loss
+
+        loss, logp, ent = tp_linear_fused_loss(call.engine, call.hidden, weight, bias, call.labels, call.temperature,
+                                               plan, chunk_loss, tp_group, call.offset, reduce_hidden_grad)
+    else:
+        loss, logp, ent = call.engine.linear_fused_loss(call.hidden, weight, bias, call.labels, call.temperature,
+                                                        plan, chunk_loss)
     terms = token_loss(logp, ent, batch, prep, cfg)
     out = metrics(terms, logp, ent, batch, prep, cfg)
     out["loss"] = loss.detach().float()

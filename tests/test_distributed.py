@@ -95,25 +95,44 @@ def _tp_worker(rank, config, kw):
     _close("entropy", tp[1], full[1])
 
     # the loss and its gradients: full hidden gradient, this rank's shard of the weight and bias gradients
-    args = (p["labels"], p["advantages"], p["mask"])
-    common = dict(old_logprobs=p["old"], ref_logprobs=p["ref"], config=config, temperature=0.8, **kw)
-    a = R.fused_grpo_loss(leaves_full[0], leaves_full[1], *args, bias=leaves_full[2], **common)
-    b = R.fused_grpo_loss(leaves_tp[0], leaves_tp[1], *args, bias=leaves_tp[2], tp_group=group, **common)
-    _close("loss", b.loss, a.loss)
-    for k in a.metrics:
-        _close(k, b.metrics[k].double(), a.metrics[k].double(), tol=1e-6)
-    ga = torch.autograd.grad(a.loss, leaves_full)
-    gb = torch.autograd.grad(b.loss, leaves_tp)
-    _close("grad_hidden", gb[0], ga[0])
-    _close("grad_weight shard", gb[1], ga[1][rows])
-    _close("grad_bias shard", gb[2], ga[2][rows])
+    _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, dict(single_pass=False), fused=False)
+    _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, dict(single_pass=None), fused=True)
+    # the single pass over several row chunks (for gspo, chunks of whole sequences: 7 rows each, at most 9)
+    _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, dict(chunk_size=4 if config == "dapo" else 9),
+             fused=True)
 
-    # reduce_hidden_grad=False leaves the partial sums; their sum over ranks is the full gradient
-    c = R.fused_grpo_loss(leaves_tp[0], leaves_tp[1], *args, bias=leaves_tp[2], tp_group=group,
-                          reduce_hidden_grad=False, **common)
-    (partial,) = torch.autograd.grad(c.loss, [leaves_tp[0]])
-    dist.all_reduce(partial)
-    _close("grad_hidden from partial sums", partial, ga[0])
+
+def _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, call_kw, fused):
+    from rlkernels import distributed
+
+    calls = []
+    original = distributed._TPFusedEngine.linear_fused
+    distributed._TPFusedEngine.linear_fused = lambda self, *a: calls.append(1) or original(self, *a)
+    try:
+        group = dist.group.WORLD
+        args = (p["labels"], p["advantages"], p["mask"])
+        common = dict(old_logprobs=p["old"], ref_logprobs=p["ref"], config=config, temperature=0.8, **kw)
+        a = R.fused_grpo_loss(leaves_full[0], leaves_full[1], *args, bias=leaves_full[2], **common)
+        b = R.fused_grpo_loss(leaves_tp[0], leaves_tp[1], *args, bias=leaves_tp[2], tp_group=group, **common,
+                              **call_kw)
+        assert len(calls) == int(fused), (call_kw, calls)
+        _close("loss", b.loss, a.loss)
+        for k in a.metrics:
+            _close(k, b.metrics[k].double(), a.metrics[k].double(), tol=1e-6)
+        ga = torch.autograd.grad(a.loss, leaves_full)
+        gb = torch.autograd.grad(b.loss, leaves_tp)
+        _close("grad_hidden", gb[0], ga[0])
+        _close("grad_weight shard", gb[1], ga[1][rows])
+        _close("grad_bias shard", gb[2], ga[2][rows])
+
+        # reduce_hidden_grad=False leaves the partial sums; their sum over ranks is the full gradient
+        c = R.fused_grpo_loss(leaves_tp[0], leaves_tp[1], *args, bias=leaves_tp[2], tp_group=group,
+                              reduce_hidden_grad=False, **common, **call_kw)
+        (partial,) = torch.autograd.grad(c.loss, [leaves_tp[0]])
+        dist.all_reduce(partial)
+        _close("grad_hidden from partial sums", partial, ga[0])
+    finally:
+        distributed._TPFusedEngine.linear_fused = original
 
 
 @pytest.mark.parametrize("config,kw", [
@@ -121,7 +140,26 @@ def _tp_worker(rank, config, kw):
     ("gspo", dict(kl_coef=0.05, entropy_coef=0.01, clip_low=0.02, clip_high=0.02)),
 ])
 def test_tensor_parallel_matches_single_process(backend, config, kw):
+    """fused_logprobs, and fused_grpo_loss on the two-stage path and in the single pass (one chunk, several)."""
     _launch(_tp_worker, config, kw, backend=backend)
+
+
+def _tp_blocked_worker(rank):
+    """The single pass with the shard's vocabulary blocked too (300 rows per rank, 256-entry blocks)."""
+    p = _problem(seed=5, V=600)
+    V = p["weight"].shape[0]
+    rows = slice(rank * V // WORLD, (rank + 1) * V // WORLD)
+    leaves_full = [p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_(),
+                   p["bias"].clone().requires_grad_()]
+    leaves_tp = [p["hidden"].clone().requires_grad_(), p["weight"][rows].clone().requires_grad_(),
+                 p["bias"][rows].clone().requires_grad_()]
+    os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(16 * 256 * 4 / 2**20)  # 16 rows x 256 entries
+    _tp_loss(rank, p, "dapo", dict(kl_coef=0.05, entropy_coef=0.01), rows, leaves_full, leaves_tp,
+             dict(chunk_size=16), fused=True)
+
+
+def test_tensor_parallel_single_pass_vocab_blocked(backend):
+    _launch(_tp_blocked_worker, backend=backend)
 
 
 def _dp_worker(rank, loss_agg):

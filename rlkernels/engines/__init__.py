@@ -71,9 +71,12 @@ class Engine:
         raise NotImplementedError
 
     def linear_fused(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool,
-                     need_w: bool, need_b: bool):
+                     need_w: bool, need_b: bool, vocab_offset=None, merge=None):
         """Single pass for losses whose chunk gradients need only the chunk (token-separable, or sequence-separable
-        over ``plan.bounds`` chunks of whole sequences) -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
+        over ``plan.bounds`` chunks of whole sequences) -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias).
+        A tensor-parallel shard passes ``vocab_offset`` (the global id of weight row 0) and ``merge(r0, r1, M, S, C,
+        z~_y) -> (M, S, C, z~_y)`` (the chunk's state over the whole vocabulary, see :mod:`rlkernels.distributed`);
+        the gradients are then this shard's, grad_hidden a partial sum."""
         raise NotImplementedError
 
     def logits_forward(self, logits, labels, temperature, plan: ChunkPlan):

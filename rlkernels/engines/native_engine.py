@@ -191,7 +191,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
 
 
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool, need_w: bool,
-                 need_b: bool):
+                 need_b: bool, vocab_offset: Optional[int] = None, merge=None):
     """Single pass (see Engine.linear_fused) -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias): per row
     chunk, the objective's upstream gradients are asked for right away and dL/dz is formed while the logits block is
     still in memory (3 GEMMs per chunk instead of 4)."""
@@ -202,12 +202,15 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
     for r0, r1 in plan.ranges(N):
         h, y, temp = hidden[r0:r1], labels[r0:r1], _temp(temperature, r0, r1)
-        state, z = _chunk_state(ws, h, weight, bias, y, temp, plan)
+        state, z = _chunk_state(ws, h, weight, bias, y, temp, plan, vocab_offset or 0)
+        if merge is not None:  # this shard's (M, S, C, z~_y) -> the whole vocabulary's; z stays the raw logits
+            state = torch.stack(merge(r0, r1, *state.unbind(1)), 1)
         lp, en, *stats = _ops().finish(state)
         part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
         if (g_logp is not None or g_ent is not None) and any_grad:
             _chunk_grads(ws, grads, h, weight, bias, y, temp, plan, stats, _rows(g_logp, 0, r1 - r0, cdt),
-                         _rows(g_ent, 0, r1 - r0, cdt), r0, z=None if plan.vocab_blocked else z)
+                         _rows(g_ent, 0, r1 - r0, cdt), r0, z=None if plan.vocab_blocked else z,
+                         offset=vocab_offset or 0)
         logp[r0:r1], ent[r0:r1] = lp, en
         loss += part
     return (loss, logp, ent, *grads.results(plan))

@@ -18,6 +18,7 @@ costs page faults worth ~3 elementwise passes (measured: ``torch.exp`` 30 ms all
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -32,6 +33,10 @@ LOGIT_FLOOR = -1e20
 
 Temperature = Union[float, Tensor]  # python float, or (N,) tensor in the compute dtype
 ChunkLoss = Callable[[int, int, Tensor, Tensor], Tensor]
+# (M, S, C, z~_y) of a row chunk on this tensor-parallel shard -> the same over the whole vocabulary
+ChunkMerge = Callable[[Tensor, Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor, Tensor]]
+# the same for rows r0:r1 of the call: (r0, r1, M, S, C, z~_y) -> (M, S, C, z~_y)
+RowsMerge = Callable[[int, int, Tensor, Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -180,10 +185,10 @@ class _Grads:
 # ----------------------------------------------------------------------------------------------------------------
 # row-chunk passes shared by the three autograd functions
 # ----------------------------------------------------------------------------------------------------------------
-def merged_chunk_stats(V: int, plan: ChunkPlan, block_stats):
+def merged_chunk_stats(V: int, plan: ChunkPlan, block_stats, merge: Optional[ChunkMerge] = None):
     """Run ``block_stats(v0, v1) -> (M_b, S_b, C_b, z~_y or -inf)`` over the vocabulary blocks of one row chunk, merge
-    the states online (B §1.2) and finish: (M, log S, C/S, logp, entropy). Shared by the engines whose kernels
-    return one block's state at a time."""
+    the states online (B §1.2), merge them across tensor-parallel shards with ``merge`` when given, and finish:
+    (M, log S, C/S, logp, entropy). Shared by the engines whose kernels return one block's state at a time."""
     state, zy = None, None
     for v0 in range(0, V, plan.vocab_block):
         v1 = min(v0 + plan.vocab_block, V)
@@ -191,6 +196,8 @@ def merged_chunk_stats(V: int, plan: ChunkPlan, block_stats):
         state = _merge(state, m_b, s_b, c_b)
         zy = zy_b if zy is None else torch.maximum(zy, zy_b)  # exactly one block holds the label
     m, s, c = state
+    if merge is not None:
+        m, s, c, zy = merge(m, s, c, zy)
     return (m, *finish_stats(m, s, c, zy))
 
 
@@ -215,8 +222,10 @@ def forward_rows(hidden: Tensor, plan: ChunkPlan, chunk_stats):
     return tuple(out)
 
 
-def _chunk_stats(ws, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None):
-    """Forward statistics of one row chunk over all vocabulary blocks: (M, log S, C/S, logp, entropy)."""
+def _chunk_stats(ws, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None,
+                 merge: Optional[ChunkMerge] = None):
+    """Forward statistics of one row chunk over all vocabulary blocks (and shards, with ``merge``):
+    (M, log S, C/S, logp, entropy)."""
 
     def block_stats(v0, v1):
         z = _logits_block(ws, h, weight, bias, v0, v1, temperature)
@@ -225,7 +234,7 @@ def _chunk_stats(ws, h, weight, bias, labels, temperature, plan, offset: Optiona
         _, s_b, c_b = _block_state(ws, z)
         return m_b, s_b, c_b, zy_b
 
-    return merged_chunk_stats(weight.shape[0], plan, block_stats)
+    return merged_chunk_stats(weight.shape[0], plan, block_stats, merge)
 
 
 def _chunk_backward(ws, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0,
@@ -303,32 +312,45 @@ def fused_outputs(hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss: ChunkLoss,
-                 need_h: bool, need_w: bool, need_b: bool):
+                 need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None,
+                 merge: Optional[RowsMerge] = None):
     """Single pass: (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) with the gradients formed chunk by
     chunk from ``chunk_loss(r0, r1, logp_chunk, entropy_chunk) -> per-token loss``. Only valid when a chunk's
     gradients do not depend on other chunks: token-separable objectives, or sequence-separable ones with
-    ``plan.bounds`` at sequence boundaries."""
-    N = hidden.shape[0]
+    ``plan.bounds`` at sequence boundaries. ``vocab_offset``, ``merge``: a tensor-parallel shard of the LM head
+    (``vocab_offset`` the global id of weight row 0), whose per-chunk state ``merge(r0, r1, M, S, C, z~_y)`` turns
+    into the whole vocabulary's (collectives, once per chunk), so the gradients are this shard's."""
+    N, V = hidden.shape[0], weight.shape[0]
     logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
     for r0, r1 in plan.ranges(N):
         h, y, temp = hidden[r0:r1], labels[r0:r1], _as_temperature(temperature, r0, r1)
+        chunk_merge = None if merge is None else functools.partial(merge, r0, r1)
         if plan.vocab_blocked:  # statistics first, then a recompute pass per block
-            m, log_s, cs, lp, en = _chunk_stats(ws, h, weight, bias, y, temp, plan)
+            m, log_s, cs, lp, en = _chunk_stats(ws, h, weight, bias, y, temp, plan, vocab_offset, chunk_merge)
             part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
             if g_logp is not None or g_ent is not None:
-                _chunk_backward(ws, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0)
+                _chunk_backward(ws, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0,
+                                vocab_offset)
         else:  # the logits block stays in memory between statistics and gradient
-            t = _logits_block(ws, h, weight, bias, 0, weight.shape[0], temp)
-            m, zy = _shift_(t, y, None)
+            t = _logits_block(ws, h, weight, bias, 0, V, temp)
+            local, in_block = _locate(y, vocab_offset or 0, V, vocab_offset is not None)
+            m_local, zy = _shift_(t, local, in_block)
             e, s, c = _block_state(ws, t)
+            m = m_local
+            if chunk_merge is not None:
+                m, s, c, zy = chunk_merge(m_local, s, c, zy)
             log_s, cs, lp, en = finish_stats(m, s, c, zy)
             part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
             if g_logp is not None or g_ent is not None:
-                p = e.div_(s[:, None])
-                dz = _dlogits_(t, p, cs, g_logp, g_ent, y, None, temp)
-                grads.add_block(ws, dz, h, weight, r0, 0, weight.shape[0], False)
+                if chunk_merge is None:
+                    p = e.div_(s[:, None])
+                else:  # t and e are relative to this shard's max: p = exp(t - (M - m) - log S), t - C/S likewise
+                    p = e.mul_(torch.exp(m_local - m - log_s)[:, None])
+                    cs = cs + (m - m_local)
+                dz = _dlogits_(t, p, cs, g_logp, g_ent, local, in_block, temp)
+                grads.add_block(ws, dz, h, weight, r0, 0, V, False)
         logp[r0:r1], ent[r0:r1] = lp, en
         loss += part
     return (loss, logp, ent, *grads.results())

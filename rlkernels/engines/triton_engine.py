@@ -18,6 +18,7 @@ test suite checks it without a GPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -148,8 +149,8 @@ class _Grads:
         return self.h, w, b
 
 
-def _chunk_stats(buf, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None):
-    """(M, log S, C/S, logp, entropy) of one row chunk over all vocabulary blocks."""
+def _chunk_stats(buf, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None, merge=None):
+    """(M, log S, C/S, logp, entropy) of one row chunk over all vocabulary blocks (and shards, with ``merge``)."""
 
     def block_stats(v0, v1):
         z = _block(buf, h.shape[0], v1 - v0)
@@ -157,7 +158,7 @@ def _chunk_stats(buf, h, weight, bias, labels, temperature, plan, offset: Option
         return logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0,
                             n_load=padded_width(v1 - v0))
 
-    return merged_chunk_stats(weight.shape[0], plan, block_stats)
+    return merged_chunk_stats(weight.shape[0], plan, block_stats, merge)
 
 
 def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0,
@@ -199,7 +200,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
 
 
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool,
-                 need_w: bool, need_b: bool):
+                 need_w: bool, need_b: bool, vocab_offset: Optional[int] = None, merge=None):
     """Single pass (see Engine.linear_fused): (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
     N = hidden.shape[0]
     logp, ent, loss = fused_outputs(hidden)
@@ -207,12 +208,14 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     buf = _buffer(hidden, plan)
     for r0, r1 in plan.ranges(N):
         h, y, temp = hidden[r0:r1], labels[r0:r1], _temp_rows(temperature, r0, r1)
-        m, log_s, cs, lp, en = _chunk_stats(buf, h, weight, bias, y, temp, plan)
+        chunk_merge = None if merge is None else functools.partial(merge, r0, r1)
+        m, log_s, cs, lp, en = _chunk_stats(buf, h, weight, bias, y, temp, plan, vocab_offset, chunk_merge)
         part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
         if g_logp is not None or g_ent is not None:
-            # unblocked: the buffer still holds this chunk's logits, so no recompute (3 GEMMs in all)
+            # unblocked: the buffer still holds this chunk's logits, so no recompute (3 GEMMs in all); the kernel
+            # forms p from the raw logits and the (merged) statistics
             _chunk_backward(buf, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0,
-                            recompute=plan.vocab_blocked)
+                            recompute=plan.vocab_blocked, offset=vocab_offset)
         logp[r0:r1], ent[r0:r1] = lp, en
         loss += part
     return (loss, logp, ent, *grads.results())
