@@ -5,8 +5,11 @@ Tensor parallelism: rank ``r`` of a group of ``W`` holds rows ``[r*V/W, (r+1)*V/
 ``bias``); hidden states are replicated and labels are global token ids. Each rank runs its engine on its shard,
 producing the online log-sum-exp state (M, S, C) of LOSSES.md B §1.2; the states merge with one MAX and one SUM
 all-reduce, the label logit coming from the shard that owns it. Every rank gets the full ``logp`` and ``entropy``.
-Backward forms dL/dz for the local shard from the merged statistics, so ``grad_weight``/``grad_bias`` are this
-rank's shard, and ``grad_hidden`` (a partial sum over shards) is all-reduced unless ``reduce_hidden_grad=False``.
+dL/dz for the local shard is formed from the merged statistics (in backward on the two-stage path; per row chunk,
+right after that chunk's merge, in the single pass), so ``grad_weight``/``grad_bias`` are this rank's shard, and
+``grad_hidden`` (a partial sum over shards) is all-reduced unless ``reduce_hidden_grad=False``. The single pass
+merges once per row chunk, so every rank must plan the same chunks: the call checks that the ranks agree on the kept
+rows and the chunk plan before anything is computed.
 
 Data parallelism: DDP/FSDP average gradients over ranks and gradient accumulation sums micro-batches, so the exact
 gradient of the global token mean needs each micro-batch loss divided by (global token count / world size)
@@ -14,7 +17,7 @@ gradient of the global token mean needs each micro-batch loss divided by (global
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -31,18 +34,29 @@ def _require_initialized(name: str) -> None:
         raise ValueError(f"{name} needs torch.distributed to be initialised (dist.init_process_group)")
 
 
-def agree(group, error: Optional[BaseException], what: str) -> None:
+def agree(group, error: Optional[BaseException], what: str, same: Optional[Dict[str, int]] = None) -> None:
     """Every rank learns whether any rank failed ``what``: the failing rank re-raises its error, the others raise a
-    RuntimeError naming it, so that no rank is left waiting in a collective that will never come."""
-    flag = torch.tensor([0.0 if error is None else float(dist.get_rank(group) + 1)])
-    dev = _collective_device(group)
-    flag = flag.to(dev)
+    RuntimeError naming it, so that no rank is left waiting in a collective that will never come. ``same``: integers
+    that must be equal on every rank (the same names on all of them; a failing rank's values are ignored), checked
+    in the same all-reduce: if they differ, every rank raises a ValueError naming them."""
+    names = list(same or {})
+    values = [float((same or {})[k]) for k in names]
+    flag = torch.tensor([0.0 if error is None else float(dist.get_rank(group) + 1), *values, *(-v for v in values)],
+                        dtype=torch.float64)
+    flag = flag.to(_collective_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if error is not None:
         raise error
-    if flag.item() > 0:
-        raise RuntimeError(f"rank {int(flag.item()) - 1} of the process group rejected its inputs to {what}; see "
+    reduced = flag.tolist()
+    if reduced[0] > 0:
+        raise RuntimeError(f"rank {int(reduced[0]) - 1} of the process group rejected its inputs to {what}; see "
                            "that rank's error")
+    n = len(names)
+    differ = [f"{k} {int(-reduced[1 + n + i])}..{int(reduced[1 + i])}" for i, k in enumerate(names)
+              if reduced[1 + i] != -reduced[1 + n + i]]
+    if differ:
+        raise ValueError(f"{what}: the ranks of the group disagree on {', '.join(differ)}; give every rank the same "
+                         "inputs (mask, labels, hidden states), chunk_size and RLKERNELS_MEMORY_BUDGET_MB")
 
 
 def _collective_device(group) -> torch.device:

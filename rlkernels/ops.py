@@ -68,7 +68,12 @@ class _LinearCall:
         if tp_group is not None:
             from .distributed import agree
 
-            agree(tp_group, error, "a tensor-parallel rlkernels call")
+            # the single pass merges statistics once per row chunk: every rank must plan the same chunks (a rank
+            # that failed sends zeros, ignored)
+            ok = error is None
+            same = {"kept rows": self.hidden.shape[0] if ok else 0, "rows per chunk": self.plan.rows if ok else 0,
+                    "vocabulary block": self.plan.vocab_block if ok else 0}
+            agree(tp_group, error, "a tensor-parallel rlkernels call", same=same)
 
     def _check(self, hidden, weight, labels, mask, bias, temperature, backend, chunk_size, V, extra_checks):
         I.check_backend_args(backend, chunk_size)

@@ -198,6 +198,12 @@ def _bad_rank_worker(rank, kind):
         weight = p["weight"][rank * V // 2:(rank + 1) * V // 2]
         labels = p["labels"] if rank == 0 else torch.full_like(p["labels"], V)  # out of range on rank 1 only
         expected = (RuntimeError, "rank 1 of the process group rejected") if rank == 0 else (ValueError, "labels")
+    elif kind == "plan":  # the ranks plan different row chunks: the single pass would merge different chunks
+        with pytest.raises(ValueError, match="disagree on rows per chunk 4..8"):
+            R.fused_grpo_loss(p["hidden"], p["weight"][rank * V // 2:(rank + 1) * V // 2], p["labels"],
+                              p["advantages"], p["mask"], old_logprobs=p["old"], config="dapo",
+                              chunk_size=4 * (rank + 1), tp_group=dist.group.WORLD)
+        return
     elif kind == "normalizer":  # rank 1 gives two packed masks but one cu_seqlens
         masks = [torch.ones(5, dtype=torch.bool)] * (1 if rank == 0 else 2)
         expected = (RuntimeError, "rank 1 of the process group rejected") if rank == 0 else (ValueError, "cu_seqlens")
@@ -212,7 +218,7 @@ def _bad_rank_worker(rank, kind):
         R.fused_logprobs(p["hidden"], weight, labels, tp_group=dist.group.WORLD)
 
 
-@pytest.mark.parametrize("kind", ["labels", "shards", "normalizer"])
+@pytest.mark.parametrize("kind", ["labels", "shards", "plan", "normalizer"])
 def test_bad_rank_fails_everywhere_without_hanging(kind):
     _launch(_bad_rank_worker, kind, backend=BACKENDS[0])
 
