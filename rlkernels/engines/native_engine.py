@@ -167,8 +167,7 @@ def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, v
     N = hidden.shape[0]
     state = torch.empty(N, 4, dtype=compute_dtype(hidden.dtype), device=hidden.device)
     ws = _Workspace(plan, hidden)
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         state[r0:r1] = _chunk_state(ws, hidden[r0:r1], weight, bias, labels[r0:r1], _temp(temperature, r0, r1),
                                     plan, vocab_offset or 0)[0]
     return _ops().finish(state)
@@ -182,8 +181,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
     if (g_logp is None and g_ent is None) or not (need_h or need_w or (need_b and bias is not None)):
         return grads.results(plan)
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         stats = tuple(_rows(x, r0, r1, cdt) for x in (m, log_s, cs))
         _chunk_grads(ws, grads, hidden[r0:r1], weight, bias, labels[r0:r1], _temp(temperature, r0, r1), plan, stats,
                      _rows(g_logp, r0, r1, cdt), _rows(g_ent, r0, r1, cdt), r0, offset=vocab_offset or 0)
@@ -249,8 +247,7 @@ def _row_chunks(logits: Tensor, plan: ChunkPlan):
     if V <= 1 or logits.stride(1) == 1:
         yield 0, N, logits
         return
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         yield r0, r1, logits[r0:r1].contiguous()
 
 

@@ -214,8 +214,7 @@ def forward_rows(hidden: Tensor, plan: ChunkPlan, chunk_stats):
     gathered into (logp, entropy, M, log S, C/S), each (N,) in the compute dtype."""
     N = hidden.shape[0]
     out = [torch.empty(N, dtype=compute_dtype(hidden.dtype), device=hidden.device) for _ in range(5)]
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         m, log_s, cs, logp, ent = chunk_stats(r0, r1)
         for i, x in enumerate((logp, ent, m, log_s, cs)):
             out[i][r0:r1] = x
@@ -281,8 +280,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
     N = hidden.shape[0]
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         sl = slice(r0, r1)
         _chunk_backward(ws, grads, hidden[sl], weight, bias, labels[sl], _as_temperature(temperature, r0, r1),
                         plan, m[sl], log_s[sl], cs[sl], None if g_logp is None else g_logp[sl],
@@ -361,8 +359,7 @@ def logits_forward(logits, labels, temperature, plan: ChunkPlan):
     N = logits.shape[0]
     out = [torch.empty(N, dtype=compute_dtype(logits.dtype), device=logits.device) for _ in range(5)]
     ws = _Workspace(_full_vocab(plan), logits, gemm=False)
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         z = _load_logits(ws, logits, r0, r1, _as_temperature(temperature, r0, r1))
         m, zy = _shift_(z, labels[r0:r1], None)
         _, s, c = _block_state(ws, z)
@@ -377,8 +374,7 @@ def logits_backward(logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, 
     N = logits.shape[0]
     grad = torch.empty_like(logits)
     ws = _Workspace(_full_vocab(plan), logits, gemm=False)
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         sl = slice(r0, r1)
         temp = _as_temperature(temperature, r0, r1)
         t = _load_logits(ws, logits, r0, r1, temp)

@@ -191,8 +191,7 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b, plan)
     buf = _buffer(hidden, plan)
     N = hidden.shape[0]
-    for r0 in range(0, N, plan.rows):
-        r1 = min(r0 + plan.rows, N)
+    for r0, r1 in plan.ranges(N):
         _chunk_backward(buf, grads, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1),
                         plan, m[r0:r1], log_s[r0:r1], cs[r0:r1], _g(g_logp, r0, r1), _g(g_ent, r0, r1), r0,
                         offset=vocab_offset)
