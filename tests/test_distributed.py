@@ -76,14 +76,20 @@ def _close(name, a, b, tol=1e-10):
     assert err <= tol * max(1.0, float(b.abs().max()) if b.numel() else 1.0), f"{name}: max error {err}"
 
 
-def _tp_worker(rank, config, kw):
-    p = _problem()
+def _shard(p, rank):
+    """This rank's rows of the LM head, and fresh leaves (hidden, weight, bias) for the full and the sharded head."""
     V = p["weight"].shape[0]
     rows = slice(rank * V // WORLD, (rank + 1) * V // WORLD)
     leaves_full = [p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_(),
                    p["bias"].clone().requires_grad_()]
     leaves_tp = [p["hidden"].clone().requires_grad_(), p["weight"][rows].clone().requires_grad_(),
                  p["bias"][rows].clone().requires_grad_()]
+    return rows, leaves_full, leaves_tp
+
+
+def _tp_worker(rank, config, kw):
+    p = _problem()
+    rows, leaves_full, leaves_tp = _shard(p, rank)
     group = dist.group.WORLD
 
     # per-token log-probs and entropies
@@ -147,12 +153,7 @@ def test_tensor_parallel_matches_single_process(backend, config, kw):
 def _tp_blocked_worker(rank):
     """The single pass with the shard's vocabulary blocked too (300 rows per rank, 256-entry blocks)."""
     p = _problem(seed=5, V=600)
-    V = p["weight"].shape[0]
-    rows = slice(rank * V // WORLD, (rank + 1) * V // WORLD)
-    leaves_full = [p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_(),
-                   p["bias"].clone().requires_grad_()]
-    leaves_tp = [p["hidden"].clone().requires_grad_(), p["weight"][rows].clone().requires_grad_(),
-                 p["bias"][rows].clone().requires_grad_()]
+    rows, leaves_full, leaves_tp = _shard(p, rank)
     os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(16 * 256 * 4 / 2**20)  # 16 rows x 256 entries
     _tp_loss(rank, p, "dapo", dict(kl_coef=0.05, entropy_coef=0.01), rows, leaves_full, leaves_tp,
              dict(chunk_size=16), fused=True)
