@@ -272,7 +272,7 @@ def test_nested_deferred_checks_read_their_own():
     """An op called inside another's deferred checks still checks its inputs before it computes."""
     from rlkernels import _inputs as I
 
-    with pytest.raises(ValueError, match="labels must lie"):
-        with I.deferred_checks():
-            I.fail_if(torch.tensor([False]), lambda: "never")
+    with I.deferred_checks():
+        I.fail_if(torch.tensor([False]), lambda: "never")
+        with pytest.raises(ValueError, match="labels must lie"):  # raised by the inner call, before it returns
             R.logprobs_from_logits(torch.randn(4, 5), torch.tensor([0, 1, 2, 5]), backend="torch")
