@@ -148,6 +148,25 @@ def test_logprobs_from_logits(backend, dtype, temperature):
     assert_matches("grad_logits", gx, gx64, gx64.to(dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logprobs_from_3d_logits_with_scalar_temperature(backend, dtype):
+    """A (B, T, V) view (``logits[:, :-1]``) with a scalar temperature other than 1: fp64 takes per-row temperatures
+    on the Triton engine, one per row of the view (B T of them, not B)."""
+    g = torch.Generator().manual_seed(23)
+    B, T, V = 2, 6, 37
+    full = (torch.randn(B, T + 1, V, generator=g, dtype=torch.float64) * 3).to(dtype).to(DEVICE)
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    x = full.requires_grad_()
+    logp, ent = R.logprobs_from_logits(x[:, :-1], labels, temperature=0.7, return_entropy=True, backend=backend)
+    (gx,) = grads(_upstream(logp, ent), [x])
+    x64 = full.detach().double().requires_grad_()
+    exact = ref.logprobs_from_logits(x64[:, :-1], labels, 0.7)
+    (gx64,) = grads(_upstream(*exact), [x64])
+    assert_matches("logp", logp, exact[0], dtype=dtype)
+    assert_matches("entropy", ent, exact[1], dtype=dtype)
+    assert_matches("grad_logits", gx, gx64, dtype=dtype)
+
+
 def test_partial_requires_grad(backend):
     """A frozen LM head (weight without grad) and frozen hidden states both work and skip their GEMM."""
     p = make_problem(2, 5, 8, 37, seed=17)

@@ -182,7 +182,7 @@ def _temperature_args(temperature, z: Tensor) -> Tuple[Optional[Tensor], float, 
     if isinstance(temperature, Tensor):
         return temperature, 1.0, True
     if z.dtype == torch.float64 and float(temperature) != 1.0:
-        return torch.full((z.shape[0],), float(temperature), dtype=torch.float64, device=z.device), 1.0, True
+        return torch.full((_rows(z)[0],), float(temperature), dtype=torch.float64, device=z.device), 1.0, True
     return None, 1.0 / float(temperature), False
 
 
