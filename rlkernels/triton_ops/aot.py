@@ -103,13 +103,13 @@ def variants() -> List[Variant]:
 
     def stats(name, lanes=False, check=False, rows_3d=False, bias=False, row_temp=False, stages=None, dtype="*bf16",
               acc=tl.float32, unaligned=(), split=None):
-        block, warps = (K.BLOCK_V_LANES, K.NUM_WARPS_LANES) if lanes else (K.BLOCK_V_FWD, K.NUM_WARPS_FWD)
+        cfg = K.stats_launch(lanes)  # the engine's own launch, with this variant's changes
         out.append(Variant(f"stats {name}", K._logits_stats_kernel,
                            _stats_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
-                           dict(HAS_BIAS=bias, ROW_TEMP=row_temp, ACC=acc, BLOCK_V=block, LANES=lanes, CHECK=check,
-                                ROWS_3D=rows_3d, STAGES=K.STATS_STAGES if stages is None else stages,
-                                SPLIT_TAIL=K.SPLIT_TAIL if split is None else split),
-                           warps, tuple(a for a in _STATS_ALIGNED if a not in unaligned)))
+                           dict(HAS_BIAS=bias, ROW_TEMP=row_temp, ACC=acc, BLOCK_V=cfg.block_v, LANES=lanes,
+                                CHECK=check, ROWS_3D=rows_3d, STAGES=cfg.stages if stages is None else stages,
+                                SPLIT_TAIL=cfg.split_tail if split is None else split),
+                           cfg.num_warps, tuple(a for a in _STATS_ALIGNED if a not in unaligned)))
 
     stats("tile (hidden+W path)")
     stats("tile, V odd, padded block", unaligned=_ODD_V)
@@ -123,11 +123,12 @@ def variants() -> List[Variant]:
     stats("tile, fp64", dtype="*fp64", acc=tl.float64)
 
     def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, row_temp=False, unaligned=(), split=None):
+        cfg = K.dlogits_launch()
         out.append(Variant(f"dlogits {name}", K._dlogits_kernel, _dlogits_signature(),
                            dict(HAS_BIAS=bias, ROW_TEMP=row_temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=tl.float32,
-                                BLOCK_V=K.BLOCK_V_BWD, ROWS_3D=rows_3d,
-                                SPLIT_TAIL=K.SPLIT_TAIL if split is None else split),
-                           K.NUM_WARPS_BWD, tuple(a for a in _DLOGITS_ALIGNED if a not in unaligned)))
+                                BLOCK_V=cfg.block_v, ROWS_3D=rows_3d,
+                                SPLIT_TAIL=cfg.split_tail if split is None else split),
+                           cfg.num_warps, tuple(a for a in _DLOGITS_ALIGNED if a not in unaligned)))
 
     dlogits("logp + entropy")
     dlogits("V odd, padded block", unaligned=_ODD_V)

@@ -37,8 +37,9 @@ NUM_WARPS_FWD = 4
 BLOCK_V_BWD = 4096
 NUM_WARPS_BWD = 8
 # The lanes loop keeps three fp32 vectors of BLOCK_V lanes: at 4096 x 4 warps the sm_90 compile
-# (rlkernels.triton_ops.aot, Triton 3.9) needed 128 registers per thread before SPLIT_TAIL and 134 after, 16 resident
-# warps per SM; 1024 x 4 needs 40 (48 warps).
+# (rlkernels.triton_ops.aot, Triton 3.9) needed 127 registers per thread with every tile masked (16 resident warps per
+# SM) and 134 with SPLIT_TAIL (12 warps, under the 16 that tests/test_triton_aot.py asks for); 1024 x 4 needs 40
+# (48 warps; bench/results/aot-sm90-triton*.txt).
 BLOCK_V_LANES = 1024
 NUM_WARPS_LANES = 4
 # Software pipelining of the statistics loop (tl.range num_stages): 1 = none, the measured default; 2-3 stream the
@@ -46,10 +47,11 @@ NUM_WARPS_LANES = 4
 # Not yet timed on a GPU: bench/gpu_tune.py sweeps it.
 STATS_STAGES = 1
 # Whole tiles read and reduced without masks, the row's partial last tile with them (True), or every tile masked
-# as first measured (False). Compiled for sm_90 (bench/results/aot-sm90-triton3.9.txt), the split issues twice the
-# 16-byte loads per row and no per-element masks, at 64 registers against 56 for the statistics kernel (80 against 85
-# with V odd); the 16-byte loads for V odd come from the padded block rows, with or without it.
-# bench/gpu_tune.py times both.
+# as first measured (False). Compiled for sm_90 (bench/results/aot-sm90-triton3.9.txt and -3.6.txt), the split has
+# two loop bodies (twice the 16-byte load instructions in the code, the same loads per row at run time), the
+# whole-tile one without per-element masks; the statistics kernel takes 64 registers against 56 on Triton 3.9, 56
+# against 48 on 3.6 (with V odd: 80 against 85 on 3.9, 96 against 80 on 3.6). The 16-byte loads for V odd come from
+# the padded block rows, with or without it. bench/gpu_tune.py times both.
 SPLIT_TAIL = True
 
 # The statistics kernel's loop (RLKERNELS_STATS_KERNEL, read per call): "tile" merges each tile into one running
