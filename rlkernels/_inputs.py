@@ -302,8 +302,8 @@ def check_normalizer(normalizer):
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer has shape {_shape(normalizer)}; expected a scalar")
-        if value_checks_enabled() and not float(normalizer) > 0:
-            raise ValueError(f"normalizer must be > 0, got {float(normalizer)}")
+        if value_checks_enabled():  # queued with the other value checks (NaN fails too)
+            fail_if(~(normalizer > 0), lambda: f"normalizer must be > 0, got {float(normalizer)}")
         return normalizer.reshape(())
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
         raise TypeError(f"normalizer must be a number or a scalar tensor, got {type(normalizer).__name__}")

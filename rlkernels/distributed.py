@@ -8,8 +8,9 @@ all-reduce, the label logit coming from the shard that owns it. Every rank gets 
 dL/dz for the local shard is formed from the merged statistics (in backward on the two-stage path; per row chunk,
 right after that chunk's merge, in the single pass), so ``grad_weight``/``grad_bias`` are this rank's shard, and
 ``grad_hidden`` (a partial sum over shards) is all-reduced unless ``reduce_hidden_grad=False``. The single pass
-merges once per row chunk, so every rank must plan the same chunks: the call checks that the ranks agree on the kept
-rows and the chunk plan before anything is computed.
+merges once per row chunk, so every rank must take it over the same chunks: the call checks that the ranks agree on
+the kept rows, and fused_grpo_loss on the single pass and its chunks (sequence-aligned ones included), before anything
+is computed.
 
 Data parallelism: DDP/FSDP average gradients over ranks and gradient accumulation sums micro-batches, so the exact
 gradient of the global token mean needs each micro-batch loss divided by (global token count / world size)

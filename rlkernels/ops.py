@@ -68,12 +68,10 @@ class _LinearCall:
         if tp_group is not None:
             from .distributed import agree
 
-            # the single pass merges statistics once per row chunk: every rank must plan the same chunks (a rank
-            # that failed sends zeros, ignored)
-            ok = error is None
-            same = {"kept rows": self.hidden.shape[0] if ok else 0, "rows per chunk": self.plan.rows if ok else 0,
-                    "vocabulary block": self.plan.vocab_block if ok else 0}
-            agree(tp_group, error, "a tensor-parallel rlkernels call", same=same)
+            # the shards' statistics are merged row by row: every rank must keep the same rows (a rank that failed
+            # sends 0, ignored); fused_grpo_loss's single pass also agrees on its chunks
+            agree(tp_group, error, "a tensor-parallel rlkernels call",
+                  same={"kept rows": self.hidden.shape[0] if error is None else 0})
 
     def _check(self, hidden, weight, labels, mask, bias, temperature, backend, chunk_size, V, extra_checks):
         I.check_backend_args(backend, chunk_size)
@@ -310,12 +308,23 @@ def fused_grpo_loss(
         separable, plan = aligned is not None, aligned or call.plan
         why_not = (f"a sequence-level ratio needs row chunks that hold whole sequences: the longest has {longest} "
                    f"kept tokens, the chunks {call.plan.rows} rows (raise chunk_size or RLKERNELS_MEMORY_BUDGET_MB)")
+    error = None
     if single_pass and not separable:
-        raise ValueError("single_pass=True cannot apply: " + (why_not or (
+        error = ValueError("single_pass=True cannot apply: " + (why_not or (
             "it needs an objective whose per-token gradients depend only on the token's own sequence (no entropy "
             "quantile, no off-policy sequence mask, old_logprobs when rollout_correction is on)")))
-    if single_pass is None:  # the single pass calls the objective per chunk from Python: eager mode only
-        single_pass = separable and wants_grad and not I.compiling()
+    # the single pass calls the objective per chunk from Python: eager mode only (``wanted`` is False when compiling)
+    single_pass = bool(wanted and separable)
+    if tp_group is not None:  # it merges statistics per row chunk: every rank must take it, over the same chunks
+        from .distributed import agree
+
+        ranges = plan.ranges(call.hidden.shape[0]) if single_pass else []
+        agree(tp_group, error, "the single pass of a tensor-parallel fused_grpo_loss",
+              same={"single pass": int(single_pass), "row chunks": len(ranges),
+                    "vocabulary block": plan.vocab_block if single_pass else 0,
+                    "chunk ends (checksum)": sum((i + 1) * r1 for i, (_, r1) in enumerate(ranges)) % 2**50})
+    elif error is not None:
+        raise error
 
     if not single_pass:
         logp, ent = call.logprobs(reduce_hidden_grad)

@@ -103,17 +103,19 @@ def _tp_worker(rank, config, kw):
     # the loss and its gradients: full hidden gradient, this rank's shard of the weight and bias gradients
     _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, dict(single_pass=False), fused=False)
     _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, dict(single_pass=None), fused=True)
-    # the single pass over several row chunks (for gspo, chunks of whole sequences: 7 rows each, at most 9)
+    # the single pass over several row chunks (for gspo, chunks of whole sequences, at most 9 rows)
     _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, dict(chunk_size=4 if config == "dapo" else 9),
-             fused=True)
+             fused=True, chunks=2)
 
 
-def _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, call_kw, fused):
+def _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, call_kw, fused, chunks=1, blocked=False):
+    """The TP loss against the single-process one; with ``fused``, the single pass ran once per call over ``chunks``
+    row chunks (at least), its vocabulary ``blocked`` or not."""
     from rlkernels import distributed
 
     calls = []
     original = distributed._TPFusedEngine.linear_fused
-    distributed._TPFusedEngine.linear_fused = lambda self, *a: calls.append(1) or original(self, *a)
+    distributed._TPFusedEngine.linear_fused = lambda self, *a: calls.append(a[5]) or original(self, *a)  # a[5]: plan
     try:
         group = dist.group.WORLD
         args = (p["labels"], p["advantages"], p["mask"])
@@ -122,6 +124,9 @@ def _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, call_kw, fused):
         b = R.fused_grpo_loss(leaves_tp[0], leaves_tp[1], *args, bias=leaves_tp[2], tp_group=group, **common,
                               **call_kw)
         assert len(calls) == int(fused), (call_kw, calls)
+        for plan in calls:
+            assert len(plan.ranges(leaves_tp[0][p["mask"]].shape[0])) >= chunks and plan.vocab_blocked == blocked, \
+                (call_kw, plan)
         _close("loss", b.loss, a.loss)
         for k in a.metrics:
             _close(k, b.metrics[k].double(), a.metrics[k].double(), tol=1e-6)
@@ -156,7 +161,7 @@ def _tp_blocked_worker(rank):
     rows, leaves_full, leaves_tp = _shard(p, rank)
     os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(16 * 256 * 4 / 2**20)  # 16 rows x 256 entries
     _tp_loss(rank, p, "dapo", dict(kl_coef=0.05, entropy_coef=0.01), rows, leaves_full, leaves_tp,
-             dict(chunk_size=16), fused=True)
+             dict(chunk_size=16), fused=True, blocked=True)
 
 
 def test_tensor_parallel_single_pass_vocab_blocked(backend):
@@ -200,10 +205,19 @@ def _bad_rank_worker(rank, kind):
         labels = p["labels"] if rank == 0 else torch.full_like(p["labels"], V)  # out of range on rank 1 only
         expected = (RuntimeError, "rank 1 of the process group rejected") if rank == 0 else (ValueError, "labels")
     elif kind == "plan":  # the ranks plan different row chunks: the single pass would merge different chunks
-        with pytest.raises(ValueError, match="disagree on rows per chunk 4..8"):
+        with pytest.raises(ValueError, match="disagree on row chunks"):
             R.fused_grpo_loss(p["hidden"], p["weight"][rank * V // 2:(rank + 1) * V // 2], p["labels"],
                               p["advantages"], p["mask"], old_logprobs=p["old"], config="dapo",
                               chunk_size=4 * (rank + 1), tp_group=dist.group.WORLD)
+        return
+    elif kind == "sequences":  # gspo's sequence-aligned chunks differ: the ranks were given different cu_seqlens
+        g = torch.Generator().manual_seed(3)
+        h, lab = torch.randn(12, 8, generator=g, dtype=torch.float64), torch.randint(0, V, (12,), generator=g)
+        cu = torch.tensor([0, 6, 12]) if rank == 0 else torch.tensor([0, 4, 8, 12])
+        with pytest.raises(ValueError, match="disagree on chunk ends"):
+            R.fused_grpo_loss(h.requires_grad_(), p["weight"][rank * V // 2:(rank + 1) * V // 2], lab,
+                              torch.randn(12, generator=g, dtype=torch.float64), cu_seqlens=cu, config="gspo",
+                              chunk_size=8, tp_group=dist.group.WORLD)
         return
     elif kind == "normalizer":  # rank 1 gives two packed masks but one cu_seqlens
         masks = [torch.ones(5, dtype=torch.bool)] * (1 if rank == 0 else 2)
@@ -219,7 +233,7 @@ def _bad_rank_worker(rank, kind):
         R.fused_logprobs(p["hidden"], weight, labels, tp_group=dist.group.WORLD)
 
 
-@pytest.mark.parametrize("kind", ["labels", "shards", "plan", "normalizer"])
+@pytest.mark.parametrize("kind", ["labels", "shards", "plan", "sequences", "normalizer"])
 def test_bad_rank_fails_everywhere_without_hanging(kind):
     _launch(_bad_rank_worker, kind, backend=BACKENDS[0])
 

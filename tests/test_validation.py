@@ -69,6 +69,8 @@ CASES = [
     (lambda p: dict(single_pass=True, config="gspo", top_entropy_quantile=0.5), ValueError,
      "single_pass=True cannot apply: it needs an objective"),
     (lambda p: dict(single_pass=True, config="gspo", chunk_size=2), ValueError, "row chunks that hold whole sequences"),
+    (lambda p: dict(normalizer=torch.tensor(0.0)), ValueError, "normalizer must be > 0"),
+    (lambda p: dict(normalizer=torch.tensor(float("nan"))), ValueError, "normalizer must be > 0"),
 ]
 
 
@@ -224,7 +226,7 @@ def test_value_checks_cost_one_host_sync(p, monkeypatch, op):
     if op.startswith("fused_grpo_loss"):
         R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], old_logprobs=old,
                           ref_logprobs=old, config=op.split()[-1] if " " in op else "dapo", kl_coef=0.01,
-                          backend="torch")
+                          normalizer=torch.tensor(7.0), backend="torch")
     elif op == "fused_logprobs":
         R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], backend="torch")
     elif op == "logprobs_from_logits":
