@@ -203,10 +203,12 @@ def merged_chunk_stats(V: int, plan: ChunkPlan, block_stats, merge: Optional[Chu
 
 def finish_stats(m: Tensor, s: Tensor, c: Tensor, zy: Tensor):
     """(log S, C/S, logp, entropy) from a row's merged state (M, S, C) and its label logit z~_y (B §1.1):
-    logp = z~_y - (M + log S), entropy = log S - C/S. Every engine but the native one finishes here."""
+    logp = (z~_y - M) - log S, entropy = log S - C/S. Every engine finishes here. (z~_y - M) first: exact when z~_y is
+    near M, so logp keeps its accuracy when |logits| ~ 1e4, where z~_y - (M + log S) would round M + log S to
+    ulp(1e4) = 1e-3 in fp32."""
     log_s = torch.log(s)
     cs = c / s
-    return log_s, cs, zy - (m + log_s), log_s - cs
+    return log_s, cs, (zy - m) - log_s, log_s - cs
 
 
 def forward_rows(hidden: Tensor, plan: ChunkPlan, chunk_stats):

@@ -69,12 +69,12 @@ def _(z, labels, v0, bias, temperature, temp_rows, m, log_s, cs, g_logp, g_ent):
 
 
 def finish(state: Tensor):
-    """(logp, entropy, M, log S, C / S) of each row from its final (M, S, C, z~_y) state (B §1.1); the last three
-    are what backward needs."""
+    """(logp, entropy, M, log S, C / S) of each row from its final (M, S, C, z~_y) state (B §1.1, through the engines'
+    one ``finish_stats``); the last three are what backward needs."""
+    from ..engines.torch_engine import finish_stats
+
     m, s, c, zy = state.unbind(1)
-    log_s = torch.log(s)
-    cs = c / s
-    # (z~_y - M) first: exact when z~_y is near M, so logp keeps its accuracy when |logits| ~ 1e4, where
-    # z~_y - (M + log S) would round M + log S to ulp(1e4) = 1e-3 in fp32. All five are new contiguous tensors
-    # (M a copy, not a column view of the state): op outputs may not alias each other, and fake kernels say stride 1.
-    return (zy - m) - log_s, log_s - cs, m.clone(memory_format=torch.contiguous_format), log_s, cs
+    log_s, cs, logp, ent = finish_stats(m, s, c, zy)
+    # all five new contiguous tensors (M a copy, not a column view of the state): op outputs may not alias each
+    # other, and fake kernels say stride 1
+    return logp, ent, m.clone(memory_format=torch.contiguous_format), log_s, cs
