@@ -253,6 +253,23 @@ def _per_token(name: str, x, shape, mask: Tensor, cdt, ref: Tensor, logprob: boo
     return torch.where(mask, x.to(cdt), torch.zeros((), dtype=cdt, device=x.device)).reshape(-1)
 
 
+def check_cu_seqlens(name: str, cu_seqlens, n: int, what: str) -> Tensor:
+    """Sequence boundaries (S+1,) of ``n`` packed rows (flash-attn varlen convention) -> int64 tensor: an integer
+    tensor, 1-D with S >= 1, and (value checks, read at once: later indexing relies on them) starting at 0, ending at
+    ``n`` (``what`` names it) and non-decreasing."""
+    _require_int(name, cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} has shape {_shape(cu_seqlens)}; expected (S+1,) with S >= 1 sequences "
+                         "(flash-attn varlen convention)")
+    cu = cu_seqlens.long()
+    if value_checks_enabled():
+        if int(cu[0]) != 0 or int(cu[-1]) != n:
+            raise ValueError(f"{name} must start at 0 and end at N={n} ({what}); got {int(cu[0])} ... {int(cu[-1])}")
+        if bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing")
+    return cu
+
+
 def sequence_layout(shape: torch.Size, cu_seqlens, ref: Tensor) -> Tuple[Tensor, int]:
     """seq_ids (N,) and the number of sequences, from a padded (B, T) shape or packed (N,) + cu_seqlens."""
     if len(shape) == 2:
@@ -264,17 +281,7 @@ def sequence_layout(shape: torch.Size, cu_seqlens, ref: Tensor) -> Tuple[Tensor,
     N = shape[0]
     if cu_seqlens is None:
         return torch.zeros(N, dtype=torch.long, device=ref.device), 1
-    _require_int("cu_seqlens", cu_seqlens)
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens has shape {_shape(cu_seqlens)}; expected (S+1,) with S >= 1 sequences "
-                         "(flash-attn varlen convention)")
-    cu = cu_seqlens.to(device=ref.device, dtype=torch.long)
-    if value_checks_enabled():
-        if int(cu[0]) != 0 or int(cu[-1]) != N:
-            raise ValueError(f"cu_seqlens must start at 0 and end at N={N} (the number of tokens); got "
-                             f"{int(cu[0])} ... {int(cu[-1])}")
-        if bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
+    cu = check_cu_seqlens("cu_seqlens", cu_seqlens, N, "the number of tokens").to(ref.device)
     S = cu.numel() - 1
     lengths = cu[1:] - cu[:-1]
     return torch.repeat_interleave(torch.arange(S, device=ref.device), lengths, output_size=N), S

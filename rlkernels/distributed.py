@@ -171,44 +171,11 @@ def tp_linear_fused_loss(engine, hidden: Tensor, weight: Tensor, bias: Optional[
                                  labels, temperature, plan, chunk_loss)
 
 
-def _count_sequences(i: int, mask: Tensor, cu_seqlens: Optional[Tensor]) -> int:
-    if mask.dim() == 2:
-        return mask.shape[0]
-    if cu_seqlens is None:
-        raise ValueError(f"global_normalizer: packed (1-D) mask {i} needs its cu_seqlens to count sequences")
-    return cu_seqlens.numel() - 1
-
-
-def _local_count(masks: list, seqs: list, mode: str) -> float:
-    """This rank's kept tokens (token-mean) or sequences (other modes), after checking every mask against its
-    cu_seqlens: a list that does not pair up raises instead of counting part of the step."""
-    if len(seqs) != len(masks):
-        raise ValueError(f"cu_seqlens: got {len(seqs)} for {len(masks)} mask(s); pass one per micro-batch mask")
-    for i, (m, cu) in enumerate(zip(masks, seqs)):
-        if not isinstance(m, Tensor):
-            raise TypeError(f"mask {i} must be a torch.Tensor, got {type(m).__name__}")
-        if m.dim() not in (1, 2):
-            raise ValueError(f"mask {i} has shape {tuple(m.shape)}; expected (B, T) or packed (N,)")
-        if cu is None:
-            continue
-        if not isinstance(cu, Tensor) or cu.dtype.is_floating_point or cu.dtype == torch.bool:
-            raise TypeError(f"cu_seqlens {i}: expected an integer tensor, got "
-                            f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}")
-        if cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"cu_seqlens {i}: expected a 1-D integer tensor (S+1,) with S >= 1, got shape "
-                             f"{tuple(cu.shape)}")
-        if m.dim() != 1:
-            raise ValueError(f"cu_seqlens {i} is for a packed (N,) mask; mask {i} has shape {tuple(m.shape)}")
-        if int(cu[0]) != 0 or int(cu[-1]) != m.numel():
-            raise ValueError(f"cu_seqlens {i} must start at 0 and end at N={m.numel()} (mask {i}'s length); got "
-                             f"{int(cu[0])} ... {int(cu[-1])}")
-    if mode == "token-mean":
-        return float(sum(int((m != 0).sum()) for m in masks))
-    return float(sum(_count_sequences(i, m, cu) for i, (m, cu) in enumerate(zip(masks, seqs))))
-
-
 def _count(mask, mode, cu_seqlens) -> float:
-    """This rank's count for :func:`global_normalizer`, every argument checked."""
+    """This rank's kept tokens (token-mean) or sequences (other modes) for :func:`global_normalizer`, every argument
+    checked: masks and cu_seqlens that do not pair up raise instead of counting part of the step."""
+    from ._inputs import check_cu_seqlens
+
     if isinstance(mode, PolicyLossConfig):
         mode = mode.loss_agg
     elif mode not in LOSS_AGGS:
@@ -217,15 +184,36 @@ def _count(mask, mode, cu_seqlens) -> float:
         raise ValueError(f"mode={mode!r}: a loss_agg ({LOSS_AGGS}), a preset name or a PolicyLossConfig")
     if not isinstance(mask, (Tensor, list, tuple)):
         raise TypeError(f"mask must be a torch.Tensor or a list of them, got {type(mask).__name__}")
-    masks = [mask] if isinstance(mask, Tensor) else list(mask)
     if cu_seqlens is not None and not isinstance(cu_seqlens, (Tensor, list, tuple)):
         raise TypeError(f"cu_seqlens must be a torch.Tensor or a list of them, got {type(cu_seqlens).__name__}")
+    masks = [mask] if isinstance(mask, Tensor) else list(mask)
     seqs = [None] * len(masks) if cu_seqlens is None else (
         [cu_seqlens] if isinstance(cu_seqlens, Tensor) else list(cu_seqlens))
-    if any(isinstance(cu, (int, float)) for cu in seqs):
-        raise TypeError("cu_seqlens must be an integer tensor (S+1,), or a list of them, one per mask; got a list "
-                        "of numbers")
-    return _local_count(masks, seqs, mode)
+    for i, m in enumerate(masks):
+        if not isinstance(m, Tensor):
+            raise TypeError(f"mask {i} must be a torch.Tensor, got {type(m).__name__}")
+        if m.dim() not in (1, 2):
+            raise ValueError(f"mask {i} has shape {tuple(m.shape)}; expected (B, T) or packed (N,)")
+    for i, cu in enumerate(seqs):
+        if cu is not None and not isinstance(cu, Tensor):
+            raise TypeError(f"cu_seqlens {i} must be a torch.Tensor (one per mask), got {type(cu).__name__}")
+    if len(seqs) != len(masks):
+        raise ValueError(f"cu_seqlens: got {len(seqs)} for {len(masks)} mask(s); pass one per micro-batch mask")
+    count = 0
+    for i, (m, cu) in enumerate(zip(masks, seqs)):
+        if cu is not None:
+            if m.dim() != 1:
+                raise ValueError(f"cu_seqlens {i} is for a packed (N,) mask; mask {i} has shape {tuple(m.shape)}")
+            check_cu_seqlens(f"cu_seqlens {i}", cu, m.numel(), f"mask {i}'s length")
+        if mode == "token-mean":
+            count += int((m != 0).sum())
+        elif m.dim() == 2:
+            count += m.shape[0]
+        elif cu is None:
+            raise ValueError(f"global_normalizer: packed (1-D) mask {i} needs its cu_seqlens to count sequences")
+        else:
+            count += cu.numel() - 1
+    return float(count)
 
 
 def global_normalizer(mask: Union[Tensor, Sequence[Tensor]], group=None,

@@ -252,17 +252,22 @@ def test_global_normalizer_single_process():
     ([torch.ones(5, dtype=torch.bool)] * 2, [torch.tensor([0, 2, 5])], "got 1 for 2 mask"),  # part of the step
     ([torch.ones(5, dtype=torch.bool)], torch.tensor([0, 2, 4]), "end at N=5"),
     ([torch.ones(2, 3, dtype=torch.bool)], torch.tensor([0, 6]), "packed"),
-    ([torch.ones(5, dtype=torch.bool)], torch.tensor([[0, 5]]), "1-D integer"),
+    ([torch.ones(5, dtype=torch.bool)], torch.tensor([[0, 5]]), "cu_seqlens 0 has shape"),
     ([torch.ones(2, 2, 2, dtype=torch.bool)], None, "mask 0 has shape"),
+    ([torch.ones(5, dtype=torch.bool)], torch.tensor([0, 3, 2, 5]), "non-decreasing"),
 ])
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_global_normalizer_rejects_what_does_not_pair_up(masks, cu, match, mode):
     """A cu_seqlens list shorter than the masks once counted only the paired masks; every mismatch now raises."""
     with pytest.raises(ValueError, match=match):
         global_normalizer(masks, mode=mode, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_global_normalizer_rejects_wrong_types(mode):
     with pytest.raises(TypeError, match="mask 1 must be a torch.Tensor"):
         global_normalizer([torch.ones(3), [1, 1]], mode=mode)
-    with pytest.raises(TypeError, match="a list of numbers"):
+    with pytest.raises(TypeError, match="cu_seqlens 0 must be a torch.Tensor"):
         global_normalizer(torch.ones(5, dtype=torch.bool), mode=mode, cu_seqlens=[0, 2, 5])
     with pytest.raises(TypeError, match="float32"):
         global_normalizer(torch.ones(5, dtype=torch.bool), mode=mode, cu_seqlens=torch.tensor([0.0, 5.0]))

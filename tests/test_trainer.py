@@ -143,8 +143,10 @@ def test_torchrun_ddp(tmp_path):
 
 
 def test_torchrun_ddp_rank_failure_stops_every_rank(tmp_path):
-    """One rank raising inside train() stops the job with its error; the other rank fails in its next collective
-    rather than waiting (the trainer's close() skips its barrier when leaving on an error)."""
+    """One rank raising inside train() stops the job with its error: the failing rank leaves (the trainer's close()
+    skips its barrier when leaving on an error; with it, that rank waited for the other, which was in another
+    collective, and the job hung). The other rank then fails in its collective or is stopped by torchrun, whichever
+    comes first, so only the failing rank's exit is asserted."""
     import subprocess
     import sys
 
@@ -154,4 +156,4 @@ def test_torchrun_ddp_rank_failure_stops_every_rank(tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode != 0
     assert "rank 1's reward function failed" in run.stderr, run.stderr[-3000:]
-    assert "rank 0 left train()" in run.stdout and "rank 1 left train()" in run.stdout, run.stdout
+    assert "rank 1 left train()" in run.stdout, run.stdout
