@@ -82,8 +82,18 @@ TRITON = "triton" in BACKENDS
 @pytest.mark.parametrize("single_pass", [True, False])
 def test_grad_weight_accumulation_modes(monkeypatch, accum, single_pass):
     """bf16, several row chunks: both accumulation modes of grad_weight match the fp64 reference within the bf16
-    tolerance (eager bf16 autograd sets the scale), in the single pass and in the recompute backward."""
+    tolerance (eager bf16 autograd sets the scale), in the single pass and in the recompute backward; the mode asked
+    for is the one that ran ("auto" takes fp32 here: a 301 x 24 accumulator is far below the budget)."""
+    from rlkernels.engines import triton_engine
+
     monkeypatch.setenv("RLKERNELS_GRAD_WEIGHT_ACCUM", accum)
+    modes, init = [], triton_engine._Grads.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        modes.append("input" if self.w_in_input else "fp32")
+
+    monkeypatch.setattr(triton_engine._Grads, "__init__", spy)
     p = make_problem(3, 11, 24, 301, dtype=torch.bfloat16, seed=5, device=DEVICE)
     q = as_fp64(p)
     kw = dict(old_logprobs=p["old_logprobs"], config="dapo")
@@ -97,6 +107,7 @@ def test_grad_weight_accumulation_modes(monkeypatch, accum, single_pass):
     gh_e, gw_e = grads(eager, [p["hidden"], p["weight"]])
     assert_matches("grad_weight", gw, gw64, gw_e, torch.bfloat16)
     assert_matches("grad_hidden", gh, gh64, gh_e, torch.bfloat16)
+    assert modes == [{"auto": "fp32"}.get(accum, accum)], modes
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
