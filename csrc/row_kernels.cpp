@@ -180,7 +180,9 @@ struct Row {
       }
     }
     st[0] = static_cast<acc_t>(M);
-    st[1] = static_cast<acc_t>(S);
+    // a NaN or +inf logit makes t NaN (NaN - M, inf - inf), so C is NaN, but exp_u20 returns a number for NaN and S
+    // would stay finite: S is made NaN too, so that logp is NaN like entropy (and eager's), never a finite value
+    st[1] = std::isnan(C) ? std::numeric_limits<acc_t>::quiet_NaN() : static_cast<acc_t>(S);
     st[2] = static_cast<acc_t>(C);
     st[3] = zy;
   }

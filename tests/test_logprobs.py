@@ -119,6 +119,29 @@ def test_extreme_and_neg_inf_logits(backend):
     assert torch.isfinite(gb).all() and torch.all(gb[[3, 9, 10]] == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_nonfinite_logits_stay_nonfinite_with_checks_off(backend, dtype, monkeypatch):
+    """RLKERNELS_CHECK_VALUES=0 skips the NaN check, not the NaN: a row holding a NaN or +inf logit (in a vectorised
+    stretch or the scalar tail of a row) gets NaN logp and entropy, as eager's does; the other rows are unchanged."""
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "0")
+    g = torch.Generator().manual_seed(stable_seed("nonfinite logits"))
+    z = torch.randn(2, 4, 101, generator=g).to(dtype)
+    y = torch.randint(0, 101, (2, 4), generator=g)
+    bad = z.clone()
+    bad[0, 1, 5] = float("nan")
+    bad[0, 3, 100] = float("nan")
+    bad[1, 0, 40] = float("inf")
+    bad[1, 2, 100] = float("inf")
+    poisoned = torch.zeros(2, 4, dtype=torch.bool)
+    poisoned[0, 1] = poisoned[0, 3] = poisoned[1, 0] = poisoned[1, 2] = True
+    logp, ent = R.logprobs_from_logits(bad.to(DEVICE), y.to(DEVICE), return_entropy=True, backend=backend)
+    clean, clean_ent = R.logprobs_from_logits(z.to(DEVICE), y.to(DEVICE), return_entropy=True, backend=backend)
+    assert torch.isnan(logp.cpu()).equal(poisoned) and torch.isnan(ent.cpu()).equal(poisoned)
+    torch.testing.assert_close(logp[~poisoned], clean[~poisoned], rtol=0, atol=0)
+    torch.testing.assert_close(ent[~poisoned], clean_ent[~poisoned], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature", ["1", "per-token"])
 def test_logprobs_from_logits(backend, dtype, temperature):
