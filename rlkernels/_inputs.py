@@ -205,8 +205,8 @@ def check_finite_rows(name: str, x: Tensor, row_mask: Optional[Tensor] = None, a
 
 def check_scanned_rows(name: str, values: Tensor) -> None:
     """The engine scanned ``name`` for NaN / +inf in its own read of it (``Engine.scans_logits``), leaving NaN in
-    ``values`` (one per row the engine computed; dropped rows hold 0) where it found one: the same error as :func:`check_finite_rows`, raised before
-    anything is returned."""
+    ``values`` (one per row the engine computed; dropped rows hold 0) where it found one: the same error as
+    :func:`check_finite_rows`, raised before anything is returned."""
     if not value_checks_enabled() or values.numel() == 0:
         return
     bad = torch.isnan(values)

@@ -36,8 +36,8 @@ class Engine:
 
     name = "abstract"
     default_budget_mb = 64.0
-    # True: logits_forward, with value checks on, turns every row holding a NaN or +inf logit into NaN logp in the
-    # same read that computes it, so the caller checks the (N,) result instead of scanning N x V logits first
+    # True: logits_forward turns every row holding a NaN or +inf logit into NaN logp in the same read that computes
+    # it, so the caller (with value checks on) checks the (N,) result instead of scanning N x V logits first
     scans_logits = False
     # True: logits_forward / logits_backward take the caller's logits as they are, (N, V) or (B, T, V) with any row
     # strides (a view such as logits[:, :-1]), rows b T + t, and a negative label as a masked-out row (never read;

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._inputs import env_choice, value_checks_enabled
+from .._inputs import env_choice
 from ..triton_ops.logprobs import dlogits, logits_stats, padded_width
 from . import Engine
 from .chunking import ChunkPlan, memory_budget_bytes
@@ -222,11 +222,11 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
 
 def logits_forward(logits, labels, temperature, plan: ChunkPlan):
     """Logits input, (N, V) or (B, T, V) as the caller has them (see ``Engine.logits_in_place``): one kernel over
-    all rows (the logits exist already; nothing to chunk). With value checks on, that kernel also flags NaN / +inf
-    (their rows come out NaN; see ``Engine.scans_logits``), so the logits are read once."""
+    all rows (the logits exist already; nothing to chunk). That kernel also flags NaN / +inf (their rows come out
+    NaN; see ``Engine.scans_logits``), so the logits are read once."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    m, s, c, zy = logits_stats(logits, labels, None, temperature, check=value_checks_enabled())
+    m, s, c, zy = logits_stats(logits, labels, None, temperature)
     log_s, cs, logp, ent = finish_stats(m, s, c, zy)
     return logp, ent, m, log_s, cs
 

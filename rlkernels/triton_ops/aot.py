@@ -1,6 +1,7 @@
 """Compile the Triton kernels ahead of time for a GPU target on any machine (no GPU needed) and report what the
 compiler made of each: registers, shared and local memory (local = register spills), the width of the global loads,
-whether the loop streams through ``cp.async``, and so how many programs (warps) an SM can keep resident.
+whether the loop streams through ``cp.async``, how many programs (warps) an SM can keep resident, and how many
+machine instructions each logit costs in the steady state (read from the SASS).
 
 The GPU machines are lent to some sessions only; this is the check every session and CI can run. A kernel that
 would not compile for sm_90 fails here first (as the 3.6 compiler once rejected a global that the interpreter
@@ -52,6 +53,18 @@ class Report:
     vector_loads: int  # ld.global.v4 (16-byte) instructions
     async_copies: int  # cp.async instructions (pipelined loops)
     scalar_2byte_loads: int  # ld.global.b16: one bf16 at a time
+    fixup_exps: int  # ex2.approx.f32 without .ftz: each costs a range fix-up (a compare, two multiplies) on sm_90
+    path_instructions: int  # SASS instructions of the whole-tile path (see _whole_tile_path)
+
+    @property
+    def instructions_per_logit(self) -> Optional[float]:
+        """SASS instructions per logit on the whole-tile path: what the SM issues for each logit, the budget a
+        bandwidth-bound kernel must stay within (an sm_90 SM issues 4 warp instructions per clock for 16-32 bytes of
+        HBM traffic). None for kernels that do not stream logits."""
+        v = self.variant
+        if not v.streams_logits:
+            return None
+        return self.path_instructions / (v.constexprs["BLOCK_V"] / (32 * v.num_warps))
 
     @property
     def programs_per_sm(self) -> int:
@@ -69,12 +82,14 @@ class Report:
 
     def row(self) -> str:
         v = self.variant
+        per = self.instructions_per_logit
         return (f"{v.name:<44} {v.num_warps:>5} {self.registers:>5} {self.shared_bytes:>7} {self.local_bytes:>6} "
-                f"{self.vector_loads:>5} {self.async_copies:>5} {self.programs_per_sm:>6} {self.warps_per_sm:>6}")
+                f"{self.vector_loads:>5} {self.async_copies:>5} {self.programs_per_sm:>6} {self.warps_per_sm:>6} "
+                f"{'-' if per is None else f'{per:.1f}':>6}")
 
 
 HEADER = (f"{'variant':<44} {'warps':>5} {'regs':>5} {'shared':>7} {'local':>6} {'ld.v4':>5} {'cp.as':>5} "
-          f"{'prg/SM':>6} {'wrp/SM':>6}")
+          f"{'prg/SM':>6} {'wrp/SM':>6} {'ins/el':>6}")
 
 
 def _stats_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
@@ -101,13 +116,13 @@ def variants() -> List[Variant]:
     configurations that bench/gpu_tune.py compares."""
     out = []
 
-    def stats(name, lanes=False, check=False, rows_3d=False, bias=False, row_temp=False, stages=None, dtype="*bf16",
+    def stats(name, lanes=False, rows_3d=False, bias=False, row_temp=False, stages=None, dtype="*bf16",
               acc=tl.float32, unaligned=(), split=None):
         cfg = K.stats_launch(lanes)  # the engine's own launch, with this variant's changes
         out.append(Variant(f"stats {name}", K._logits_stats_kernel,
                            _stats_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
                            dict(HAS_BIAS=bias, ROW_TEMP=row_temp, ACC=acc, BLOCK_V=cfg.block_v, LANES=lanes,
-                                CHECK=check, ROWS_3D=rows_3d, STAGES=cfg.stages if stages is None else stages,
+                                ROWS_3D=rows_3d, STAGES=cfg.stages if stages is None else stages,
                                 SPLIT_TAIL=cfg.split_tail if split is None else split),
                            cfg.num_warps, tuple(a for a in _STATS_ALIGNED if a not in unaligned)))
 
@@ -116,10 +131,10 @@ def variants() -> List[Variant]:
     stats("tile, every tile masked", split=False)
     stats("tile, every tile masked, V odd, padded", split=False, unaligned=_ODD_V)
     stats("tile, bias, per-token T", bias=True, row_temp=True)
-    stats("tile, checked, (B,T,V) (logits path)", check=True, rows_3d=True)
+    stats("tile, (B,T,V) (logits path)", rows_3d=True)
     stats("tile, 3 stages", stages=3)
     stats("lanes", lanes=True)
-    stats("lanes, checked, (B,T,V)", lanes=True, check=True, rows_3d=True)
+    stats("lanes, (B,T,V)", lanes=True, rows_3d=True)
     stats("tile, fp64", dtype="*fp64", acc=tl.float64)
 
     def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, row_temp=False, unaligned=(), split=None):
@@ -156,6 +171,22 @@ def _tool(name: str) -> str:
     return path
 
 
+def _whole_tile_path(sass: str) -> int:
+    """Instructions of the path a whole tile takes: the body of the first loop (from the first backward branch back to
+    its target: the statistics kernels' unmasked loop), or for a kernel without a loop (dL/dz, one tile per program)
+    everything up to the first EXIT, its per-row prologue included."""
+    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", sass)
+    code = [(int(addr, 16), op, rest) for addr, op, rest in found]
+    for addr, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            return sum(1 for a, _, _ in code if int(target.group(1), 16) <= a <= addr)
+    ends = [i for i, (_, op, _) in enumerate(code) if op == "EXIT"]
+    if not ends:
+        raise RuntimeError("no loop and no EXIT in the SASS")
+    return ends[0] + 1
+
+
 def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
     """Compile ``v`` for ``sm_<arch>`` and read its resources back from the cubin."""
     from triton.backends.compiler import GPUTarget
@@ -179,13 +210,15 @@ def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True,
                                check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
     found = re.search(r"REG:(\d+).*?SHARED:(\d+)\s+LOCAL:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"{v.name}: no resource usage in cuobjdump's output:\n{usage}")
     regs, shared, local = (int(x) for x in found.groups())
     return Report(v, regs, max(shared, int(getattr(compiled.metadata, "shared", 0))), local,
                   ptx.count("ld.global.v4"), len(re.findall(r"cp\.async\.c[ag]", ptx)),
-                  len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)))
+                  len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)), len(re.findall(r"ex2\.approx\.f32\b", ptx)),
+                  _whole_tile_path(sass))
 
 
 def available() -> Optional[str]:

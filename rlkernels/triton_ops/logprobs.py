@@ -38,8 +38,9 @@ BLOCK_V_BWD = 4096
 NUM_WARPS_BWD = 8
 # The lanes loop keeps three fp32 vectors of BLOCK_V lanes: at 4096 x 4 warps the sm_90 compile
 # (rlkernels.triton_ops.aot, Triton 3.9) needed 127 registers per thread with every tile masked (16 resident warps per
-# SM) and 134 with SPLIT_TAIL (12 warps, under the 16 that tests/test_triton_aot.py asks for); 1024 x 4 needs 40
-# (48 warps; bench/results/aot-sm90-triton*.txt).
+# SM) and 134 with SPLIT_TAIL (12 warps, under the 16 that tests/test_triton_aot.py asks for); 1024 x 4 needs 40 on
+# Triton 3.9 and 44 on 3.6 (48 and 40 warps; bench/results/aot-sm90-triton*.txt). Its loop issues 18.9 instructions
+# per logit against the tile loop's 12.2 (one exponential per element, but selects in place of reductions).
 BLOCK_V_LANES = 1024
 NUM_WARPS_LANES = 4
 # Software pipelining of the statistics loop (tl.range num_stages): 1 = none, the measured default; 2-3 stream the
@@ -49,9 +50,9 @@ STATS_STAGES = 1
 # Whole tiles read and reduced without masks, the row's partial last tile with them (True), or every tile masked
 # as first measured (False). Compiled for sm_90 (bench/results/aot-sm90-triton3.9.txt and -3.6.txt), the split has
 # two loop bodies (twice the 16-byte load instructions in the code, the same loads per row at run time), the
-# whole-tile one without per-element masks; the statistics kernel takes 64 registers against 56 on Triton 3.9, 56
-# against 48 on 3.6 (with V odd: 80 against 85 on 3.9, 96 against 80 on 3.6). The 16-byte loads for V odd come from
-# the padded block rows, with or without it. bench/gpu_tune.py times both.
+# whole-tile one without per-element masks: the statistics loop issues 12.2 instructions per logit against 16.0
+# masked, and takes 56 registers against 55 on Triton 3.9, 56 against 48 on 3.6 (V odd: 80 either way). The 16-byte
+# loads for V odd come from the padded block rows, with or without it. bench/gpu_tune.py times both.
 SPLIT_TAIL = True
 
 # The statistics kernel's loop (RLKERNELS_STATS_KERNEL, read per call): "tile" merges each tile into one running
@@ -77,7 +78,7 @@ def _logits_stats_kernel(
     z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
     n_load, m_out, s_out, c_out, zy_out,
     HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
-    CHECK: tl.constexpr, ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+    ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
@@ -112,15 +113,18 @@ def _logits_stats_kernel(
         c = tl.zeros((), ACC)
     for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_V)
-        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, CHECK, False)
+        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, False)
         m, s, c = online_lse_step(m, s, c, z, None, False, LANES)
     for start in tl.range(n_full, n_vals, BLOCK_V, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < n_cols
-        z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, ACC, CHECK, True)
+        z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, ACC, True)
         m, s, c = online_lse_step(m, s, c, z, col_mask, True, LANES)
     if LANES:
         m, s, c = merge_lanes(m, s, c)
+    # the value check (see logits_stats): a NaN has made S NaN already; a +inf makes M = +inf, and S NaN in the tile
+    # loop (inf - inf) but not in the lanes loop, so it is flagged here, once per row
+    s = tl.where(m == float("inf"), float("nan"), s)
     tl.store(m_out + row, tl.where(row_ok, m, 0.0))
     tl.store(s_out + row, tl.where(row_ok, s, 1.0))
     tl.store(c_out + row, tl.where(row_ok, c, 0.0))
@@ -150,7 +154,7 @@ def _dlogits_kernel(
         g_logp = tl.load(g_logp_ptr + row).to(ACC)
     if HAS_GENT:
         g_ent = tl.load(g_ent_ptr + row).to(ACC)
-    label_local = label - v_offset
+    label_local = (label - v_offset).to(tl.int32)  # compared with the int32 columns: one compare, not two
     m = tl.load(m_ptr + row)
     log_s = tl.load(log_s_ptr + row)
     cs = tl.load(cs_ptr + row)
@@ -158,13 +162,13 @@ def _dlogits_kernel(
     if not SPLIT_TAIL:
         n_unmasked = n_unmasked * 0  # every tile masked (the kernel as first measured)
     if (tl.program_id(1) + 1) * BLOCK_V <= n_unmasked:  # a whole tile of values: no masks
-        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, False, False)
+        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, False)
         dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT)
         tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty))
     else:  # the row's last tile (its padding written with 0), or a masked-out row (zeros, nothing read)
         col_mask = cols < n_cols
         z = load_scaled_logits(z_row, bias_ptr, cols, cols < tl.where(row_ok, n_load, 0), col_mask, inv_t,
-                               HAS_BIAS, ACC, False, True)
+                               HAS_BIAS, ACC, True)
         dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT)
         dz = tl.where(row_ok, dz, 0.0)  # (outside col_mask z is the floor: p = 0, dz = 0)
         tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load)
@@ -251,13 +255,14 @@ def _row_sample(z: Tensor, rows: int) -> Tuple[Tensor, int]:
 
 
 def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0,
-                 check: bool = False, n_load: Optional[int] = None):
+                 n_load: Optional[int] = None):
     """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols), or (B, T, n_cols) with rows b T + t, whose column 0
     is vocabulary entry ``v_offset``.
 
     ``labels`` (rows,) are global ids; ``bias`` is the block's slice or None; ``temperature`` a float or a (rows,)
     tensor. Returns four (rows,) fp32 (fp64) tensors; z~_y is -inf where the label lies outside the block.
-    ``check``: the value check rides on this one read of the block: S is NaN in every row holding a NaN or +inf.
+    The value check rides on this one read of the block: S is NaN in every row holding a NaN or +inf (-inf is a
+    value). The caller decides whether that is an error.
     ``n_load``: how far each row may be read (default: its n_cols values), for a block whose rows are padded in
     memory that the caller owns (see :func:`padded_width`); the padding's contents are ignored.
     """
@@ -271,17 +276,17 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     n_load = _n_load(z, n_load)
     cfg = stats_launch(lanes)
     if autotune.enabled():
-        key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None, row_temp, check,
+        key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None, row_temp,
                z.dim())
         zs, k = _row_sample(z, rows)
         scratch = torch.empty(4, k, dtype=acc, device=z.device)
         cfg = autotune.pick(key, autotune.stats_candidates(lanes), lambda c: _launch_stats(
-            zs, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, check, lanes, c, scratch))
-    _launch_stats(z, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, check, lanes, cfg, out)
+            zs, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, lanes, c, scratch))
+    _launch_stats(z, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, lanes, cfg, out)
     return out.unbind(0)
 
 
-def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, check, lanes, cfg: LaunchConfig, out):
+def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, cfg: LaunchConfig, out):
     rows, stride, outer, inner, rows_3d = _rows(z)
     n_cols = z.shape[-1]
     _logits_stats_kernel[(rows,)](
@@ -289,7 +294,7 @@ def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, check, lanes, 
         v_offset, n_cols, n_load, out[0], out[1], out[2], out[3],
         HAS_BIAS=bias is not None, ROW_TEMP=temp is not None, ACC=_TL[_acc(z.dtype)],
         BLOCK_V=min(cfg.block_v, triton.next_power_of_2(n_cols)), LANES=lanes,
-        CHECK=check, ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, num_warps=cfg.num_warps,
+        ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, num_warps=cfg.num_warps,
     )
 
 

@@ -10,6 +10,18 @@ from ..engines import torch_engine
 # -inf logits are floored here so exp() gives exactly 0 and p * (z - mu) is 0 * finite, never 0 * inf (LOSSES.md
 # B §10.5): the torch engine's constant, as a constexpr object (compiled Triton 3.6 reads no other globals).
 LOGIT_FLOOR = tl.constexpr(torch_engine.LOGIT_FLOOR)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def fast_exp(x):
+    """e^x. fp32: 2^(x log2 e) on ``ex2.approx.ftz``, the hardware exponential that ``tl.exp`` also ends in, minus
+    the range fix-up that its non-ftz form costs (a compare and two multiplies per element on sm_90): results below
+    2^-126 flush to 0, which no sum here can see (each row's largest term is 1). fp64: ``tl.exp``, full precision
+    (an fp32 log2 e would cost it 8 digits)."""
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    return tl.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -24,13 +36,13 @@ def row_offset(row, stride, stride_outer, rows_inner, ROWS_3D: tl.constexpr):
 
 @triton.jit
 def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HAS_BIAS: tl.constexpr,
-                       ACC: tl.constexpr, FLAG_NONFINITE: tl.constexpr, MASKED: tl.constexpr):
+                       ACC: tl.constexpr, MASKED: tl.constexpr):
     """One tile of z~ = (z + b) * (1/T) in the accumulation dtype ACC (fp32; fp64 for fp64 inputs), with -inf
     floored. MASKED=False: a whole tile of values, no masks (the loop body). MASKED=True (a row's last, partial
     tile): columns outside ``col_mask`` (``cols < n_cols``) come back as the floor; ``load_mask`` (``cols <
     n_load``) may reach past the row's values into padding that the caller owns, a bound divisible by 16 that keeps
-    the loads 16 bytes wide when V is not. With FLAG_NONFINITE, NaN and +inf come back as NaN (the floor's max would
-    turn a NaN into the floor on a GPU), so that the row's sums, and its logp and entropy, turn NaN."""
+    the loads 16 bytes wide when V is not. A NaN stays NaN (the floor's max propagates it: one instruction, as the
+    plain max that would turn it into the floor), so a row holding one gets NaN sums, logp and entropy."""
     if MASKED:
         z = tl.load(z_row_ptr + cols, mask=load_mask, other=float("-inf")).to(ACC)
         z = tl.where(col_mask, z, float("-inf"))
@@ -40,10 +52,12 @@ def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HA
         z = tl.load(z_row_ptr + cols).to(ACC)
         if HAS_BIAS:
             z += tl.load(bias_ptr + cols).to(ACC)
-    z = z * inv_t
-    if FLAG_NONFINITE:
-        return tl.where((z != z) | (z == float("inf")), float("nan"), tl.maximum(z, LOGIT_FLOOR))
-    return tl.maximum(z, LOGIT_FLOOR)
+    return tl.maximum(z * inv_t, LOGIT_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
 
 
 @triton.jit
@@ -58,24 +72,25 @@ def online_lse_update(m, s, c, z, col_mask, MASKED: tl.constexpr):
     else:
         tile_max = tl.max(z, axis=0)
     m_new = tl.maximum(m, tile_max)
-    alpha = tl.exp(m - m_new)
+    alpha = fast_exp(m - m_new)
     shifted = z - m_new
-    e = tl.exp(shifted)
+    e = fast_exp(shifted)
     if MASKED:
         e = tl.where(col_mask, e, 0.0)
-    c = alpha * (c + (m - m_new) * s) + tl.sum(e * shifted, axis=0)
-    s = alpha * s + tl.sum(e, axis=0)
+    tile_s, tile_c = tl.reduce((e, e * shifted), 0, _add_pairs)
+    c = alpha * (c + (m - m_new) * s) + tile_c
+    s = alpha * s + tile_s
     return m_new, s, c
 
 
 @triton.jit
 def online_lse_lanes_update(m, s, c, z, col_mask, MASKED: tl.constexpr):
     """The same merge kept per lane (m, s, c are BLOCK_V vectors; each lane sees every BLOCK_V-th column): no
-    reduction inside the loop, one exp per element. With e = exp(-|z - m|):
+    reduction inside the loop, one exp per element. With e = fast_exp(-|z - m|):
     z > m: (m, s, c) <- (z, s e + 1, e (c + (m - z) s)); else (m, s + e, c + e (z - m)). MASKED: columns outside
     ``col_mask`` keep the state."""
     up = z > m
-    e = tl.exp(tl.where(up, m - z, z - m))
+    e = fast_exp(tl.where(up, m - z, z - m))
     s_new = tl.where(up, s * e + 1.0, s + e)
     c_new = tl.where(up, e * (c + (m - z) * s), c + e * (z - m))
     m_new = tl.maximum(m, z)
@@ -99,7 +114,7 @@ def merge_lanes(m, s, c):
     """(M, S, C) of the whole row from the per-lane states: alpha_i = exp(m_i - M), S = sum alpha_i s_i,
     C = sum alpha_i (c_i + (m_i - M) s_i). Lanes that saw nothing hold (LOGIT_FLOOR, 0, 0) and add 0."""
     row_m = tl.max(m, axis=0)
-    alpha = tl.exp(m - row_m)
+    alpha = fast_exp(m - row_m)
     return row_m, tl.sum(alpha * s, axis=0), tl.sum(alpha * (c + (m - row_m) * s), axis=0)
 
 
@@ -107,15 +122,19 @@ def merge_lanes(m, s, c):
 def dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP: tl.constexpr,
                  HAS_GENT: tl.constexpr):
     """dL/dz = [g_logp (1_y - p) - g_H p (z~ - mu)] / T for one tile (B §1.3), with t = z~ - M, p = exp(t - log S),
-    z~ - mu = t - C/S."""
+    z~ - mu = t - C/S: per element -p (a t + b) with a = g_H and b = g_logp - g_H C/S formed once per row (one
+    multiply-add), plus g_logp at the label (``label_local``, int32), then / T. (Folding 1/T into a and b saves one
+    more multiply but took 39 registers instead of 32 on Triton 3.6: 48 resident warps per SM instead of 64.)"""
     t = z - m
-    p = tl.exp(t - log_s)
-    coef = tl.zeros_like(t)
-    if HAS_GLOGP:
-        coef += g_logp
+    p = fast_exp(t - log_s)
+    a = tl.zeros_like(m)
+    b = tl.zeros_like(m)
     if HAS_GENT:
-        coef += g_ent * (t - cs)
-    dz = -p * coef
+        a = g_ent
+        b = -g_ent * cs
+    if HAS_GLOGP:
+        b += g_logp
+    dz = -p * (a * t + b)
     if HAS_GLOGP:
         dz += tl.where(cols == label_local, g_logp, 0.0)
     return dz * inv_t
