@@ -43,8 +43,9 @@ def stats_candidates(lanes: bool) -> List:
         others = [LaunchConfig(1024, 4, 2), LaunchConfig(2048, 8, 1), LaunchConfig(2048, 4, 2),
                   LaunchConfig(4096, 4, 1)]
     else:
-        others = [LaunchConfig(4096, 4, 2), LaunchConfig(4096, 4, 3), LaunchConfig(2048, 4, 2),
-                  LaunchConfig(4096, 8, 1), LaunchConfig(8192, 8, 2), LaunchConfig(4096, 4, 1, False)]
+        others = [LaunchConfig(1024, 1), LaunchConfig(2048, 2), LaunchConfig(4096, 4, 2), LaunchConfig(4096, 4, 3),
+                  LaunchConfig(2048, 4, 2), LaunchConfig(4096, 8, 1), LaunchConfig(8192, 8, 2),
+                  LaunchConfig(4096, 4, 1, False)]
     return [default] + [c for c in others if c != default]
 
 
