@@ -156,7 +156,7 @@ def _chunk_stats(buf, h, weight, bias, labels, temperature, plan, offset: Option
         z = _block(buf, h.shape[0], v1 - v0)
         torch.mm(h, weight[v0:v1].T, out=z)
         return logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0,
-                            n_load=padded_width(v1 - v0))
+                            n_load=padded_width(v1 - v0), masked_rows=False)  # kept rows only: labels >= 0
 
     return merged_chunk_stats(weight.shape[0], plan, block_stats, merge)
 
@@ -170,7 +170,7 @@ def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, l
         if recompute:
             torch.mm(h, weight[v0:v1].T, out=z)
         dlogits(z, z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0, m, log_s, cs, g_logp,
-                g_ent, n_load=padded_width(v1 - v0))
+                g_ent, n_load=padded_width(v1 - v0), masked_rows=False)
         grads.add(z, h, weight, r0, v0, v1, plan.vocab_blocked)
 
 

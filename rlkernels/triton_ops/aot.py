@@ -118,12 +118,13 @@ def variants() -> List[Variant]:
 
     def stats(name, lanes=False, rows_3d=False, bias=False, row_temp=False, stages=None, dtype="*bf16",
               acc=tl.float32, unaligned=(), split=None):
+        masked_rows = rows_3d  # the logits path (the caller's tensor, masked rows skipped); hidden+W: kept rows
         cfg = K.stats_launch(lanes)  # the engine's own launch, with this variant's changes
         out.append(Variant(f"stats {name}", K._logits_stats_kernel,
                            _stats_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
                            dict(HAS_BIAS=bias, ROW_TEMP=row_temp, ACC=acc, BLOCK_V=cfg.block_v, LANES=lanes,
                                 ROWS_3D=rows_3d, STAGES=cfg.stages if stages is None else stages,
-                                SPLIT_TAIL=cfg.split_tail if split is None else split),
+                                SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=masked_rows),
                            cfg.num_warps, tuple(a for a in _STATS_ALIGNED if a not in unaligned)))
 
     stats("tile (hidden+W path)")
@@ -142,14 +143,15 @@ def variants() -> List[Variant]:
         out.append(Variant(f"dlogits {name}", K._dlogits_kernel, _dlogits_signature(),
                            dict(HAS_BIAS=bias, ROW_TEMP=row_temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=tl.float32,
                                 BLOCK_V=cfg.block_v, ROWS_3D=rows_3d,
-                                SPLIT_TAIL=cfg.split_tail if split is None else split),
+                                SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=rows_3d),
                            cfg.num_warps, tuple(a for a in _DLOGITS_ALIGNED if a not in unaligned)))
 
     dlogits("logp + entropy")
     dlogits("V odd, padded block", unaligned=_ODD_V)
     dlogits("every tile masked", split=False)
     dlogits("logp only", gent=False)
-    dlogits("bias, per-token T, (B,T,V)", bias=True, row_temp=True, rows_3d=True)
+    dlogits("bias, per-token T", bias=True, row_temp=True)
+    dlogits("per-token T, (B,T,V) (logits path)", row_temp=True, rows_3d=True)
 
     for method, code in (("grpo", A.GRPO), ("passk", A.PASSK)):
         for contiguous in (True, False):

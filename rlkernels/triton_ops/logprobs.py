@@ -10,7 +10,9 @@ float dtype and do all arithmetic in fp32 (fp64 for fp64 inputs).
   caller's logits are never modified). Bytes: the block is read once and written once.
 
 A negative label marks a masked-out row (the logits path passes the caller's whole tensor and a mask that way, so
-nothing is gathered or copied): its logits are never read, logp and entropy come out 0 and its gradient row 0.
+nothing is gathered or copied): its logits are never read, logp and entropy come out 0 and its gradient row 0. The
+hidden+W path's blocks hold kept rows only and say so (``masked_rows=False``): its kernels then issue their loads
+without waiting for the label's.
 
 Sequence lengths, row counts, temperatures and offsets are runtime arguments; only the tile size and feature flags
 are ``constexpr``, so a new completion length does not recompile.
@@ -25,7 +27,8 @@ from torch import Tensor
 
 from .._inputs import env_choice
 from . import autotune
-from .tl_utils import LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_step, row_offset
+from .tl_utils import (LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_step, row_kept,
+                       row_offset)
 
 # Tiles and warps from one sweep on an H100 (bench/gpu_tune.py, 2026-11-26; bench/results/gpu-h100/), over one
 # 2048 x 152064 bf16 block: the statistics kernel read 1600 GB/s at 4096 x 4 warps, its best (1275 GB/s at the
@@ -78,7 +81,7 @@ def _logits_stats_kernel(
     z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
     n_load, m_out, s_out, c_out, zy_out,
     HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
-    ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+    ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr, MASKED_ROWS: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
@@ -86,9 +89,10 @@ def _logits_stats_kernel(
         inv_t = 1.0 / tl.load(temp_ptr + row).to(ACC)
     else:
         inv_t = inv_t_scalar
-    # a negative label marks a masked-out row: never read, (M, S, C, z~_y) = (0, 1, 0, 0), so logp = entropy = 0
+    # MASKED_ROWS: a negative label marks a masked-out row: never read, (M, S, C, z~_y) = (0, 1, 0, 0), so logp =
+    # entropy = 0. Else every row is read, and the first tiles' loads need not wait for the label's.
     label = tl.load(labels_ptr + row)
-    row_ok = label >= 0
+    row_ok = row_kept(label, MASKED_ROWS)
     n_vals = tl.where(row_ok, n_cols, 0)
     n_full = (n_vals // BLOCK_V) * BLOCK_V  # whole tiles, read without masks; then the partial one with masks
     if not SPLIT_TAIL:
@@ -137,6 +141,7 @@ def _dlogits_kernel(
     v_offset, n_cols, n_load, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
     HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr, ROWS_3D: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+    MASKED_ROWS: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -144,8 +149,11 @@ def _dlogits_kernel(
         inv_t = 1.0 / tl.load(temp_ptr + row).to(ACC)
     else:
         inv_t = inv_t_scalar
+    # MASKED_ROWS: a negative label marks a masked-out row, its gradient 0 and its logits never read, so the tile's
+    # loads wait for the label's (one memory round trip before another, in a program that reads one tile). Else
+    # they are issued at once.
     label = tl.load(labels_ptr + row)
-    row_ok = label >= 0  # else a masked-out row: its gradient is 0 and its logits are never read
+    row_ok = row_kept(label, MASKED_ROWS)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
     out_row = out_ptr + row.to(tl.int64) * stride_out
     g_logp = tl.zeros((), ACC)
@@ -255,7 +263,7 @@ def _row_sample(z: Tensor, rows: int) -> Tuple[Tensor, int]:
 
 
 def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0,
-                 n_load: Optional[int] = None):
+                 n_load: Optional[int] = None, masked_rows: bool = True):
     """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols), or (B, T, n_cols) with rows b T + t, whose column 0
     is vocabulary entry ``v_offset``.
 
@@ -265,6 +273,7 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     value). The caller decides whether that is an error.
     ``n_load``: how far each row may be read (default: its n_cols values), for a block whose rows are padded in
     memory that the caller owns (see :func:`padded_width`); the padding's contents are ignored.
+    ``masked_rows``: labels may be negative (masked-out rows, skipped); False promises they are not.
     """
     rows = _rows(z)[0]
     acc = _acc(z.dtype)
@@ -277,16 +286,18 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     cfg = stats_launch(lanes)
     if autotune.enabled():
         key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None, row_temp,
-               z.dim())
+               z.dim(), masked_rows)
         zs, k = _row_sample(z, rows)
         scratch = torch.empty(4, k, dtype=acc, device=z.device)
         cfg = autotune.pick(key, autotune.stats_candidates(lanes), lambda c: _launch_stats(
-            zs, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, lanes, c, scratch))
-    _launch_stats(z, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, lanes, cfg, out)
+            zs, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, lanes, masked_rows, c,
+            scratch))
+    _launch_stats(z, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, lanes, masked_rows, cfg,
+                  out)
     return out.unbind(0)
 
 
-def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, cfg: LaunchConfig, out):
+def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg: LaunchConfig, out):
     rows, stride, outer, inner, rows_3d = _rows(z)
     n_cols = z.shape[-1]
     _logits_stats_kernel[(rows,)](
@@ -294,16 +305,18 @@ def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, cfg: La
         v_offset, n_cols, n_load, out[0], out[1], out[2], out[3],
         HAS_BIAS=bias is not None, ROW_TEMP=temp is not None, ACC=_TL[_acc(z.dtype)],
         BLOCK_V=min(cfg.block_v, triton.next_power_of_2(n_cols)), LANES=lanes,
-        ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, num_warps=cfg.num_warps,
+        ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows,
+        num_warps=cfg.num_warps,
     )
 
 
 def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int,
             m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor],
-            n_load: Optional[int] = None) -> Tensor:
+            n_load: Optional[int] = None, masked_rows: bool = True) -> Tensor:
     """Write dL/dz of the block ``z`` (2-D or 3-D, as in :func:`logits_stats`) into ``out``, a row-major tensor of
     the same shape (may be ``z`` itself: each element is read before it is written by the same program). Returns
-    ``out``. ``n_load`` as in :func:`logits_stats`; the padding of ``out`` (then ``z`` itself) is written with 0."""
+    ``out``. ``n_load`` and ``masked_rows`` as in :func:`logits_stats`; the padding of ``out`` (then ``z`` itself) is
+    written with 0."""
     rows = _rows(z)[0]
     assert out.shape == z.shape and out.stride(-1) == 1 and (out.dim() == 2 or out.is_contiguous())
     if rows == 0:
@@ -314,17 +327,19 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
     cfg = dlogits_launch()
     if autotune.enabled():  # timed out of place on a slice: the block itself may be ``out``
         key = ("dlogits", z.device, z.dtype, autotune.bucket(z.shape[-1]), bias is not None, row_temp,
-               g_logp is not None, g_ent is not None, z.dim())
+               g_logp is not None, g_ent is not None, z.dim(), masked_rows)
         zs, k = _row_sample(z, rows)
         scratch = torch.empty(zs.shape[:-1] + (n_load,), dtype=out.dtype, device=z.device)[..., : z.shape[-1]]
         sliced = tuple(None if v is None else v[:k] for v in vectors)
         cfg = autotune.pick(key, autotune.dlogits_candidates(), lambda c: _launch_dlogits(
-            zs, scratch, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, sliced, c))
-    _launch_dlogits(z, out, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, vectors, cfg)
+            zs, scratch, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, sliced,
+            masked_rows, c))
+    _launch_dlogits(z, out, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, vectors, masked_rows,
+                    cfg)
     return out
 
 
-def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors, cfg: LaunchConfig):
+def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors, masked_rows, cfg: LaunchConfig):
     rows, stride, outer, inner, rows_3d = _rows(z)
     m, log_s, cs, g_logp, g_ent = vectors
     block = min(cfg.block_v, triton.next_power_of_2(n_load))
@@ -334,5 +349,5 @@ def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
         HAS_BIAS=bias is not None, ROW_TEMP=temp is not None, HAS_GLOGP=g_logp is not None,
         HAS_GENT=g_ent is not None, ACC=_TL[_acc(z.dtype)], BLOCK_V=block, ROWS_3D=rows_3d,
-        SPLIT_TAIL=cfg.split_tail, num_warps=cfg.num_warps,
+        SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows, num_warps=cfg.num_warps,
     )

@@ -35,6 +35,15 @@ def row_offset(row, stride, stride_outer, rows_inner, ROWS_3D: tl.constexpr):
 
 
 @triton.jit
+def row_kept(label, MASKED_ROWS: tl.constexpr):
+    """Whether a row is computed: its label is not negative (MASKED_ROWS), or always (a constant the compiler folds
+    away, so that nothing waits for the label's load)."""
+    if MASKED_ROWS:
+        return label >= 0
+    return tl.full((), 1, tl.int1)
+
+
+@triton.jit
 def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HAS_BIAS: tl.constexpr,
                        ACC: tl.constexpr, MASKED: tl.constexpr):
     """One tile of z~ = (z + b) * (1/T) in the accumulation dtype ACC (fp32; fp64 for fp64 inputs), with -inf
