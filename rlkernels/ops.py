@@ -215,7 +215,9 @@ def logprobs_from_logits(
         z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask)
     plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
                        elem_bytes=engine.block_elem_bytes(z2.dtype))
-    logp, ent = engine.logits_logprobs(z2, y, temperature, plan)
+    # negative labels mark the rows a logits_in_place engine skips; without a mask there are none, and its kernels
+    # then issue their loads without waiting for the labels'
+    logp, ent = engine.logits_logprobs(z2, y, temperature, plan, engine.logits_in_place and mask is not None)
     if engine.scans_logits:
         I.check_scanned_rows("logits", logp)
     logp = _scatter_rows(logp, index, n, computed).reshape(shape)

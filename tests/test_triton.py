@@ -299,6 +299,34 @@ def test_logits_value_check_rides_on_the_statistics_read(monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+def test_kernels_wait_for_labels_only_when_rows_may_be_masked(monkeypatch):
+    """The kernels skip masked-out rows (negative labels) only when told that there may be some, since skipping makes
+    each tile's loads wait for its row's label: the logits path with a mask says so; the logits path without one,
+    and the hidden+W path (kept rows gathered), do not. Both launches give the same values on kept rows."""
+    import rlkernels.engines.triton_engine as E
+
+    seen = []
+    for name in ("logits_stats", "dlogits"):
+        real = getattr(E, name)
+        monkeypatch.setattr(E, name, lambda *a, _real=real, _name=name, **k: (
+            seen.append((_name, k["masked_rows"])), _real(*a, **k))[1])
+    p = make_problem(2, 5, 8, 37, dtype=torch.float32)
+    logits = (p["hidden"] @ p["weight"].T).detach().requires_grad_()
+    got = {}
+    for mask in (None, torch.ones_like(p["mask"])):
+        seen.clear()
+        logp = R.logprobs_from_logits(logits, p["labels"], mask=mask, backend="triton")
+        g, = torch.autograd.grad(logp.sum(), logits)
+        assert seen == [("logits_stats", mask is not None), ("dlogits", mask is not None)]
+        got[mask is None] = (logp, g)
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    seen.clear()
+    R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], backend="triton").sum().backward()
+    assert seen and all(masked is False for _, masked in seen)
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("layout", ["contiguous", "shifted view", "2-D"])
 def test_masked_logits_rows_are_skipped_not_copied(layout):

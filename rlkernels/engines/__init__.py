@@ -79,11 +79,13 @@ class Engine:
         the gradients are then this shard's, grad_hidden a partial sum."""
         raise NotImplementedError
 
-    def logits_forward(self, logits, labels, temperature, plan: ChunkPlan):
-        """-> (logp, entropy, M, log S, C/S) from logits (N, V) (or see ``logits_in_place``)."""
+    def logits_forward(self, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
+        """-> (logp, entropy, M, log S, C/S) from logits (N, V) (or see ``logits_in_place``). ``masked_rows``: labels
+        may be negative (masked-out rows of a ``logits_in_place`` engine); False when none is."""
         raise NotImplementedError
 
-    def logits_backward(self, logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent) -> Tensor:
+    def logits_backward(self, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool, m, log_s, cs, g_logp,
+                        g_ent) -> Tensor:
         """-> dL/dlogits, a new tensor in the logits' dtype."""
         raise NotImplementedError
 
@@ -93,9 +95,10 @@ class Engine:
         """(logp, entropy), each (N,) in the compute dtype, differentiable w.r.t. hidden, weight and bias."""
         return autograd.linear_logprobs(self.name, hidden, weight, bias, labels, temperature, plan)
 
-    def logits_logprobs(self, logits: Tensor, labels: Tensor, temperature, plan: ChunkPlan) -> Tuple[Tensor, Tensor]:
+    def logits_logprobs(self, logits: Tensor, labels: Tensor, temperature, plan: ChunkPlan,
+                        masked_rows: bool) -> Tuple[Tensor, Tensor]:
         """(logp, entropy) from logits (N, V), differentiable w.r.t. logits (the gradient is a new tensor)."""
-        return autograd.logits_logprobs(self.name, logits, labels, temperature, plan)
+        return autograd.logits_logprobs(self.name, logits, labels, temperature, plan, masked_rows)
 
     def linear_fused_loss(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
                           plan: ChunkPlan, chunk_loss) -> Tuple[Tensor, Tensor, Tensor]:

@@ -117,53 +117,54 @@ def linear_logprobs(engine_name: str, hidden, weight, bias, labels, temperature,
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("rlkernels::logits_logprobs", mutates_args=())
 def logits_logprobs_op(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float, rows: int,
-                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       masked_rows: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     plan = ChunkPlan(rows, logits.shape[-1], logits.shape[-1])
-    return _own(_engine(backend).logits_forward(logits, labels, _temperature(temperature, temp_scalar), plan))
+    return _own(_engine(backend).logits_forward(logits, labels, _temperature(temperature, temp_scalar), plan,
+                                                masked_rows))
 
 
 @logits_logprobs_op.register_fake
-def _(logits, labels, temperature, temp_scalar, rows, backend):
+def _(logits, labels, temperature, temp_scalar, rows, masked_rows, backend):
     n, cdt = labels.shape[0], compute_dtype(logits.dtype)
     return tuple(logits.new_empty(n, dtype=cdt) for _ in range(5))
 
 
 @torch.library.custom_op("rlkernels::logits_logprobs_backward", mutates_args=())
 def logits_logprobs_backward_op(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float,
-                                rows: int, backend: str, m: Tensor, log_s: Tensor, cs: Tensor,
+                                rows: int, masked_rows: bool, backend: str, m: Tensor, log_s: Tensor, cs: Tensor,
                                 g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
     plan = ChunkPlan(rows, logits.shape[-1], logits.shape[-1])
-    return _engine(backend).logits_backward(logits, labels, _temperature(temperature, temp_scalar), plan, m, log_s,
-                                            cs, g_logp, g_ent)
+    return _engine(backend).logits_backward(logits, labels, _temperature(temperature, temp_scalar), plan,
+                                            masked_rows, m, log_s, cs, g_logp, g_ent)
 
 
 @logits_logprobs_backward_op.register_fake
-def _(logits, labels, temperature, temp_scalar, rows, backend, m, log_s, cs, g_logp, g_ent):
+def _(logits, labels, temperature, temp_scalar, rows, masked_rows, backend, m, log_s, cs, g_logp, g_ent):
     return logits.new_empty(logits.shape)  # row-major, as every engine returns it
 
 
 def _logits_setup(ctx, inputs, output):
-    logits, labels, temperature, temp_scalar, rows, backend = inputs
+    logits, labels, temperature, temp_scalar, rows, masked_rows, backend = inputs
     _, _, m, log_s, cs = output
     ctx.save_for_backward(logits, labels, temperature, m, log_s, cs)
-    ctx.args = (temp_scalar, rows, backend)
+    ctx.args = (temp_scalar, rows, masked_rows, backend)
     ctx.set_materialize_grads(False)
 
 
 def _logits_backward(ctx, g_logp, g_ent, *_stats_grads):
     logits, labels, temperature, m, log_s, cs = ctx.saved_tensors
     if (g_logp is None and g_ent is None) or not ctx.needs_input_grad[0]:
-        return (None,) * 6
+        return (None,) * 7
     grad = logits_logprobs_backward_op(logits, labels, temperature, *ctx.args, m, log_s, cs, g_logp, g_ent)
-    return (grad,) + (None,) * 5
+    return (grad,) + (None,) * 6
 
 
 logits_logprobs_op.register_autograd(_logits_backward, setup_context=_logits_setup)
 
 
-def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPlan):
+def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
     t, t_scalar = _split_temperature(temperature)
-    out = logits_logprobs_op(logits, labels, t, t_scalar, plan.rows, engine_name)
+    out = logits_logprobs_op(logits, labels, t, t_scalar, plan.rows, masked_rows, engine_name)
     return out[0], out[1]
 
 

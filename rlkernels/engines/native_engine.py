@@ -214,8 +214,9 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     return (loss, logp, ent, *grads.results(plan))
 
 
-def logits_forward(logits, labels, temperature, plan: ChunkPlan):
-    """-> (logp, entropy, M, log S, C/S) from logits (N, V): one kernel call reads the caller's logits in place."""
+def logits_forward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
+    """-> (logp, entropy, M, log S, C/S) from logits (N, V): one kernel call reads the caller's logits in place.
+    Kept rows only (not ``logits_in_place``): ``masked_rows`` is always False here."""
     ops, N = _ops(), logits.shape[0]
     state = torch.empty(N, 4, dtype=compute_dtype(logits.dtype), device=logits.device)
     for r0, r1, z in _row_chunks(logits, plan):
@@ -224,7 +225,8 @@ def logits_forward(logits, labels, temperature, plan: ChunkPlan):
     return ops.finish(state)
 
 
-def logits_backward(logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent) -> Tensor:
+def logits_backward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bool, m, log_s, cs, g_logp,
+                    g_ent) -> Tensor:
     """-> dL/dlogits, a new tensor in the logits' dtype (the caller's logits are never modified)."""
     ops, (N, V), cdt = _ops(), logits.shape, compute_dtype(logits.dtype)
     grad = None

@@ -356,8 +356,9 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     return (loss, logp, ent, *grads.results())
 
 
-def logits_forward(logits, labels, temperature, plan: ChunkPlan):
-    """(logits (N,V), labels (N,) int64, temperature float|(N,)) -> (logp, entropy, M, log S, C/S), each (N,)."""
+def logits_forward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
+    """(logits (N,V), labels (N,) int64, temperature float|(N,)) -> (logp, entropy, M, log S, C/S), each (N,).
+    Kept rows only (not ``logits_in_place``): ``masked_rows`` is always False here."""
     N = logits.shape[0]
     out = [torch.empty(N, dtype=compute_dtype(logits.dtype), device=logits.device) for _ in range(5)]
     ws = _Workspace(_full_vocab(plan), logits, gemm=False)
@@ -371,7 +372,7 @@ def logits_forward(logits, labels, temperature, plan: ChunkPlan):
     return tuple(out)
 
 
-def logits_backward(logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent):
+def logits_backward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bool, m, log_s, cs, g_logp, g_ent):
     """dL/dlogits as a new tensor in the logits' dtype: the caller's logits are never modified."""
     N = logits.shape[0]
     grad = torch.empty_like(logits)

@@ -220,24 +220,26 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     return (loss, logp, ent, *grads.results())
 
 
-def logits_forward(logits, labels, temperature, plan: ChunkPlan):
+def logits_forward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
     """Logits input, (N, V) or (B, T, V) as the caller has them (see ``Engine.logits_in_place``): one kernel over
     all rows (the logits exist already; nothing to chunk). That kernel also flags NaN / +inf (their rows come out
-    NaN; see ``Engine.scans_logits``), so the logits are read once."""
+    NaN; see ``Engine.scans_logits``), so the logits are read once. ``masked_rows``: negative labels mark rows
+    never read; without them no load waits for a label's."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    m, s, c, zy = logits_stats(logits, labels, None, temperature)
+    m, s, c, zy = logits_stats(logits, labels, None, temperature, masked_rows=masked_rows)
     log_s, cs, logp, ent = finish_stats(m, s, c, zy)
     return logp, ent, m, log_s, cs
 
 
-def logits_backward(logits, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent):
+def logits_backward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bool, m, log_s, cs, g_logp, g_ent):
     """dL/dlogits written into a new (row-major) tensor: the caller's logits are never modified."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return dlogits(logits, grad, labels, None, temperature, 0, m, log_s, cs,
-                   None if g_logp is None else g_logp.contiguous(), None if g_ent is None else g_ent.contiguous())
+                   None if g_logp is None else g_logp.contiguous(), None if g_ent is None else g_ent.contiguous(),
+                   masked_rows=masked_rows)
 
 
 def _interpreting() -> bool:
