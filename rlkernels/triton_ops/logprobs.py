@@ -43,7 +43,7 @@ NUM_WARPS_BWD = 8
 # (rlkernels.triton_ops.aot, Triton 3.9) needed 127 registers per thread with every tile masked (16 resident warps per
 # SM) and 134 with SPLIT_TAIL (12 warps, under the 16 that tests/test_triton_aot.py asks for); 1024 x 4 needs 40 on
 # Triton 3.9 and 44 on 3.6 (48 and 40 warps; bench/results/aot-sm90-triton*.txt). Its loop issues 18.9 instructions
-# per logit against the tile loop's 12.2 (one exponential per element, but selects in place of reductions).
+# per logit against the tile loop's 11.9 (one exponential per element, but selects in place of reductions).
 BLOCK_V_LANES = 1024
 NUM_WARPS_LANES = 4
 # Software pipelining of the statistics loop (tl.range num_stages): 1 = none, the measured default; 2-3 stream the
@@ -53,8 +53,8 @@ STATS_STAGES = 1
 # Whole tiles read and reduced without masks, the row's partial last tile with them (True), or every tile masked
 # as first measured (False). Compiled for sm_90 (bench/results/aot-sm90-triton3.9.txt and -3.6.txt), the split has
 # two loop bodies (twice the 16-byte load instructions in the code, the same loads per row at run time), the
-# whole-tile one without per-element masks: the statistics loop issues 12.2 instructions per logit against 16.0
-# masked, and takes 56 registers against 55 on Triton 3.9, 56 against 48 on 3.6 (V odd: 80 either way). The 16-byte
+# whole-tile one without per-element masks: the statistics loop issues 11.9 instructions per logit against 15.8
+# masked, and takes 56 registers against 56 on Triton 3.9, 56 against 48 on 3.6 (V odd: 79-80 either way). The 16-byte
 # loads for V odd come from the padded block rows, with or without it. bench/gpu_tune.py times both.
 SPLIT_TAIL = True
 

@@ -65,11 +65,6 @@ def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HA
 
 
 @triton.jit
-def _add_pairs(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
 def online_lse_update(m, s, c, z, col_mask, MASKED: tl.constexpr):
     """Merge one tile into the running (M, S, C) state of B §1.2, C = sum exp(z - M) (z - M).
 
@@ -86,7 +81,9 @@ def online_lse_update(m, s, c, z, col_mask, MASKED: tl.constexpr):
     e = fast_exp(shifted)
     if MASKED:
         e = tl.where(col_mask, e, 0.0)
-    tile_s, tile_c = tl.reduce((e, e * shifted), 0, _add_pairs)
+    # both sums in one reduction of the joined pair: 6 barriers per tile on sm_90 instead of 9 (tl.reduce with a
+    # combine function would do the same compiled, but the interpreter runs that one element at a time in Python)
+    tile_s, tile_c = tl.split(tl.sum(tl.join(e, e * shifted), axis=0))
     c = alpha * (c + (m - m_new) * s) + tile_c
     s = alpha * s + tile_s
     return m_new, s, c
