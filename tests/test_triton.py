@@ -77,6 +77,61 @@ def test_row_vectors_are_not_specialised(kernel):
 TRITON = "triton" in BACKENDS
 
 
+class _LaunchKeys:
+    """Stands in for a kernel and records, per launch, what a compiled Triton kernel is specialised on: every
+    constexpr, and for the other arguments (minus ``do_not_specialize``) an int's being 1 or divisible by 16 and a
+    tensor's 16-byte alignment. A launch with a new record is a new compile on a GPU."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize") or [
+            kernel.arg_names[i] if isinstance(i, int) else i for i in getattr(kernel, "do_not_specialize", ())]
+        self.skip = set(dns)
+
+    @staticmethod
+    def _key(value):
+        if isinstance(value, torch.Tensor):
+            return ("ptr", value.data_ptr() % 16 == 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return (type(value).__name__,)
+        return ("int", value == 1, value % 16 == 0)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.kernel.arg_names, args), **kwargs)
+            self.seen.add((getattr(self.kernel, "fn", self.kernel).__name__, tuple(sorted(
+                (k, repr(v) if k.isupper() or k.startswith("num_") else self._key(v))
+                for k, v in named.items() if k not in self.skip))))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+def test_launches_specialise_alike_across_completion_lengths(monkeypatch):
+    """The CPU side of test_no_recompile_across_completion_lengths: three completion lengths (one a multiple of 16)
+    launch the kernels with the same specialisation, through the single pass and the two-stage path with a bias and
+    per-token temperatures (in row chunks of 40, so at row offsets of every alignment), and the logits path on a
+    (B, T, V) view with and without a mask. So none compiles again on a GPU. (It fails with the row arguments taken
+    out of do_not_specialize.)"""
+    seen = set()
+    for name in ("_logits_stats_kernel", "_dlogits_kernel"):
+        monkeypatch.setattr(K, name, _LaunchKeys(getattr(K, name), seen))
+    after = []
+    for T in (37, 64, 129):
+        p = make_problem(2, T, 24, 300, dtype=torch.bfloat16, seed=T, bias=True, per_token_temperature=True)
+        out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                                old_logprobs=p["old_logprobs"], config="dapo", backend="triton", chunk_size=40)
+        out.loss.backward()
+        logp = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], bias=p["bias"],
+                                temperature=p["temperature"], backend="triton", chunk_size=40)
+        logp.sum().backward()
+        logits = torch.randn(2, T + 1, 300).to(torch.bfloat16).requires_grad_()
+        for mask in (None, p["mask"]):
+            R.logprobs_from_logits(logits[:, :-1], p["labels"], mask=mask, backend="triton").sum().backward()
+        after.append(len(seen))
+    assert after[0] > 0 and after[1] == after[0] and after[2] == after[0], (after, sorted(seen))
+
+
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("accum", ["input", "fp32", "auto"])
 @pytest.mark.parametrize("single_pass", [True, False])
