@@ -135,9 +135,11 @@ def test_nonfinite_logits_stay_nonfinite_with_checks_off(backend, dtype, monkeyp
     bad[1, 2, 100] = float("inf")
     poisoned = torch.zeros(2, 4, dtype=torch.bool)
     poisoned[0, 1] = poisoned[0, 3] = poisoned[1, 0] = poisoned[1, 2] = True
-    logp, ent = R.logprobs_from_logits(bad.to(DEVICE), y.to(DEVICE), return_entropy=True, backend=backend)
-    clean, clean_ent = R.logprobs_from_logits(z.to(DEVICE), y.to(DEVICE), return_entropy=True, backend=backend)
-    assert torch.isnan(logp.cpu()).equal(poisoned) and torch.isnan(ent.cpu()).equal(poisoned)
+    logp, ent = (x.cpu() for x in R.logprobs_from_logits(bad.to(DEVICE), y.to(DEVICE), return_entropy=True,
+                                                          backend=backend))
+    clean, clean_ent = (x.cpu() for x in R.logprobs_from_logits(z.to(DEVICE), y.to(DEVICE), return_entropy=True,
+                                                                backend=backend))
+    assert torch.isnan(logp).equal(poisoned) and torch.isnan(ent).equal(poisoned)
     torch.testing.assert_close(logp[~poisoned], clean[~poisoned], rtol=0, atol=0)
     torch.testing.assert_close(ent[~poisoned], clean_ent[~poisoned], rtol=0, atol=0)
 

@@ -125,7 +125,7 @@ def test_launches_specialise_alike_across_completion_lengths(monkeypatch):
         logp = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], bias=p["bias"],
                                 temperature=p["temperature"], backend="triton", chunk_size=40)
         logp.sum().backward()
-        logits = torch.randn(2, T + 1, 300).to(torch.bfloat16).requires_grad_()
+        logits = torch.randn(2, T + 1, 300).to(torch.bfloat16).to(DEVICE).requires_grad_()
         for mask in (None, p["mask"]):
             R.logprobs_from_logits(logits[:, :-1], p["labels"], mask=mask, backend="triton").sum().backward()
         after.append(len(seen))
