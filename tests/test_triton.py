@@ -178,7 +178,9 @@ def test_grad_weight_accumulation_mode_is_checked(monkeypatch):
 def test_auto_accumulation_keeps_the_memory_budget(monkeypatch):
     """"auto" (the default) takes the fp32 grad_weight accumulator only when it needs at most half the budget, and
     the logits block then gets the rest: block + accumulator stay within the budget. A single row chunk (one GEMM,
-    the same bits either way) and an accumulator too big for the budget accumulate in the input dtype."""
+    the same bits either way) and an accumulator too big for the budget accumulate in the input dtype; a call that
+    fits one chunk of the whole budget is planned as one (15000 rows of the small head: not two chunks of the
+    budget less the accumulator)."""
     from rlkernels.engines import load_engine, plan_chunks
     from rlkernels.engines.triton_engine import grad_weight_accum
 
@@ -186,8 +188,9 @@ def test_auto_accumulation_keeps_the_memory_budget(monkeypatch):
     monkeypatch.delenv("RLKERNELS_GRAD_WEIGHT_ACCUM", raising=False)
     qwen = torch.empty(152064, 3584, dtype=torch.bfloat16, device="meta")  # accumulator 2.2 GB: over a 1 GiB budget
     small = torch.empty(32000, 1024, dtype=torch.bfloat16, device="meta")  # accumulator 131 MB
-    cases = ((qwen, 16384, None, "input"), (qwen, 65536, 8192, "fp32"), (small, 16384, None, "fp32"),
-             (small, 16384, 200, "input"), (small, 100, None, "input"), (small.float(), 16384, None, "input"))
+    cases = ((qwen, 16384, None, "input"), (qwen, 65536, 8192, "fp32"), (small, 20000, None, "fp32"),
+             (small, 16384, 200, "input"), (small, 100, None, "input"), (small, 15000, None, "input"),
+             (small.float(), 16384, None, "input"))
     for w, n, budget_mb, want in cases:
         if budget_mb is None:
             monkeypatch.delenv("RLKERNELS_MEMORY_BUDGET_MB", raising=False)

@@ -97,13 +97,21 @@ def memory_budget_bytes(default_mb: float = DEFAULT_BUDGET_MB) -> int:
 def plan_chunks(n_rows: int, vocab: int, chunk_size: Optional[int] = None, budget_bytes: Optional[int] = None,
                 default_mb: float = DEFAULT_BUDGET_MB, elem_bytes: int = 4, reserve_bytes: int = 0) -> ChunkPlan:
     """Rows per chunk and vocabulary per block such that ``rows * vocab_block * elem_bytes <= budget`` where
-    possible, the budget less ``reserve_bytes`` (an engine's other buffers, at most half of it).
+    possible. ``reserve_bytes``: what an engine needs besides the block to add results up across blocks (the Triton
+    engine's fp32 grad_weight accumulator), at most half the budget, taken from it only when the call does not fit
+    one block without it (one block adds nothing up).
 
     ``chunk_size`` fixes the rows; the vocabulary is then blocked only if that many full rows exceed the budget.
     """
     budget = memory_budget_bytes(default_mb) if budget_bytes is None else int(budget_bytes)
-    budget -= min(int(reserve_bytes), budget // 2)
-    n_rows = max(int(n_rows), 1)
+    plan = _plan(max(int(n_rows), 1), vocab, chunk_size, budget, elem_bytes)
+    if reserve_bytes and (plan.rows < n_rows or plan.vocab_blocked):
+        plan = _plan(max(int(n_rows), 1), vocab, chunk_size, budget - min(int(reserve_bytes), budget // 2),
+                     elem_bytes)
+    return plan
+
+
+def _plan(n_rows: int, vocab: int, chunk_size: Optional[int], budget: int, elem_bytes: int) -> ChunkPlan:
     if chunk_size is not None:
         rows = int(chunk_size)
     else:

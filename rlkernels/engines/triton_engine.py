@@ -58,7 +58,8 @@ def _bias_block(bias: Optional[Tensor], v0: int, v1: int) -> Optional[Tensor]:
 #           GEMM): no buffer beyond the gradient, one rounding to bf16 per row chunk (as Liger-Kernel does);
 #   "auto"  (default) "fp32" when the accumulator takes at most half the memory budget, which then sizes the logits
 #           block from what is left (see TritonEngine.budget_reserve), else "input"; also "input" when the call is
-#           one row chunk and one vocabulary block, where both give the same bits (one GEMM, one rounding).
+#           one row chunk and one vocabulary block with the whole budget, where both give the same bits (one GEMM,
+#           one rounding), so such a call is planned without the reserve.
 # Measured on an H100 (bench/gpu_tune.py, qwen2.5-7b LM head, 16k tokens, dapo): against an fp32-input run,
 # grad_weight's relative error was 0.02598 with "fp32" (eager bf16 autograd: 0.02598) and 0.02606 with "input", at
 # that run's default 512 MiB blocks (10 row chunks); with 1 GiB blocks (5 chunks), "fp32" took 88.4 ms and held
