@@ -110,9 +110,9 @@ class _LaunchKeys:
 def test_launches_specialise_alike_across_completion_lengths(monkeypatch):
     """The CPU side of test_no_recompile_across_completion_lengths: three completion lengths (one a multiple of 16)
     launch the kernels with the same specialisation, through the single pass and the two-stage path with a bias and
-    per-token temperatures (in row chunks of 40, so at row offsets of every alignment), and the logits path on a
-    (B, T, V) view with and without a mask. So none compiles again on a GPU. (It fails with the row arguments taken
-    out of do_not_specialize.)"""
+    per-token temperatures (in row chunks of 37, so that row slices start at every alignment), and the logits path
+    on a (B, T, V) view with and without a mask. So none compiles again on a GPU. (It fails with the labels and
+    temperatures taken out of do_not_specialize.)"""
     seen = set()
     for name in ("_logits_stats_kernel", "_dlogits_kernel"):
         monkeypatch.setattr(K, name, _LaunchKeys(getattr(K, name), seen))
@@ -120,10 +120,10 @@ def test_launches_specialise_alike_across_completion_lengths(monkeypatch):
     for T in (37, 64, 129):
         p = make_problem(2, T, 24, 300, dtype=torch.bfloat16, seed=T, bias=True, per_token_temperature=True)
         out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
-                                old_logprobs=p["old_logprobs"], config="dapo", backend="triton", chunk_size=40)
+                                old_logprobs=p["old_logprobs"], config="dapo", backend="triton", chunk_size=37)
         out.loss.backward()
         logp = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], bias=p["bias"],
-                                temperature=p["temperature"], backend="triton", chunk_size=40)
+                                temperature=p["temperature"], backend="triton", chunk_size=37)
         logp.sum().backward()
         logits = torch.randn(2, T + 1, 300).to(torch.bfloat16).to(DEVICE).requires_grad_()
         for mask in (None, p["mask"]):
