@@ -289,8 +289,9 @@ def main(argv=None) -> int:
         # per tile x warps: the dL/dz kernel and both statistics loops with unmasked whole tiles (split) or every
         # tile masked, the split ones also at 2 and 3 pipeline stages (10 compiles per tile). The default first, then
         # one- and two-warp programs: a one-warp tile loop synchronises no warps (the default's takes 6 barriers per
-        # tile), and the sm_90 compile (rlkernels.triton_ops.aot) gives 11.0 and 11.8 instructions per logit against
-        # the default's 11.9. In session 2's sweep the statistics kernel ran faster with fewer warps at every tile.
+        # tile), and the sm_90 compile (rlkernels.triton_ops.aot, Triton 3.6, T = 1) gives 10.0 and 10.7
+        # instructions per logit against the default's 10.8. In session 2's sweep the statistics kernel ran faster
+        # with fewer warps at every tile.
         for block, warps in ((4096, 4), (1024, 1), (2048, 2), (2048, 1), (1024, 4), (4096, 8), (8192, 8)):
             K.BLOCK_V_FWD = K.BLOCK_V_BWD = K.BLOCK_V_LANES = block
             K.NUM_WARPS_FWD = K.NUM_WARPS_BWD = K.NUM_WARPS_LANES = warps

@@ -57,7 +57,8 @@ def test_unaligned_specialisation_loses_vector_loads(name):
 
 
 def test_statistics_loop_instruction_budget():
-    """The statistics kernel's whole-tile loop issues at most 13 instructions per logit on sm_90: 11.9 with Triton 3.6
-    and 12.1 with 3.9, against 15.2 when its exponentials were tl.exp's (a compare and two multiplies more each)."""
+    """The statistics kernel's whole-tile loop (T = 1) issues at most 12 instructions per logit on sm_90: 10.8 with
+    Triton 3.6 and 11.1 with 3.9, against 15.2 when its exponentials were tl.exp's (a compare and two multiplies
+    more each) and it multiplied every logit by 1/T = 1."""
     report = aot.compile_variant(next(v for v in VARIANTS if v.name == "stats tile (hidden+W path)"))
-    assert report.instructions_per_logit <= 13.0, report.row()
+    assert report.instructions_per_logit <= 12.0, report.row()

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import advantages as A
 from . import logprobs as K
+from .tl_utils import TEMP_NONE, TEMP_ROW, TEMP_SCALAR
 
 TARGET_ARCH = 90  # sm_90: H100, H200
 
@@ -105,6 +106,8 @@ def _dlogits_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str
             "log_s_ptr": f"*{acc}", "cs_ptr": f"*{acc}", "g_logp_ptr": f"*{acc}", "g_ent_ptr": f"*{acc}"}
 
 
+# the TEMP constexpr: T = 1 (the variants' default, as in the benchmarks), a scalar T, per-token T
+NO_T, SCALAR_T, ROW_T = TEMP_NONE.value, TEMP_SCALAR.value, TEMP_ROW.value
 _STATS_ALIGNED = ("z_ptr", "stride_z", "stride_outer", "bias_ptr", "n_cols", "n_load")
 _DLOGITS_ALIGNED = ("z_ptr", "stride_z", "stride_outer", "out_ptr", "stride_out", "bias_ptr", "n_cols", "n_load")
 # V not a multiple of 16 in the engine's own (padded) block: only n_cols loses its divisibility
@@ -116,13 +119,13 @@ def variants() -> List[Variant]:
     configurations that bench/gpu_tune.py compares."""
     out = []
 
-    def stats(name, lanes=False, rows_3d=False, bias=False, row_temp=False, stages=None, dtype="*bf16",
+    def stats(name, lanes=False, rows_3d=False, bias=False, temp=NO_T, stages=None, dtype="*bf16",
               acc=tl.float32, unaligned=(), split=None):
         masked_rows = rows_3d  # the logits path (the caller's tensor, masked rows skipped); hidden+W: kept rows
         cfg = K.stats_launch(lanes)  # the engine's own launch, with this variant's changes
         out.append(Variant(f"stats {name}", K._logits_stats_kernel,
                            _stats_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
-                           dict(HAS_BIAS=bias, ROW_TEMP=row_temp, ACC=acc, BLOCK_V=cfg.block_v, LANES=lanes,
+                           dict(HAS_BIAS=bias, TEMP=temp, ACC=acc, BLOCK_V=cfg.block_v, LANES=lanes,
                                 ROWS_3D=rows_3d, STAGES=cfg.stages if stages is None else stages,
                                 SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=masked_rows),
                            cfg.num_warps, tuple(a for a in _STATS_ALIGNED if a not in unaligned)))
@@ -131,17 +134,18 @@ def variants() -> List[Variant]:
     stats("tile, V odd, padded block", unaligned=_ODD_V)
     stats("tile, every tile masked", split=False)
     stats("tile, every tile masked, V odd, padded", split=False, unaligned=_ODD_V)
-    stats("tile, bias, per-token T", bias=True, row_temp=True)
-    stats("tile, (B,T,V) (logits path)", rows_3d=True)
+    stats("tile, T = 0.7", temp=SCALAR_T)
+    stats("tile, bias, per-token T", bias=True, temp=ROW_T)
+    stats("tile, (B,T,V) masked rows (logits)", rows_3d=True)
     stats("tile, 3 stages", stages=3)
     stats("lanes", lanes=True)
-    stats("lanes, (B,T,V)", lanes=True, rows_3d=True)
+    stats("lanes, (B,T,V) masked rows", lanes=True, rows_3d=True)
     stats("tile, fp64", dtype="*fp64", acc=tl.float64)
 
-    def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, row_temp=False, unaligned=(), split=None):
+    def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, temp=NO_T, unaligned=(), split=None):
         cfg = K.dlogits_launch()
         out.append(Variant(f"dlogits {name}", K._dlogits_kernel, _dlogits_signature(),
-                           dict(HAS_BIAS=bias, ROW_TEMP=row_temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=tl.float32,
+                           dict(HAS_BIAS=bias, TEMP=temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=tl.float32,
                                 BLOCK_V=cfg.block_v, ROWS_3D=rows_3d,
                                 SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=rows_3d),
                            cfg.num_warps, tuple(a for a in _DLOGITS_ALIGNED if a not in unaligned)))
@@ -150,8 +154,9 @@ def variants() -> List[Variant]:
     dlogits("V odd, padded block", unaligned=_ODD_V)
     dlogits("every tile masked", split=False)
     dlogits("logp only", gent=False)
-    dlogits("bias, per-token T", bias=True, row_temp=True)
-    dlogits("per-token T, (B,T,V) (logits path)", row_temp=True, rows_3d=True)
+    dlogits("T = 0.7", temp=SCALAR_T)
+    dlogits("bias, per-token T", bias=True, temp=ROW_T)
+    dlogits("per-token T, (B,T,V) masked rows", temp=ROW_T, rows_3d=True)
 
     for method, code in (("grpo", A.GRPO), ("passk", A.PASSK)):
         for contiguous in (True, False):

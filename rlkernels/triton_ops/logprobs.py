@@ -27,8 +27,8 @@ from torch import Tensor
 
 from .._inputs import env_choice
 from . import autotune
-from .tl_utils import (LOGIT_FLOOR, dlogits_tile, load_scaled_logits, merge_lanes, online_lse_step, row_kept,
-                       row_offset)
+from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, dlogits_tile, load_scaled_logits, merge_lanes,
+                       online_lse_step, row_inv_temperature, row_kept, row_offset)
 
 # Tiles and warps from one sweep on an H100 (bench/gpu_tune.py, 2026-11-26; bench/results/gpu-h100/), over one
 # 2048 x 152064 bf16 block: the statistics kernel read 1600 GB/s at 4096 x 4 warps, its best (1275 GB/s at the
@@ -41,9 +41,9 @@ BLOCK_V_BWD = 4096
 NUM_WARPS_BWD = 8
 # The lanes loop keeps three fp32 vectors of BLOCK_V lanes: at 4096 x 4 warps the sm_90 compile
 # (rlkernels.triton_ops.aot, Triton 3.9) needed 127 registers per thread with every tile masked (16 resident warps per
-# SM) and 134 with SPLIT_TAIL (12 warps, under the 16 that tests/test_triton_aot.py asks for); 1024 x 4 needs 40 on
-# Triton 3.9 and 44 on 3.6 (48 and 40 warps; bench/results/aot-sm90-triton*.txt). Its loop issues 18.9 instructions
-# per logit against the tile loop's 11.9 (one exponential per element, but selects in place of reductions).
+# SM) and 134 with SPLIT_TAIL (12 warps, under the 16 that tests/test_triton_aot.py asks for); 1024 x 4 needs 40
+# (48 warps; bench/results/aot-sm90-triton*.txt). Its loop issues 17.6 instructions per logit against the tile
+# loop's 10.8 (T = 1, Triton 3.6: one exponential per element, but selects in place of reductions).
 BLOCK_V_LANES = 1024
 NUM_WARPS_LANES = 4
 # Software pipelining of the statistics loop (tl.range num_stages): 1 = none, the measured default; 2-3 stream the
@@ -53,9 +53,10 @@ STATS_STAGES = 1
 # Whole tiles read and reduced without masks, the row's partial last tile with them (True), or every tile masked
 # as first measured (False). Compiled for sm_90 (bench/results/aot-sm90-triton3.9.txt and -3.6.txt), the split has
 # two loop bodies (twice the 16-byte load instructions in the code, the same loads per row at run time), the
-# whole-tile one without per-element masks: the statistics loop issues 11.9 instructions per logit against 15.8
-# masked, and takes 56 registers against 56 on Triton 3.9, 56 against 48 on 3.6 (V odd: 79-80 either way). The 16-byte
-# loads for V odd come from the padded block rows, with or without it. bench/gpu_tune.py times both.
+# whole-tile one without per-element masks: at T = 1 the statistics loop issues 10.8 instructions per logit against
+# 13.8 masked on Triton 3.6 (11.1 against 13.9 on 3.9), with 48 registers either way on 3.6, 56 against 48 on 3.9
+# (V odd: 72-80). The 16-byte loads for V odd come from the padded block rows, with or without it.
+# bench/gpu_tune.py times both.
 SPLIT_TAIL = True
 
 # The statistics kernel's loop (RLKERNELS_STATS_KERNEL, read per call): "tile" merges each tile into one running
@@ -80,15 +81,12 @@ _ROW_ARGS = ["temp_ptr", "labels_ptr", "v_offset", "rows_inner"]
 def _logits_stats_kernel(
     z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
     n_load, m_out, s_out, c_out, zy_out,
-    HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
     ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr, MASKED_ROWS: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
-    if ROW_TEMP:
-        inv_t = 1.0 / tl.load(temp_ptr + row).to(ACC)
-    else:
-        inv_t = inv_t_scalar
+    inv_t = row_inv_temperature(temp_ptr, inv_t_scalar, row, TEMP, ACC)
     # MASKED_ROWS: a negative label marks a masked-out row: never read, (M, S, C, z~_y) = (0, 1, 0, 0), so logp =
     # entropy = 0. Else every row is read, and the first tiles' loads need not wait for the label's.
     label = tl.load(labels_ptr + row)
@@ -117,12 +115,12 @@ def _logits_stats_kernel(
         c = tl.zeros((), ACC)
     for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_V)
-        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, False)
+        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, TEMP, ACC, False)
         m, s, c = online_lse_step(m, s, c, z, None, False, LANES)
     for start in tl.range(n_full, n_vals, BLOCK_V, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < n_cols
-        z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, ACC, True)
+        z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, TEMP, ACC, True)
         m, s, c = online_lse_step(m, s, c, z, col_mask, True, LANES)
     if LANES:
         m, s, c = merge_lanes(m, s, c)
@@ -139,16 +137,13 @@ def _logits_stats_kernel(
 def _dlogits_kernel(
     z_ptr, stride_z, stride_outer, rows_inner, out_ptr, stride_out, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr,
     v_offset, n_cols, n_load, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
-    HAS_BIAS: tl.constexpr, ROW_TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr, ROWS_3D: tl.constexpr, SPLIT_TAIL: tl.constexpr,
     MASKED_ROWS: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    if ROW_TEMP:
-        inv_t = 1.0 / tl.load(temp_ptr + row).to(ACC)
-    else:
-        inv_t = inv_t_scalar
+    inv_t = row_inv_temperature(temp_ptr, inv_t_scalar, row, TEMP, ACC)
     # MASKED_ROWS: a negative label marks a masked-out row, its gradient 0 and its logits never read, so the tile's
     # loads wait for the label's (one memory round trip before another, in a program that reads one tile). Else
     # they are issued at once.
@@ -170,14 +165,14 @@ def _dlogits_kernel(
     if not SPLIT_TAIL:
         n_unmasked = n_unmasked * 0  # every tile masked (the kernel as first measured)
     if (tl.program_id(1) + 1) * BLOCK_V <= n_unmasked:  # a whole tile of values: no masks
-        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, ACC, False)
-        dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT)
+        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, TEMP, ACC, False)
+        dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT, TEMP)
         tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty))
     else:  # the row's last tile (its padding written with 0), or a masked-out row (zeros, nothing read)
         col_mask = cols < n_cols
         z = load_scaled_logits(z_row, bias_ptr, cols, cols < tl.where(row_ok, n_load, 0), col_mask, inv_t,
-                               HAS_BIAS, ACC, True)
-        dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT)
+                               HAS_BIAS, TEMP, ACC, True)
+        dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT, TEMP)
         dz = tl.where(row_ok, dz, 0.0)  # (outside col_mask z is the floor: p = 0, dz = 0)
         tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load)
 
@@ -198,6 +193,13 @@ def _temperature_args(temperature, z: Tensor) -> Tuple[Optional[Tensor], float, 
     if z.dtype == torch.float64 and float(temperature) != 1.0:
         return torch.full((_rows(z)[0],), float(temperature), dtype=torch.float64, device=z.device), 1.0, True
     return None, 1.0 / float(temperature), False
+
+
+def _temp_mode(temp: Optional[Tensor], inv_t: float) -> int:
+    """The TEMP constexpr of a launch: per-row temperatures, a scalar, or none (T = 1: no multiply per logit)."""
+    if temp is not None:
+        return TEMP_ROW.value
+    return TEMP_NONE.value if inv_t == 1.0 else TEMP_SCALAR.value
 
 
 def _rows(z: Tensor) -> Tuple[int, int, int, int, bool]:
@@ -285,8 +287,8 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     n_load = _n_load(z, n_load)
     cfg = stats_launch(lanes)
     if autotune.enabled():
-        key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None, row_temp,
-               z.dim(), masked_rows)
+        key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None,
+               _temp_mode(temp, inv_t), z.dim(), masked_rows)
         zs, k = _row_sample(z, rows)
         scratch = torch.empty(4, k, dtype=acc, device=z.device)
         cfg = autotune.pick(key, autotune.stats_candidates(lanes), lambda c: _launch_stats(
@@ -303,7 +305,7 @@ def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_
     _logits_stats_kernel[(rows,)](
         z, stride, outer, inner, bias if bias is not None else z, temp if temp is not None else z, inv_t, labels,
         v_offset, n_cols, n_load, out[0], out[1], out[2], out[3],
-        HAS_BIAS=bias is not None, ROW_TEMP=temp is not None, ACC=_TL[_acc(z.dtype)],
+        HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), ACC=_TL[_acc(z.dtype)],
         BLOCK_V=min(cfg.block_v, triton.next_power_of_2(n_cols)), LANES=lanes,
         ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows,
         num_warps=cfg.num_warps,
@@ -326,7 +328,8 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
     vectors = (m, log_s, cs, g_logp, g_ent)
     cfg = dlogits_launch()
     if autotune.enabled():  # timed out of place on a slice: the block itself may be ``out``
-        key = ("dlogits", z.device, z.dtype, autotune.bucket(z.shape[-1]), bias is not None, row_temp,
+        key = ("dlogits", z.device, z.dtype, autotune.bucket(z.shape[-1]), bias is not None,
+               _temp_mode(temp, inv_t),
                g_logp is not None, g_ent is not None, z.dim(), masked_rows)
         zs, k = _row_sample(z, rows)
         scratch = torch.empty(zs.shape[:-1] + (n_load,), dtype=out.dtype, device=z.device)[..., : z.shape[-1]]
@@ -347,7 +350,7 @@ def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors
         z, stride, outer, inner, out, out.stride(-2), bias if bias is not None else z,
         temp if temp is not None else z, inv_t, labels, v_offset, z.shape[-1], n_load, m, log_s, cs,
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
-        HAS_BIAS=bias is not None, ROW_TEMP=temp is not None, HAS_GLOGP=g_logp is not None,
+        HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), HAS_GLOGP=g_logp is not None,
         HAS_GENT=g_ent is not None, ACC=_TL[_acc(z.dtype)], BLOCK_V=block, ROWS_3D=rows_3d,
         SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows, num_warps=cfg.num_warps,
     )

@@ -34,6 +34,23 @@ def row_offset(row, stride, stride_outer, rows_inner, ROWS_3D: tl.constexpr):
     return r * stride
 
 
+# how a launch scales logits by 1/T (the TEMP constexpr): not at all (T = 1, the usual case: one multiply per logit
+# less), by one scalar, or by each row's own temperature
+TEMP_NONE = tl.constexpr(0)
+TEMP_SCALAR = tl.constexpr(1)
+TEMP_ROW = tl.constexpr(2)
+
+
+@triton.jit
+def row_inv_temperature(temp_ptr, inv_t_scalar, row, TEMP: tl.constexpr, ACC: tl.constexpr):
+    """1/T for row ``row``: its own (TEMP_ROW, read from ``temp_ptr``), the launch's scalar, or 1."""
+    if TEMP == TEMP_ROW:
+        return 1.0 / tl.load(temp_ptr + row).to(ACC)
+    if TEMP == TEMP_SCALAR:
+        return inv_t_scalar
+    return tl.full((), 1.0, ACC)
+
+
 @triton.jit
 def row_kept(label, MASKED_ROWS: tl.constexpr):
     """Whether a row is computed: its label is not negative (MASKED_ROWS), or always (a constant the compiler folds
@@ -45,7 +62,7 @@ def row_kept(label, MASKED_ROWS: tl.constexpr):
 
 @triton.jit
 def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HAS_BIAS: tl.constexpr,
-                       ACC: tl.constexpr, MASKED: tl.constexpr):
+                       TEMP: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
     """One tile of z~ = (z + b) * (1/T) in the accumulation dtype ACC (fp32; fp64 for fp64 inputs), with -inf
     floored. MASKED=False: a whole tile of values, no masks (the loop body). MASKED=True (a row's last, partial
     tile): columns outside ``col_mask`` (``cols < n_cols``) come back as the floor; ``load_mask`` (``cols <
@@ -61,7 +78,9 @@ def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HA
         z = tl.load(z_row_ptr + cols).to(ACC)
         if HAS_BIAS:
             z += tl.load(bias_ptr + cols).to(ACC)
-    return tl.maximum(z * inv_t, LOGIT_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    if TEMP != TEMP_NONE:
+        z = z * inv_t
+    return tl.maximum(z, LOGIT_FLOOR, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -126,7 +145,7 @@ def merge_lanes(m, s, c):
 
 @triton.jit
 def dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP: tl.constexpr,
-                 HAS_GENT: tl.constexpr):
+                 HAS_GENT: tl.constexpr, TEMP: tl.constexpr):
     """dL/dz = [g_logp (1_y - p) - g_H p (z~ - mu)] / T for one tile (B §1.3), with t = z~ - M, p = exp(t - log S),
     z~ - mu = t - C/S: per element -p (a t + b) with a = g_H and b = g_logp - g_H C/S formed once per row (one
     multiply-add), plus g_logp at the label (``label_local``, int32), then / T. (Folding 1/T into a and b saves one
@@ -143,4 +162,6 @@ def dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_G
     dz = -p * (a * t + b)
     if HAS_GLOGP:
         dz += tl.where(cols == label_local, g_logp, 0.0)
-    return dz * inv_t
+    if TEMP != TEMP_NONE:
+        dz = dz * inv_t
+    return dz
