@@ -107,28 +107,34 @@ class _LaunchKeys:
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
-def test_launches_specialise_alike_across_completion_lengths(monkeypatch):
+@pytest.mark.parametrize("V", [96, 100])
+def test_launches_specialise_alike_across_completion_lengths(monkeypatch, V):
     """The CPU side of test_no_recompile_across_completion_lengths: three completion lengths (one a multiple of 16)
     launch the kernels with the same specialisation, through the single pass and the two-stage path with a bias and
-    per-token temperatures (in row chunks of 37, so that row slices start at every alignment), and the logits path
-    on a (B, T, V) view with and without a mask. So none compiles again on a GPU. (It fails with the labels and
-    temperatures taken out of do_not_specialize.)"""
+    per-token temperatures (in row chunks of 7, so that row slices start at every alignment), and the logits path
+    on a (B, T, V) view with and without a mask. So none compiles again on a GPU. (It fails with the statistics
+    outputs taken out of do_not_specialize: rows of a (4, N) tensor, aligned or not with N.) One exception, with V
+    not a multiple of 16: the logits path's outer stride (T + 1) V of a logits[:, :-1] view divides by 16 for some
+    T and not others, a second compile at most (its loads are narrow either way; a V that is a multiple of 16 keeps
+    it divisible)."""
     seen = set()
     for name in ("_logits_stats_kernel", "_dlogits_kernel"):
         monkeypatch.setattr(K, name, _LaunchKeys(getattr(K, name), seen))
     after = []
-    for T in (37, 64, 129):
-        p = make_problem(2, T, 24, 300, dtype=torch.bfloat16, seed=T, bias=True, per_token_temperature=True)
+    for T in (11, 16, 27):
+        p = make_problem(2, T, 24, V, dtype=torch.bfloat16, seed=T, bias=True, per_token_temperature=True)
         out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
-                                old_logprobs=p["old_logprobs"], config="dapo", backend="triton", chunk_size=37)
+                                old_logprobs=p["old_logprobs"], config="dapo", backend="triton", chunk_size=7)
         out.loss.backward()
         logp = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], bias=p["bias"],
-                                temperature=p["temperature"], backend="triton", chunk_size=37)
+                                temperature=p["temperature"], backend="triton", chunk_size=7)
         logp.sum().backward()
-        logits = torch.randn(2, T + 1, 300).to(torch.bfloat16).to(DEVICE).requires_grad_()
+        logits = torch.randn(2, T + 1, V).to(torch.bfloat16).to(DEVICE).requires_grad_()
         for mask in (None, p["mask"]):
             R.logprobs_from_logits(logits[:, :-1], p["labels"], mask=mask, backend="triton").sum().backward()
-        after.append(len(seen))
+        keys = seen if V % 16 == 0 else {(name, tuple(kv for kv in key if kv[0] != "stride_outer"))
+                                         for name, key in seen}
+        after.append(len(keys))
     assert after[0] > 0 and after[1] == after[0] and after[2] == after[0], (after, sorted(seen))
 
 
