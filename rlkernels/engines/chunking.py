@@ -104,10 +104,10 @@ def plan_chunks(n_rows: int, vocab: int, chunk_size: Optional[int] = None, budge
     ``chunk_size`` fixes the rows; the vocabulary is then blocked only if that many full rows exceed the budget.
     """
     budget = memory_budget_bytes(default_mb) if budget_bytes is None else int(budget_bytes)
-    plan = _plan(max(int(n_rows), 1), vocab, chunk_size, budget, elem_bytes)
+    n_rows = max(int(n_rows), 1)
+    plan = _plan(n_rows, vocab, chunk_size, budget, elem_bytes)
     if reserve_bytes and (plan.rows < n_rows or plan.vocab_blocked):
-        plan = _plan(max(int(n_rows), 1), vocab, chunk_size, budget - min(int(reserve_bytes), budget // 2),
-                     elem_bytes)
+        plan = _plan(n_rows, vocab, chunk_size, budget - min(int(reserve_bytes), budget // 2), elem_bytes)
     return plan
 
 

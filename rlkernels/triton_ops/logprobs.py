@@ -185,14 +185,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _temperature_args(temperature, z: Tensor) -> Tuple[Optional[Tensor], float, bool]:
-    """(per-row tensor, scalar 1/T, per-row?) for a launch. Scalar kernel arguments are fp32, so an fp64 block with
-    a temperature other than 1 takes the per-row path to keep full precision."""
+def _temperature_args(temperature, z: Tensor) -> Tuple[Optional[Tensor], float]:
+    """(per-row tensor or None, scalar 1/T) for a launch (its TEMP: :func:`_temp_mode`). Scalar kernel arguments are
+    fp32, so an fp64 block with a temperature other than 1 takes the per-row path to keep full precision."""
     if isinstance(temperature, Tensor):
-        return temperature, 1.0, True
+        return temperature, 1.0
     if z.dtype == torch.float64 and float(temperature) != 1.0:
-        return torch.full((_rows(z)[0],), float(temperature), dtype=torch.float64, device=z.device), 1.0, True
-    return None, 1.0 / float(temperature), False
+        return torch.full((_rows(z)[0],), float(temperature), dtype=torch.float64, device=z.device), 1.0
+    return None, 1.0 / float(temperature)
 
 
 def _temp_mode(temp: Optional[Tensor], inv_t: float) -> int:
@@ -282,7 +282,7 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     out = torch.empty(4, rows, dtype=acc, device=z.device)
     if rows == 0:
         return out.unbind(0)
-    temp, inv_t, row_temp = _temperature_args(temperature, z)
+    temp, inv_t = _temperature_args(temperature, z)
     lanes = stats_kernel() == "lanes"
     n_load = _n_load(z, n_load)
     cfg = stats_launch(lanes)
@@ -292,10 +292,9 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
         zs, k = _row_sample(z, rows)
         scratch = torch.empty(4, k, dtype=acc, device=z.device)
         cfg = autotune.pick(key, autotune.stats_candidates(lanes), lambda c: _launch_stats(
-            zs, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, lanes, masked_rows, c,
+            zs, labels[:k], bias, None if temp is None else temp[:k], inv_t, v_offset, n_load, lanes, masked_rows, c,
             scratch))
-    _launch_stats(z, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, lanes, masked_rows, cfg,
-                  out)
+    _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg, out)
     return out.unbind(0)
 
 
@@ -323,7 +322,7 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
     assert out.shape == z.shape and out.stride(-1) == 1 and (out.dim() == 2 or out.is_contiguous())
     if rows == 0:
         return out
-    temp, inv_t, row_temp = _temperature_args(temperature, z)
+    temp, inv_t = _temperature_args(temperature, z)
     n_load = _n_load(z, n_load)
     vectors = (m, log_s, cs, g_logp, g_ent)
     cfg = dlogits_launch()
@@ -335,10 +334,9 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
         scratch = torch.empty(zs.shape[:-1] + (n_load,), dtype=out.dtype, device=z.device)[..., : z.shape[-1]]
         sliced = tuple(None if v is None else v[:k] for v in vectors)
         cfg = autotune.pick(key, autotune.dlogits_candidates(), lambda c: _launch_dlogits(
-            zs, scratch, labels[:k], bias, temp[:k] if row_temp else None, inv_t, v_offset, n_load, sliced,
+            zs, scratch, labels[:k], bias, None if temp is None else temp[:k], inv_t, v_offset, n_load, sliced,
             masked_rows, c))
-    _launch_dlogits(z, out, labels, bias, temp if row_temp else None, inv_t, v_offset, n_load, vectors, masked_rows,
-                    cfg)
+    _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors, masked_rows, cfg)
     return out
 
 
