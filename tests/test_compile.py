@@ -5,7 +5,7 @@ import torch
 
 import rlkernels as R
 
-from conftest import DEVICE, assert_matches, grads, leaves, make_problem
+from conftest import BACKENDS, DEVICE, assert_matches, grads, leaves, make_problem
 
 
 def _loss_fn(config, backend, **kw):
@@ -35,6 +35,31 @@ def test_fullgraph_matches_eager(backend, config, kw):
         assert_matches("grad", a, b, dtype=torch.float32)
     for k in metrics_e:
         assert_matches(k, metrics[k], metrics_e[k], dtype=torch.float32, scale=1.0)
+
+
+_FIRST_CALL = """
+import sys, torch, rlkernels as R
+g, dev = torch.Generator().manual_seed(0), sys.argv[2]
+h = torch.randn(2, 5, 16, generator=g).to(dev).requires_grad_()
+w = torch.randn(37, 16, generator=g).to(dev).requires_grad_()
+y, a = torch.randint(0, 37, (2, 5), generator=g).to(dev), torch.randn(2, generator=g).to(dev)
+f = lambda h, w: R.fused_grpo_loss(h, w, y, a, config="dapo", backend=sys.argv[1]).loss
+loss = torch.compile(f, fullgraph=True, backend="aot_eager")(h, w)
+loss.backward()
+assert torch.isfinite(loss) and w.grad is not None
+"""
+
+
+@pytest.mark.parametrize("which", ["auto"] + BACKENDS)
+def test_first_call_under_compile(which):
+    """A fresh process whose first call is compiled: the engine loads (importing Triton, building or loading the
+    native extension) outside dynamo's trace instead of failing it (the native loader's lock broke fullgraph)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _FIRST_CALL, which, str(DEVICE)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_masked_garbage_under_compile(backend):

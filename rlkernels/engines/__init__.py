@@ -147,14 +147,32 @@ _LOADERS: Dict[str, Callable[[], Engine]] = {
 _CACHE: Dict[str, object] = {}  # name -> Engine, or the BackendUnavailable it raised
 
 
-def load_engine(name: str) -> Engine:
-    """The engine ``name`` (loaded once), or :class:`BackendUnavailable` with the reason."""
+def _load_outside_trace(name: str) -> bool:
+    """Loads engine ``name`` for a first call made under torch.compile, which cannot trace an import of Triton or a
+    build of the native extension (a lock, a subprocess): dynamo runs this function eagerly and keeps its result,
+    a constant. True when the engine loaded."""
+    return not isinstance(_load(name), BackendUnavailable)
+
+
+# what torch.compiler.assume_constant_result sets, set here: calling it imports torch._dynamo and with it Triton,
+# which `import rlkernels` must not (tests/test_bench.py::test_import_is_light)
+_load_outside_trace._dynamo_marked_constant = True
+
+
+def _load(name: str):
     if name not in _CACHE:
         try:
             _CACHE[name] = _LOADERS[name]()
         except BackendUnavailable as exc:
             _CACHE[name] = exc
-    found = _CACHE[name]
+    return _CACHE[name]
+
+
+def load_engine(name: str) -> Engine:
+    """The engine ``name`` (loaded once), or :class:`BackendUnavailable` with the reason."""
+    if torch.compiler.is_compiling():  # before _CACHE is read: dynamo snapshots it at the first read
+        _load_outside_trace(name)
+    found = _load(name)
     if isinstance(found, BackendUnavailable):
         raise found
     return found
