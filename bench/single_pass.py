@@ -9,7 +9,8 @@ For sequence-level ratios (gspo, luspo) the single pass needs row chunks that ho
 memory budget's rows (or ``--chunk-size``) are at least ``--seq-len``; the script says which path ran.
 
 Under ``torchrun --nproc_per_node W`` the LM head is vocab-sharded over the W ranks (``tp_group``: gloo on CPU, nccl
-on GPU) and rank 0 prints the times.
+on GPU) and rank 0 prints the times. ``--compile`` times both paths under ``torch.compile(fullgraph=True)``, where the
+single pass is the ``rlkernels::linear_fused_loss`` custom op (token-separable presets only).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="both paths under torch.compile(fullgraph=True), inductor")
     args = ap.parse_args()
 
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
@@ -57,14 +59,20 @@ def main() -> None:
     advantages = torch.randn(B, generator=g).to(dev)
     old = (torch.randn(B, T, generator=g) * 0.1 - 10).to(dev)
 
+    def loss_fn(single_pass):
+        def f(hidden, weight):
+            return R.fused_grpo_loss(hidden, weight, labels, advantages, mask, old_logprobs=old, config=args.preset,
+                                     backend=args.backend, chunk_size=args.chunk_size, single_pass=single_pass,
+                                     tp_group=group).loss
+        return torch.compile(f, fullgraph=True) if args.compile else f
+
+    fns = {sp: loss_fn(sp) for sp in (None, False, True)}
+
     def call(single_pass):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = R.fused_grpo_loss(hidden, weight, labels, advantages, mask, old_logprobs=old, config=args.preset,
-                                backend=args.backend, chunk_size=args.chunk_size, single_pass=single_pass,
-                                tp_group=group)
-        out.loss.backward()
+        fns[single_pass](hidden, weight).backward()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         hidden.grad = weight.grad = None
@@ -76,7 +84,7 @@ def main() -> None:
     try:  # the default takes the single pass exactly when single_pass=True is accepted
         call(True)
         path = "single pass"
-    except ValueError:
+    except Exception:  # ValueError; under compile, dynamo's exception wrapping it
         path = "two-stage (the single pass does not apply here)"
     for _ in range(args.repeat):
         for sp in times:
@@ -85,7 +93,8 @@ def main() -> None:
     if rank == 0:
         tp = f", vocab-sharded over {world} ranks" if world > 1 else ""
         print(f"{args.preset} fwd+bwd, M={B * T} (B={B}, T={T}), H={H}, V={V}{tp}, {args.dtype}, {dev.type}, "
-              f"backend={args.backend}: default ({path}) {a * 1e3:.0f} ms, two-stage {b * 1e3:.0f} ms, "
+              f"backend={args.backend}{', torch.compile' if args.compile else ''}: default ({path}) "
+              f"{a * 1e3:.0f} ms, two-stage {b * 1e3:.0f} ms, "
               f"ratio {a / b:.3f}")
     if world > 1:
         dist.destroy_process_group()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 POLICY_LOSSES = ("ppo", "cispo", "sapo", "reinforce")
 RATIO_LEVELS = ("token", "sequence", "sequence_token")
@@ -137,6 +137,28 @@ class PolicyLossConfig:
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyLossConfig))  # a constant that torch.compile can read
+# the fields in order, split into strings and numbers (bools and optional floats included), for to_op_args
+_STR_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig) if f.type == "str")
+_NUM_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig) if f.type != "str")
+_BOOL_FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyLossConfig) if f.type == "bool")
+
+
+def config_to_op_args(cfg: PolicyLossConfig) -> Tuple[str, List[float], List[bool]]:
+    """``cfg`` as custom-op arguments (a ``torch.library`` schema carries no dataclass, nor a list of strings): its
+    string fields joined by ``|`` (each is one of a fixed set of names), its other fields as floats (bools as 0/1,
+    None as 0), and which of those are None. Plain attribute reads, which torch.compile folds into constants.
+    :func:`config_from_op_args` inverts it."""
+    nums = [getattr(cfg, name) for name in _NUM_FIELDS]
+    return ("|".join(getattr(cfg, name) for name in _STR_FIELDS), [0.0 if x is None else float(x) for x in nums],
+            [x is None for x in nums])
+
+
+def config_from_op_args(strs: str, nums: Sequence[float], nones: Sequence[bool]) -> PolicyLossConfig:
+    """The config that :func:`config_to_op_args` encoded (validated again on construction)."""
+    values: Dict[str, Any] = dict(zip(_STR_FIELDS, strs.split("|")))
+    for name, x, none in zip(_NUM_FIELDS, nums, nones):
+        values[name] = None if none else (bool(x) if name in _BOOL_FIELDS else x)
+    return PolicyLossConfig(**values)
 
 
 def _check_fields(changes: Mapping[str, Any]) -> None:

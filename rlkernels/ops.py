@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _inputs as I
+from ._single_pass import compiled_linear_fused_loss
 from .config import PolicyLossConfig, resolve_config
 from .engines import plan_chunks, resolve_backend
 from .engines.chunking import sequence_aligned
@@ -274,7 +275,8 @@ def fused_grpo_loss(
         single_pass: ``None`` (default) forms the gradients during the forward pass whenever the objective is
             token-separable and gradients are needed (3 GEMMs instead of 4); for sequence-level ratios (GSPO,
             LUSPO) too when every sequence's kept tokens fit in one row chunk (the chunks then end at sequence
-            boundaries); ``False`` forces the two-stage path; ``True`` requires the single pass.
+            boundaries); ``False`` forces the two-stage path; ``True`` requires the single pass. Under
+            ``torch.compile`` the single pass applies to token-separable objectives (not with ``tp_group``).
         tp_group, reduce_hidden_grad: a vocab-sharded LM head (see :func:`fused_logprobs`); the objective runs on
             every rank on the merged full-vocabulary log-probs, in the single pass too (each row chunk's statistics
             merged across the group by two small all-reduces before its gradients are formed).
@@ -300,22 +302,28 @@ def fused_grpo_loss(
     separable = is_token_separable(cfg, batch)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if single_pass and I.compiling():
-        raise ValueError("single_pass=True cannot run under torch.compile; leave single_pass=None")
+    # under torch.compile the single pass is a custom op (rlkernels._single_pass) for token-separable objectives;
+    # the tensor-parallel one and sequence-aligned chunks (planned from the data: a host sync) stay eager-only
+    compiling = I.compiling()
+    if single_pass and compiling and tp_group is not None:
+        raise ValueError("single_pass=True cannot run under torch.compile with a tp_group; leave single_pass=None")
     plan, why_not = call.plan, None
-    wanted = single_pass or (single_pass is None and wants_grad and not I.compiling())
+    wanted = single_pass or (single_pass is None and wants_grad and not (compiling and tp_group is not None))
     if wanted and not separable and is_sequence_separable(cfg, batch):
-        # sequence-level ratios: exact chunk by chunk when every chunk holds whole sequences
-        aligned, longest = sequence_aligned(call.plan, batch.seq_ids, batch.num_seqs)
-        separable, plan = aligned is not None, aligned or call.plan
-        why_not = (f"a sequence-level ratio needs row chunks that hold whole sequences: the longest has {longest} "
-                   f"kept tokens, the chunks {call.plan.rows} rows (raise chunk_size or RLKERNELS_MEMORY_BUDGET_MB)")
+        if compiling:
+            why_not = ("under torch.compile a sequence-level ratio takes the two-stage path (the single pass would "
+                       "plan row chunks of whole sequences from the data, a host sync)")
+        else:  # sequence-level ratios: exact chunk by chunk when every chunk holds whole sequences
+            aligned, longest = sequence_aligned(call.plan, batch.seq_ids, batch.num_seqs)
+            separable, plan = aligned is not None, aligned or call.plan
+            why_not = (f"a sequence-level ratio needs row chunks that hold whole sequences: the longest has "
+                       f"{longest} kept tokens, the chunks {call.plan.rows} rows (raise chunk_size or "
+                       f"RLKERNELS_MEMORY_BUDGET_MB)")
     error = None
     if single_pass and not separable:
         error = ValueError("single_pass=True cannot apply: " + (why_not or (
             "it needs an objective whose per-token gradients depend only on the token's own sequence (no entropy "
             "quantile, no off-policy sequence mask, old_logprobs when rollout_correction is on)")))
-    # the single pass calls the objective per chunk from Python: eager mode only (``wanted`` is False when compiling)
     single_pass = bool(wanted and separable)
     if tp_group is not None:  # it merges statistics per row chunk: every rank must take it, over the same chunks
         from .distributed import agree
@@ -343,6 +351,9 @@ def fused_grpo_loss(
 
         loss, logp, ent = tp_linear_fused_loss(call.engine, call.hidden, weight, bias, call.labels, call.temperature,
                                                plan, chunk_loss, tp_group, call.offset, reduce_hidden_grad)
+    elif compiling:  # the objective travels as its config and per-token tensors (a closure cannot)
+        loss, logp, ent = compiled_linear_fused_loss(call.engine.name, call.hidden, weight, bias, call.labels,
+                                                     call.temperature, plan, batch, prep, cfg)
     else:
         loss, logp, ent = call.engine.linear_fused_loss(call.hidden, weight, bias, call.labels, call.temperature,
                                                         plan, chunk_loss)

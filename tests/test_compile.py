@@ -5,7 +5,7 @@ import torch
 
 import rlkernels as R
 
-from conftest import BACKENDS, DEVICE, assert_matches, grads, leaves, make_problem
+from conftest import BACKENDS, DEVICE, assert_matches, grads, leaves, make_problem, stable_seed
 
 
 def _loss_fn(config, backend, **kw):
@@ -37,6 +37,92 @@ def test_fullgraph_matches_eager(backend, config, kw):
         assert_matches(k, metrics[k], metrics_e[k], dtype=torch.float32, scale=1.0)
 
 
+class _PathSpy:
+    """Which engine primitives a call ran: ``linear_fused`` (the single pass, 3 GEMMs) or ``linear_forward`` +
+    ``linear_backward`` (the two-stage path, 4)."""
+
+    def __init__(self, monkeypatch, backend):
+        from rlkernels.engines import load_engine
+
+        self.calls = []
+        engine = load_engine(backend)
+        for name in ("linear_fused", "linear_forward", "linear_backward"):
+            original = getattr(engine, name)
+            monkeypatch.setattr(engine, name,
+                                lambda *a, _o=original, _n=name, **k: self.calls.append(_n) or _o(*a, **k))
+
+
+@pytest.mark.parametrize("config,kw,problem", [
+    ("dapo", {}, {}),
+    ("grpo", dict(kl_coef=0.05, entropy_coef=0.01, chunk_size=5), dict(bias=True)),
+    ("dr_grpo", dict(norm_length=9.0, entropy_shaping_alpha=0.4, kl_estimator="low_var_kl", kl_coef=0.1),
+     dict(per_token_temperature=True)),
+    ("cispo", dict(rollout_correction="token_tis", chunk_size=4), dict(per_token_advantages=True)),
+    ("sapo", dict(kl_coef=0.02, kl_straight_through=True, kl_is_corrected=True), {}),
+])
+def test_compiled_single_pass(backend, monkeypatch, config, kw, problem):
+    """Token-separable objectives take the single pass under torch.compile too (the rlkernels::linear_fused_loss
+    op: one linear_fused call, no recompute), with the loss, every gradient and every metric of eager's two-stage
+    path, with a bias, per-token temperatures, several row chunks, and a loss scaled before backward."""
+    torch._dynamo.reset()
+    p = make_problem(3, 9, 16, 37, dtype=torch.float32, seed=stable_seed(config), **problem)
+
+    def f(hidden, weight, bias, labels, advantages, mask, old, ref, rollout, temperature, single_pass=None):
+        out = R.fused_grpo_loss(hidden, weight, labels, advantages, mask, old_logprobs=old, ref_logprobs=ref,
+                                rollout_logprobs=rollout, bias=bias, temperature=temperature, config=config,
+                                backend=backend, single_pass=single_pass, **kw)
+        return out.loss * 0.5, out.metrics  # grad_output 0.5 reaches the op's backward
+
+    args = (p["hidden"], p["weight"], p["bias"], p["labels"], p["advantages"], p["mask"], p["old_logprobs"],
+            p["ref_logprobs"], p["rollout_logprobs"], p["temperature"])
+    spy = _PathSpy(monkeypatch, backend)
+    loss, metrics = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    g = grads(loss, leaves(p))
+    assert spy.calls == ["linear_fused"], spy.calls
+    loss_e, metrics_e = f(*args, single_pass=False)
+    g_e = grads(loss_e, leaves(p))
+    assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
+    for a, b in zip(g, g_e):
+        assert_matches("grad", a, b, dtype=torch.float32)
+    assert metrics.keys() == metrics_e.keys()
+    for k in metrics_e:
+        assert_matches(k, metrics[k], metrics_e[k], dtype=torch.float32, scale=1.0)
+
+
+def test_compiled_single_pass_partial_grads(backend, monkeypatch):
+    """Only the weight requires grad: the op forms grad_weight alone, and the hidden states get none."""
+    torch._dynamo.reset()
+    p = make_problem(3, 9, 16, 37, dtype=torch.float32, seed=21)
+    hidden = p["hidden"].detach()
+    f = _loss_fn("dapo", backend)
+    spy = _PathSpy(monkeypatch, backend)
+    loss, _ = torch.compile(f, fullgraph=True, backend="aot_eager")(hidden, *_args(p)[1:])
+    (gw,) = torch.autograd.grad(loss, [p["weight"]])
+    assert spy.calls == ["linear_fused"], spy.calls
+    loss_e, _ = _loss_fn("dapo", backend, single_pass=False)(hidden, *_args(p)[1:])
+    (gw_e,) = torch.autograd.grad(loss_e, [p["weight"]])
+    assert_matches("grad_weight", gw, gw_e, dtype=torch.float32)
+
+
+def test_compiled_two_stage_where_the_single_pass_cannot_apply(backend, monkeypatch):
+    """Under compile a sequence-level ratio (GSPO) takes the two-stage path (aligned chunks are planned from the
+    data); single_pass=True then says why, and single_pass=False is honoured for separable objectives too."""
+    torch._dynamo.reset()
+    p = make_problem(3, 9, 16, 37, dtype=torch.float32, seed=22)
+    spy = _PathSpy(monkeypatch, backend)
+    loss, _ = torch.compile(_loss_fn("gspo", backend), fullgraph=True, backend="aot_eager")(*_args(p))
+    loss.backward()
+    assert spy.calls == ["linear_forward", "linear_backward"], spy.calls
+    with pytest.raises(Exception, match="single_pass=True cannot apply: under torch.compile"):  # dynamo wraps it
+        torch.compile(_loss_fn("gspo", backend, single_pass=True), fullgraph=True, backend="aot_eager")(*_args(p))
+    torch._dynamo.reset()
+    spy.calls.clear()
+    loss, _ = torch.compile(_loss_fn("dapo", backend, single_pass=False), fullgraph=True,
+                            backend="aot_eager")(*_args(p))
+    loss.backward()
+    assert spy.calls == ["linear_forward", "linear_backward"], spy.calls
+
+
 _FIRST_CALL = """
 import sys, torch, rlkernels as R
 g, dev = torch.Generator().manual_seed(0), sys.argv[2]
@@ -60,6 +146,17 @@ def test_first_call_under_compile(which):
     run = subprocess.run([sys.executable, "-c", _FIRST_CALL, which, str(DEVICE)], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_config_survives_the_op_arguments():
+    """Every preset, with every optional field set and unset, comes back equal from the custom op's encoding."""
+    from rlkernels.config import PRESETS, PolicyLossConfig, config_from_op_args, config_to_op_args
+
+    for name in PRESETS:
+        for extra in ({}, dict(norm_length=7.0, kl_coef=0.1, kl_straight_through=True, opsm_delta=0.5,
+                               dual_clip=6.0, log_ratio_clamp=None, clip_low=None)):
+            cfg = PolicyLossConfig.from_preset(name, **{"norm_length": 5.0, **extra})
+            assert config_from_op_args(*config_to_op_args(cfg)) == cfg
 
 
 def test_masked_garbage_under_compile(backend):

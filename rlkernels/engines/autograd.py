@@ -5,8 +5,10 @@
 
 The ops take the engine's name and the chunk plan as plain arguments and call the engine's primitives (see
 :class:`rlkernels.engines.Engine`); fake implementations give ``torch.compile`` the output shapes. The single-pass
-loss takes a Python callable (the objective of each chunk), which no op schema can carry, so it is an ordinary
-``autograd.Function``, used in eager mode only.
+loss takes a Python callable (the objective of each chunk), which no op schema can carry, so in eager mode it is an
+ordinary ``autograd.Function`` (:class:`LinearFusedLoss`, which scales its saved gradients in place); under
+``torch.compile`` it is the ``rlkernels::linear_fused_loss`` op of :mod:`rlkernels._single_pass`, which carries the
+objective as its config and per-token tensors.
 """
 from __future__ import annotations
 
@@ -169,7 +171,7 @@ def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPl
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# single pass (eager only)
+# single pass (eager mode; under torch.compile: rlkernels._single_pass)
 # ----------------------------------------------------------------------------------------------------------------
 class LinearFusedLoss(torch.autograd.Function):
     """(hidden, weight, bias, labels, temperature) -> (loss, logp, entropy) with the gradients formed in the forward

@@ -1,0 +1,124 @@
+"""``fused_grpo_loss``'s single pass under ``torch.compile``: a ``torch.library`` custom op that carries the objective
+as data.
+
+In eager mode the single pass (3 GEMMs: gradients formed in the forward pass, LOSSES.md / DESIGN.md) is an
+``autograd.Function`` whose forward calls the objective, a Python closure, on each row chunk. A custom op's schema
+carries no closure, so under ``torch.compile`` the objective travels as what builds it: the config
+(:func:`rlkernels.config.config_to_op_args`) and the per-token tensors of the batch and the step constants
+(:class:`~rlkernels.objective.TokenBatch`, :class:`~rlkernels.objective.Prepared`). The op rebuilds the closure and
+runs the same ``engine.linear_fused``, opaque to the compiler; its fake implementation gives the output shapes. Only
+token-separable objectives take it: sequence-aligned row chunks are planned from the data (a host sync).
+
+Backward scales the gradients saved by the forward pass by ``grad_output``, out of place (AOTAutograd does not let a
+backward mutate what the forward saved): the compiled backward briefly holds grad_weight twice unless the compiler
+reuses the saved buffer, where the eager single pass scales it in place.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import fields
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .config import PolicyLossConfig, config_from_op_args, config_to_op_args
+from .engines import load_engine
+from .engines.chunking import ChunkPlan
+from .engines.torch_engine import compute_dtype
+from .objective import Prepared, TokenBatch, token_loss
+
+# the per-token tensors of TokenBatch and Prepared that travel as the op's ``tokens`` list, in this order
+# (TokenBatch.normalizer is left out: only ``prepare`` reads it, and the step constants are already made)
+_BATCH_TENSORS = ("mask", "seq_ids", "advantages", "old_logprobs", "ref_logprobs", "rollout_logprobs", "is_weights")
+_PREP_TENSORS = tuple(f.name for f in fields(Prepared))
+
+
+def _split_temperature(temperature) -> Tuple[Optional[Tensor], float]:
+    return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, float(temperature))
+
+
+def _or_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if x is None else x
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Autograd back on inside a custom op's implementation, which the dispatcher runs with the autograd keys
+    excluded (every tensor made there would come out without a graph, and the engine's per-chunk
+    ``torch.autograd.grad`` of the objective would see none): the objective's gradients w.r.t. a chunk's log-probs
+    and entropies are taken as in eager mode."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch.enable_grad(), torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
+
+
+@torch.library.custom_op("rlkernels::linear_fused_loss", mutates_args=())
+def linear_fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                         temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
+                         backend: str, need_h: bool, need_w: bool, need_b: bool, cfg_strs: str,
+                         cfg_nums: List[float], cfg_nones: List[bool], tokens: List[Optional[Tensor]],
+                         num_seqs: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) of ``engine.linear_fused``; a gradient that is
+    not needed comes back empty."""
+    cfg = config_from_op_args(cfg_strs, cfg_nums, cfg_nones)
+    k = len(_BATCH_TENSORS)
+    batch = TokenBatch(num_seqs=num_seqs, **dict(zip(_BATCH_TENSORS, tokens[:k])))
+    prep = Prepared(**dict(zip(_PREP_TENSORS, tokens[k:])))
+
+    def chunk_loss(r0: int, r1: int, logp_c: Tensor, ent_c: Tensor) -> Tensor:
+        return token_loss(logp_c, ent_c, batch.select(slice(r0, r1)), prep.select(slice(r0, r1)), cfg).total
+
+    plan = ChunkPlan(rows, vocab_block, weight.shape[0])
+    t = temperature if temperature is not None else temp_scalar
+    detach = lambda x: None if x is None else x.detach()  # noqa: E731
+    with _autograd_inside_op():
+        loss, logp, ent, gh, gw, gb = load_engine(backend).linear_fused(
+            hidden.detach(), weight.detach(), detach(bias), labels, t, plan, chunk_loss, need_h, need_w, need_b)
+    return loss, logp, ent, _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
+
+
+@linear_fused_loss_op.register_fake
+def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, need_h, need_w, need_b,
+      cfg_strs, cfg_nums, cfg_nones, tokens, num_seqs):
+    cdt = compute_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return (hidden.new_empty((), dtype=cdt), hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
+            torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0),
+            torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[3:])
+    ctx.need = inputs[9:12]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, g_loss, *_unused):
+    scale = lambda g, need: (g * g_loss.to(g.dtype)) if need else None  # noqa: E731
+    gh, gw, gb = (scale(g, need) for g, need in zip(ctx.saved_tensors, ctx.need))
+    return (gh, gw, gb) + (None,) * 14
+
+
+linear_fused_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+def compiled_linear_fused_loss(engine_name: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                               labels: Tensor, temperature, plan: ChunkPlan, batch: TokenBatch, prep: Prepared,
+                               cfg: PolicyLossConfig) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, logp, entropy) of the single pass through the custom op: ``loss`` differentiable w.r.t. hidden, weight
+    and bias; ``logp``/``entropy`` detached. ``batch``/``prep`` cover the rows of ``hidden``; ``cfg`` is
+    token-separable."""
+    if plan.bounds is not None or not cfg.token_separable:
+        raise RuntimeError("internal: the compiled single pass takes token-separable objectives on plain row chunks")
+    t, t_scalar = _split_temperature(temperature)
+    need_b = bias is not None and bias.requires_grad
+    tokens = [getattr(batch, name) for name in _BATCH_TENSORS] + [getattr(prep, name) for name in _PREP_TENSORS]
+    out = linear_fused_loss_op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name,
+                               hidden.requires_grad, weight.requires_grad, need_b, *config_to_op_args(cfg), tokens,
+                               batch.num_seqs)
+    return out[0], out[1], out[2]
