@@ -15,7 +15,8 @@
 #             and pipeline stages, the logits op in GB/s, grad precision (qwen2.5-7b, 16k tokens, bf16)
 #   grpo      rlkernels-bench, grpo op (dapo) fwd+bwd, qwen2.5-7b LM head, 16k tokens, bf16: eager, rlkernels-triton,
 #             liger (when importable), gemm-roofline
-#   compile   the same with torch.compile and the torch engine (slow warm-ups: only when named in STEPS)
+#   compile   the grpo op under torch.compile: the eager reference compiled, rlkernels-triton in eager mode and
+#             compiled with fullgraph=True (its single pass as a custom op); slow warm-ups: only when named in STEPS
 #   llama     the grpo op at H=4096, V=131072 (the shape): eager, rlkernels-triton, liger, gemm-roofline
 #   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, gemm-roofline
 #   tests     the engine suites on CUDA (compiled Triton, no interpreter): RLKERNELS_TEST_DEVICE=cuda pytest
@@ -99,7 +100,7 @@ for s in ${STEPS:-grpo llama logprobs tests tune kernels}; do
     grpo) step grpo 140 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \
                --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;
     compile) step compile 150 "${BENCH[@]}" --timeout 120 --op grpo --preset dapo --mode full \
-               --provider compile,rlkernels-torch --json "$OUT/compile-$TAG.json" ;;
+               --provider compile,rlkernels-triton,rlkernels-triton-compile --json "$OUT/compile-$TAG.json" ;;
     llama) step llama 120 "${BENCH[@]}" --shape llama3-8b --vocab 131072 --timeout 50 --op grpo --preset dapo \
                --mode full --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/llama-$TAG.json" ;;
     logprobs) step logprobs 110 "${BENCH[@]}" --timeout 50 --op logprobs,logits --mode full \

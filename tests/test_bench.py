@@ -330,3 +330,25 @@ def test_import_is_light():
             "print(','.join(m for m in ('matplotlib', 'liger_kernel', 'triton') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_compiled_rlkernels_provider(tmp_path, capsys):
+    """rlkernels-torch-compile: the public functions under torch.compile(fullgraph=True), checked against float64
+    like every provider (two presets in one process: each compiles its own objective); left out of the default
+    suite, with the reason, like compile."""
+    for preset in ("dapo", "cispo"):
+        out = tmp_path / f"{preset}.json"
+        code, _ = run(TINY + ["--in-process", "--op", "grpo,logprobs,logits", "--mode", "full",
+                              "--preset", preset, "--provider", "eager,rlkernels-torch-compile", "--json", str(out)],
+                      capsys)
+        assert code == 0
+        rows = [r for r in json.loads(out.read_text())["rows"] if r["provider"] == "rlkernels-torch-compile"]
+        status = {r["op"]: r["status"] for r in rows}
+        assert status == {"grpo": "ok", "logprobs": "ok", "logits": "ok"}, status
+        assert [r for r in rows if r["op"] == "grpo"][0]["preset"] == preset
+    assert "rlkernels-torch-compile " in report.format_table(rows)
+    code, captured = run(TINY + ["--in-process", "--op", "logits", "--mode", "fwd", "--json",
+                                 str(tmp_path / "default.json")], capsys)
+    default = {r["provider"]: r for r in json.loads((tmp_path / "default.json").read_text())["rows"]}
+    assert default["rlkernels-torch-compile"]["status"] == "skipped"
+    assert "--provider rlkernels-torch-compile" in default["rlkernels-torch-compile"]["reason"]

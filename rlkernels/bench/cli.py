@@ -167,8 +167,9 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         providers = _split(args.provider, names, "--provider", parser)
     else:
         providers = list(names)
-        if not args.full:
-            excluded["compile"] = COMPILE_EXCLUDED
+        if not args.full:  # compile and every rlkernels-<engine>-compile
+            excluded.update({n: COMPILE_EXCLUDED.replace("compile (", f"{n} (")
+                             for n in names if n == "compile" or n.endswith("-compile")})
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     dtype = DTYPE_ALIASES.get(dtype, dtype)
     if dtype not in DTYPES:

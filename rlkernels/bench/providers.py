@@ -197,6 +197,49 @@ class RlkernelsProvider(Provider):
         return lambda: {"advantages": rlkernels.group_advantages(i["rewards"], group_size=G, method="grpo")}
 
 
+class RlkernelsCompileProvider(RlkernelsProvider):
+    """The same calls under ``torch.compile(fullgraph=True, dynamic=False)``, as in a compiled trainer step: the
+    engine's custom ops in the graph, the objective and metrics compiled around them (the loss's single pass is then
+    the ``rlkernels::linear_fused_loss`` op)."""
+
+    def __init__(self, engine: str):
+        super().__init__(engine)
+        self.name = f"rlkernels-{engine}-compile"
+        self.description = f"torch.compile(fullgraph=True) of the rlkernels public API with backend={engine!r}"
+        self._compiled: Dict[str, Callable] = {}
+
+    def unavailable(self, case):
+        if case.op == "advantages":
+            return "group_advantages has no engine-specific code; the compile provider measures it compiled"
+        return super().unavailable(case)
+
+    def build(self, case, inputs):
+        import rlkernels
+
+        i, be, cfg = inputs, self.engine, case.config
+        key = (case.op, cfg if case.op == "grpo" else None)
+        if key not in self._compiled:  # one wrapper per op (and config) and process, specialised per shape
+            def grpo(hidden, weight, labels, advantages, mask, **kw):
+                return rlkernels.fused_grpo_loss(hidden, weight, labels, advantages, mask, config=cfg, backend=be,
+                                                 **kw).loss
+
+            def logprobs(hidden, weight, labels):
+                return rlkernels.fused_logprobs(hidden, weight, labels, return_entropy=True, backend=be)
+
+            def logits(x, labels):
+                return rlkernels.logprobs_from_logits(x, labels, return_entropy=True, backend=be)
+
+            fn = {"grpo": grpo, "logprobs": logprobs, "logits": logits}[case.op]
+            self._compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False)
+        f = self._compiled[key]
+        if case.op == "grpo":
+            kw = _grpo_kwargs(i)
+            return lambda: {"loss": f(i["hidden"], i["weight"], i["labels"], i["advantages"], i["mask"], **kw)}
+        if case.op == "logprobs":
+            return lambda: dict(zip(("logp", "entropy"), f(i["hidden"], i["weight"], i["labels"])))
+        return lambda: dict(zip(("logp", "entropy"), f(i["logits"], i["labels"])))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Liger-Kernel
 # ------------------------------------------------------------------------------------------------------------------
@@ -364,10 +407,11 @@ def register_provider(provider: Provider) -> None:
 
 
 def all_providers() -> List[Provider]:
-    """Every provider in table order: eager, compile, rlkernels-<engine> for each engine, liger, gemm-roofline,
-    then registered extras."""
+    """Every provider in table order: eager, compile, rlkernels-<engine> for each engine, the same compiled
+    (rlkernels-<engine>-compile), liger, gemm-roofline, then registered extras."""
     base: List[Provider] = [EagerProvider(), CompileProvider()]
     base += [RlkernelsProvider(engine) for engine in BACKENDS]  # names only: listing must not load engines
+    base += [RlkernelsCompileProvider(engine) for engine in BACKENDS]
     base += [LigerProvider(), GemmRooflineProvider()]
     names = {p.name for p in base}
     return [_EXTRA.get(p.name, p) for p in base] + [p for n, p in _EXTRA.items() if n not in names]

@@ -94,7 +94,8 @@ def case_title(row: Dict[str, Any]) -> str:
 def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
     """The comparison table: one block per case, one line per provider."""
     out: List[str] = []
-    header = (f"{'provider':<16} {'median ms':>10} {'p20-p80 ms':>17} {'vs eager':>9} {'peak MB':>9} "
+    w = max([16] + [len(str(r["provider"])) for r in rows])  # rlkernels-native-compile: 24
+    header = (f"{'provider':<{w}} {'median ms':>10} {'p20-p80 ms':>17} {'vs eager':>9} {'peak MB':>9} "
               f"{'TFLOP/s':>8} {'GB/s':>7} {'roofline':>8}  status")
     indent = len(header) - len("status")
     for group in group_rows(rows):
@@ -103,7 +104,7 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
         out.append("-" * min(len(header) + 30, width))
         for r in group:
             spread = f"{_ms(r.get('p20_ms'))}-{_ms(r.get('p80_ms'))}" if r.get("p20_ms") is not None else "-"
-            line = (f"{r['provider']:<16} {_ms(r.get('median_ms')):>10} {spread:>17} "
+            line = (f"{r['provider']:<{w}} {_ms(r.get('median_ms')):>10} {spread:>17} "
                     f"{_fmt(r.get('ratio_vs_eager'), '.2f') + ('x' if r.get('ratio_vs_eager') else ''):>9} "
                     f"{_fmt(r.get('peak_mem_mb'), '.0f'):>9} {_fmt(r.get('tflops'), '.3f'):>8} "
                     f"{_fmt(r.get('gbps'), '.1f'):>7} "
