@@ -205,11 +205,19 @@ def _old(logp: Optional[Tensor], batch: TokenBatch) -> Tensor:
     return logp.detach()
 
 
-def _quantile(sorted_values: Tensor, q: float) -> Tensor:
-    """torch.quantile(..., interpolation='linear') on an already sorted 1-D tensor, without its 2^24 size limit."""
-    pos = (sorted_values.numel() - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+def _masked_quantile(x: Tensor, mask: Tensor, q: float) -> Tensor:
+    """``torch.quantile(x[mask], q)`` (linear interpolation) without its 2^24 size limit and without a data-dependent
+    size, so that torch.compile traces it: the dropped values sort last as +inf, and the two order statistics are
+    gathered at positions computed from the kept count, a tensor (no host sync). -inf when nothing is kept."""
+    if x.numel() == 0:
+        return torch.full((), -math.inf, dtype=x.dtype, device=x.device)
+    kept = mask.sum()
+    ordered = torch.sort(torch.where(mask, x, torch.full_like(x, math.inf))).values
+    pos = (kept - 1).clamp(min=0).double() * q  # in float64, as torch.quantile's position
+    lo, hi = pos.floor(), pos.ceil()
+    a, b = ordered.gather(0, lo.long().view(1)), ordered.gather(0, hi.long().view(1))
+    value = (a + (b - a) * (pos - lo).to(x.dtype)).squeeze(0)
+    return torch.where(kept > 0, value, torch.full_like(value, -math.inf))
 
 
 def prepare(
@@ -247,10 +255,8 @@ def prepare(
     # B §5.1: keep the top fraction of kept tokens by entropy (policy term and entropy bonus)
     if cfg.top_entropy_quantile < 1.0:
         ent = entropy.detach()
-        kept = torch.sort(ent[mask]).values
-        if kept.numel() > 0:
-            high_entropy = ent >= _quantile(kept, 1.0 - cfg.top_entropy_quantile)
-            pg_keep, ent_keep = pg_keep & high_entropy, ent_keep & high_entropy
+        high_entropy = ent >= _masked_quantile(ent, mask, 1.0 - cfg.top_entropy_quantile)
+        pg_keep, ent_keep = pg_keep & high_entropy, ent_keep & high_entropy
     return Prepared(omega, is_weight, rejected, pg_keep, ent_keep, opsm_masked)
 
 

@@ -21,7 +21,9 @@ def _args(p):
 
 
 @pytest.mark.parametrize("config,kw", [("dapo", {}), ("gspo", {}), ("grpo", dict(kl_coef=0.05, entropy_coef=0.01)),
-                                       ("cispo", dict(rollout_correction="none"))])
+                                       ("cispo", dict(rollout_correction="none")),
+                                       ("dapo", dict(top_entropy_quantile=0.6, entropy_coef=0.01)),
+                                       ("grpo", dict(opsm_delta=0.01))])
 def test_fullgraph_matches_eager(backend, config, kw):
     torch._dynamo.reset()
     p = make_problem(3, 9, 16, 37, dtype=torch.float32, seed=3)
@@ -268,3 +270,23 @@ def test_fused_logprobs_masked_positions_are_zero_under_compile(backend):
     assert torch.all(logp[~p["mask"]] == 0) and torch.all(ent[~p["mask"]] == 0)
     assert_matches("logp", logp, logp_e, dtype=torch.float32)
     assert_matches("entropy", ent, ent_e, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("n,q", [(1, 0.5), (7, 0.2), (100, 0.8), (1000, 0.37), (64, 0.0), (64, 1.0)])
+def test_masked_quantile_equals_torch_quantile(n, q):
+    """The entropy-quantile threshold, computed without a data-dependent size (so that torch.compile traces it):
+    torch.quantile of the kept values, ties and fp32 included; -inf when nothing is kept."""
+    from rlkernels.objective import _masked_quantile
+
+    g = torch.Generator().manual_seed(n)
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randn(n, generator=g, dtype=dtype).round(decimals=1)  # ties
+        mask = torch.rand(n, generator=g) < 0.7
+        mask[0] = True
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(_masked_quantile(x, mask, q), torch.quantile(x[mask], q), **tol)
+        assert _masked_quantile(x, torch.zeros_like(mask), q) == float("-inf")
+    x = torch.randn(50, generator=g)
+    mask = torch.rand(50, generator=g) < 0.5
+    compiled = torch.compile(_masked_quantile, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, mask, 0.3), torch.quantile(x[mask], 0.3), rtol=1e-6, atol=1e-7)
