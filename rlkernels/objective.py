@@ -97,7 +97,10 @@ class Prepared:
 # ----------------------------------------------------------------------------------------------------------------
 def segment_sum(values: Tensor, seq_ids: Tensor, num_seqs: int) -> Tensor:
     """Sum of ``values`` (N,) per sequence -> (num_seqs,). Differentiable in ``values``."""
-    return torch.zeros(num_seqs, dtype=values.dtype, device=values.device).index_add(0, seq_ids, values)
+    # scatter_reduce rather than index_add: the same sums, and inductor's CPU backend runs it as the ATen kernel
+    # (config.cpp.fallback_scatter_reduce_sum) where its vectorised code for index_add failed on the affine index of
+    # a padded batch's seq_ids (arange(B).repeat_interleave(T)): torch 2.13, an AssertionError in codegen/cpp.py
+    return torch.zeros(num_seqs, dtype=values.dtype, device=values.device).scatter_reduce(0, seq_ids, values, "sum")
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
