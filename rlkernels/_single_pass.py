@@ -6,8 +6,9 @@ In eager mode the single pass (3 GEMMs: gradients formed in the forward pass, LO
 carries no closure, so under ``torch.compile`` the objective travels as what builds it: the config
 (:func:`rlkernels.config.config_to_op_args`) and the per-token tensors of the batch and the step constants
 (:class:`~rlkernels.objective.TokenBatch`, :class:`~rlkernels.objective.Prepared`). The op rebuilds the closure and
-runs the same ``engine.linear_fused``, opaque to the compiler; its fake implementation gives the output shapes. Only
-token-separable objectives take it: sequence-aligned row chunks are planned from the data (a host sync).
+runs the same ``engine.linear_fused``, opaque to the compiler; its fake implementation gives the output shapes. For
+sequence-level ratios (GSPO, LUSPO) it plans row chunks of whole sequences itself, from the data (a host sync the
+compiler does not see).
 
 Backward scales the gradients saved by the forward pass by ``grad_output``, out of place (AOTAutograd does not let a
 backward mutate what the forward saved): the compiled backward briefly holds grad_weight twice unless the compiler
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from .config import PolicyLossConfig, config_from_op_args, config_to_op_args
 from .engines import load_engine
-from .engines.chunking import ChunkPlan
+from .engines.chunking import MIN_VOCAB_BLOCK, VOCAB_MULTIPLE, ChunkPlan, sequence_aligned
 from .engines.torch_engine import compute_dtype
 from .objective import Prepared, TokenBatch, token_loss
 
@@ -61,9 +62,10 @@ def linear_fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
                          backend: str, need_h: bool, need_w: bool, need_b: bool, cfg_strs: str,
                          cfg_nums: List[float], cfg_nones: List[bool], tokens: List[Optional[Tensor]],
-                         num_seqs: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         num_seqs: int, whole_sequences: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                         Tensor]:
     """-> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) of ``engine.linear_fused``; a gradient that is
-    not needed comes back empty."""
+    not needed comes back empty. ``whole_sequences``: the row chunks end at sequence boundaries (planned here)."""
     cfg = config_from_op_args(cfg_strs, cfg_nums, cfg_nones)
     k = len(_BATCH_TENSORS)
     batch = TokenBatch(num_seqs=num_seqs, **dict(zip(_BATCH_TENSORS, tokens[:k])))
@@ -73,6 +75,8 @@ def linear_fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         return token_loss(logp_c, ent_c, batch.select(slice(r0, r1)), prep.select(slice(r0, r1)), cfg).total
 
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
+    if whole_sequences:
+        plan = _whole_sequence_plan(plan, batch.seq_ids, num_seqs)
     t = temperature if temperature is not None else temp_scalar
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
     with _autograd_inside_op():
@@ -81,9 +85,26 @@ def linear_fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     return loss, logp, ent, _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
 
 
+def _whole_sequence_plan(plan: ChunkPlan, seq_ids: Tensor, num_seqs: int) -> ChunkPlan:
+    """Row chunks of whole sequences (one host sync, inside the op where the compiler does not see it): as many as
+    fit in ``plan.rows`` rows, or, when one sequence is longer than that, chunks of the longest sequence's rows over
+    vocabulary blocks cut to keep the block within the same budget. Such a chunk computes its statistics, then
+    recomputes each block for the gradients: 4 GEMMs, what the two-stage path costs, where eager mode takes that
+    path."""
+    aligned, longest = sequence_aligned(plan, seq_ids, num_seqs)
+    if aligned is None and longest > plan.rows:
+        vocab_block = plan.rows * plan.vocab_block // longest
+        vocab_block = max(MIN_VOCAB_BLOCK, vocab_block - vocab_block % VOCAB_MULTIPLE)
+        aligned, _ = sequence_aligned(ChunkPlan(longest, min(vocab_block, plan.vocab), plan.vocab), seq_ids,
+                                      num_seqs)
+    if aligned is None:
+        raise RuntimeError("internal: the rows of each sequence are not contiguous")
+    return aligned
+
+
 @linear_fused_loss_op.register_fake
 def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, need_h, need_w, need_b,
-      cfg_strs, cfg_nums, cfg_nones, tokens, num_seqs):
+      cfg_strs, cfg_nums, cfg_nones, tokens, num_seqs, whole_sequences):
     cdt = compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty((), dtype=cdt), hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
@@ -101,7 +122,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g_loss, *_unused):
     scale = lambda g, need: (g * g_loss.to(g.dtype)) if need else None  # noqa: E731
     gh, gw, gb = (scale(g, need) for g, need in zip(ctx.saved_tensors, ctx.need))
-    return (gh, gw, gb) + (None,) * 14
+    return (gh, gw, gb) + (None,) * 15
 
 
 linear_fused_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -112,13 +133,14 @@ def compiled_linear_fused_loss(engine_name: str, hidden: Tensor, weight: Tensor,
                                cfg: PolicyLossConfig) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss, logp, entropy) of the single pass through the custom op: ``loss`` differentiable w.r.t. hidden, weight
     and bias; ``logp``/``entropy`` detached. ``batch``/``prep`` cover the rows of ``hidden``; ``cfg`` is
-    token-separable."""
-    if plan.bounds is not None or not cfg.token_separable:
-        raise RuntimeError("internal: the compiled single pass takes token-separable objectives on plain row chunks")
+    sequence-separable (token-separable ones included), and the op cuts the row chunks at sequence boundaries
+    where it is not token-separable."""
+    if plan.bounds is not None or not cfg.sequence_separable:
+        raise RuntimeError("internal: the compiled single pass takes sequence-separable objectives, plain chunks")
     t, t_scalar = _split_temperature(temperature)
     need_b = bias is not None and bias.requires_grad
     tokens = [getattr(batch, name) for name in _BATCH_TENSORS] + [getattr(prep, name) for name in _PREP_TENSORS]
     out = linear_fused_loss_op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name,
                                hidden.requires_grad, weight.requires_grad, need_b, *config_to_op_args(cfg), tokens,
-                               batch.num_seqs)
+                               batch.num_seqs, not cfg.token_separable)
     return out[0], out[1], out[2]

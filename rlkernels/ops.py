@@ -276,7 +276,8 @@ def fused_grpo_loss(
             token-separable and gradients are needed (3 GEMMs instead of 4); for sequence-level ratios (GSPO,
             LUSPO) too when every sequence's kept tokens fit in one row chunk (the chunks then end at sequence
             boundaries); ``False`` forces the two-stage path; ``True`` requires the single pass. Under
-            ``torch.compile`` the single pass applies to token-separable objectives (not with ``tp_group``).
+            ``torch.compile`` the single pass applies to token-separable objectives and sequence-level ratios (not
+            with ``tp_group``); a sequence longer than a row chunk then takes vocabulary blocks (4 GEMMs).
         tp_group, reduce_hidden_grad: a vocab-sharded LM head (see :func:`fused_logprobs`); the objective runs on
             every rank on the merged full-vocabulary log-probs, in the single pass too (each row chunk's statistics
             merged across the group by two small all-reduces before its gradients are formed).
@@ -302,17 +303,16 @@ def fused_grpo_loss(
     separable = is_token_separable(cfg, batch)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    # under torch.compile the single pass is a custom op (rlkernels._single_pass) for token-separable objectives;
-    # the tensor-parallel one and sequence-aligned chunks (planned from the data: a host sync) stay eager-only
+    # under torch.compile the single pass is a custom op (rlkernels._single_pass), which plans the chunks of whole
+    # sequences that sequence-level ratios need itself; the tensor-parallel single pass stays eager-only
     compiling = I.compiling()
     if single_pass and compiling and tp_group is not None:
         raise ValueError("single_pass=True cannot run under torch.compile with a tp_group; leave single_pass=None")
     plan, why_not = call.plan, None
     wanted = single_pass or (single_pass is None and wants_grad and not (compiling and tp_group is not None))
     if wanted and not separable and is_sequence_separable(cfg, batch):
-        if compiling:
-            why_not = ("under torch.compile a sequence-level ratio takes the two-stage path (the single pass would "
-                       "plan row chunks of whole sequences from the data, a host sync)")
+        if compiling:  # the op cuts chunks of whole sequences (a sequence longer than one: vocabulary blocks)
+            separable = True
         else:  # sequence-level ratios: exact chunk by chunk when every chunk holds whole sequences
             aligned, longest = sequence_aligned(call.plan, batch.seq_ids, batch.num_seqs)
             separable, plan = aligned is not None, aligned or call.plan

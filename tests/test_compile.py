@@ -46,12 +46,16 @@ class _PathSpy:
     def __init__(self, monkeypatch, backend):
         from rlkernels.engines import load_engine
 
-        self.calls = []
+        self.calls, self.plans = [], []
         engine = load_engine(backend)
         for name in ("linear_fused", "linear_forward", "linear_backward"):
             original = getattr(engine, name)
-            monkeypatch.setattr(engine, name,
-                                lambda *a, _o=original, _n=name, **k: self.calls.append(_n) or _o(*a, **k))
+
+            def spy(*a, _o=original, _n=name, **k):
+                self.calls.append(_n)
+                self.plans.append(a[5])  # (hidden, weight, bias, labels, temperature, plan, ...)
+                return _o(*a, **k)
+            monkeypatch.setattr(engine, name, spy)
 
 
 @pytest.mark.parametrize("config,kw,problem", [
@@ -106,17 +110,43 @@ def test_compiled_single_pass_partial_grads(backend, monkeypatch):
     assert_matches("grad_weight", gw, gw_e, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("config,chunk,V,blocked", [("gspo", 20, 37, False), ("luspo", 5, 600, True)])
+def test_compiled_single_pass_sequence_ratio(backend, monkeypatch, config, chunk, V, blocked):
+    """Sequence-level ratios take the single pass under compile too: the op cuts row chunks of whole sequences (two
+    9-token sequences per 20-row chunk), or, with sequences longer than a chunk (9 > 5 rows), chunks of one
+    sequence over vocabulary blocks; loss, gradients and metrics equal eager's two-stage path."""
+    torch._dynamo.reset()
+    p = make_problem(3, 9, 16, V, dtype=torch.float32, seed=23)
+    spy = _PathSpy(monkeypatch, backend)
+    loss, metrics = torch.compile(_loss_fn(config, backend, chunk_size=chunk), fullgraph=True,
+                                  backend="aot_eager")(*_args(p))
+    g = grads(loss, leaves(p))
+    assert spy.calls == ["linear_fused"], spy.calls
+    plan = spy.plans[0]
+    assert plan.bounds == ((0, 18, 27) if not blocked else (0, 9, 18, 27)), plan
+    assert plan.vocab_blocked == blocked, plan
+    loss_e, metrics_e = _loss_fn(config, backend, chunk_size=chunk, single_pass=False)(*_args(p))
+    g_e = grads(loss_e, leaves(p))
+    assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
+    for a, b in zip(g, g_e):
+        assert_matches("grad", a, b, dtype=torch.float32)
+    for k in metrics_e:
+        assert_matches(k, metrics[k], metrics_e[k], dtype=torch.float32, scale=1.0)
+
+
 def test_compiled_two_stage_where_the_single_pass_cannot_apply(backend, monkeypatch):
-    """Under compile a sequence-level ratio (GSPO) takes the two-stage path (aligned chunks are planned from the
-    data); single_pass=True then says why, and single_pass=False is honoured for separable objectives too."""
+    """Under compile an objective that couples a batch's tokens (the entropy quantile) takes the two-stage path;
+    single_pass=True then says why, and single_pass=False is honoured for separable objectives too."""
     torch._dynamo.reset()
     p = make_problem(3, 9, 16, 37, dtype=torch.float32, seed=22)
     spy = _PathSpy(monkeypatch, backend)
-    loss, _ = torch.compile(_loss_fn("gspo", backend), fullgraph=True, backend="aot_eager")(*_args(p))
+    loss, _ = torch.compile(_loss_fn("dapo", backend, top_entropy_quantile=0.5), fullgraph=True,
+                            backend="aot_eager")(*_args(p))
     loss.backward()
     assert spy.calls == ["linear_forward", "linear_backward"], spy.calls
-    with pytest.raises(Exception, match="single_pass=True cannot apply: under torch.compile"):  # dynamo wraps it
-        torch.compile(_loss_fn("gspo", backend, single_pass=True), fullgraph=True, backend="aot_eager")(*_args(p))
+    with pytest.raises(Exception, match="single_pass=True cannot apply"):  # dynamo wraps the ValueError
+        torch.compile(_loss_fn("dapo", backend, top_entropy_quantile=0.5, single_pass=True), fullgraph=True,
+                      backend="aot_eager")(*_args(p))
     torch._dynamo.reset()
     spy.calls.clear()
     loss, _ = torch.compile(_loss_fn("dapo", backend, single_pass=False), fullgraph=True,
