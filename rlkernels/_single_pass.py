@@ -10,9 +10,9 @@ runs the same ``engine.linear_fused``, opaque to the compiler; its fake implemen
 sequence-level ratios (GSPO, LUSPO) it plans row chunks of whole sequences itself, from the data (a host sync the
 compiler does not see).
 
-Backward scales the gradients saved by the forward pass by ``grad_output``, out of place (AOTAutograd does not let a
-backward mutate what the forward saved): the compiled backward briefly holds grad_weight twice unless the compiler
-reuses the saved buffer, where the eager single pass scales it in place.
+Backward scales the gradients saved by the forward pass by ``grad_output``, written out of place as a compiled graph
+wants it. Inductor then reuses the saved buffers (its generated backward multiplies in place: seen in its output code
+on the CPU), as the eager single pass does by hand; the ``aot_eager`` backend holds grad_weight twice for a moment.
 """
 from __future__ import annotations
 
@@ -114,8 +114,8 @@ def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block,
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[3:])
-    ctx.need = inputs[9:12]
+    ctx.save_for_backward(*output[3:])  # the gradients
+    ctx.need = inputs[9:12]  # need_h, need_w, need_b
     ctx.mark_non_differentiable(*output[1:])
 
 
