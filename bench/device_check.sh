@@ -30,7 +30,8 @@
 #   log-<gpu>.txt       every step's output, one after another
 #   <step>-<gpu>.json   the rows of tune, grpo, compile, llama, logprobs, kernels
 #   tests-<gpu>.log     pytest output
-# Plots are made afterwards from the JSON (rlkernels.bench.report.write_plot). Exit status: 0 when every step
+# Plots are made afterwards from the JSON (rlkernels.bench.report.write_plot), and `python bench/pick_defaults.py
+# kernels-<gpu>.json tune-<gpu>.json` ranks the launches and says which constants the numbers support. Exit status: 0 when every step
 # passed, else 1. Liger-Kernel travels as a wheel: see bench/results/README.md.
 set -u
 

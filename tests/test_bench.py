@@ -352,3 +352,42 @@ def test_compiled_rlkernels_provider(tmp_path, capsys):
     default = {r["provider"]: r for r in json.loads((tmp_path / "default.json").read_text())["rows"]}
     assert default["rlkernels-torch-compile"]["status"] == "skipped"
     assert "--provider rlkernels-torch-compile" in default["rlkernels-torch-compile"]["reason"]
+
+
+def _pick_defaults():
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "pick_defaults.py")
+    spec = importlib.util.spec_from_file_location("pick_defaults", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pick_defaults_reads_a_sweep():
+    """bench/pick_defaults.py on rows shaped like gpu_tune's: it ranks the launches, proposes a change only where the
+    best leads today's default by more than the margin, flags launches whose statistics disagree, and reads the
+    loss and logits rows."""
+    pd = _pick_defaults()
+    defaults = dict(BLOCK_V_FWD=4096, NUM_WARPS_FWD=4, BLOCK_V_BWD=4096, NUM_WARPS_BWD=8, SPLIT_TAIL=True,
+                    STATS_STAGES=1, stats_loop="tile")
+    rows = [dict(section="env", gpu="NVIDIA H100 80GB HBM3"),
+            dict(section="kernel", baseline="torch.amax (read)", ms=0.3, gbs=3000.0),
+            dict(section="kernel", baseline="copy_ (read + write)", ms=0.6, gbs=2900.0),
+            dict(section="kernel", baseline="default tiles, masked_rows=True", stats_gbs=2000.0, dlogits_gbs=2100.0),
+            dict(section="kernel", block_v=4096, warps=4, tile_split1_gbs=2000.0, tile_split1_vs_ref=0.0,
+                 lanes_split1_gbs=1500.0, lanes_split1_vs_ref=3e-3, dlogits_split_gbs=2300.0),
+            dict(section="kernel", block_v=1024, warps=1, tile_split1_gbs=2600.0, tile_split1_vs_ref=1e-7,
+                 tile_split2_gbs=2650.0, tile_split2_vs_ref=1e-7, dlogits_split_gbs=2350.0),
+            dict(section="kernel", block_v=4096, warps=8, tile_split1_gbs=1900.0, dlogits_split_gbs=2250.0),
+            dict(section="kernel", block_v=8192, warps=8, error="RuntimeError('out of resources')")]
+    tune = [dict(section="loss", preset="dapo", accum="auto", ms=90.0, vs_3gemm=1.12, extra_beyond_grads_mb=1000),
+            dict(section="logits", stats="tile", value_checks="1", fwd_gbs=2500.0, bwd_gbs=2700.0, full_gbs=2650.0)]
+    text = pd.report(rows, tune, defaults)
+    assert "HBM peak: 3350.0" in text
+    assert "PROPOSE (+32.5%): BLOCK_V_FWD = 1024, NUM_WARPS_FWD = 1, SPLIT_TAIL = True, STATS_STAGES = 2" in text
+    assert "keep the default (nothing leads it by more than 5%)" in text  # dL/dz: 2350 vs 2250 (4096 x 8)
+    assert "WARNING: 1 launches disagree" in text and "lanes 4096x4" in text
+    assert "1.120x" in text and "fwd+bwd 2650 GB/s (79.1% of HBM)" in text
+    assert "masked_rows=True: statistics 2000.0 GB/s" in text
+    assert "PROPOSE" not in pd.report(rows, None, defaults, margin=0.5)
+    assert "the default was not measured" in pd.report(rows[4:5], None, {**defaults, "NUM_WARPS_FWD": 2})
+    assert pd.current_defaults()["stats_loop"] == "tile"
