@@ -168,16 +168,15 @@ def main(argv=None) -> int:
         changes = [{}, dict(stats="lanes"), dict(stages=3), dict(split=not K.SPLIT_TAIL), dict(autotune=True),
                    dict(accum="fp32"), dict(budget_mb=5120), dict(single_pass=False), dict(preset="gspo"),
                    dict(preset="gspo", single_pass=False)]
-        defaults = (K.STATS_STAGES, K.SPLIT_TAIL)
         for change in changes:
             what = {**base, **change}
             os.environ["RLKERNELS_GRAD_WEIGHT_ACCUM"] = what["accum"]
             os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(what["budget_mb"])
             os.environ["RLKERNELS_STATS_KERNEL"] = what["stats"]
-            K.STATS_STAGES, K.SPLIT_TAIL = what["stages"], what["split"]
             os.environ["RLKERNELS_AUTOTUNE"] = "1" if what["autotune"] else "0"  # tunes during the warm-up calls
             try:
-                t, peak = timed(loss_step(config=what["preset"], single_pass=what["single_pass"]), clear=clear)
+                with K.override_defaults(STATS_STAGES=what["stages"], SPLIT_TAIL=what["split"]):
+                    t, peak = timed(loss_step(config=what["preset"], single_pass=what["single_pass"]), clear=clear)
                 row("loss", **what, ms=t, peak_mb=peak, extra_beyond_grads_mb=peak - grad_mb,
                     vs_3gemm=(t / gemm_total) if gemm_total else None)
             except Exception as exc:  # report and go on: the sweep is for tuning
@@ -186,7 +185,6 @@ def main(argv=None) -> int:
                 row("autotune", picks={str(k[0:1] + k[2:]): str(v) for k, v in autotune.tuned().items()})
             empty_cache()
         os.environ.pop("RLKERNELS_AUTOTUNE", None)
-        K.STATS_STAGES, K.SPLIT_TAIL = defaults
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_GRAD_WEIGHT_ACCUM", None)
         os.environ.pop("RLKERNELS_MEMORY_BUDGET_MB", None)
@@ -283,9 +281,6 @@ def main(argv=None) -> int:
                                              masked_rows=masked_rows), repeat=10)
             row("kernel", baseline=f"default tiles, masked_rows={masked_rows}", stats_gbs=nbytes / t_s / 1e6,
                 dlogits_gbs=2 * nbytes / t_d / 1e6)
-        knobs = ("BLOCK_V_FWD", "BLOCK_V_BWD", "BLOCK_V_LANES", "NUM_WARPS_FWD", "NUM_WARPS_BWD", "NUM_WARPS_LANES",
-                 "STATS_STAGES", "SPLIT_TAIL")
-        saved = {k: getattr(K, k) for k in knobs}
         # per tile x warps: the dL/dz kernel and both statistics loops with unmasked whole tiles (split) or every
         # tile masked, the split ones also at 2 and 3 pipeline stages (10 compiles per tile). The default first, then
         # one- and two-warp programs: a one-warp tile loop synchronises no warps (the default's takes 6 barriers per
@@ -293,24 +288,22 @@ def main(argv=None) -> int:
         # instructions per logit against the default's 10.8. In session 2's sweep the statistics kernel ran faster
         # with fewer warps at every tile.
         for block, warps in ((4096, 4), (1024, 1), (2048, 2), (2048, 1), (1024, 4), (4096, 8), (8192, 8)):
-            K.BLOCK_V_FWD = K.BLOCK_V_BWD = K.BLOCK_V_LANES = block
-            K.NUM_WARPS_FWD = K.NUM_WARPS_BWD = K.NUM_WARPS_LANES = warps
             fields = {}
             try:
-                K.STATS_STAGES, K.SPLIT_TAIL = 1, True
                 for split in (True, False):
-                    K.SPLIT_TAIL = split
+                    launch = K.LaunchConfig(block, warps, 1, split)
                     t_d, _ = timed(lambda: K.dlogits(zb, out, y, None, 1.0, 0, m, log_s, cs, g1, g2,
-                                                     masked_rows=False), repeat=10)
+                                                     masked_rows=False, launch=launch), repeat=10)
                     fields[f"dlogits_{'split' if split else 'masked'}_gbs"] = 2 * nbytes / t_d / 1e6
                 for split, stages in ((True, 1), (False, 1), (True, 2), (True, 3)):
-                    K.STATS_STAGES, K.SPLIT_TAIL = stages, split
+                    launch = K.LaunchConfig(block, warps, stages, split)
                     for loop in ("tile", "lanes"):
                         os.environ["RLKERNELS_STATS_KERNEL"] = loop
-                        m2, s2, c2, _ = K.logits_stats(zb, y, None, 1.0, masked_rows=False)
+                        m2, s2, c2, _ = K.logits_stats(zb, y, None, 1.0, masked_rows=False, launch=launch)
                         agree = float(max((m2 - m).abs().max(), ((s2 - s) / s).abs().max(),
                                           ((c2 - c) / s).abs().max()))
-                        t_s, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0, masked_rows=False), repeat=10)
+                        t_s, _ = timed(lambda: K.logits_stats(zb, y, None, 1.0, masked_rows=False, launch=launch),
+                                       repeat=10)
                         key = f"{loop}_{'split' if split else 'masked'}{stages}"
                         fields[f"{key}_gbs"] = nbytes / t_s / 1e6
                         fields[f"{key}_vs_ref"] = agree
@@ -318,8 +311,6 @@ def main(argv=None) -> int:
             except Exception as exc:
                 row("kernel", block_v=block, warps=warps, **fields, error=repr(exc)[:300])
             os.environ.pop("RLKERNELS_STATS_KERNEL", None)
-        for k, v in saved.items():
-            setattr(K, k, v)
         del zb, out
         empty_cache()
 

@@ -563,3 +563,40 @@ def test_autotuned_kernels_give_the_same_results(monkeypatch):
     for a, b in zip(tuned, plain):
         torch.testing.assert_close(a.cpu().float(), b.cpu().float(), rtol=1e-6, atol=1e-6)
     autotune.reset()
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_launch_argument_overrides_the_defaults(monkeypatch):
+    """A kernel call's ``launch=`` (bench/gpu_tune.py's sweep) replaces the default launch and leaves the module's
+    defaults as they were; the results match the default launch's. override_defaults restores the constants when
+    its block raises, and names only the tunable ones."""
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(6, 300, generator=g) * 3).to(DEVICE)
+    y = torch.randint(0, 300, (6,), generator=g).to(DEVICE)
+    before = (K.BLOCK_V_FWD, K.NUM_WARPS_FWD, K.BLOCK_V_BWD, K.NUM_WARPS_BWD, K.STATS_STAGES, K.SPLIT_TAIL)
+    launched = []
+    for name in ("_launch_stats", "_launch_dlogits"):
+        original = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _o=original: launched.extend(
+            x for x in a if isinstance(x, K.LaunchConfig)) or _o(*a))
+    m, s, c, zy = K.logits_stats(z, y, None, 1.0)
+    m2, s2, c2, zy2 = K.logits_stats(z, y, None, 1.0, launch=K.LaunchConfig(64, 1, 1, False))
+    for a, b in ((m, m2), (s, s2), (c, c2), (zy, zy2)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    log_s, cs = torch.log(s), c / s
+    g1, g2 = torch.randn(6, generator=g).to(DEVICE), torch.randn(6, generator=g).to(DEVICE)
+    d1 = K.dlogits(z, torch.empty_like(z), y, None, 1.0, 0, m, log_s, cs, g1, g2)
+    d2 = K.dlogits(z, torch.empty_like(z), y, None, 1.0, 0, m, log_s, cs, g1, g2, launch=K.LaunchConfig(32, 1, 1, True))
+    torch.testing.assert_close(d1, d2, rtol=1e-6, atol=1e-7)
+    assert launched == [K.stats_launch(False), K.LaunchConfig(64, 1, 1, False), K.dlogits_launch(),
+                        K.LaunchConfig(32, 1, 1, True)]
+    assert (K.BLOCK_V_FWD, K.NUM_WARPS_FWD, K.BLOCK_V_BWD, K.NUM_WARPS_BWD, K.STATS_STAGES, K.SPLIT_TAIL) == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with K.override_defaults(BLOCK_V_FWD=64, SPLIT_TAIL=not before[-1]):
+            assert (K.BLOCK_V_FWD, K.SPLIT_TAIL) == (64, not before[-1])
+            raise RuntimeError("inside")
+    assert (K.BLOCK_V_FWD, K.NUM_WARPS_FWD, K.BLOCK_V_BWD, K.NUM_WARPS_BWD, K.STATS_STAGES, K.SPLIT_TAIL) == before
+    with pytest.raises(KeyError, match="ROW_PAD"):
+        with K.override_defaults(ROW_PAD=8):
+            pass

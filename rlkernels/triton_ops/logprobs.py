@@ -17,6 +17,7 @@ without waiting for the label's.
 Sequence lengths, row counts, temperatures and offsets are runtime arguments; only the tile size and feature flags
 are ``constexpr``, so a new completion length does not recompile.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -254,6 +255,28 @@ def dlogits_launch() -> LaunchConfig:
     return LaunchConfig(BLOCK_V_BWD, NUM_WARPS_BWD, 1, SPLIT_TAIL)
 
 
+# the module constants above that bench/gpu_tune.py may change for a while (override_defaults)
+_TUNABLE = ("BLOCK_V_FWD", "NUM_WARPS_FWD", "BLOCK_V_BWD", "NUM_WARPS_BWD", "BLOCK_V_LANES", "NUM_WARPS_LANES",
+            "STATS_STAGES", "SPLIT_TAIL")
+
+
+@contextlib.contextmanager
+def override_defaults(**changes):
+    """Other launch defaults inside the ``with`` block, restored on exit even when it raises: how bench/gpu_tune.py
+    times a whole ``fused_grpo_loss`` with one default changed (a single kernel takes ``launch=`` instead). Names
+    not in the tunable set raise ``KeyError``."""
+    unknown = sorted(set(changes) - set(_TUNABLE))
+    if unknown:
+        raise KeyError(f"not a tunable launch default: {unknown}; these are: {_TUNABLE}")
+    module = globals()
+    saved = {k: module[k] for k in changes}
+    module.update(changes)
+    try:
+        yield
+    finally:
+        module.update(saved)
+
+
 def _row_sample(z: Tensor, rows: int) -> Tuple[Tensor, int]:
     """A leading slice of ``z`` with about autotune.SAMPLE_ROWS rows (whole batches of a 3-D tensor), and its rows."""
     if z.dim() == 2:
@@ -265,7 +288,7 @@ def _row_sample(z: Tensor, rows: int) -> Tuple[Tensor, int]:
 
 
 def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0,
-                 n_load: Optional[int] = None, masked_rows: bool = True):
+                 n_load: Optional[int] = None, masked_rows: bool = True, launch: Optional[LaunchConfig] = None):
     """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols), or (B, T, n_cols) with rows b T + t, whose column 0
     is vocabulary entry ``v_offset``.
 
@@ -276,6 +299,7 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     ``n_load``: how far each row may be read (default: its n_cols values), for a block whose rows are padded in
     memory that the caller owns (see :func:`padded_width`); the padding's contents are ignored.
     ``masked_rows``: labels may be negative (masked-out rows, skipped); False promises they are not.
+    ``launch``: this launch instead of the default (and of autotuning): bench/gpu_tune.py's sweep.
     """
     rows = _rows(z)[0]
     acc = _acc(z.dtype)
@@ -285,8 +309,8 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     temp, inv_t = _temperature_args(temperature, z)
     lanes = stats_kernel() == "lanes"
     n_load = _n_load(z, n_load)
-    cfg = stats_launch(lanes)
-    if autotune.enabled():
+    cfg = launch or stats_launch(lanes)
+    if launch is None and autotune.enabled():
         key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None,
                _temp_mode(temp, inv_t), z.dim(), masked_rows)
         zs, k = _row_sample(z, rows)
@@ -313,11 +337,11 @@ def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_
 
 def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int,
             m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor],
-            n_load: Optional[int] = None, masked_rows: bool = True) -> Tensor:
+            n_load: Optional[int] = None, masked_rows: bool = True, launch: Optional[LaunchConfig] = None) -> Tensor:
     """Write dL/dz of the block ``z`` (2-D or 3-D, as in :func:`logits_stats`) into ``out``, a row-major tensor of
     the same shape (may be ``z`` itself: each element is read before it is written by the same program). Returns
-    ``out``. ``n_load`` and ``masked_rows`` as in :func:`logits_stats`; the padding of ``out`` (then ``z`` itself) is
-    written with 0."""
+    ``out``. ``n_load``, ``masked_rows`` and ``launch`` as in :func:`logits_stats`; the padding of ``out`` (then ``z``
+    itself) is written with 0."""
     rows = _rows(z)[0]
     assert out.shape == z.shape and out.stride(-1) == 1 and (out.dim() == 2 or out.is_contiguous())
     if rows == 0:
@@ -325,8 +349,8 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
     temp, inv_t = _temperature_args(temperature, z)
     n_load = _n_load(z, n_load)
     vectors = (m, log_s, cs, g_logp, g_ent)
-    cfg = dlogits_launch()
-    if autotune.enabled():  # timed out of place on a slice: the block itself may be ``out``
+    cfg = launch or dlogits_launch()
+    if launch is None and autotune.enabled():  # timed out of place on a slice: the block itself may be ``out``
         key = ("dlogits", z.device, z.dtype, autotune.bucket(z.shape[-1]), bias is not None,
                _temp_mode(temp, inv_t),
                g_logp is not None, g_ent is not None, z.dim(), masked_rows)
