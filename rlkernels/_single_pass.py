@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .config import PolicyLossConfig, config_from_op_args, config_to_op_args
 from .engines import load_engine
+from .engines.autograd import _or_empty, _split_temperature
 from .engines.chunking import MIN_VOCAB_BLOCK, VOCAB_MULTIPLE, ChunkPlan, sequence_aligned
 from .engines.torch_engine import compute_dtype
 from .objective import Prepared, TokenBatch, token_loss
@@ -33,14 +34,6 @@ from .objective import Prepared, TokenBatch, token_loss
 # (TokenBatch.normalizer is left out: only ``prepare`` reads it, and the step constants are already made)
 _BATCH_TENSORS = ("mask", "seq_ids", "advantages", "old_logprobs", "ref_logprobs", "rollout_logprobs", "is_weights")
 _PREP_TENSORS = tuple(f.name for f in fields(Prepared))
-
-
-def _split_temperature(temperature) -> Tuple[Optional[Tensor], float]:
-    return (temperature, 1.0) if isinstance(temperature, Tensor) else (None, float(temperature))
-
-
-def _or_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(0) if x is None else x
 
 
 @contextlib.contextmanager

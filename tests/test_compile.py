@@ -20,6 +20,16 @@ def _args(p):
     return (p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], p["old_logprobs"], p["ref_logprobs"])
 
 
+def _assert_same(loss, metrics, g, loss_e, metrics_e, g_e):
+    """A compiled call's loss, gradients and metrics (the same keys) against eager's."""
+    assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
+    for a, b in zip(g, g_e):
+        assert_matches("grad", a, b, dtype=torch.float32)
+    assert metrics.keys() == metrics_e.keys()
+    for k in metrics_e:
+        assert_matches(k, metrics[k], metrics_e[k], dtype=torch.float32, scale=1.0)
+
+
 @pytest.mark.parametrize("config,kw", [("dapo", {}), ("gspo", {}), ("grpo", dict(kl_coef=0.05, entropy_coef=0.01)),
                                        ("cispo", dict(rollout_correction="none")),
                                        ("dapo", dict(top_entropy_quantile=0.6, entropy_coef=0.01)),
@@ -32,11 +42,7 @@ def test_fullgraph_matches_eager(backend, config, kw):
     g = grads(loss, leaves(p))
     loss_e, metrics_e = f(*_args(p))
     g_e = grads(loss_e, leaves(p))
-    assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
-    for a, b in zip(g, g_e):
-        assert_matches("grad", a, b, dtype=torch.float32)
-    for k in metrics_e:
-        assert_matches(k, metrics[k], metrics_e[k], dtype=torch.float32, scale=1.0)
+    _assert_same(loss, metrics, g, loss_e, metrics_e, g_e)
 
 
 class _PathSpy:
@@ -87,12 +93,7 @@ def test_compiled_single_pass(backend, monkeypatch, config, kw, problem):
     assert spy.calls == ["linear_fused"], spy.calls
     loss_e, metrics_e = f(*args, single_pass=False)
     g_e = grads(loss_e, leaves(p))
-    assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
-    for a, b in zip(g, g_e):
-        assert_matches("grad", a, b, dtype=torch.float32)
-    assert metrics.keys() == metrics_e.keys()
-    for k in metrics_e:
-        assert_matches(k, metrics[k], metrics_e[k], dtype=torch.float32, scale=1.0)
+    _assert_same(loss, metrics, g, loss_e, metrics_e, g_e)
 
 
 def test_compiled_single_pass_partial_grads(backend, monkeypatch):
@@ -127,11 +128,7 @@ def test_compiled_single_pass_sequence_ratio(backend, monkeypatch, config, chunk
     assert plan.vocab_blocked == blocked, plan
     loss_e, metrics_e = _loss_fn(config, backend, chunk_size=chunk, single_pass=False)(*_args(p))
     g_e = grads(loss_e, leaves(p))
-    assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
-    for a, b in zip(g, g_e):
-        assert_matches("grad", a, b, dtype=torch.float32)
-    for k in metrics_e:
-        assert_matches(k, metrics[k], metrics_e[k], dtype=torch.float32, scale=1.0)
+    _assert_same(loss, metrics, g, loss_e, metrics_e, g_e)
 
 
 def test_compiled_two_stage_where_the_single_pass_cannot_apply(backend, monkeypatch):
