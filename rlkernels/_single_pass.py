@@ -36,6 +36,13 @@ _BATCH_TENSORS = ("mask", "seq_ids", "advantages", "old_logprobs", "ref_logprobs
 _PREP_TENSORS = tuple(f.name for f in fields(Prepared))
 
 
+# the private dispatcher API _autograd_inside_op needs (torch >= 1.13 has it); without it, fused_grpo_loss takes the
+# two-stage path under compile, as before this op existed
+AVAILABLE = all(hasattr(torch._C, name) for name in (
+    "_ForceDispatchKeyGuard", "_dispatch_tls_local_exclude_set", "_dispatch_tls_local_include_set")) and all(
+    hasattr(torch._C.DispatchKey, key) for key in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor"))
+
+
 @contextlib.contextmanager
 def _autograd_inside_op():
     """Autograd back on inside a custom op's implementation, which the dispatcher runs with the autograd keys

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _inputs as I
+from ._single_pass import AVAILABLE as _COMPILED_SINGLE_PASS
 from ._single_pass import compiled_linear_fused_loss
 from .config import PolicyLossConfig, resolve_config
 from .engines import plan_chunks, resolve_backend
@@ -306,10 +307,13 @@ def fused_grpo_loss(
     # under torch.compile the single pass is a custom op (rlkernels._single_pass), which plans the chunks of whole
     # sequences that sequence-level ratios need itself; the tensor-parallel single pass stays eager-only
     compiling = I.compiling()
-    if single_pass and compiling and tp_group is not None:
-        raise ValueError("single_pass=True cannot run under torch.compile with a tp_group; leave single_pass=None")
+    if single_pass and compiling and (tp_group is not None or not _COMPILED_SINGLE_PASS):
+        raise ValueError("single_pass=True cannot run under torch.compile " + (
+            "with a tp_group" if tp_group is not None else f"on torch {torch.__version__} (its dispatcher lacks "
+            "what rlkernels._single_pass needs)") + "; leave single_pass=None")
     plan, why_not = call.plan, None
-    wanted = single_pass or (single_pass is None and wants_grad and not (compiling and tp_group is not None))
+    eager_only = tp_group is not None or not _COMPILED_SINGLE_PASS
+    wanted = single_pass or (single_pass is None and wants_grad and not (compiling and eager_only))
     if wanted and not separable and is_sequence_separable(cfg, batch):
         if compiling:  # the op cuts chunks of whole sequences (a sequence longer than one: vocabulary blocks)
             separable = True

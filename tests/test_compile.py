@@ -333,3 +333,19 @@ def test_masked_quantile_equals_torch_quantile(n, q):
     mask = torch.rand(50, generator=g) < 0.5
     compiled = torch.compile(_masked_quantile, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, mask, 0.3), torch.quantile(x[mask], 0.3), rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_single_pass_needs_the_dispatcher_api(backend, monkeypatch):
+    """Where torch lacks the dispatcher API the op uses to run autograd inside itself, fused_grpo_loss under compile
+    takes the two-stage path, and single_pass=True says why."""
+    import rlkernels.ops as ops
+
+    monkeypatch.setattr(ops, "_COMPILED_SINGLE_PASS", False)
+    torch._dynamo.reset()
+    p = make_problem(3, 9, 16, 37, dtype=torch.float32, seed=41)
+    spy = _PathSpy(monkeypatch, backend)
+    loss, _ = torch.compile(_loss_fn("dapo", backend), fullgraph=True, backend="aot_eager")(*_args(p))
+    loss.backward()
+    assert spy.calls == ["linear_forward", "linear_backward"], spy.calls
+    with pytest.raises(Exception, match="its dispatcher lacks"):
+        torch.compile(_loss_fn("dapo", backend, single_pass=True), fullgraph=True, backend="aot_eager")(*_args(p))
