@@ -349,3 +349,24 @@ def test_compiled_single_pass_needs_the_dispatcher_api(backend, monkeypatch):
     assert spy.calls == ["linear_forward", "linear_backward"], spy.calls
     with pytest.raises(Exception, match="its dispatcher lacks"):
         torch.compile(_loss_fn("dapo", backend, single_pass=True), fullgraph=True, backend="aot_eager")(*_args(p))
+
+
+@pytest.mark.parametrize("config", ["dapo", "gspo"])
+def test_compiled_single_pass_bf16_bias(backend, config):
+    """bf16 inputs with a bias through the compiled single pass: gradients in the inputs' dtype (as the op's fake
+    implementation says), equal to eager's single pass."""
+    torch._dynamo.reset()
+    p = make_problem(3, 9, 16, 37, dtype=torch.bfloat16, seed=43, bias=True)
+
+    def f(hidden, weight, bias, labels, advantages, mask, old):
+        return R.fused_grpo_loss(hidden, weight, labels, advantages, mask, bias=bias, old_logprobs=old, config=config,
+                                 backend=backend).loss
+
+    args = (p["hidden"], p["weight"], p["bias"], p["labels"], p["advantages"], p["mask"], p["old_logprobs"])
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    g = grads(loss, leaves(p))
+    loss_e = f(*args)
+    assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
+    for a, b in zip(g, grads(loss_e, leaves(p))):
+        assert a.dtype == torch.bfloat16
+        assert_matches("grad", a.float(), b.float(), dtype=torch.bfloat16)
