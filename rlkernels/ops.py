@@ -56,6 +56,9 @@ class _LinearCall:
                  extra_checks=None):
         self.tp_group, self.offset = tp_group, 0
         V = None
+        if tp_group is not None and I.compiling():
+            raise ValueError("tp_group: a vocab-sharded LM head runs in eager mode only (its shard checks and merges "
+                             "are collectives with host syncs); call this function outside torch.compile")
         if tp_group is not None:  # a collective first, before anything that could fail on one rank only
             from .distributed import shard_offset
 
@@ -147,7 +150,8 @@ def fused_logprobs(
             and return 0 with zero gradient.
         tp_group: a ``torch.distributed`` group over which the LM head is vocab-sharded: ``weight`` (and ``bias``) is
             this rank's contiguous ``V/W`` rows, labels are global ids, hidden states are replicated. Every rank gets
-            the full-vocabulary ``logp``/``entropy``; ``grad_weight`` is this rank's shard.
+            the full-vocabulary ``logp``/``entropy``; ``grad_weight`` is this rank's shard. Eager mode only (under
+            torch.compile: ValueError).
         reduce_hidden_grad: with ``tp_group``, all-reduce ``grad_hidden`` over the group (False leaves each rank's
             partial sum, for frameworks that reduce it themselves).
 
@@ -277,8 +281,8 @@ def fused_grpo_loss(
             token-separable and gradients are needed (3 GEMMs instead of 4); for sequence-level ratios (GSPO,
             LUSPO) too when every sequence's kept tokens fit in one row chunk (the chunks then end at sequence
             boundaries); ``False`` forces the two-stage path; ``True`` requires the single pass. Under
-            ``torch.compile`` the single pass applies to token-separable objectives and sequence-level ratios (not
-            with ``tp_group``); a sequence longer than a row chunk then takes vocabulary blocks (4 GEMMs).
+            ``torch.compile`` the single pass applies to token-separable objectives and sequence-level ratios; a
+            sequence longer than a row chunk then takes vocabulary blocks (4 GEMMs).
         tp_group, reduce_hidden_grad: a vocab-sharded LM head (see :func:`fused_logprobs`); the objective runs on
             every rank on the merged full-vocabulary log-probs, in the single pass too (each row chunk's statistics
             merged across the group by two small all-reduces before its gradients are formed).
@@ -305,15 +309,13 @@ def fused_grpo_loss(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     # under torch.compile the single pass is a custom op (rlkernels._single_pass), which plans the chunks of whole
-    # sequences that sequence-level ratios need itself; the tensor-parallel single pass stays eager-only
+    # sequences that sequence-level ratios need itself (tp_group is eager-only: _LinearCall refused it)
     compiling = I.compiling()
-    if single_pass and compiling and (tp_group is not None or not _COMPILED_SINGLE_PASS):
-        raise ValueError("single_pass=True cannot run under torch.compile " + (
-            "with a tp_group" if tp_group is not None else f"on torch {torch.__version__} (its dispatcher lacks "
-            "what rlkernels._single_pass needs)") + "; leave single_pass=None")
+    if single_pass and compiling and not _COMPILED_SINGLE_PASS:
+        raise ValueError(f"single_pass=True cannot run under torch.compile on torch {torch.__version__} (its "
+                         "dispatcher lacks what rlkernels._single_pass needs); leave single_pass=None")
     plan, why_not = call.plan, None
-    eager_only = tp_group is not None or not _COMPILED_SINGLE_PASS
-    wanted = single_pass or (single_pass is None and wants_grad and not (compiling and eager_only))
+    wanted = single_pass or (single_pass is None and wants_grad and not (compiling and not _COMPILED_SINGLE_PASS))
     if wanted and not separable and is_sequence_separable(cfg, batch):
         if compiling:  # the op cuts chunks of whole sequences (a sequence longer than one: vocabulary blocks)
             separable = True

@@ -291,3 +291,24 @@ def test_readme_scale_out_example_runs():
     assert run.returncode == 0, run.stderr[-3000:]
     diffs = [float(x) for x in re.findall(r"difference(?: to the full-batch gradient)? ([0-9.e+-]+)", run.stdout)]
     assert len(diffs) == 4 and max(diffs) < 1e-5, run.stdout
+
+
+def _compile_refused_worker(rank):
+    p = _problem(seed=5)
+    hidden, weight, _ = _shard(p, rank)[2]
+    for fn in (lambda h, w: R.fused_grpo_loss(h, w, p["labels"], p["advantages"], p["mask"], config="dapo",
+                                              tp_group=dist.group.WORLD).loss,
+               lambda h, w: R.fused_logprobs(h, w, p["labels"], tp_group=dist.group.WORLD)):
+        torch._dynamo.reset()
+        try:
+            torch.compile(fn, fullgraph=True, backend="aot_eager")(hidden, weight)
+        except Exception as exc:  # dynamo wraps the ValueError
+            assert "tp_group: a vocab-sharded LM head runs in eager mode only" in str(exc), str(exc)[:500]
+        else:
+            raise AssertionError("a tp_group call under torch.compile was not refused")
+
+
+def test_tensor_parallel_under_compile_is_refused():
+    """A vocab-sharded LM head under torch.compile gets a ValueError naming tp_group, on every rank, before any
+    collective (its shard checks and merges need host syncs), instead of a dynamo error from inside them."""
+    _launch(_compile_refused_worker)
