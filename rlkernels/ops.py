@@ -315,7 +315,8 @@ def fused_grpo_loss(
         raise ValueError(f"single_pass=True cannot run under torch.compile on torch {torch.__version__} (its "
                          "dispatcher lacks what rlkernels._single_pass needs); leave single_pass=None")
     plan, why_not = call.plan, None
-    wanted = single_pass or (single_pass is None and wants_grad and not (compiling and not _COMPILED_SINGLE_PASS))
+    can = _COMPILED_SINGLE_PASS or not compiling  # the single pass can run here
+    wanted = single_pass or (single_pass is None and wants_grad and can)
     if wanted and not separable and is_sequence_separable(cfg, batch):
         if compiling:  # the op cuts chunks of whole sequences (a sequence longer than one: vocabulary blocks)
             separable = True

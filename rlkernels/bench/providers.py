@@ -206,7 +206,7 @@ class RlkernelsCompileProvider(RlkernelsProvider):
         super().__init__(engine)
         self.name = f"rlkernels-{engine}-compile"
         self.description = f"torch.compile(fullgraph=True) of the rlkernels public API with backend={engine!r}"
-        self._compiled: Dict[str, Callable] = {}
+        self._compiled: Dict[Tuple[str, Any], Callable] = {}  # (op, config of the grpo op) -> compiled wrapper
 
     def unavailable(self, case):
         if case.op == "advantages":
