@@ -2,6 +2,7 @@
 streaming kernel needs: no register spills, 16-byte loads of the logits, enough resident warps per SM to keep loads
 in flight, and exponentials without the range fix-up. (Timings need the GPU: bench/device_check.sh.)"""
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -62,3 +63,17 @@ def test_statistics_loop_instruction_budget():
     more each) and it multiplied every logit by 1/T = 1."""
     report = aot.compile_variant(next(v for v in VARIANTS if v.name == "stats tile (hidden+W path)"))
     assert report.instructions_per_logit <= 12.0, report.row()
+
+
+@pytest.mark.parametrize("name", ["stats tile, fp64", "dlogits fp64"])
+def test_fp64_kernels_floor_at_the_exact_constant(name):
+    """A bare float literal compiles to an fp32 constant: in the fp64 kernels the floor of -inf logits was
+    -1.0000000200408773e20 while the running max started at the fp64 -1e20, so a row of -inf logits summed to
+    exp(-2e12) = 0 (its log-prob NaN) on the H100, while the interpreter, which keeps fp64, passed. The PTX holds
+    the floor as the fp64 -1e20 only."""
+    import struct
+
+    text = aot.ptx(next(v for v in VARIANTS if v.name == name))
+    literal = lambda x: "0d" + struct.pack(">d", x).hex().upper()  # noqa: E731  (PTX's fp64 literal syntax)
+    assert literal(-1e20) in text
+    assert literal(float(torch.tensor(-1e20, dtype=torch.float32))) not in text

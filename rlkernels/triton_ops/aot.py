@@ -142,10 +142,12 @@ def variants() -> List[Variant]:
     stats("lanes, (B,T,V) masked rows", lanes=True, rows_3d=True)
     stats("tile, fp64", dtype="*fp64", acc=tl.float64)
 
-    def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, temp=NO_T, unaligned=(), split=None):
+    def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, temp=NO_T, unaligned=(), split=None,
+                dtype="*bf16", acc=tl.float32):
         cfg = K.dlogits_launch()
-        out.append(Variant(f"dlogits {name}", K._dlogits_kernel, _dlogits_signature(),
-                           dict(HAS_BIAS=bias, TEMP=temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=tl.float32,
+        out.append(Variant(f"dlogits {name}", K._dlogits_kernel,
+                           _dlogits_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
+                           dict(HAS_BIAS=bias, TEMP=temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=acc,
                                 BLOCK_V=cfg.block_v, ROWS_3D=rows_3d,
                                 SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=rows_3d),
                            cfg.num_warps, tuple(a for a in _DLOGITS_ALIGNED if a not in unaligned)))
@@ -157,6 +159,7 @@ def variants() -> List[Variant]:
     dlogits("T = 0.7", temp=SCALAR_T)
     dlogits("bias, per-token T", bias=True, temp=ROW_T)
     dlogits("per-token T, (B,T,V) masked rows", temp=ROW_T, rows_3d=True)
+    dlogits("fp64", dtype="*fp64", acc=tl.float64)
 
     for method, code in (("grpo", A.GRPO), ("passk", A.PASSK)):
         for contiguous in (True, False):
@@ -194,8 +197,7 @@ def _whole_tile_path(sass: str) -> int:
     return ends[0] + 1
 
 
-def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
-    """Compile ``v`` for ``sm_<arch>`` and read its resources back from the cubin."""
+def _compile(v: Variant, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -209,7 +211,17 @@ def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in v.aligned}
     src = ASTSource(v.kernel, signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": v.num_warps, "enable_fp_fusion": True}  # fusion on: Triton 3.6's default on the GPUs
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def ptx(v: Variant, arch: int = TARGET_ARCH) -> str:
+    """The PTX of ``v`` for ``sm_<arch>`` (the tests read constants from it)."""
+    return _compile(v, arch).asm["ptx"]
+
+
+def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
+    """Compile ``v`` for ``sm_<arch>`` and read its resources back from the cubin."""
+    compiled = _compile(v, arch)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")

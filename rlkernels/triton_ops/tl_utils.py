@@ -14,6 +14,14 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def logit_floor(ACC: tl.constexpr):
+    """LOGIT_FLOOR in ``ACC``, exactly. A bare float literal is compiled as an fp32 constant, so in fp64 it would be
+    -1.0000000200408773e20, below the state's fp64 -1e20: a whole -inf row (every logit floored) would then sum to
+    exp(-2e12) = 0 instead of V, and its log-prob would be NaN (seen on the H100; the interpreter keeps fp64)."""
+    return tl.full((), LOGIT_FLOOR, ACC)
+
+
+@triton.jit
 def fast_exp(x):
     """e^x. fp32: 2^(x log2 e) on ``ex2.approx.ftz``, the hardware exponential that ``tl.exp`` also ends in, minus
     the range fix-up that its non-ftz form costs (a compare and two multiplies per element on sm_90): results below
@@ -80,7 +88,7 @@ def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HA
             z += tl.load(bias_ptr + cols).to(ACC)
     if TEMP != TEMP_NONE:
         z = z * inv_t
-    return tl.maximum(z, LOGIT_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    return tl.maximum(z, logit_floor(ACC), propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -91,7 +99,7 @@ def online_lse_update(m, s, c, z, col_mask, MASKED: tl.constexpr):
     MASKED: only the columns in ``col_mask`` count (a floored column would add exp(0) = 1 to a row of -inf).
     """
     if MASKED:
-        tile_max = tl.max(tl.where(col_mask, z, LOGIT_FLOOR), axis=0)
+        tile_max = tl.max(tl.where(col_mask, z, logit_floor(z.dtype)), axis=0)
     else:
         tile_max = tl.max(z, axis=0)
     m_new = tl.maximum(m, tile_max)
