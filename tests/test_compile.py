@@ -5,7 +5,7 @@ import torch
 
 import rlkernels as R
 
-from conftest import BACKENDS, DEVICE, assert_matches, grads, leaves, make_problem, stable_seed
+from conftest import BACKENDS, DEVICE, TOLERANCES, assert_matches, grads, leaves, make_problem, stable_seed
 
 
 def _loss_fn(config, backend, **kw):
@@ -369,4 +369,8 @@ def test_compiled_single_pass_bf16_bias(backend, config):
     assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
     for a, b in zip(g, grads(loss_e, leaves(p))):
         assert a.dtype == torch.bfloat16
-        assert_matches("grad", a.float(), b.float(), dtype=torch.bfloat16)
+        # two bf16 results, each rounded once from fp32 sums that may differ in their last bits (the GEMMs of the
+        # two paths may run different cuBLAS kernels: one element in 592 came out one bf16 step apart on the H100):
+        # the allowance is the table's plus one bf16 step (2^-7 relative at most) of each element
+        scale = float(b.float().abs().max())
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=TOLERANCES[torch.bfloat16]["atol"] * scale)
