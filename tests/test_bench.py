@@ -391,3 +391,29 @@ def test_pick_defaults_reads_a_sweep():
     assert "PROPOSE" not in pd.report(rows, None, defaults, margin=0.5)
     assert "the default was not measured" in pd.report(rows[4:5], None, {**defaults, "NUM_WARPS_FWD": 2})
     assert pd.current_defaults()["stats_loop"] == "tile"
+
+
+def test_the_logits_op_times_calls_without_an_old_gradient(monkeypatch):
+    """The logits op's timed calls start with no ``.grad`` (dropped in the untimed setup, so that its backward is not
+    followed by an add into the last call's gradient: 3 passes over N x V more than the op makes); the linear ops'
+    calls keep accumulating into theirs. Recorded at every backward, warm-up and timed calls alike."""
+    from rlkernels.bench import harness
+
+    seen = {}
+    real = providers.AutogradRunner.backward
+
+    def backward(self, state):
+        seen.setdefault(self.case.op, []).append(all(leaf.grad is None for leaf in self.leaves.values()))
+        real(self, state)
+    monkeypatch.setattr(providers.AutogradRunner, "backward", backward)
+    settings = harness.Settings(warmup=2, repeat=3, check=False)
+    for op in ("logits", "grpo"):
+        for mode in ("full", "bwd"):
+            seen.clear()
+            case = Case(op=op, mode=mode, shape=resolve_shape("cpu-small", 16, 8, 16, 64))
+            row = harness.run_case(case, "eager", settings)
+            assert row["status"] == "ok", row
+            calls = seen[op]
+            assert len(calls) == 1 + 1 + 3  # the first call, one more warm-up, three timed
+            want = [True] + [op == "logits"] * 4  # the first call starts afresh (zero_grad) in every op
+            assert calls == want, (op, mode, calls)

@@ -22,7 +22,7 @@ import torch
 
 from . import measure
 from .providers import EagerProvider, Provider, Runner, drain_notes, get_provider
-from .workloads import Case, compare, describe_failure, fingerprint, make_inputs, upcast, work_model
+from .workloads import FRESH_GRAD_OPS, Case, compare, describe_failure, fingerprint, make_inputs, upcast, work_model
 
 
 @dataclass(frozen=True)
@@ -40,21 +40,29 @@ class Settings:
         return asdict(self)
 
 
-def steps(runner: Runner, mode: str) -> Tuple[Optional[Callable[[], Any]], Callable[[Any], Any]]:
-    """``(setup, step)`` for ``mode``: only ``step`` is timed; both return the runner state."""
+def steps(runner: Runner, mode: str, fresh_grads: bool = False
+          ) -> Tuple[Optional[Callable[[], Any]], Callable[[Any], Any]]:
+    """``(setup, step)`` for ``mode``: only ``step`` is timed; both return the runner state. ``fresh_grads``: the
+    untimed setup drops the gradients first, so that the call's backward hands its gradient over instead of adding
+    it into the last call's (see :data:`rlkernels.bench.workloads.FRESH_GRAD_OPS`)."""
     if mode == "fwd" or not runner.has_backward:
         return None, lambda _: runner.forward()
     if mode == "bwd":
+        def forward():
+            if fresh_grads:
+                runner.zero_grad()
+            return runner.forward()
+
         def backward(state):
             runner.backward(state)
             return state
-        return runner.forward, backward
+        return forward, backward
 
     def full(_):
         state = runner.forward()
         runner.backward(state)
         return state
-    return None, full
+    return (runner.zero_grad if fresh_grads else None), full
 
 
 def _run_once(provider: Provider, case: Case, inputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -121,7 +129,7 @@ def run_case(case: Case, provider_name: str, settings: Settings) -> Dict[str, An
         inputs = make_inputs(case, logprob_inputs=provider.checked, cache_dir=settings.cache_dir)
         row.update(work_model(case, inputs["kept"]))
         runner = provider.runner(case, inputs)
-        setup, step = steps(runner, case.mode)
+        setup, step = steps(runner, case.mode, fresh_grads=case.op in FRESH_GRAD_OPS)
         runner.zero_grad()
         state = step(setup() if setup else None)
         measure.sync(case.device)

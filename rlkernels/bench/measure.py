@@ -6,7 +6,9 @@ Results are the median and the 20th/80th percentiles.
 
 Peak memory is the largest transient peak of the timed calls, each above what is alive before it: the inputs and
 the gradient buffers, which the first (warm-up) call allocates and later calls accumulate into. So a fresh gradient
-a provider produces and autograd then adds into ``.grad`` counts as transient, for every provider alike. The probe
+a provider produces and autograd then adds into ``.grad`` counts as transient, for every provider alike. (The logits
+op drops its gradient in the untimed setup, after the probe's baseline: the call's new gradient takes the place of the
+one freed, and only what the call holds beyond it counts; see ``FRESH_GRAD_OPS``.) The probe
 works outside the timed interval (a counter reset before the call, a read after), so it does not change the times.
 
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus ``memory_allocated()``
