@@ -3,11 +3,11 @@
 #
 #     OUT=/some/dir bash bench/device_check.sh          # grpo llama logprobs tests tune kernels
 #
-# The default steps' limits add up to 850 s, more than one 10-minute device call: run it with the call's limit
-# (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after every row), or name fewer
-# STEPS. The default order puts first what the Triton engine issue's targets are judged on (the grpo op at both
-# shapes, the logits op's bandwidth, the GPU test suite: limits 550 s together; session 2 measured 101 + 49 s for
-# grpo and tests, before the compile tests grew: 37 s on the CPU per engine now), then the tuning sweeps.
+# The default steps' limits add up to 850 s, more than one 10-minute device call; on an H100 (2026-11-26) they took
+# 400 s: tests 85-90, grpo 84, llama 82, logprobs 75, tune 25, kernels 37-41 (compile, opt-in: 142). Run it with
+# the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after every row),
+# or name fewer STEPS. The default order puts first what the Triton engine issue's targets are judged on (the grpo
+# op at both shapes, the logits op's bandwidth, the GPU test suite), then the tuning sweeps.
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
