@@ -1,13 +1,16 @@
 """Read a GPU run's tuning rows and say which launch defaults of ``rlkernels/triton_ops/logprobs.py`` they support.
 
     python bench/pick_defaults.py bench/results/gpu-h100/kernels-<gpu>.json [bench/results/gpu-h100/tune-<gpu>.json]
+        [--also bench/results/gpu-h100/run1-kernels-<gpu>.json ...]
 
 The rows are ``bench/gpu_tune.py``'s (``device_check.sh`` writes them as ``kernels-<gpu>.json`` and
 ``tune-<gpu>.json``). For each kernel it ranks every measured launch by GB/s (the byte model: the statistics kernel
 reads the block once, dL/dz reads and writes it), shows it beside PyTorch's own read (``amax``) and read + write
 (``copy_``) of the same block and beside the HBM peak, and proposes a change to a module constant only where the best
 launch beats today's default by more than ``--margin`` (default 5%: one sweep's spread between neighbouring launches;
-a smaller lead is noise until a second run repeats it). It edits nothing: the constants and their comments are set by
+a smaller lead is noise until a second run repeats it). With ``--also`` (other runs' kernel sweeps) each launch is
+ranked by its mean over the runs, and a change is proposed only where the best leads the default by more than the
+margin on the mean and leads it in every run. It edits nothing: the constants and their comments are set by
 hand, with the numbers this prints. The loss rows of the tune file are summarised against the 3 GEMMs.
 
 HBM peaks by the GPU's name (GB/s): H100 SXM 3350, H200 4800.
@@ -58,6 +61,24 @@ def launches(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[Dic
     return stats, dlogits
 
 
+def _identity(launch: Dict[str, Any]) -> Tuple:
+    return tuple(sorted((k, v) for k, v in launch.items() if k not in ("gbs", "vs_ref", "runs")))
+
+
+def merge_runs(runs: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """One launch list from several runs' lists: each launch measured in every run, with ``gbs`` its mean and
+    ``runs`` the per-run values (a launch missing from a run is left out: it cannot be compared there)."""
+    by_run = [{_identity(x): x for x in launches_of_run} for launches_of_run in runs]
+    merged = []
+    for key, first in by_run[0].items():
+        if all(key in run for run in by_run):
+            values = [run[key]["gbs"] for run in by_run]
+            worst = max((run[key].get("vs_ref") for run in by_run if run[key].get("vs_ref") is not None),
+                        default=first.get("vs_ref"))
+            merged.append({**first, "gbs": sum(values) / len(values), "runs": values, "vs_ref": worst})
+    return merged
+
+
 def baselines(rows: List[Dict[str, Any]]) -> Dict[str, float]:
     return {str(r["baseline"]): float(r["gbs"]) for r in rows
             if r.get("section") == "kernel" and "baseline" in r and r.get("gbs") is not None}
@@ -74,6 +95,8 @@ def propose(ranked: List[Dict[str, Any]], default: Dict[str, Any], margin: float
     best = ranked[0] if ranked else None
     if best is None or current is None or best is current or best["gbs"] <= current["gbs"] * (1 + margin):
         return current, None
+    if any(b <= c for b, c in zip(best.get("runs", []), current.get("runs", []))):
+        return current, None  # the mean lead is one run's: another run has the default ahead
     return current, best
 
 
@@ -91,21 +114,29 @@ def _table(ranked: List[Dict[str, Any]], keys: List[str], peak: Optional[float],
         cols = " ".join(f"{k}={x[k]}" for k in keys)
         pct = f"  {100 * x['gbs'] / peak:5.1f}% of HBM" if peak else ""
         vs = f"  {100 * x['gbs'] / ceiling:5.1f}% of torch's" if ceiling else ""
-        out.append(f"  {x['gbs']:8.1f} GB/s{pct}{vs}  {cols}")
+        runs = ("  runs " + ", ".join(f"{v:.0f}" for v in x["runs"])) if len(x.get("runs", [])) > 1 else ""
+        out.append(f"  {x['gbs']:8.1f} GB/s{pct}{vs}  {cols}{runs}")
     return out
 
 
 def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str, Any]]], defaults: Dict[str, Any],
-           margin: float = 0.05, top: int = 8) -> str:
-    """The text this script prints (a function, so that tests can read it)."""
+           margin: float = 0.05, top: int = 8, other_runs: Optional[List[List[Dict[str, Any]]]] = None) -> str:
+    """The text this script prints (a function, so that tests can read it). ``other_runs``: more kernel sweeps of
+    the same GPU, merged launch by launch (:func:`merge_runs`); the baselines printed are the first run's."""
     peak = hbm_peak(kernel_rows) or (hbm_peak(tune_rows) if tune_rows else None)
     base = baselines(kernel_rows)
     read = next((v for k, v in base.items() if k.startswith("torch.amax")), None)
     copy = next((v for k, v in base.items() if k.startswith("copy_")), None)
     stats, dlogits = launches(kernel_rows)
+    if other_runs:
+        more = [launches(rows) for rows in other_runs]
+        stats = merge_runs([stats] + [m[0] for m in more])
+        dlogits = merge_runs([dlogits] + [m[1] for m in more])
     stats.sort(key=lambda x: -x["gbs"])
     dlogits.sort(key=lambda x: -x["gbs"])
     lines = [f"HBM peak: {peak or 'unknown'} GB/s; torch.amax read: {read} GB/s; copy_ read + write: {copy} GB/s"]
+    if other_runs:
+        lines.append(f"{1 + len(other_runs)} runs merged: GB/s is each launch's mean, then the runs' values")
 
     lines.append("statistics kernel (reads the block), best first:")
     lines += _table(stats, ["loop", "block_v", "warps", "split", "stages"], peak, read, top)
@@ -128,14 +159,13 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
 
     lines.append("dL/dz kernel (reads and writes the block), best first:")
     lines += _table(dlogits, ["block_v", "warps", "split"], peak, copy, top)
-    want = {"block_v": defaults["BLOCK_V_BWD"], "warps": defaults["NUM_WARPS_BWD"], "split": defaults["SPLIT_TAIL"]}
+    want = {"block_v": defaults["BLOCK_V_BWD"], "warps": defaults["NUM_WARPS_BWD"], "split": defaults["SPLIT_TAIL_BWD"]}
     current, better = propose(dlogits, want, margin)
     lines.append(f"  default {want}: " + (f"{current['gbs']:.1f} GB/s" if current else "not measured"))
     if better:
         lead = 100 * (better["gbs"] / current["gbs"] - 1)
         lines.append(f"  PROPOSE (+{lead:.1f}%): BLOCK_V_BWD = {better['block_v']}, NUM_WARPS_BWD = "
-                     f"{better['warps']}" + (f", SPLIT_TAIL = {better['split']} (shared with the statistics kernel)"
-                                             if better["split"] != defaults["SPLIT_TAIL"] else ""))
+                     f"{better['warps']}, SPLIT_TAIL_BWD = {better['split']}")
     else:
         lines.append(_keep(current, dlogits, margin))
 
@@ -168,7 +198,8 @@ def current_defaults() -> Dict[str, Any]:
     from rlkernels.triton_ops import logprobs as K
 
     return dict(BLOCK_V_FWD=K.BLOCK_V_FWD, NUM_WARPS_FWD=K.NUM_WARPS_FWD, BLOCK_V_BWD=K.BLOCK_V_BWD,
-                NUM_WARPS_BWD=K.NUM_WARPS_BWD, SPLIT_TAIL=K.SPLIT_TAIL, STATS_STAGES=K.STATS_STAGES,
+                NUM_WARPS_BWD=K.NUM_WARPS_BWD, SPLIT_TAIL=K.SPLIT_TAIL, SPLIT_TAIL_BWD=K.SPLIT_TAIL_BWD,
+                STATS_STAGES=K.STATS_STAGES,
                 stats_loop=K.STATS_KERNELS[0])
 
 
@@ -176,11 +207,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("kernels", help="kernels-<gpu>.json (gpu_tune --only kernel)")
     p.add_argument("tune", nargs="?", help="tune-<gpu>.json (gpu_tune --skip kernel), optional")
+    p.add_argument("--also", action="append", default=[], metavar="KERNELS_JSON",
+                   help="another run's kernels JSON (repeatable): launches ranked by their mean over the runs")
     p.add_argument("--margin", type=float, default=0.05, help="lead over the default needed to propose a change")
     p.add_argument("--top", type=int, default=8, help="launches listed per kernel")
     args = p.parse_args(argv)
     print(report(load_rows(args.kernels), load_rows(args.tune) if args.tune else None, current_defaults(),
-                 args.margin, args.top))
+                 args.margin, args.top, [load_rows(path) for path in args.also]))
     return 0
 
 

@@ -368,7 +368,7 @@ def test_pick_defaults_reads_a_sweep():
     loss and logits rows."""
     pd = _pick_defaults()
     defaults = dict(BLOCK_V_FWD=4096, NUM_WARPS_FWD=4, BLOCK_V_BWD=4096, NUM_WARPS_BWD=8, SPLIT_TAIL=True,
-                    STATS_STAGES=1, stats_loop="tile")
+                    SPLIT_TAIL_BWD=True, STATS_STAGES=1, stats_loop="tile")
     rows = [dict(section="env", gpu="NVIDIA H100 80GB HBM3"),
             dict(section="kernel", baseline="torch.amax (read)", ms=0.3, gbs=3000.0),
             dict(section="kernel", baseline="copy_ (read + write)", ms=0.6, gbs=2900.0),
@@ -417,3 +417,26 @@ def test_the_logits_op_times_calls_without_an_old_gradient(monkeypatch):
             assert len(calls) == 1 + 1 + 3  # the first call, one more warm-up, three timed
             want = [True] + [op == "logits"] * 4  # the first call starts afresh (zero_grad) in every op
             assert calls == want, (op, mode, calls)
+
+
+def test_pick_defaults_merges_runs():
+    """With other runs' sweeps (--also) each launch is ranked by its mean; a change is proposed only where the best
+    leads the default on the mean by more than the margin and in every run; a launch missing from a run drops out."""
+    pd = _pick_defaults()
+    defaults = dict(BLOCK_V_FWD=4096, NUM_WARPS_FWD=4, BLOCK_V_BWD=4096, NUM_WARPS_BWD=8, SPLIT_TAIL=True,
+                    SPLIT_TAIL_BWD=True, STATS_STAGES=1, stats_loop="tile")
+
+    def run(default_gbs, other_gbs, extra=None):
+        rows = [dict(section="env", gpu="NVIDIA H100 80GB HBM3"),
+                dict(section="kernel", block_v=4096, warps=8, dlogits_split_gbs=default_gbs),
+                dict(section="kernel", block_v=8192, warps=8, dlogits_masked_gbs=other_gbs)]
+        if extra:
+            rows.append(dict(section="kernel", block_v=1024, warps=1, dlogits_split_gbs=extra))
+        return rows
+
+    both = pd.report(run(2500.0, 2700.0, extra=9999.0), None, defaults, other_runs=[run(2500.0, 2650.0)])
+    assert "2 runs merged" in both and "runs 2700, 2650" in both
+    assert "PROPOSE (+7.0%): BLOCK_V_BWD = 8192, NUM_WARPS_BWD = 8, SPLIT_TAIL_BWD = False" in both
+    assert "9999" not in both  # measured in one run only
+    one = pd.report(run(2500.0, 3000.0), None, defaults, other_runs=[run(2500.0, 2450.0)])  # mean +9%, one run behind
+    assert "PROPOSE" not in one and "keep the default" in one

@@ -465,6 +465,7 @@ def test_padded_block_rows(monkeypatch, split, n_cols):
     the padded width and ignore what the padding holds (NaN here), dL/dz in place leaves 0 there, and the results
     equal those of an unpadded block, with unmasked whole tiles (split) or every tile masked."""
     monkeypatch.setattr(K, "SPLIT_TAIL", split)
+    monkeypatch.setattr(K, "SPLIT_TAIL_BWD", split)
     monkeypatch.setattr(K, "BLOCK_V_FWD", 128)
     monkeypatch.setattr(K, "BLOCK_V_BWD", 128)
     g = torch.Generator().manual_seed(n_cols)

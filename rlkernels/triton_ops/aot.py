@@ -154,7 +154,7 @@ def variants() -> List[Variant]:
 
     dlogits("logp + entropy")
     dlogits("V odd, padded block", unaligned=_ODD_V)
-    dlogits("every tile masked", split=False)
+    dlogits("whole tiles unmasked (split tail)", split=True)
     dlogits("logp only", gent=False)
     dlogits("T = 0.7", temp=SCALAR_T)
     dlogits("bias, per-token T", bias=True, temp=ROW_T)

@@ -31,14 +31,15 @@ from . import autotune
 from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, dlogits_tile, load_scaled_logits, merge_lanes,
                        online_lse_step, row_inv_temperature, row_kept, row_offset)
 
-# Tiles and warps from one sweep on an H100 (bench/gpu_tune.py, 2026-11-26; bench/results/gpu-h100/), over one
-# 2048 x 152064 bf16 block: the statistics kernel read 1600 GB/s at 4096 x 4 warps, its best (1275 GB/s at the
-# former 2048 x 8); the dL/dz kernel moved 2226-2282 GB/s at tiles of 4096 and 8192 with 4-16 warps (2262 at
-# 4096 x 8), 1997-2242 at 2048, and 2376 at 1024 x 4, a 5% lead from a single sweep, to be confirmed before
-# switching to it.
+# Tiles and warps from the H100 sweeps (bench/gpu_tune.py; bench/results/gpu-h100/). The statistics kernel: 4096 x 4
+# warps, first chosen from session 2's sweep (1600 GB/s, its best; 1275 at the former 2048 x 8); in session 7's two
+# sweeps over a 4096 x 152064 bf16 block (each launch timed alone) it read 2401 and 2445 GB/s, 87-94% of torch.amax's
+# read of the block, and no launch led it by 5% in both. The dL/dz kernel: 8192 x 8 warps with every tile masked
+# (SPLIT_TAIL_BWD = False) moved 2672 and 2642 GB/s in those sweeps against 2532 and 2489 for the former 4096 x 8
+# with the split tail: a 5.8% lead on the mean, ahead in both runs (`python bench/pick_defaults.py` with --also).
 BLOCK_V_FWD = 4096
 NUM_WARPS_FWD = 4
-BLOCK_V_BWD = 4096
+BLOCK_V_BWD = 8192
 NUM_WARPS_BWD = 8
 # The lanes loop keeps three fp32 vectors of BLOCK_V lanes: at 4096 x 4 warps the sm_90 compile
 # (rlkernels.triton_ops.aot, Triton 3.9) needed 127 registers per thread with every tile masked (16 resident warps per
@@ -49,7 +50,8 @@ BLOCK_V_LANES = 1024
 NUM_WARPS_LANES = 4
 # Software pipelining of the statistics loop (tl.range num_stages): 1 = none, the measured default; 2-3 stream the
 # next tiles through shared memory with cp.async while this one is reduced (8-16 KiB per program at 4096 columns).
-# Not yet timed on a GPU: bench/gpu_tune.py sweeps it.
+# On the H100 (session 7) the whole loss took 83.2 ms at 1 and at 3 stages, and the kernel sweeps put 2 and 3 stages
+# ahead in one run and behind in the other: 1 stays.
 STATS_STAGES = 1
 # Whole tiles read and reduced without masks, the row's partial last tile with them (True), or every tile masked
 # as first measured (False). Compiled for sm_90 (bench/results/aot-sm90-triton3.9.txt and -3.6.txt), the split has
@@ -59,11 +61,16 @@ STATS_STAGES = 1
 # (V odd: 72-80). The 16-byte loads for V odd come from the padded block rows, with or without it.
 # bench/gpu_tune.py times both.
 SPLIT_TAIL = True
+# The same choice for the dL/dz kernel (one tile per program: the split there saves the masks of whole tiles, not a
+# second loop body); measured above: every tile masked at 8192 x 8.
+SPLIT_TAIL_BWD = False
 
 # The statistics kernel's loop (RLKERNELS_STATS_KERNEL, read per call): "tile" merges each tile into one running
 # (M, S, C) with three block reductions per tile (measured above); "lanes" keeps the state per lane and reduces once
 # per row, one exp per element, no reduction in the loop: built for bandwidth, tested against "tile" under the
-# interpreter, not yet measured on a GPU (bench/gpu_tune.py sweeps both).
+# interpreter. On the H100 (session 7) its best launch read 2232 and 2325 GB/s in two sweeps against the tile loop's
+# 2578 and 2553 (it led only at 1024 x 4, the tile loop's weakest tile), and the whole loss took 86.0 ms against
+# 83.2: "tile" stays the default.
 STATS_KERNELS = ("tile", "lanes")
 
 
@@ -252,12 +259,12 @@ def stats_launch(lanes: bool) -> LaunchConfig:
 
 def dlogits_launch() -> LaunchConfig:
     """The default launch of the dL/dz kernel (the module constants, read now)."""
-    return LaunchConfig(BLOCK_V_BWD, NUM_WARPS_BWD, 1, SPLIT_TAIL)
+    return LaunchConfig(BLOCK_V_BWD, NUM_WARPS_BWD, 1, SPLIT_TAIL_BWD)
 
 
 # the module constants above that bench/gpu_tune.py may change for a while (override_defaults)
 _TUNABLE = ("BLOCK_V_FWD", "NUM_WARPS_FWD", "BLOCK_V_BWD", "NUM_WARPS_BWD", "BLOCK_V_LANES", "NUM_WARPS_LANES",
-            "STATS_STAGES", "SPLIT_TAIL")
+            "STATS_STAGES", "SPLIT_TAIL", "SPLIT_TAIL_BWD")
 
 
 @contextlib.contextmanager
