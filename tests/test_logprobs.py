@@ -218,3 +218,42 @@ def test_packed_matches_padded(backend):
     logp = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], backend=backend)
     flat = R.fused_logprobs(p["hidden"].reshape(-1, 8), p["weight"], p["labels"].reshape(-1), backend=backend)
     assert_matches("packed", flat, logp.reshape(-1))
+
+
+@pytest.mark.parametrize("path", ["linear", "logits"])
+def test_eager_calls_skip_the_custom_op_and_match_it(backend, path, monkeypatch):
+    """Outside torch.compile the autograd entry points run the engine through plain autograd.Functions (no custom-op
+    dispatch: host time a GPU waits for): the custom op is not called, and its results and gradients, called
+    directly, are identical. Differentiating their gradient again raises, as it does through the op."""
+    from rlkernels.engines import autograd as AG
+    from rlkernels.engines.chunking import ChunkPlan
+
+    p = make_problem(2, 5, 8, 37, bias=True, per_token_temperature=True, seed=7)
+    called = []
+    for name in ("linear_logprobs_op", "logits_logprobs_op"):
+        monkeypatch.setattr(AG, name, lambda *a, _f=getattr(AG, name), **k: called.append(1) or _f(*a, **k))
+    labels, temp = p["labels"].reshape(-1), p["temperature"].reshape(-1)
+    if path == "linear":
+        leaves_ = [p["hidden"], p["weight"], p["bias"]]
+        h = p["hidden"].reshape(-1, 8)
+        plan = ChunkPlan(4, 37, 37)
+        twin = AG.linear_logprobs(backend, h, p["weight"], p["bias"], labels, temp, plan)
+        op = AG.linear_logprobs_op(h, p["weight"], p["bias"], labels, temp, 1.0, plan.rows, plan.vocab_block,
+                                   backend)[:2]
+    else:
+        z = (p["hidden"].reshape(-1, 8) @ p["weight"].detach().T).detach().requires_grad_()
+        leaves_ = [z]
+        plan = ChunkPlan(4, 37, 37)
+        twin = AG.logits_logprobs(backend, z, labels, temp, plan, False)
+        op = AG.logits_logprobs_op(z, labels, temp, 1.0, plan.rows, False, backend)[:2]
+    assert len(called) == 1  # only the direct call above
+    for a, b in zip(twin, op):
+        assert torch.equal(a, b)
+    for a, b in zip(grads(_upstream(*twin), leaves_), grads(_upstream(*op), leaves_)):
+        assert torch.equal(a, b)
+    lp, ent = (AG.linear_logprobs(backend, h, p["weight"], p["bias"], labels, temp, plan) if path == "linear"
+               else AG.logits_logprobs(backend, z, labels, temp, plan, False))
+    w = torch.ones_like(lp, requires_grad=True)  # an upstream gradient that itself depends on a leaf
+    first = torch.autograd.grad((w * lp).sum() + ent.sum(), leaves_[0], create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="differentiate twice"):  # as the op's "no autograd formula" error
+        first.sum().backward()
