@@ -408,11 +408,14 @@ def test_masked_logits_rows_are_skipped_not_copied(layout):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            # ops that write into a tensor they were given (the interpreter's copies of a kernel's arguments: set_,
+            # copy_) make nothing new; views and detach share the storage
+            if func._schema.is_mutable or func in (torch.ops.aten.view.default, torch.ops.aten.detach.default,
+                                                   torch.ops.aten._unsafe_view.default):
+                return out
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and t.numel() * t.element_size() >= self.nbytes:
-                    if func not in (torch.ops.aten.view.default, torch.ops.aten.detach.default,
-                                    torch.ops.aten._unsafe_view.default):
-                        self.made.append(str(func))
+                    self.made.append(str(func))
             return out
 
     g = torch.Generator().manual_seed(9)
@@ -442,7 +445,7 @@ def test_masked_logits_rows_are_skipped_not_copied(layout):
         (gx,) = torch.autograd.grad((lp, en), leaf, (args[4], args[5]))
     # the shifted view's gradient goes through slice_backward into the (B, T + 1, V) leaf: autograd's, not ours
     made = [op for op in probe.made if op != "aten.slice_backward.default"]
-    assert made == ["rlkernels.logits_logprobs_backward.default"], probe.made
+    assert made == ["aten.empty.memory_format"], probe.made  # the gradient, allocated by the backward
     lp, en = lp.reshape(B, T), en.reshape(B, T)
     gx = gx[:, :-1] if layout == "shifted view" else gx.reshape(B, T, V)
     keep = mask
