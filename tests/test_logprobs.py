@@ -230,8 +230,9 @@ def test_eager_calls_skip_the_custom_op_and_match_it(backend, path, monkeypatch)
 
     p = make_problem(2, 5, 8, 37, bias=True, per_token_temperature=True, seed=7)
     called = []
-    for name in ("linear_logprobs_op", "logits_logprobs_op"):
-        monkeypatch.setattr(AG, name, lambda *a, _f=getattr(AG, name), **k: called.append(1) or _f(*a, **k))
+    for name in ("linear_logprobs_op", "logits_logprobs_op", "linear_logprobs_backward_op",
+                 "logits_logprobs_backward_op"):
+        monkeypatch.setattr(AG, name, lambda *a, _f=getattr(AG, name), _n=name, **k: called.append(_n) or _f(*a, **k))
     labels, temp = p["labels"].reshape(-1), p["temperature"].reshape(-1)
     if path == "linear":
         leaves_ = [p["hidden"], p["weight"], p["bias"]]
@@ -246,11 +247,14 @@ def test_eager_calls_skip_the_custom_op_and_match_it(backend, path, monkeypatch)
         plan = ChunkPlan(4, 37, 37)
         twin = AG.logits_logprobs(backend, z, labels, temp, plan, False)
         op = AG.logits_logprobs_op(z, labels, temp, 1.0, plan.rows, False, backend)[:2]
-    assert len(called) == 1  # only the direct call above
+    assert called == [f"{path}_logprobs_op"]  # only the direct call above
     for a, b in zip(twin, op):
         assert torch.equal(a, b)
-    for a, b in zip(grads(_upstream(*twin), leaves_), grads(_upstream(*op), leaves_)):
+    twin_grads = grads(_upstream(*twin), leaves_)
+    assert called == [f"{path}_logprobs_op"]  # the twin's backward: no backward op either
+    for a, b in zip(twin_grads, grads(_upstream(*op), leaves_)):
         assert torch.equal(a, b)
+    assert called == [f"{path}_logprobs_op", f"{path}_logprobs_backward_op"]
     lp, ent = (AG.linear_logprobs(backend, h, p["weight"], p["bias"], labels, temp, plan) if path == "linear"
                else AG.logits_logprobs(backend, z, labels, temp, plan, False))
     w = torch.ones_like(lp, requires_grad=True)  # an upstream gradient that itself depends on a leaf

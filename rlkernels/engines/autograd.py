@@ -5,15 +5,17 @@
 
 The ops take the engine's name and the chunk plan as plain arguments and call the engine's primitives (see
 :class:`rlkernels.engines.Engine`); fake implementations give ``torch.compile`` the output shapes. Outside a
-``torch.compile`` trace the same primitives run through plain ``autograd.Function`` classes instead
-(:class:`_LinearLogprobs`, :class:`_LogitsLogprobs`): a custom op's eager call goes through the dispatcher, its
-autograd wrapper and a dynamo-disabled frame: host time that a GPU sees whenever it waits on the host (after a value
-check's sync, say). On the 2-core CPU at a tiny shape the logits path's forward took 304 us through the op and 243
-through its twin, forward + backward 516 and 430. The single-pass
-loss takes a Python callable (the objective of each chunk), which no op schema can carry, so in eager mode it is an
-ordinary ``autograd.Function`` (:class:`LinearFusedLoss`, which scales its saved gradients in place); under
-``torch.compile`` it is the ``rlkernels::linear_fused_loss`` op of :mod:`rlkernels._single_pass`, which carries the
-objective as its config and per-token tensors.
+``torch.compile`` trace the same code runs through :class:`_EagerTwin`, a plain ``autograd.Function`` made of each
+op's implementation, context setup and gradients (with the backward implementation in place of the backward op): a
+custom op's eager call goes through the dispatcher, its autograd wrapper and a dynamo-disabled frame, host time that
+a GPU sees whenever it waits on the host (after a value check's sync, say). On the 2-core CPU at a tiny shape (torch
+engine, both paths alternated in one process) the logits path's forward took 318 us through the op and 255 through
+its twin, forward + backward 522 and 440.
+
+The single-pass loss takes a Python callable (the objective of each chunk), which no op schema can carry, so in
+eager mode it is an ordinary ``autograd.Function`` (:class:`LinearFusedLoss`, which scales its saved gradients in
+place); under ``torch.compile`` it is the ``rlkernels::linear_fused_loss`` op of :mod:`rlkernels._single_pass`, which
+carries the objective as its config and per-token tensors.
 """
 from __future__ import annotations
 
@@ -52,16 +54,38 @@ def _or_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if x is None else x
 
 
+class _EagerTwin(torch.autograd.Function):
+    """An op's eager twin: its implementation, setup_context and backward as a plain autograd.Function, called with
+    the op's arguments and last a ``(forward, setup, grads, backward)`` tuple (the backward implementation, not the
+    backward op). Returns (logp, entropy), as the op's callers use it."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *inputs, (forward, setup, grads, backward) = args
+        out = forward(*inputs)
+        setup(ctx, inputs, out)
+        ctx.twin = (grads, backward)
+        return out[0], out[1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_ent):
+        grads, backward = ctx.twin
+        return grads(ctx, g_logp, g_ent, backward) + (None,)  # none for the tuple
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # hidden + weight -> log-probs
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("rlkernels::linear_logprobs", mutates_args=())
-def linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                       temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
-                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                    temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
     return _own(_engine(backend).linear_forward(hidden, weight, bias, labels, _temperature(temperature, temp_scalar),
                                                 plan))
+
+
+linear_logprobs_op = torch.library.custom_op("rlkernels::linear_logprobs", _linear_forward, mutates_args=())
 
 
 @linear_logprobs_op.register_fake
@@ -70,17 +94,20 @@ def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block,
     return tuple(hidden.new_empty(n, dtype=cdt) for _ in range(5))
 
 
-@torch.library.custom_op("rlkernels::linear_logprobs_backward", mutates_args=())
-def linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                                temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
-                                backend: str, m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor],
-                                g_ent: Optional[Tensor], need_h: bool, need_w: bool,
-                                need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _linear_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                          temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
+                          backend: str, m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor],
+                          g_ent: Optional[Tensor], need_h: bool, need_w: bool,
+                          need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
     gh, gw, gb = _engine(backend).linear_backward(hidden, weight, bias, labels,
                                                   _temperature(temperature, temp_scalar), plan, m, log_s, cs,
                                                   g_logp, g_ent, need_h, need_w, need_b and bias is not None)
     return _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
+
+
+linear_logprobs_backward_op = torch.library.custom_op("rlkernels::linear_logprobs_backward", _linear_backward_impl,
+                                                      mutates_args=())
 
 
 @linear_logprobs_backward_op.register_fake
@@ -99,64 +126,47 @@ def _linear_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _linear_backward(ctx, g_logp, g_ent, *_stats_grads):
+def _linear_grads(ctx, g_logp, g_ent, backward):
+    """The input gradients from ``backward``: the backward op (under torch.compile) or its implementation."""
     hidden, weight, bias, labels, temperature, m, log_s, cs = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
         return (None,) * 9
-    gh, gw, gb = linear_logprobs_backward_op(hidden, weight, bias, labels, temperature, *ctx.args, m, log_s, cs,
-                                             g_logp, g_ent, need_h, need_w, need_b)
+    gh, gw, gb = backward(hidden, weight, bias, labels, temperature, *ctx.args, m, log_s, cs, g_logp, g_ent,
+                          need_h, need_w, need_b)
     return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 6
 
 
+def _linear_backward(ctx, g_logp, g_ent, *_stats_grads):
+    return _linear_grads(ctx, g_logp, g_ent, linear_logprobs_backward_op)
+
+
 linear_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup)
-
-
-class _LinearLogprobs(torch.autograd.Function):
-    """The eager twin of ``rlkernels::linear_logprobs`` and its backward: the same engine calls, no dispatcher."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, temp_scalar, plan: ChunkPlan, engine_name: str):
-        logp, ent, m, log_s, cs = _own(_engine(engine_name).linear_forward(
-            hidden, weight, bias, labels, _temperature(temperature, temp_scalar), plan))
-        ctx.save_for_backward(hidden, weight, bias, labels, temperature, m, log_s, cs)
-        ctx.args = (temp_scalar, plan, engine_name)
-        ctx.set_materialize_grads(False)
-        return logp, ent
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, labels, temperature, m, log_s, cs = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
-            return (None,) * 8
-        temp_scalar, plan, engine_name = ctx.args
-        gh, gw, gb = _engine(engine_name).linear_backward(
-            hidden, weight, bias, labels, _temperature(temperature, temp_scalar), plan, m, log_s, cs, g_logp, g_ent,
-            need_h, need_w, need_b and bias is not None)
-        return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 5
+_LINEAR_TWIN = (_linear_forward, _linear_setup, _linear_grads, _linear_backward_impl)
 
 
 def linear_logprobs(engine_name: str, hidden, weight, bias, labels, temperature, plan: ChunkPlan):
     """(logp, entropy), differentiable w.r.t. hidden, weight and bias: the custom op under ``torch.compile``, its
     eager twin otherwise."""
     t, t_scalar = _split_temperature(temperature)
+    args = (hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name)
     if not torch.compiler.is_compiling():
-        return _LinearLogprobs.apply(hidden, weight, bias, labels, t, t_scalar, plan, engine_name)
-    out = linear_logprobs_op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name)
+        return _EagerTwin.apply(*args, _LINEAR_TWIN)
+    out = linear_logprobs_op(*args)
     return out[0], out[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # logits -> log-probs
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("rlkernels::logits_logprobs", mutates_args=())
-def logits_logprobs_op(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float, rows: int,
-                       masked_rows: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _logits_forward(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float, rows: int,
+                    masked_rows: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     plan = ChunkPlan(rows, logits.shape[-1], logits.shape[-1])
     return _own(_engine(backend).logits_forward(logits, labels, _temperature(temperature, temp_scalar), plan,
                                                 masked_rows))
+
+
+logits_logprobs_op = torch.library.custom_op("rlkernels::logits_logprobs", _logits_forward, mutates_args=())
 
 
 @logits_logprobs_op.register_fake
@@ -165,13 +175,16 @@ def _(logits, labels, temperature, temp_scalar, rows, masked_rows, backend):
     return tuple(logits.new_empty(n, dtype=cdt) for _ in range(5))
 
 
-@torch.library.custom_op("rlkernels::logits_logprobs_backward", mutates_args=())
-def logits_logprobs_backward_op(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float,
-                                rows: int, masked_rows: bool, backend: str, m: Tensor, log_s: Tensor, cs: Tensor,
-                                g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
+def _logits_backward_impl(logits: Tensor, labels: Tensor, temperature: Optional[Tensor], temp_scalar: float,
+                          rows: int, masked_rows: bool, backend: str, m: Tensor, log_s: Tensor, cs: Tensor,
+                          g_logp: Optional[Tensor], g_ent: Optional[Tensor]) -> Tensor:
     plan = ChunkPlan(rows, logits.shape[-1], logits.shape[-1])
     return _engine(backend).logits_backward(logits, labels, _temperature(temperature, temp_scalar), plan,
                                             masked_rows, m, log_s, cs, g_logp, g_ent)
+
+
+logits_logprobs_backward_op = torch.library.custom_op("rlkernels::logits_logprobs_backward", _logits_backward_impl,
+                                                      mutates_args=())
 
 
 @logits_logprobs_backward_op.register_fake
@@ -187,48 +200,31 @@ def _logits_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _logits_backward(ctx, g_logp, g_ent, *_stats_grads):
+def _logits_grads(ctx, g_logp, g_ent, backward):
+    """The logits' gradient from ``backward``: the backward op (under torch.compile) or its implementation."""
     logits, labels, temperature, m, log_s, cs = ctx.saved_tensors
     if (g_logp is None and g_ent is None) or not ctx.needs_input_grad[0]:
         return (None,) * 7
-    grad = logits_logprobs_backward_op(logits, labels, temperature, *ctx.args, m, log_s, cs, g_logp, g_ent)
+    grad = backward(logits, labels, temperature, *ctx.args, m, log_s, cs, g_logp, g_ent)
     return (grad,) + (None,) * 6
 
 
+def _logits_backward(ctx, g_logp, g_ent, *_stats_grads):
+    return _logits_grads(ctx, g_logp, g_ent, logits_logprobs_backward_op)
+
+
 logits_logprobs_op.register_autograd(_logits_backward, setup_context=_logits_setup)
-
-
-class _LogitsLogprobs(torch.autograd.Function):
-    """The eager twin of ``rlkernels::logits_logprobs`` and its backward: the same engine calls, no dispatcher."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, temp_scalar, plan: ChunkPlan, masked_rows: bool, engine_name: str):
-        logp, ent, m, log_s, cs = _own(_engine(engine_name).logits_forward(
-            logits, labels, _temperature(temperature, temp_scalar), plan, masked_rows))
-        ctx.save_for_backward(logits, labels, temperature, m, log_s, cs)
-        ctx.args = (temp_scalar, plan, masked_rows, engine_name)
-        ctx.set_materialize_grads(False)
-        return logp, ent
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp, g_ent):
-        logits, labels, temperature, m, log_s, cs = ctx.saved_tensors
-        if (g_logp is None and g_ent is None) or not ctx.needs_input_grad[0]:
-            return (None,) * 7
-        temp_scalar, plan, masked_rows, engine_name = ctx.args
-        grad = _engine(engine_name).logits_backward(logits, labels, _temperature(temperature, temp_scalar), plan,
-                                                    masked_rows, m, log_s, cs, g_logp, g_ent)
-        return (grad,) + (None,) * 6
+_LOGITS_TWIN = (_logits_forward, _logits_setup, _logits_grads, _logits_backward_impl)
 
 
 def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
     """(logp, entropy), differentiable w.r.t. logits: the custom op under ``torch.compile``, its eager twin
     otherwise."""
     t, t_scalar = _split_temperature(temperature)
+    args = (logits, labels, t, t_scalar, plan.rows, masked_rows, engine_name)
     if not torch.compiler.is_compiling():
-        return _LogitsLogprobs.apply(logits, labels, t, t_scalar, plan, masked_rows, engine_name)
-    out = logits_logprobs_op(logits, labels, t, t_scalar, plan.rows, masked_rows, engine_name)
+        return _EagerTwin.apply(*args, _LOGITS_TWIN)
+    out = logits_logprobs_op(*args)
     return out[0], out[1]
 
 
