@@ -4,7 +4,7 @@
 #     OUT=/some/dir bash bench/device_check.sh          # grpo llama logprobs tests tune kernels
 #
 # The default steps' limits add up to 850 s, more than one 10-minute device call; on an H100 (2026-11-26) they took
-# 400 s: tests 85-90, grpo 84, llama 82, logprobs 75, tune 25, kernels 37-41 (compile, opt-in: 142). Run it with
+# 400 s: tests 85-90, grpo 84, llama 82, logprobs 75-76, tune 25, kernels 37-41 (compile, opt-in: 142). Run it with
 # the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after every row),
 # or name fewer STEPS. The default order puts first what the Triton engine issue's targets are judged on (the grpo
 # op at both shapes, the logits op's bandwidth, the GPU test suite), then the tuning sweeps.
