@@ -5,7 +5,9 @@ device or value) naming the argument and the shapes involved. Value checks (labe
 ``cu_seqlens`` consistency) read data back to the host; set ``RLKERNELS_CHECK_VALUES=0`` to skip them in production
 (they are also skipped while ``torch.compile`` traces). Inside :func:`deferred_checks` (every public op's checking
 section) the data-dependent ones are queued on the device and read back together: one host sync for all of them,
-raising the first that failed, in the order they were made.
+raising the first that failed, in the order they were made. The one check made after a kernel (the Triton logits
+path's NaN scan, which rides on its statistics kernel) is read by the backward pass when a gradient is needed
+(:class:`BackwardCheck`), so that the forward waits for no kernel of its own.
 """
 from __future__ import annotations
 
@@ -37,44 +39,107 @@ def value_checks_enabled() -> bool:
     return not compiling()
 
 
-_PENDING: contextvars.ContextVar[Optional[List[Tuple[Tensor, Callable[[], str]]]]] = contextvars.ContextVar(
-    "rlkernels_pending_checks", default=None)
+# a queued check: device tensors to read back, a test of their host copies (True: failed), the error's message
+_Check = Tuple[Tuple[Tensor, ...], Callable[..., bool], Callable[[], str]]
+_PENDING: contextvars.ContextVar[Optional[List[_Check]]] = contextvars.ContextVar("rlkernels_pending_checks",
+                                                                                    default=None)
 
 
 def fail_if(bad: Tensor, message: Callable[[], str]) -> None:
     """``ValueError(message())`` if any element of ``bad`` is True. Inside :func:`deferred_checks` the test is only
     queued (``bad.any()`` on the device, no sync); ``message`` runs only when it fails, so it may read data back."""
+    fail_when((bad.any(),), bool, message)
+
+
+def fail_when(values: Tuple[Tensor, ...], failed: Callable[..., bool], message: Callable[[], str]) -> None:
+    """``ValueError(message())`` if ``failed(*the values of values)``: the general form of :func:`fail_if`, for a
+    test whose reduction gives more than one flag (a range check reads back min and max: one kernel where the
+    elementwise flags took five). Queued inside :func:`deferred_checks`."""
     pending = _PENDING.get()
     if pending is not None:
-        pending.append((bad.any(), message))
-    elif bool(bad.any()):
+        pending.append((values, failed, message))
+    elif failed(*read_back(values)):
         raise ValueError(message())
 
 
+def read_back(values) -> list:
+    """The values of small tensors (as ``tolist()`` gives them) after one wait: each CUDA tensor copied without
+    blocking into pinned memory (a DMA, no kernel: gathering the flags with ``torch.stack(...).tolist()`` launched a
+    kernel for each and one to stack them), then one synchronisation of each device's current stream."""
+    out, streams = _host_copies(values)
+    for stream in streams:
+        stream.synchronize()  # the one sync
+    return [v.tolist() for v in out]
+
+
+def _host_copies(values) -> Tuple[List[Tensor], List]:
+    """(host copies of ``values``, queued on the CUDA ones' current streams; those streams)."""
+    out, streams = [], {}
+    for v in values:
+        if v.is_cuda:
+            host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            host.copy_(v, non_blocking=True)
+            streams.setdefault(v.device, torch.cuda.current_stream(v.device))
+            v = host
+        out.append(v)
+    return out, list(streams.values())
+
+
+class BackwardCheck:
+    """A value check whose device flag the forward pass queues and the backward pass reads, after its own kernels
+    are queued: a forward pass that needs no host sync after its kernel (the logits op's NaN scan rides on the
+    statistics kernel, so its flag exists only after that kernel). The flag is copied without blocking into pinned
+    memory behind an event; :meth:`raise_if_failed` waits for that event only, never for the work queued after it.
+    Until :meth:`arm` is called it checks nothing."""
+
+    def __init__(self):
+        self._check: Optional[_Check] = None
+        self._events: List = []
+
+    def arm(self, values: Tuple[Tensor, ...], failed: Callable[..., bool], message: Callable[[], str]) -> None:
+        copies, streams = _host_copies(values)
+        self._events = []
+        for stream in streams:
+            self._events.append(torch.cuda.Event())
+            self._events[-1].record(stream)
+        self._check = (tuple(copies), failed, message)
+
+    def raise_if_failed(self) -> None:
+        if self._check is None:
+            return
+        for event in self._events:
+            event.synchronize()
+        host, failed, message = self._check
+        if failed(*(v.tolist() for v in host)):
+            raise ValueError(message())
+
+
 def deferred_checks():
-    """Queue the value checks made inside (:func:`fail_if`) and read their results back once, on leaving: the first
-    that failed, in the order they were made, raises. An error raised at once inside (a wrong type or shape, and the
-    ``cu_seqlens`` checks that later code relies on for safe indexing) gives way to a queued check made before it
-    that failed, so the error is the one the checks meet first, as when every check raised at once. A nested use
-    reads its own checks back on leaving. With value checks off (or while torch.compile traces) a null context."""
+    """Queue the value checks made inside (:func:`fail_if`, :func:`fail_when`) and read their results back once, on
+    leaving: the first that failed, in the order they were made, raises. An error raised at once inside (a wrong
+    type or shape, and the ``cu_seqlens`` checks that later code relies on for safe indexing) gives way to a queued
+    check made before it that failed, so the error is the one the checks meet first, as when every check raised at
+    once. A nested use reads its own checks back on leaving. With value checks off (or while torch.compile traces)
+    a null context."""
     if not value_checks_enabled():
         return contextlib.nullcontext()
     return _deferred()
 
 
-def _raise_first_failed(pending: List[Tuple[Tensor, Callable[[], str]]]) -> None:
+def _raise_first_failed(pending: List[_Check]) -> None:
     if not pending:
         return
-    device = pending[0][0].device
-    failed = torch.stack([flag.reshape(()).to(device) for flag, _ in pending]).tolist()  # the one sync
-    for hit, (_, message) in zip(failed, pending):
-        if hit:
+    host = read_back([v for values, _, _ in pending for v in values])  # the one sync
+    at = 0
+    for values, failed, message in pending:
+        if failed(*host[at:at + len(values)]):
             raise ValueError(message())
+        at += len(values)
 
 
 @contextlib.contextmanager
 def _deferred():
-    pending: List[Tuple[Tensor, Callable[[], str]]] = []
+    pending: List[_Check] = []
     token = _PENDING.set(pending)
     try:
         yield
@@ -142,19 +207,25 @@ def check_mask(mask, shape: torch.Size, ref: Tensor) -> Tensor:
     return mask != 0
 
 
-def check_labels(labels, shape: torch.Size, vocab: int, mask: Tensor, ref: Tensor) -> Tensor:
+def check_labels(labels, shape: torch.Size, vocab: int, mask: Optional[Tensor], ref: Tensor) -> Tensor:
+    """labels of ``shape`` (an integer dtype), in ``[0, vocab)`` where ``mask`` (None: everywhere) -> int64."""
     _require_int("labels", labels)
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"labels has shape {_shape(labels)}; expected {tuple(shape)}")
     _same_device("labels", labels, ref, "hidden" if ref is not labels else "labels")
     if value_checks_enabled() and labels.numel() > 0:
-        bad = mask & ((labels < 0) | (labels >= vocab))
+        # the range from one min/max reduction (masked-out positions read as 0): one kernel before the sync, where
+        # the elementwise flags (< 0, >= V, or, and, any) took five
+        kept = labels if mask is None else torch.where(mask, labels, 0)
 
         def message() -> str:
+            bad = (labels < 0) | (labels >= vocab)
+            if mask is not None:
+                bad &= mask
             where = tuple(bad.nonzero()[0].tolist())
             return f"labels must lie in [0, V={vocab}) at kept positions; found {int(labels[where])} at index {where}"
 
-        fail_if(bad, message)
+        fail_when(tuple(torch.aminmax(kept)), lambda lo, hi: lo < 0 or hi >= vocab, message)
     return labels.long()
 
 
@@ -203,18 +274,28 @@ def check_finite_rows(name: str, x: Tensor, row_mask: Optional[Tensor] = None, a
     fail_if(bad, lambda: f"{name} holds {what} in {int(bad.sum())} {where}")
 
 
-def check_scanned_rows(name: str, values: Tensor) -> None:
+def check_scanned_rows(name: str, values: Tensor, late: Optional[BackwardCheck] = None) -> None:
     """The engine scanned ``name`` for NaN / +inf in its own read of it (``Engine.scans_logits``), leaving NaN in
     ``values`` (one per row the engine computed; dropped rows hold 0) where it found one: the same error as
-    :func:`check_finite_rows`, raised before anything is returned."""
+    :func:`check_finite_rows`, raised before anything is returned, or, given ``late`` (a gradient is needed), armed
+    there and raised by the backward pass before it returns the gradient: the forward pass then waits for nothing."""
     if not value_checks_enabled() or values.numel() == 0:
         return
     bad = torch.isnan(values)
-    fail_if(bad, lambda: f"{name} holds NaN or +inf in {int(bad.sum())} row(s)")
+
+    def message() -> str:
+        found = f"{name} holds NaN or +inf in {int(bad.sum())} row(s)"
+        return found if late is None else found + " (found by the forward pass, raised before the backward's result)"
+
+    if late is None:
+        fail_if(bad, message)
+    else:
+        late.arm((bad.any(),), bool, message)
 
 
-def check_temperature(temperature, shape: torch.Size, mask: Tensor, ref: Tensor, cdt: torch.dtype):
-    """A float > 0, or a tensor of ``shape`` (per token) > 0 at kept positions -> float or flat tensor in ``cdt``."""
+def check_temperature(temperature, shape: torch.Size, mask: Optional[Tensor], ref: Tensor, cdt: torch.dtype):
+    """A float > 0, or a tensor of ``shape`` (per token) > 0 at kept positions (``mask``; None: everywhere) -> float
+    or flat tensor in ``cdt``."""
     if isinstance(temperature, Tensor):
         if temperature.dim() == 0:
             temperature = float(temperature)
@@ -226,10 +307,12 @@ def check_temperature(temperature, shape: torch.Size, mask: Tensor, ref: Tensor,
             _same_device("temperature", temperature, ref, "hidden")
             t = temperature.to(cdt)
             if value_checks_enabled():
-                bad = mask & ~(torch.isfinite(t) & (t > 0))
+                bad = ~(torch.isfinite(t) & (t > 0))
+                if mask is not None:
+                    bad &= mask
                 fail_if(bad, lambda: f"temperature must be finite and > 0 at kept positions; found "
                                      f"{float(t[bad][0])} at {int(bad.sum())} position(s)")
-            return torch.where(mask, t, torch.ones_like(t)).reshape(-1)
+            return (t if mask is None else torch.where(mask, t, torch.ones_like(t))).reshape(-1)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float or a per-token tensor, got {type(temperature).__name__}")
     if not (is_finite_number(temperature) and temperature > 0):

@@ -201,8 +201,8 @@ def logprobs_from_logits(
     if V == 0:
         raise ValueError(f"logits has shape {tuple(logits.shape)}: the vocabulary is empty")
     shape = logits.shape[:-1]
-    with I.deferred_checks():  # one host sync for the value checks
-        keep = I.check_mask(mask, shape, logits)
+    with I.deferred_checks():  # one host sync for the value checks, before any kernel of ours
+        keep = None if mask is None else I.check_mask(mask, shape, logits)
         labels = I.check_labels(labels, shape, V, keep, logits)
         cdt = I.compute_dtype(logits.dtype)
         temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
@@ -210,22 +210,27 @@ def logprobs_from_logits(
         # the caller's tensor as it is (a view like logits[:, :-1] too: no copy), or flattened once
         z2 = logits if engine.logits_in_place else logits.reshape(-1, V)
         if not engine.scans_logits:  # else the engine's kernel flags them in its one read of the logits (below)
-            I.check_finite_rows("logits", z2.reshape(-1, V), keep.reshape(-1), allow_neg_inf=True)
-    y = labels.reshape(-1)
-    n = y.shape[0]
-    index = computed = None
-    if engine.logits_in_place:
-        if mask is not None:  # rows the engine never reads
+            I.check_finite_rows("logits", z2.reshape(-1, V), None if keep is None else keep.reshape(-1),
+                                allow_neg_inf=True)
+        y = labels.reshape(-1)
+        n = y.shape[0]
+        if engine.logits_in_place and keep is not None:  # rows the engine never reads (queued before the sync)
             y = torch.where(keep.reshape(-1), y, torch.full((), -1, dtype=y.dtype, device=y.device))
-    else:
+    index = computed = None
+    if not engine.logits_in_place and keep is not None:
         z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask)
     plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
                        elem_bytes=engine.block_elem_bytes(z2.dtype))
+    # the engine's NaN scan is read back before returning, or, when the logits' gradient is needed, by the backward
+    # pass once its kernel is queued: the forward then holds no host sync after its kernel
+    late = None
+    if engine.scans_logits and I.value_checks_enabled() and torch.is_grad_enabled() and logits.requires_grad:
+        late = I.BackwardCheck()
     # negative labels mark the rows a logits_in_place engine skips; without a mask there are none, and its kernels
     # then issue their loads without waiting for the labels'
-    logp, ent = engine.logits_logprobs(z2, y, temperature, plan, engine.logits_in_place and mask is not None)
+    logp, ent = engine.logits_logprobs(z2, y, temperature, plan, engine.logits_in_place and mask is not None, late)
     if engine.scans_logits:
-        I.check_scanned_rows("logits", logp)
+        I.check_scanned_rows("logits", logp, late)
     logp = _scatter_rows(logp, index, n, computed).reshape(shape)
     if not return_entropy:
         return logp

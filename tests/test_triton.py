@@ -363,6 +363,50 @@ def test_logits_value_check_rides_on_the_statistics_read(monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypatch):
+    """With the logits' gradient needed, the forward reads back only the label check (before its kernel) and
+    returns without waiting for the statistics kernel; backward queues the gradient's kernel, then raises the NaN
+    check's error naming the argument, returning no gradient. Without a gradient needed the forward raises, as
+    before; a clean call's gradient is unchanged."""
+    import rlkernels._inputs as I
+
+    reads = []
+    read_back = I.read_back
+    monkeypatch.setattr(I, "read_back", lambda values: (reads.append(len(values)), read_back(values))[1])
+    launches = []
+    launch = K._launch_dlogits
+    monkeypatch.setattr(K, "_launch_dlogits", lambda *a, **k: (launches.append(1), launch(*a, **k))[1])
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(7, 131, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    y = torch.randint(0, 131, (7,), generator=g)
+    bad = z.clone()
+    bad[2, 40] = float("nan")
+    x = bad.to(DEVICE, copy=True).requires_grad_()
+    logp, ent = R.logprobs_from_logits(x, y.to(DEVICE), return_entropy=True, backend="triton")
+    assert reads == [2]  # the labels' min and max: one read, before the kernel; none after it
+    assert torch.isnan(logp[2]).item() and not torch.isnan(logp[torch.arange(7) != 2]).any()
+    with pytest.raises(ValueError, match=r"logits holds NaN or \+inf in 1 row\(s\) \(found by the forward pass"):
+        (logp.sum() + ent.sum()).backward()
+    assert launches == [1] and x.grad is None  # the kernel was queued; nothing was returned
+    with pytest.raises(ValueError, match=r"logits holds NaN or \+inf in 1 row\(s\)$"):
+        with torch.no_grad():
+            R.logprobs_from_logits(x, y.to(DEVICE), backend="triton")
+    with pytest.raises(ValueError, match=r"logits holds NaN or \+inf in 1 row\(s\)$"):
+        R.logprobs_from_logits(bad.to(DEVICE), y.to(DEVICE), backend="triton")
+    reads.clear()
+    clean = z.to(DEVICE, copy=True).requires_grad_()
+    logp = R.logprobs_from_logits(clean, y.to(DEVICE), backend="triton")
+    logp.sum().backward()
+    assert reads == [2] and not torch.isnan(clean.grad).any()
+    z64 = z.double().requires_grad_()
+    want = ref.logprobs_from_logits(z64, y)[0]
+    want.sum().backward()
+    torch.testing.assert_close(logp.detach().cpu().double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(clean.grad.cpu().double(), z64.grad, rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 def test_kernels_wait_for_labels_only_when_rows_may_be_masked(monkeypatch):
     """The kernels skip masked-out rows (negative labels) only when told that there may be some, since skipping makes
     each tile's loads wait for its row's label: the logits path with a mask says so; the logits path without one,

@@ -95,10 +95,12 @@ class Engine:
         """(logp, entropy), each (N,) in the compute dtype, differentiable w.r.t. hidden, weight and bias."""
         return autograd.linear_logprobs(self.name, hidden, weight, bias, labels, temperature, plan)
 
-    def logits_logprobs(self, logits: Tensor, labels: Tensor, temperature, plan: ChunkPlan,
-                        masked_rows: bool) -> Tuple[Tensor, Tensor]:
-        """(logp, entropy) from logits (N, V), differentiable w.r.t. logits (the gradient is a new tensor)."""
-        return autograd.logits_logprobs(self.name, logits, labels, temperature, plan, masked_rows)
+    def logits_logprobs(self, logits: Tensor, labels: Tensor, temperature, plan: ChunkPlan, masked_rows: bool,
+                        late_check=None) -> Tuple[Tensor, Tensor]:
+        """(logp, entropy) from logits (N, V), differentiable w.r.t. logits (the gradient is a new tensor).
+        ``late_check``: a :class:`rlkernels._inputs.BackwardCheck` that backward raises from once its kernel is
+        queued, before it returns the gradient."""
+        return autograd.logits_logprobs(self.name, logits, labels, temperature, plan, masked_rows, late_check)
 
     def linear_fused_loss(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
                           plan: ChunkPlan, chunk_loss) -> Tuple[Tensor, Tensor, Tensor]:

@@ -56,22 +56,26 @@ def _or_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
 
 class _EagerTwin(torch.autograd.Function):
     """An op's eager twin: its implementation, setup_context and backward as a plain autograd.Function, called with
-    the op's arguments and last a ``(forward, setup, grads, backward)`` tuple (the backward implementation, not the
-    backward op). Returns (logp, entropy), as the op's callers use it."""
+    the op's arguments, then a ``(forward, setup, grads, backward)`` tuple (the backward implementation, not the
+    backward op) and a late check (a :class:`rlkernels._inputs.BackwardCheck` or None) that backward raises from
+    once its kernels are queued. Returns (logp, entropy), as the op's callers use it."""
 
     @staticmethod
     def forward(ctx, *args):
-        *inputs, (forward, setup, grads, backward) = args
+        *inputs, (forward, setup, grads, backward), late_check = args
         out = forward(*inputs)
         setup(ctx, inputs, out)
-        ctx.twin = (grads, backward)
+        ctx.twin = (grads, backward, late_check)
         return out[0], out[1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent):
-        grads, backward = ctx.twin
-        return grads(ctx, g_logp, g_ent, backward) + (None,)  # none for the tuple
+        grads, backward, late_check = ctx.twin
+        result = grads(ctx, g_logp, g_ent, backward)
+        if late_check is not None:
+            late_check.raise_if_failed()
+        return result + (None, None)  # none for the tuple and the check
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def linear_logprobs(engine_name: str, hidden, weight, bias, labels, temperature,
     t, t_scalar = _split_temperature(temperature)
     args = (hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name)
     if not torch.compiler.is_compiling():
-        return _EagerTwin.apply(*args, _LINEAR_TWIN)
+        return _EagerTwin.apply(*args, _LINEAR_TWIN, None)
     out = linear_logprobs_op(*args)
     return out[0], out[1]
 
@@ -217,13 +221,14 @@ logits_logprobs_op.register_autograd(_logits_backward, setup_context=_logits_set
 _LOGITS_TWIN = (_logits_forward, _logits_setup, _logits_grads, _logits_backward_impl)
 
 
-def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
-    """(logp, entropy), differentiable w.r.t. logits: the custom op under ``torch.compile``, its eager twin
-    otherwise."""
+def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool,
+                    late_check=None):
+    """(logp, entropy), differentiable w.r.t. logits: the custom op under ``torch.compile`` (no value checks run
+    there), its eager twin otherwise, whose backward raises from ``late_check`` once its kernel is queued."""
     t, t_scalar = _split_temperature(temperature)
     args = (logits, labels, t, t_scalar, plan.rows, masked_rows, engine_name)
     if not torch.compiler.is_compiling():
-        return _EagerTwin.apply(*args, _LOGITS_TWIN)
+        return _EagerTwin.apply(*args, _LOGITS_TWIN, late_check)
     out = logits_logprobs_op(*args)
     return out[0], out[1]
 
