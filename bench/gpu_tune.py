@@ -9,17 +9,17 @@ order:
 1. ``gemm``: the three bf16 GEMMs of the op alone (``h W^T``, ``dz W``, ``dz^T h``) into preallocated outputs;
 2. ``loss``: ``fused_grpo_loss`` (dapo) forward+backward on the Triton engine, the defaults and one change at a time:
    grad_weight accumulation (``RLKERNELS_GRAD_WEIGHT_ACCUM``), memory budget (``RLKERNELS_MEMORY_BUDGET_MB``, MiB
-   of the input dtype), statistics loop (``RLKERNELS_STATS_KERNEL``), pipeline stages, tail split,
+   of the input dtype), statistics loop (``RLKERNELS_STATS_KERNEL``), pipeline stages, tail split, register prefetch,
    ``RLKERNELS_AUTOTUNE=1`` (and what it picked), recompute mode, and gspo single pass (sequence-aligned chunks)
    against gspo recompute: time, and the peak memory above the inputs (gradients included, as new tensors);
 3. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
-   with value checks on and off and both statistics loops;
+   with value checks on and off, both statistics loops and register prefetch;
 4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
    for eager bf16 autograd and for each accumulation mode;
 5. ``kernel``: PyTorch's own read (``amax``) and read + write (``copy_``) of one 4096-row block, the practical
-   ceilings, then for five tile x warp pairs the dL/dz kernel (split and all-masked tiles) and both statistics loops
-   (split or all-masked; the split ones also at 2 and 3 pipeline stages), as GB/s by the byte model (statistics read
-   the block; dL/dz reads and writes it): about 50 kernel compiles. Each kernel is timed in bursts of back-to-back
+   ceilings, then for seven tile x warp pairs the dL/dz kernel (split and all-masked tiles) and both statistics loops
+   (split or all-masked; the split ones also at 2 and 3 pipeline stages, and the tile loop with register prefetch),
+   as GB/s by the byte model (statistics read the block; dL/dz reads and writes it): about 80 kernel compiles. Each kernel is timed in bursts of back-to-back
    calls (:func:`timed_burst`), without its launch overhead.
 
 Timings are CUDA-event medians. Nothing here is asserted: it prints a table and writes the rows as JSON.
@@ -190,8 +190,9 @@ def main(argv=None) -> int:
         # pipelining of the statistics loop (K.STATS_STAGES); split: unmasked whole tiles (K.SPLIT_TAIL).
         # preset=gspo: the sequence-level ratio's single pass (row chunks of whole sequences) against its recompute
         base = dict(preset=case.preset, accum="auto", budget_mb=1024, single_pass=True, stats="tile",
-                    stages=K.STATS_STAGES, split=K.SPLIT_TAIL, autotune=False)
-        changes = [{}, dict(stats="lanes"), dict(stages=3), dict(split=not K.SPLIT_TAIL), dict(autotune=True),
+                    stages=K.STATS_STAGES, split=K.SPLIT_TAIL, prefetch=K.STATS_PREFETCH, autotune=False)
+        changes = [{}, dict(stats="lanes"), dict(stages=3), dict(split=not K.SPLIT_TAIL),
+                   dict(prefetch=not K.STATS_PREFETCH), dict(autotune=True),
                    dict(accum="fp32"), dict(budget_mb=5120), dict(single_pass=False), dict(preset="gspo"),
                    dict(preset="gspo", single_pass=False)]
         for change in changes:
@@ -201,7 +202,8 @@ def main(argv=None) -> int:
             os.environ["RLKERNELS_STATS_KERNEL"] = what["stats"]
             os.environ["RLKERNELS_AUTOTUNE"] = "1" if what["autotune"] else "0"  # tunes during the warm-up calls
             try:
-                with K.override_defaults(STATS_STAGES=what["stages"], SPLIT_TAIL=what["split"]):
+                with K.override_defaults(STATS_STAGES=what["stages"], SPLIT_TAIL=what["split"],
+                                         STATS_PREFETCH=what["prefetch"]):
                     t, peak = timed(loss_step(config=what["preset"], single_pass=what["single_pass"]), clear=clear)
                 row("loss", **what, ms=t, peak_mb=peak, extra_beyond_grads_mb=peak - grad_mb,
                     vs_3gemm=(t / gemm_total) if gemm_total else None)
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
         g_lp, g_en = torch.randn(M, device=dev), torch.randn(M, device=dev)
         nbytes = x.numel() * x.element_size()
         # the value checks (RLKERNELS_CHECK_VALUES, on by default) ride on the statistics kernel's read: both ways
-        for stats, checks in (("tile", "1"), ("tile", "0"), ("lanes", "1")):
+        for stats, checks, prefetch in (("tile", "1", K.STATS_PREFETCH), ("tile", "0", K.STATS_PREFETCH),
+                                        ("tile", "1", not K.STATS_PREFETCH), ("lanes", "1", K.STATS_PREFETCH)):
             os.environ["RLKERNELS_STATS_KERNEL"] = stats
             os.environ["RLKERNELS_CHECK_VALUES"] = checks
 
@@ -235,13 +238,15 @@ def main(argv=None) -> int:
                 torch.autograd.grad((lp, en), x, (g_lp, g_en))
 
             try:
-                t_f, _ = timed(fwd, repeat=10)
-                t_all, peak = timed(full, repeat=10)
+                with K.override_defaults(STATS_PREFETCH=prefetch):
+                    t_f, _ = timed(fwd, repeat=10)
+                    t_all, peak = timed(full, repeat=10)
                 t_b = max(t_all - t_f, 1e-9)
-                row("logits", stats=stats, value_checks=checks, fwd_ms=t_f, fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b,
-                    bwd_gbs=2 * nbytes / t_b / 1e6, full_ms=t_all, full_gbs=3 * nbytes / t_all / 1e6, peak_mb=peak)
+                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, fwd_ms=t_f,
+                    fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b, bwd_gbs=2 * nbytes / t_b / 1e6, full_ms=t_all,
+                    full_gbs=3 * nbytes / t_all / 1e6, peak_mb=peak)
             except Exception as exc:
-                row("logits", stats=stats, value_checks=checks, error=repr(exc)[:300])
+                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, error=repr(exc)[:300])
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_CHECK_VALUES", None)
         del x
@@ -321,15 +326,16 @@ def main(argv=None) -> int:
                     t_d = timed_burst(lambda: K.dlogits(zb, out, y, None, 1.0, 0, m, log_s, cs, g1, g2,
                                                         masked_rows=False, launch=launch))
                     fields[f"dlogits_{'split' if split else 'masked'}_gbs"] = 2 * nbytes / t_d / 1e6
-                for split, stages in ((True, 1), (False, 1), (True, 2), (True, 3)):
-                    launch = K.LaunchConfig(block, warps, stages, split)
-                    for loop in ("tile", "lanes"):
+                for split, stages, prefetch in ((True, 1, False), (False, 1, False), (True, 2, False),
+                                                (True, 3, False), (True, 1, True)):
+                    launch = K.LaunchConfig(block, warps, stages, split, prefetch)
+                    for loop in ("tile",) if prefetch else ("tile", "lanes"):
                         os.environ["RLKERNELS_STATS_KERNEL"] = loop
                         m2, s2, c2, _ = K.logits_stats(zb, y, None, 1.0, masked_rows=False, launch=launch)
                         agree = float(max((m2 - m).abs().max(), ((s2 - s) / s).abs().max(),
                                           ((c2 - c) / s).abs().max()))
                         t_s = timed_burst(lambda: K.logits_stats(zb, y, None, 1.0, masked_rows=False, launch=launch))
-                        key = f"{loop}_{'split' if split else 'masked'}{stages}"
+                        key = f"{loop}_{'split' if split else 'masked'}{stages}{'p' if prefetch else ''}"
                         fields[f"{key}_gbs"] = nbytes / t_s / 1e6
                         fields[f"{key}_vs_ref"] = agree
                 row("kernel", block_v=block, warps=warps, **fields)

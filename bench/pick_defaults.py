@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 HBM_GBS = {"H100": 3350.0, "H200": 4800.0}
 
-# a kernel row's measurement fields: {loop}_{split|masked}{stages}_gbs for the statistics kernel, dlogits_{split|
-# masked}_gbs for dL/dz (bench/gpu_tune.py, section "kernel")
-_STATS_FIELD = re.compile(r"^(tile|lanes)_(split|masked)(\d)_gbs$")
+# a kernel row's measurement fields: {loop}_{split|masked}{stages}[p]_gbs for the statistics kernel (p: register
+# prefetch), dlogits_{split|masked}_gbs for dL/dz (bench/gpu_tune.py, section "kernel")
+_STATS_FIELD = re.compile(r"^(tile|lanes)_(split|masked)(\d)(p?)_gbs$")
 _DLOGITS_FIELD = re.compile(r"^dlogits_(split|masked)_gbs$")
 
 
@@ -52,7 +52,8 @@ def launches(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[Dic
             m = _STATS_FIELD.match(key)
             if m and value is not None:
                 stats.append(dict(block_v=r["block_v"], warps=r["warps"], loop=m.group(1),
-                                  split=m.group(2) == "split", stages=int(m.group(3)), gbs=float(value),
+                                  split=m.group(2) == "split", stages=int(m.group(3)),
+                                  prefetch=m.group(4) == "p", gbs=float(value),
                                   vs_ref=r.get(key.replace("_gbs", "_vs_ref"))))
             m = _DLOGITS_FIELD.match(key)
             if m and value is not None:
@@ -139,20 +140,22 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
         lines.append(f"{1 + len(other_runs)} runs merged: GB/s is each launch's mean, then the runs' values")
 
     lines.append("statistics kernel (reads the block), best first:")
-    lines += _table(stats, ["loop", "block_v", "warps", "split", "stages"], peak, read, top)
+    lines += _table(stats, ["loop", "block_v", "warps", "split", "stages", "prefetch"], peak, read, top)
     bad = [x for x in stats if x["vs_ref"] is not None and x["vs_ref"] > 1e-4]
     if bad:
         lines.append(f"  WARNING: {len(bad)} launches disagree with the default's statistics by > 1e-4: "
                      + ", ".join(f"{x['loop']} {x['block_v']}x{x['warps']}" for x in bad[:5]))
     want = {"loop": defaults["stats_loop"], "block_v": defaults["BLOCK_V_FWD"], "warps": defaults["NUM_WARPS_FWD"],
-            "split": defaults["SPLIT_TAIL"], "stages": defaults["STATS_STAGES"]}
+            "split": defaults["SPLIT_TAIL"], "stages": defaults["STATS_STAGES"],
+            "prefetch": defaults["STATS_PREFETCH"]}
     current, better = propose(stats, want, margin)
     lines.append(f"  default {want}: " + (f"{current['gbs']:.1f} GB/s" if current else "not measured"))
     if better:
         lead = 100 * (better["gbs"] / current["gbs"] - 1)
         lines.append(f"  PROPOSE (+{lead:.1f}%): BLOCK_V_{'LANES' if better['loop'] == 'lanes' else 'FWD'} = "
                      f"{better['block_v']}, NUM_WARPS_{'LANES' if better['loop'] == 'lanes' else 'FWD'} = "
-                     f"{better['warps']}, SPLIT_TAIL = {better['split']}, STATS_STAGES = {better['stages']}"
+                     f"{better['warps']}, SPLIT_TAIL = {better['split']}, STATS_STAGES = {better['stages']}, "
+                     f"STATS_PREFETCH = {better['prefetch']}"
                      + (", stats loop 'lanes' by default" if better["loop"] != defaults["stats_loop"] else ""))
     else:
         lines.append(_keep(current, stats, margin))
@@ -183,12 +186,13 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
             lines.append("fused_grpo_loss, fastest first (vs the 3 GEMMs; extra MiB beyond inputs and gradients):")
             for r in sorted(loss, key=lambda r: r["ms"])[:top]:
                 what = {k: r[k] for k in ("preset", "accum", "budget_mb", "single_pass", "stats", "stages", "split",
-                                          "autotune") if k in r}
+                                          "prefetch", "autotune") if k in r}
                 vs = f"{r['vs_3gemm']:.3f}x" if r.get("vs_3gemm") else "-"
                 lines.append(f"  {r['ms']:8.2f} ms  {vs}  {r.get('extra_beyond_grads_mb', 0):7.0f} MiB  {what}")
         for r in logits:
             pct = f" ({100 * r['full_gbs'] / peak:.1f}% of HBM)" if peak else ""
-            lines.append(f"logits op, stats={r.get('stats')} checks={r.get('value_checks')}: fwd {r['fwd_gbs']:.0f}, "
+            lines.append(f"logits op, stats={r.get('stats')} prefetch={r.get('prefetch', False)} "
+                         f"checks={r.get('value_checks')}: fwd {r['fwd_gbs']:.0f}, "
                          f"bwd {r['bwd_gbs']:.0f}, fwd+bwd {r['full_gbs']:.0f} GB/s{pct}")
     return "\n".join(lines)
 
@@ -199,7 +203,7 @@ def current_defaults() -> Dict[str, Any]:
 
     return dict(BLOCK_V_FWD=K.BLOCK_V_FWD, NUM_WARPS_FWD=K.NUM_WARPS_FWD, BLOCK_V_BWD=K.BLOCK_V_BWD,
                 NUM_WARPS_BWD=K.NUM_WARPS_BWD, SPLIT_TAIL=K.SPLIT_TAIL, SPLIT_TAIL_BWD=K.SPLIT_TAIL_BWD,
-                STATS_STAGES=K.STATS_STAGES,
+                STATS_STAGES=K.STATS_STAGES, STATS_PREFETCH=K.STATS_PREFETCH,
                 stats_loop=K.STATS_KERNELS[0])
 
 

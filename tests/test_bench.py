@@ -368,12 +368,13 @@ def test_pick_defaults_reads_a_sweep():
     loss and logits rows."""
     pd = _pick_defaults()
     defaults = dict(BLOCK_V_FWD=4096, NUM_WARPS_FWD=4, BLOCK_V_BWD=4096, NUM_WARPS_BWD=8, SPLIT_TAIL=True,
-                    SPLIT_TAIL_BWD=True, STATS_STAGES=1, stats_loop="tile")
+                    SPLIT_TAIL_BWD=True, STATS_STAGES=1, STATS_PREFETCH=False, stats_loop="tile")
     rows = [dict(section="env", gpu="NVIDIA H100 80GB HBM3"),
             dict(section="kernel", baseline="torch.amax (read)", ms=0.3, gbs=3000.0),
             dict(section="kernel", baseline="copy_ (read + write)", ms=0.6, gbs=2900.0),
             dict(section="kernel", baseline="default tiles, masked_rows=True", stats_gbs=2000.0, dlogits_gbs=2100.0),
             dict(section="kernel", block_v=4096, warps=4, tile_split1_gbs=2000.0, tile_split1_vs_ref=0.0,
+                 tile_split1p_gbs=2500.0, tile_split1p_vs_ref=0.0,
                  lanes_split1_gbs=1500.0, lanes_split1_vs_ref=3e-3, dlogits_split_gbs=2300.0),
             dict(section="kernel", block_v=1024, warps=1, tile_split1_gbs=2600.0, tile_split1_vs_ref=1e-7,
                  tile_split2_gbs=2650.0, tile_split2_vs_ref=1e-7, dlogits_split_gbs=2350.0),
@@ -383,10 +384,12 @@ def test_pick_defaults_reads_a_sweep():
             dict(section="logits", stats="tile", value_checks="1", fwd_gbs=2500.0, bwd_gbs=2700.0, full_gbs=2650.0)]
     text = pd.report(rows, tune, defaults)
     assert "HBM peak: 3350.0" in text
-    assert "PROPOSE (+32.5%): BLOCK_V_FWD = 1024, NUM_WARPS_FWD = 1, SPLIT_TAIL = True, STATS_STAGES = 2" in text
+    assert ("PROPOSE (+32.5%): BLOCK_V_FWD = 1024, NUM_WARPS_FWD = 1, SPLIT_TAIL = True, STATS_STAGES = 2, "
+            "STATS_PREFETCH = False") in text
+    assert "2500.0 GB/s" in text and "block_v=4096 warps=4 split=True stages=1 prefetch=True" in text
     assert "keep the default (nothing leads it by more than 5%)" in text  # dL/dz: 2350 vs 2250 (4096 x 8)
     assert "WARNING: 1 launches disagree" in text and "lanes 4096x4" in text
-    assert "1.120x" in text and "fwd+bwd 2650 GB/s (79.1% of HBM)" in text
+    assert "1.120x" in text and "fwd+bwd 2650 GB/s (79.1% of HBM)" in text and "prefetch=False checks=1" in text
     assert "masked_rows=True: statistics 2000.0 GB/s" in text
     assert "PROPOSE" not in pd.report(rows, None, defaults, margin=0.5)
     assert "the default was not measured" in pd.report(rows[4:5], None, {**defaults, "NUM_WARPS_FWD": 2})
@@ -424,7 +427,7 @@ def test_pick_defaults_merges_runs():
     leads the default on the mean by more than the margin and in every run; a launch missing from a run drops out."""
     pd = _pick_defaults()
     defaults = dict(BLOCK_V_FWD=4096, NUM_WARPS_FWD=4, BLOCK_V_BWD=4096, NUM_WARPS_BWD=8, SPLIT_TAIL=True,
-                    SPLIT_TAIL_BWD=True, STATS_STAGES=1, stats_loop="tile")
+                    SPLIT_TAIL_BWD=True, STATS_STAGES=1, STATS_PREFETCH=False, stats_loop="tile")
 
     def run(default_gbs, other_gbs, extra=None):
         rows = [dict(section="env", gpu="NVIDIA H100 80GB HBM3"),

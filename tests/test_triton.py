@@ -18,7 +18,7 @@ from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, leaves, m
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
 ALLOWED_CONSTEXPR = {"HAS_BIAS", "TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES", "ROWS_3D", "STAGES",
-                     "SPLIT_TAIL", "MASKED_ROWS"}
+                     "SPLIT_TAIL", "MASKED_ROWS", "PREFETCH"}
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__ if hasattr(k, "__name__") else str(k))
@@ -229,18 +229,21 @@ def test_triton_budget_counts_the_input_dtype():
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("split", [True, False, "prefetch"])
 @pytest.mark.parametrize("kernel", ["tile", "lanes"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n_cols", [1, 37, 700])
+@pytest.mark.parametrize("n_cols", [1, 37, 200, 700])
 def test_stats_kernels_match_float64(monkeypatch, kernel, dtype, n_cols, split):
     """Both loops of the statistics kernel (RLKERNELS_STATS_KERNEL) give M = max z~, S = sum exp(z~ - M) and
     C = sum exp(z~ - M)(z~ - M) of the block, with bias, per-row temperature, -inf logits (a whole -inf row too),
-    labels outside the block, and more than one tile per row."""
+    labels outside the block, and more than one tile per row; with the whole tiles unmasked (split), prefetched a
+    tile ahead (prefetch: rows of no whole tile, one and five), or every tile masked."""
     monkeypatch.setenv("RLKERNELS_STATS_KERNEL", kernel)
     monkeypatch.setattr(K, "BLOCK_V_FWD", 128)  # several tiles (and lanes that see few columns) at test sizes
     monkeypatch.setattr(K, "BLOCK_V_LANES", 128)
-    monkeypatch.setattr(K, "SPLIT_TAIL", split)  # unmasked whole tiles + a masked last one, or every tile masked
+    # unmasked whole tiles + a masked last one, or every tile masked
+    monkeypatch.setattr(K, "SPLIT_TAIL", split is not False)
+    monkeypatch.setattr(K, "STATS_PREFETCH", split == "prefetch")
     g = torch.Generator().manual_seed(n_cols)
     rows = 6
     z = (torch.randn(rows, n_cols, generator=g, dtype=torch.float64) * 4).to(dtype)
@@ -270,10 +273,15 @@ def test_stats_kernels_match_float64(monkeypatch, kernel, dtype, n_cols, split):
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
-def test_lanes_kernel_in_the_whole_loss(monkeypatch):
-    """The lanes loop, end to end: dapo loss and gradients, bf16, bias and per-token temperature, equal the fp64
-    reference within the bf16 tolerance."""
-    monkeypatch.setenv("RLKERNELS_STATS_KERNEL", "lanes")
+@pytest.mark.parametrize("loop", ["lanes", "prefetch"])
+def test_other_stats_loops_in_the_whole_loss(monkeypatch, loop):
+    """The lanes loop and the tile loop with register prefetch, end to end: dapo loss and gradients, bf16, bias and
+    per-token temperature, equal the fp64 reference within the bf16 tolerance."""
+    if loop == "lanes":
+        monkeypatch.setenv("RLKERNELS_STATS_KERNEL", "lanes")
+    else:
+        monkeypatch.setattr(K, "STATS_PREFETCH", True)
+        monkeypatch.setattr(K, "BLOCK_V_FWD", 64)  # several whole tiles per row at V = 301
     p = make_problem(2, 9, 16, 301, dtype=torch.bfloat16, seed=8, bias=True, per_token_temperature=True,
                      device=DEVICE)
     q = as_fp64(p)

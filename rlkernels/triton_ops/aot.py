@@ -120,14 +120,15 @@ def variants() -> List[Variant]:
     out = []
 
     def stats(name, lanes=False, rows_3d=False, bias=False, temp=NO_T, stages=None, dtype="*bf16",
-              acc=tl.float32, unaligned=(), split=None):
+              acc=tl.float32, unaligned=(), split=None, prefetch=None):
         masked_rows = rows_3d  # the logits path (the caller's tensor, masked rows skipped); hidden+W: kept rows
         cfg = K.stats_launch(lanes)  # the engine's own launch, with this variant's changes
         out.append(Variant(f"stats {name}", K._logits_stats_kernel,
                            _stats_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
                            dict(HAS_BIAS=bias, TEMP=temp, ACC=acc, BLOCK_V=cfg.block_v, LANES=lanes,
                                 ROWS_3D=rows_3d, STAGES=cfg.stages if stages is None else stages,
-                                SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=masked_rows),
+                                SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=masked_rows,
+                                PREFETCH=cfg.prefetch if prefetch is None else prefetch),
                            cfg.num_warps, tuple(a for a in _STATS_ALIGNED if a not in unaligned)))
 
     stats("tile (hidden+W path)")
@@ -138,6 +139,8 @@ def variants() -> List[Variant]:
     stats("tile, bias, per-token T", bias=True, temp=ROW_T)
     stats("tile, (B,T,V) masked rows (logits)", rows_3d=True)
     stats("tile, 3 stages", stages=3)
+    stats("tile, register prefetch", prefetch=True)
+    stats("tile, prefetch, (B,T,V) masked rows", prefetch=True, rows_3d=True)
     stats("lanes", lanes=True)
     stats("lanes, (B,T,V) masked rows", lanes=True, rows_3d=True)
     stats("tile, fp64", dtype="*fp64", acc=tl.float64)

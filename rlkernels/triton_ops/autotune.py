@@ -45,7 +45,8 @@ def stats_candidates(lanes: bool) -> List:
     else:
         others = [LaunchConfig(1024, 1), LaunchConfig(2048, 2), LaunchConfig(4096, 4, 2), LaunchConfig(4096, 4, 3),
                   LaunchConfig(2048, 4, 2), LaunchConfig(4096, 8, 1), LaunchConfig(8192, 8, 2),
-                  LaunchConfig(4096, 4, 1, False)]
+                  LaunchConfig(4096, 4, 1, False), LaunchConfig(4096, 4, 1, True, True),
+                  LaunchConfig(2048, 4, 1, True, True)]
     return [default] + [c for c in others if c != default]
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from .._inputs import env_choice
 from . import autotune
 from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, dlogits_tile, load_scaled_logits, merge_lanes,
-                       online_lse_step, row_inv_temperature, row_kept, row_offset)
+                       online_lse_step, row_inv_temperature, row_kept, row_offset, scale_logits)
 
 # Tiles and warps from the H100 sweeps (bench/gpu_tune.py; bench/results/gpu-h100/). The statistics kernel: 4096 x 4
 # warps, first chosen from session 2's sweep (1600 GB/s, its best; 1275 at the former 2048 x 8); in session 7's two
@@ -53,6 +53,12 @@ NUM_WARPS_LANES = 4
 # On the H100 (session 7) the whole loss took 83.2 ms at 1 and at 3 stages, and the kernel sweeps put 2 and 3 stages
 # ahead in one run and behind in the other: 1 stays.
 STATS_STAGES = 1
+# Register prefetch of the statistics loop's whole tiles (with SPLIT_TAIL, instead of stages): each iteration issues
+# the next tile's loads, then reduces this one, so a program keeps a tile's reads in flight through its 6 barriers
+# per tile, where the plain loop has none in flight while it reduces (and no shared memory, unlike stages). Built in
+# session 8 without a GPU: the sm_90 compile (rlkernels.triton_ops.aot, Triton 3.6) is in
+# bench/results/aot-sm90-triton3.6.txt; not yet timed, so off (bench/gpu_tune.py sweeps it).
+STATS_PREFETCH = False
 # Whole tiles read and reduced without masks, the row's partial last tile with them (True), or every tile masked
 # as first measured (False). Compiled for sm_90 (bench/results/aot-sm90-triton3.9.txt and -3.6.txt), the split has
 # two loop bodies (twice the 16-byte load instructions in the code, the same loads per row at run time), the
@@ -91,6 +97,7 @@ def _logits_stats_kernel(
     n_load, m_out, s_out, c_out, zy_out,
     HAS_BIAS: tl.constexpr, TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
     ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr, MASKED_ROWS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
@@ -121,10 +128,22 @@ def _logits_stats_kernel(
         m = tl.full((), LOGIT_FLOOR, ACC)
         s = tl.zeros((), ACC)
         c = tl.zeros((), ACC)
-    for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK_V)
-        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, TEMP, ACC, False)
-        m, s, c = online_lse_step(m, s, c, z, None, False, LANES)
+    if PREFETCH:  # the next whole tile's loads issued before this one is reduced: in flight through its barriers
+        tile = tl.arange(0, BLOCK_V)
+        # one predicate per tile: a compare of a splat, which keeps the loads 16 bytes wide (tl.broadcast_to of the
+        # scalar compare would do the same compiled, but the interpreter turns it into an int32 mask it rejects)
+        splat = tl.zeros((BLOCK_V,), tl.int32)
+        z_next = tl.load(z_row + tile, mask=splat < n_full)
+        for start in tl.range(0, n_full, BLOCK_V):
+            z_raw = z_next
+            z_next = tl.load(z_row + (start + BLOCK_V) + tile, mask=splat + (start + BLOCK_V) < n_full)
+            z = scale_logits(z_raw, bias_ptr, start + tile, None, inv_t, HAS_BIAS, TEMP, ACC, False)
+            m, s, c = online_lse_step(m, s, c, z, None, False, LANES)
+    else:
+        for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, TEMP, ACC, False)
+            m, s, c = online_lse_step(m, s, c, z, None, False, LANES)
     for start in tl.range(n_full, n_vals, BLOCK_V, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < n_cols
@@ -242,19 +261,21 @@ def _n_load(z: Tensor, n_load: Optional[int]) -> int:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How a kernel is launched: vocabulary tile, warps, pipeline stages of the statistics loop, and whether whole
-    tiles are read without masks (see the module constants for the measured defaults)."""
+    """How a kernel is launched: vocabulary tile, warps, pipeline stages of the statistics loop, whether whole
+    tiles are read without masks, and whether the statistics loop issues the next whole tile's loads before it
+    reduces this one (``prefetch``, with ``split_tail``; see the module constants for the measured defaults)."""
     block_v: int
     num_warps: int
     stages: int = 1
     split_tail: bool = True
+    prefetch: bool = False
 
 
 def stats_launch(lanes: bool) -> LaunchConfig:
     """The default launch of the statistics kernel (the module constants, read now)."""
     if lanes:
-        return LaunchConfig(BLOCK_V_LANES, NUM_WARPS_LANES, STATS_STAGES, SPLIT_TAIL)
-    return LaunchConfig(BLOCK_V_FWD, NUM_WARPS_FWD, STATS_STAGES, SPLIT_TAIL)
+        return LaunchConfig(BLOCK_V_LANES, NUM_WARPS_LANES, STATS_STAGES, SPLIT_TAIL, STATS_PREFETCH)
+    return LaunchConfig(BLOCK_V_FWD, NUM_WARPS_FWD, STATS_STAGES, SPLIT_TAIL, STATS_PREFETCH)
 
 
 def dlogits_launch() -> LaunchConfig:
@@ -264,7 +285,7 @@ def dlogits_launch() -> LaunchConfig:
 
 # the module constants above that bench/gpu_tune.py may change for a while (override_defaults)
 _TUNABLE = ("BLOCK_V_FWD", "NUM_WARPS_FWD", "BLOCK_V_BWD", "NUM_WARPS_BWD", "BLOCK_V_LANES", "NUM_WARPS_LANES",
-            "STATS_STAGES", "SPLIT_TAIL", "SPLIT_TAIL_BWD")
+            "STATS_STAGES", "SPLIT_TAIL", "SPLIT_TAIL_BWD", "STATS_PREFETCH")
 
 
 @contextlib.contextmanager
@@ -338,7 +359,7 @@ def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_
         HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), ACC=_TL[_acc(z.dtype)],
         BLOCK_V=min(cfg.block_v, triton.next_power_of_2(n_cols)), LANES=lanes,
         ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows,
-        num_warps=cfg.num_warps,
+        PREFETCH=cfg.prefetch and cfg.split_tail, num_warps=cfg.num_warps,
     )
 
 

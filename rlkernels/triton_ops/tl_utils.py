@@ -78,14 +78,23 @@ def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HA
     the loads 16 bytes wide when V is not. A NaN stays NaN (the floor's max propagates it: one instruction, as the
     plain max that would turn it into the floor), so a row holding one gets NaN sums, logp and entropy."""
     if MASKED:
-        z = tl.load(z_row_ptr + cols, mask=load_mask, other=float("-inf")).to(ACC)
+        z = tl.load(z_row_ptr + cols, mask=load_mask, other=float("-inf"))
+    else:
+        z = tl.load(z_row_ptr + cols)
+    return scale_logits(z, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, TEMP, ACC, MASKED)
+
+
+@triton.jit
+def scale_logits(z, bias_ptr, cols, col_mask, inv_t, HAS_BIAS: tl.constexpr, TEMP: tl.constexpr,
+                 ACC: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`load_scaled_logits` after its load: a tile of raw logits ``z`` (as loaded, input dtype) -> z~."""
+    z = z.to(ACC)
+    if MASKED:
         z = tl.where(col_mask, z, float("-inf"))
         if HAS_BIAS:
             z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-    else:
-        z = tl.load(z_row_ptr + cols).to(ACC)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + cols).to(ACC)
+    elif HAS_BIAS:
+        z += tl.load(bias_ptr + cols).to(ACC)
     if TEMP != TEMP_NONE:
         z = z * inv_t
     return tl.maximum(z, logit_floor(ACC), propagate_nan=tl.PropagateNan.ALL)
