@@ -261,3 +261,24 @@ def test_eager_calls_skip_the_custom_op_and_match_it(backend, path, monkeypatch)
     first = torch.autograd.grad((w * lp).sum() + ent.sum(), leaves_[0], create_graph=True)[0]
     with pytest.raises(RuntimeError, match="differentiate twice"):  # as the op's "no autograd formula" error
         first.sum().backward()
+
+
+def test_value_checks_read_back_on_the_device():
+    """The value checks' read-back on the tests' device (on a GPU: non-blocking copies into pinned memory and one
+    stream sync; a BackwardCheck waits on its event): the values as ``tolist()`` gives them, in order, and a
+    BackwardCheck raises only when armed with a failed test."""
+    import rlkernels._inputs as I
+
+    x = torch.tensor([3, -1, 7], device=DEVICE)
+    lo, hi = torch.aminmax(x)
+    flag = torch.isnan(torch.tensor([1.0, float("nan")], device=DEVICE)).any()
+    assert I.read_back((lo, hi, flag, torch.tensor([0.5, 2.0], device=DEVICE))) == [-1, 7, True, [0.5, 2.0]]
+    late = I.BackwardCheck()
+    late.raise_if_failed()  # not armed: nothing to check
+    late.arm((x.max() > 5, x.min()), lambda big, low: big and low < 0, lambda: "x is out of range")
+    torch.ones(1000, device=DEVICE).cumsum(0)  # work queued after the check's copies: not waited for
+    with pytest.raises(ValueError, match="x is out of range"):
+        late.raise_if_failed()
+    fine = I.BackwardCheck()
+    fine.arm((x.max() > 10,), bool, lambda: "never")
+    fine.raise_if_failed()
