@@ -85,9 +85,10 @@ class _LinearCall:
         self.shape = hidden.shape[:-1]
         with I.deferred_checks():  # the value checks below: one host sync for all of them, here
             self.keep = I.check_mask(mask, self.shape, hidden)
-            labels = I.check_labels(labels, self.shape, self.V, self.keep, hidden)
+            given = None if mask is None else self.keep  # None: every position kept, nothing to mask in the checks
+            labels = I.check_labels(labels, self.shape, self.V, given, hidden)
             cdt = I.compute_dtype(hidden.dtype)
-            temperature = I.check_temperature(temperature, self.shape, self.keep, hidden, cdt)
+            temperature = I.check_temperature(temperature, self.shape, given, hidden, cdt)
             self.extra = extra_checks(self.shape, self.keep, cdt) if extra_checks is not None else None
             I.check_finite_rows("hidden", hidden.reshape(-1, H), self.keep.reshape(-1))
             I.check_finite_rows("weight", weight)
