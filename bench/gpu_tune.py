@@ -13,7 +13,8 @@ order:
    ``RLKERNELS_AUTOTUNE=1`` (and what it picked), recompute mode, and gspo single pass (sequence-aligned chunks)
    against gspo recompute: time, and the peak memory above the inputs (gradients included, as new tensors);
 3. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
-   with value checks on and off, both statistics loops and register prefetch;
+   with value checks on and off, both statistics loops and register prefetch, and for each one call's GPU timeline
+   (torch.profiler: the kernels' summed time against the span, the difference being the GPU idle inside the call);
 4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
    for eager bf16 autograd and for each accumulation mode;
 5. ``kernel``: PyTorch's own read (``amax``) and read + write (``copy_``) of one 4096-row block, the practical
@@ -94,6 +95,32 @@ def timed_burst(fn, calls: int = 20, rounds: int = 5, warmup: int = 2) -> float:
         torch.cuda.synchronize()
         per_call.append(start.elapsed_time(stop) / calls)
     return statistics.median(per_call)
+
+
+def gpu_timeline(fn) -> dict:
+    """One call of ``fn`` under torch.profiler: its GPU work (kernels and copies) as ``busy_ms`` (summed), ``span_ms``
+    (first start to last end), ``idle_ms`` (span - busy: the GPU waiting on the host inside the call, e.g. after a
+    host sync), and the five longest as ``top`` (name, ms). On CPU: {}."""
+    if not CUDA:
+        return {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not gpu:
+        return {"error": "no GPU events recorded"}
+    starts = [e.time_range.start for e in gpu]
+    ends = [e.time_range.end for e in gpu]
+    busy = sum(e.time_range.elapsed_us() for e in gpu) / 1e3
+    span = (max(ends) - min(starts)) / 1e3
+    top = sorted(gpu, key=lambda e: -e.time_range.elapsed_us())[:5]
+    return dict(busy_ms=busy, span_ms=span, idle_ms=span - busy, gpu_events=len(gpu),
+                top=[(e.name[:60], e.time_range.elapsed_us() / 1e3) for e in top])
 
 
 def empty_cache() -> None:
@@ -241,10 +268,15 @@ def main(argv=None) -> int:
                 with K.override_defaults(STATS_PREFETCH=prefetch):
                     t_f, _ = timed(fwd, repeat=10)
                     t_all, peak = timed(full, repeat=10)
+                    try:  # where the time goes: the GPU's own work against its idle waits inside one call
+                        timeline = gpu_timeline(full)
+                    except Exception as exc:  # the profiler is a diagnosis here, never a reason to lose the row
+                        timeline = {"error": repr(exc)[:200]}
                 t_b = max(t_all - t_f, 1e-9)
                 row("logits", stats=stats, prefetch=prefetch, value_checks=checks, fwd_ms=t_f,
                     fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b, bwd_gbs=2 * nbytes / t_b / 1e6, full_ms=t_all,
-                    full_gbs=3 * nbytes / t_all / 1e6, peak_mb=peak)
+                    full_gbs=3 * nbytes / t_all / 1e6, peak_mb=peak,
+                    **{f"timeline_{k}": v for k, v in timeline.items()})
             except Exception as exc:
                 row("logits", stats=stats, prefetch=prefetch, value_checks=checks, error=repr(exc)[:300])
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)

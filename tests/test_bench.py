@@ -381,7 +381,8 @@ def test_pick_defaults_reads_a_sweep():
             dict(section="kernel", block_v=4096, warps=8, tile_split1_gbs=1900.0, dlogits_split_gbs=2250.0),
             dict(section="kernel", block_v=8192, warps=8, error="RuntimeError('out of resources')")]
     tune = [dict(section="loss", preset="dapo", accum="auto", ms=90.0, vs_3gemm=1.12, extra_beyond_grads_mb=1000),
-            dict(section="logits", stats="tile", value_checks="1", fwd_gbs=2500.0, bwd_gbs=2700.0, full_gbs=2650.0)]
+            dict(section="logits", stats="tile", value_checks="1", fwd_gbs=2500.0, bwd_gbs=2700.0, full_gbs=2650.0,
+                 timeline_busy_ms=5.5, timeline_idle_ms=0.25)]
     text = pd.report(rows, tune, defaults)
     assert "HBM peak: 3350.0" in text
     assert ("PROPOSE (+32.5%): BLOCK_V_FWD = 1024, NUM_WARPS_FWD = 1, SPLIT_TAIL = True, STATS_STAGES = 2, "
@@ -390,6 +391,7 @@ def test_pick_defaults_reads_a_sweep():
     assert "keep the default (nothing leads it by more than 5%)" in text  # dL/dz: 2350 vs 2250 (4096 x 8)
     assert "WARNING: 1 launches disagree" in text and "lanes 4096x4" in text
     assert "1.120x" in text and "fwd+bwd 2650 GB/s (79.1% of HBM)" in text and "prefetch=False checks=1" in text
+    assert "GPU busy 5.50 ms, idle 0.25 ms inside one call" in text
     assert "masked_rows=True: statistics 2000.0 GB/s" in text
     assert "PROPOSE" not in pd.report(rows, None, defaults, margin=0.5)
     assert "the default was not measured" in pd.report(rows[4:5], None, {**defaults, "NUM_WARPS_FWD": 2})
