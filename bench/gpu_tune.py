@@ -97,16 +97,21 @@ def timed_burst(fn, calls: int = 20, rounds: int = 5, warmup: int = 2) -> float:
     return statistics.median(per_call)
 
 
-def gpu_timeline(fn) -> dict:
+def gpu_timeline(fn, clear=None) -> dict:
     """One call of ``fn`` under torch.profiler: its GPU work (kernels and copies) as ``busy_ms`` (summed), ``span_ms``
     (first start to last end), ``idle_ms`` (span - busy: the GPU waiting on the host inside the call, e.g. after a
-    host sync), and the five longest as ``top`` (name, ms). On CPU: {}."""
+    host sync), and the five longest as ``top`` (name, ms). ``clear`` runs untimed before each call. On CPU: {}."""
     if not CUDA:
         return {}
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
+    for _ in range(2):
+        if clear:
+            clear()
+        fn()
+    if clear:
+        clear()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
@@ -232,8 +237,16 @@ def main(argv=None) -> int:
                 with K.override_defaults(STATS_STAGES=what["stages"], SPLIT_TAIL=what["split"],
                                          STATS_PREFETCH=what["prefetch"]):
                     t, peak = timed(loss_step(config=what["preset"], single_pass=what["single_pass"]), clear=clear)
+                    timeline = {}
+                    if not change:  # the defaults: where the time beyond the 3 GEMMs goes
+                        try:
+                            timeline = gpu_timeline(loss_step(config=what["preset"],
+                                                              single_pass=what["single_pass"]), clear=clear)
+                        except Exception as exc:  # a diagnosis only
+                            timeline = {"error": repr(exc)[:200]}
                 row("loss", **what, ms=t, peak_mb=peak, extra_beyond_grads_mb=peak - grad_mb,
-                    vs_3gemm=(t / gemm_total) if gemm_total else None)
+                    vs_3gemm=(t / gemm_total) if gemm_total else None,
+                    **{f"timeline_{k}": v for k, v in timeline.items()})
             except Exception as exc:  # report and go on: the sweep is for tuning
                 row("loss", **what, error=repr(exc)[:300])
             if what["autotune"]:

@@ -189,6 +189,11 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
                                           "prefetch", "autotune") if k in r}
                 vs = f"{r['vs_3gemm']:.3f}x" if r.get("vs_3gemm") else "-"
                 lines.append(f"  {r['ms']:8.2f} ms  {vs}  {r.get('extra_beyond_grads_mb', 0):7.0f} MiB  {what}")
+            for r in loss:
+                if r.get("timeline_busy_ms") is not None:
+                    top = ", ".join(f"{name} {ms:.2f}" for name, ms in r.get("timeline_top", []))
+                    lines.append(f"  one call of the defaults' loss: GPU busy {r['timeline_busy_ms']:.2f} ms, idle "
+                                 f"{r['timeline_idle_ms']:.2f} ms; longest: {top}")
         for r in logits:
             pct = f" ({100 * r['full_gbs'] / peak:.1f}% of HBM)" if peak else ""
             idle = (f"; GPU busy {r['timeline_busy_ms']:.2f} ms, idle {r['timeline_idle_ms']:.2f} ms inside one call"

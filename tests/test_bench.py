@@ -380,7 +380,8 @@ def test_pick_defaults_reads_a_sweep():
                  tile_split2_gbs=2650.0, tile_split2_vs_ref=1e-7, dlogits_split_gbs=2350.0),
             dict(section="kernel", block_v=4096, warps=8, tile_split1_gbs=1900.0, dlogits_split_gbs=2250.0),
             dict(section="kernel", block_v=8192, warps=8, error="RuntimeError('out of resources')")]
-    tune = [dict(section="loss", preset="dapo", accum="auto", ms=90.0, vs_3gemm=1.12, extra_beyond_grads_mb=1000),
+    tune = [dict(section="loss", preset="dapo", accum="auto", ms=90.0, vs_3gemm=1.12, extra_beyond_grads_mb=1000,
+                 timeline_busy_ms=88.5, timeline_idle_ms=1.25, timeline_top=[["sm90_gemm", 25.0]]),
             dict(section="logits", stats="tile", value_checks="1", fwd_gbs=2500.0, bwd_gbs=2700.0, full_gbs=2650.0,
                  timeline_busy_ms=5.5, timeline_idle_ms=0.25)]
     text = pd.report(rows, tune, defaults)
@@ -392,6 +393,7 @@ def test_pick_defaults_reads_a_sweep():
     assert "WARNING: 1 launches disagree" in text and "lanes 4096x4" in text
     assert "1.120x" in text and "fwd+bwd 2650 GB/s (79.1% of HBM)" in text and "prefetch=False checks=1" in text
     assert "GPU busy 5.50 ms, idle 0.25 ms inside one call" in text
+    assert "GPU busy 88.50 ms, idle 1.25 ms; longest: sm90_gemm 25.00" in text
     assert "masked_rows=True: statistics 2000.0 GB/s" in text
     assert "PROPOSE" not in pd.report(rows, None, defaults, margin=0.5)
     assert "the default was not measured" in pd.report(rows[4:5], None, {**defaults, "NUM_WARPS_FWD": 2})
