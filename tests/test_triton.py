@@ -656,3 +656,42 @@ def test_launch_argument_overrides_the_defaults(monkeypatch):
     with pytest.raises(KeyError, match="ROW_PAD"):
         with K.override_defaults(ROW_PAD=8):
             pass
+
+
+@pytest.mark.parametrize("dtype, accum", [(torch.float32, "auto"), (torch.bfloat16, "input"),
+                                          (torch.bfloat16, "fp32")])
+@pytest.mark.parametrize("vocab_block", [10, 4])
+def test_gradient_buffers_are_written_then_added(monkeypatch, dtype, accum, vocab_block):
+    """The Triton engine's gradient buffers start uninitialised where the first GEMM writes them (grad_hidden's rows
+    by their first vocabulary block, grad_weight by the first row chunk), so nothing left in them reaches the result
+    (filled with NaN here before the adds); over 3 row chunks and 1 or 3 vocabulary blocks they equal dz W and
+    dz^T h; with no chunk added they are zeros."""
+    from rlkernels.engines import triton_engine as TE
+    from rlkernels.engines.chunking import ChunkPlan
+
+    monkeypatch.setenv("RLKERNELS_GRAD_WEIGHT_ACCUM", accum)
+    g = torch.Generator().manual_seed(11)
+    N, H, V = 9, 16, 10
+    hid = torch.randn(N, H, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(V, H, generator=g).to(dtype).to(DEVICE)
+    dz = torch.randn(N, V, generator=g).to(dtype).to(DEVICE)
+    plan = ChunkPlan(4, vocab_block, V)
+
+    def fresh():
+        grads = TE._Grads(hid, w, None, True, True, False, plan)
+        for buf in (grads.h, grads.w):
+            if buf.dtype == dtype or dtype == torch.float32:  # the buffers a GEMM writes first
+                buf.fill_(float("nan"))
+        return grads
+
+    grads = fresh()
+    for r0, r1 in plan.ranges(N):
+        for v0 in range(0, V, vocab_block):
+            v1 = min(v0 + vocab_block, V)
+            grads.add(dz[r0:r1, v0:v1].contiguous(), hid[r0:r1], w, r0, v0, v1)
+    gh, gw, _ = grads.results()
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh.double().cpu(), (dz.double() @ w.double()).cpu(), **tol)
+    torch.testing.assert_close(gw.double().cpu(), (dz.double().T @ hid.double()).cpu(), **tol)
+    gh, gw, _ = fresh().results()
+    assert not gh.any() and not gw.any()

@@ -109,42 +109,60 @@ def _mixed_addmm_works(device: torch.device) -> bool:
 
 class _Grads:
     """grad_hidden in the input dtype; grad_bias accumulated in fp32 (fp64 for fp64); grad_weight in fp32 or in the
-    input dtype (see GRAD_WEIGHT_ACCUM)."""
+    input dtype (see GRAD_WEIGHT_ACCUM).
+
+    Each row chunk's first vocabulary block writes its rows of grad_hidden, and the first row chunk to add writes
+    grad_weight, with plain GEMMs; later ones add into them. So neither starts as zeros: at the qwen2.5-7b LM head a
+    zeroed bf16 grad_weight is a 1.09 GB write, and the first chunk's add would read it back (beta = 1): two passes
+    over V x H more than the GEMMs need. The fp32 accumulators that add by a mixed-dtype addmm or a separate add
+    still start as zeros. Every row chunk adds, or none does (whether a chunk has an upstream gradient is the
+    objective's structure, not its data): with none, :meth:`results` gives zeros."""
 
     def __init__(self, hidden, weight, bias, need_h, need_w, need_b, plan: ChunkPlan):
         acc = compute_dtype(hidden.dtype)
         self.half = acc != hidden.dtype
         self.w_in_input = self.half and need_w and grad_weight_accum(weight, hidden.shape[0], plan) == "input"
         self.mixed = self.half and need_w and not self.w_in_input and _mixed_addmm_works(hidden.device)
-        self.h = torch.zeros_like(hidden) if need_h else None
+        self.h = torch.empty_like(hidden) if need_h else None
         w_dtype = weight.dtype if self.w_in_input else acc
-        self.w = torch.zeros(weight.shape, dtype=w_dtype, device=weight.device) if need_w else None
+        fill = torch.empty if (self.w_in_input or not self.half) else torch.zeros  # written by its first GEMM
+        self.w = fill(weight.shape, dtype=w_dtype, device=weight.device) if need_w else None
         self.b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
         self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        self.first_rows: Optional[int] = None  # r0 of the first row chunk that added
 
-    def add(self, dz: Tensor, h: Tensor, weight: Tensor, r0: int, v0: int, v1: int, blocked: bool) -> None:
-        """dz (rows, v1-v0) in the input dtype: the GEMMs run in that dtype."""
+    def add(self, dz: Tensor, h: Tensor, weight: Tensor, r0: int, v0: int, v1: int) -> None:
+        """dz (rows, v1-v0) in the input dtype: the GEMMs run in that dtype. Called for each row chunk (rows from
+        ``r0``) with its vocabulary blocks in order (the first at ``v0`` = 0)."""
+        if self.first_rows is None:
+            self.first_rows = r0
         w = weight[v0:v1]
         if self.h is not None:
             gh = self.h[r0: r0 + dz.shape[0]]
-            if not self.half:
-                gh.addmm_(dz, w)
-            elif blocked:  # several vocabulary blocks add into the same rows
-                gh.add_(dz @ w)
-            else:
+            if v0 == 0:  # these rows' first block: written
                 torch.mm(dz, w, out=gh)
+            elif not self.half:
+                gh.addmm_(dz, w)
+            else:  # a later vocabulary block adds into the same rows
+                gh.add_(dz @ w)
         if self.w is not None:
             gw = self.w[v0:v1]
             if self.mixed:  # bf16 GEMM adding straight into the fp32 accumulator
                 torch.addmm(gw, dz.T, h, out_dtype=torch.float32, out=gw)
             elif self.half and not self.w_in_input:  # fallback: one extra V x H pass per chunk
                 gw.add_(dz.T @ h)
+            elif r0 == self.first_rows:  # the first row chunk: written
+                torch.mm(dz.T, h, out=gw)
             else:
                 gw.addmm_(dz.T, h)
         if self.b is not None:
             self.b[v0:v1].add_(dz.sum(0, dtype=self.b.dtype))
 
     def results(self):
+        if self.first_rows is None:  # nothing added: the gradients are zeros
+            for g in (self.h, self.w):
+                if g is not None:
+                    g.zero_()
         w = None if self.w is None else self.w.to(self.dtypes[0])
         b = None if self.b is None else self.b.to(self.dtypes[1])
         return self.h, w, b
@@ -172,7 +190,7 @@ def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, l
             torch.mm(h, weight[v0:v1].T, out=z)
         dlogits(z, z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0, m, log_s, cs, g_logp,
                 g_ent, n_load=padded_width(v1 - v0), masked_rows=False)
-        grads.add(z, h, weight, r0, v0, v1, plan.vocab_blocked)
+        grads.add(z, h, weight, r0, v0, v1)
 
 
 def _g(x: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
