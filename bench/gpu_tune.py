@@ -13,7 +13,8 @@ order:
    ``RLKERNELS_AUTOTUNE=1`` (and what it picked), recompute mode, and gspo single pass (sequence-aligned chunks)
    against gspo recompute: time, and the peak memory above the inputs (gradients included, as new tensors);
 3. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
-   with value checks on and off, both statistics loops and register prefetch, and for each one call's GPU timeline
+   with value checks on and off, both statistics loops, register prefetch and a completion mask (the last quarter of
+   each sequence padding: the masked-rows launch), and for each one call's GPU timeline
    (torch.profiler: the kernels' summed time against the span, the difference being the GPU idle inside the call);
 4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
    for eager bf16 autograd and for each accumulation mode;
@@ -263,15 +264,25 @@ def main(argv=None) -> int:
         x = (torch.randn(M, V, device=dev) * 2.0).to(h.dtype).requires_grad_()
         y = inputs["labels"].reshape(-1)
         g_lp, g_en = torch.randn(M, device=dev), torch.randn(M, device=dev)
-        nbytes = x.numel() * x.element_size()
+        row_bytes = V * x.element_size()
+        # a completion mask as RL batches have (the last quarter of each sequence padding): the masked-rows launch,
+        # whose loads wait for each row's label; its bytes: kept rows read twice, every gradient row written
+        T = max(1, shape.seq_len)
+        keep = (torch.arange(M, device=dev) % T) < (3 * T) // 4
+        n_kept = int(keep.sum())
         # the value checks (RLKERNELS_CHECK_VALUES, on by default) ride on the statistics kernel's read: both ways
-        for stats, checks, prefetch in (("tile", "1", K.STATS_PREFETCH), ("tile", "0", K.STATS_PREFETCH),
-                                        ("tile", "1", not K.STATS_PREFETCH), ("lanes", "1", K.STATS_PREFETCH)):
+        for stats, checks, prefetch, masked in (
+                ("tile", "1", K.STATS_PREFETCH, False), ("tile", "0", K.STATS_PREFETCH, False),
+                ("tile", "1", not K.STATS_PREFETCH, False), ("lanes", "1", K.STATS_PREFETCH, False),
+                ("tile", "1", K.STATS_PREFETCH, True)):
             os.environ["RLKERNELS_STATS_KERNEL"] = stats
             os.environ["RLKERNELS_CHECK_VALUES"] = checks
+            mask = keep if masked else None
+            read = (n_kept if masked else M) * row_bytes
+            nbytes = read  # the forward's
 
             def fwd():
-                return rlkernels.logprobs_from_logits(x, y, return_entropy=True, backend="triton")
+                return rlkernels.logprobs_from_logits(x, y, return_entropy=True, backend="triton", mask=mask)
 
             def full():
                 lp, en = fwd()
@@ -286,12 +297,14 @@ def main(argv=None) -> int:
                     except Exception as exc:  # the profiler is a diagnosis here, never a reason to lose the row
                         timeline = {"error": repr(exc)[:200]}
                 t_b = max(t_all - t_f, 1e-9)
-                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, fwd_ms=t_f,
-                    fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b, bwd_gbs=2 * nbytes / t_b / 1e6, full_ms=t_all,
-                    full_gbs=3 * nbytes / t_all / 1e6, peak_mb=peak,
+                bwd_bytes = read + M * row_bytes
+                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked, fwd_ms=t_f,
+                    fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b, bwd_gbs=bwd_bytes / t_b / 1e6, full_ms=t_all,
+                    full_gbs=(nbytes + bwd_bytes) / t_all / 1e6, peak_mb=peak,
                     **{f"timeline_{k}": v for k, v in timeline.items()})
             except Exception as exc:
-                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, error=repr(exc)[:300])
+                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked,
+                    error=repr(exc)[:300])
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_CHECK_VALUES", None)
         del x

@@ -199,7 +199,8 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
             idle = (f"; GPU busy {r['timeline_busy_ms']:.2f} ms, idle {r['timeline_idle_ms']:.2f} ms inside one call"
                     if r.get("timeline_busy_ms") is not None else "")
             lines.append(f"logits op, stats={r.get('stats')} prefetch={r.get('prefetch', False)} "
-                         f"checks={r.get('value_checks')}: fwd {r['fwd_gbs']:.0f}, "
+                         f"checks={r.get('value_checks')}{' masked' if r.get('masked') else ''}: "
+                         f"fwd {r['fwd_gbs']:.0f}, "
                          f"bwd {r['bwd_gbs']:.0f}, fwd+bwd {r['full_gbs']:.0f} GB/s{pct}{idle}")
     return "\n".join(lines)
 
