@@ -695,3 +695,28 @@ def test_gradient_buffers_are_written_then_added(monkeypatch, dtype, accum, voca
     torch.testing.assert_close(gw.double().cpu(), (dz.double().T @ hid.double()).cpu(), **tol)
     gh, gw, _ = fresh().results()
     assert not gh.any() and not gw.any()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="2^31 logits (4.3 GB): a GPU test (bench/device_check.sh)")
+@pytest.mark.parametrize("layout", ["(N, V)", "(B, T, V)"])
+def test_logits_past_int32_offsets(layout):
+    """The logits op over more than 2^31 logits, where a row's element offset row x V no longer fits in int32 (from
+    row 14123 at V = 152064): log-probs, entropies and the gradient of rows on both sides of that bound equal the
+    fp32 eager computation of those rows, for an (N, V) tensor and a (B, T, V) one (its rows b T + t)."""
+    V = 152064
+    first_past = -(-2 ** 31 // V)  # the first row whose offset passes 2^31
+    N = 2 * (first_past + 8)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    z = (torch.randn(N, V, device=DEVICE, generator=g) * 2).to(torch.bfloat16)
+    y = torch.randint(0, V, (N,), device=DEVICE, generator=g)
+    g_lp, g_en = torch.randn(N, device=DEVICE, generator=g), torch.randn(N, device=DEVICE, generator=g)
+    x = (z if layout == "(N, V)" else z.view(2, N // 2, V)).requires_grad_()
+    lp, en = R.logprobs_from_logits(x, y.view(x.shape[:-1]), return_entropy=True, backend="triton")
+    (gx,) = torch.autograd.grad((lp, en), x, (g_lp.view(lp.shape), g_en.view(en.shape)))
+    rows = torch.tensor([0, first_past - 1, first_past, N - 1], device=DEVICE)
+    zr = z[rows].float().requires_grad_()
+    want_lp, want_en = ref.logprobs_from_logits(zr, y[rows])
+    (want_g,) = torch.autograd.grad((want_lp, want_en), zr, (g_lp[rows], g_en[rows]))
+    torch.testing.assert_close(lp.reshape(-1)[rows], want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(en.reshape(-1)[rows], want_en, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.reshape(N, V)[rows].float(), want_g, rtol=2 ** -7, atol=1e-6)
