@@ -21,8 +21,8 @@ order:
 5. ``kernel``: PyTorch's own read (``amax``) and read + write (``copy_``) of one 4096-row block, the practical
    ceilings, then for seven tile x warp pairs the dL/dz kernel (split and all-masked tiles) and both statistics loops
    (split or all-masked; the split ones also at 2 and 3 pipeline stages, and the tile loop with register prefetch),
-   as GB/s by the byte model (statistics read the block; dL/dz reads and writes it): about 80 kernel compiles. Each kernel is timed in bursts of back-to-back
-   calls (:func:`timed_burst`), without its launch overhead.
+   as GB/s by the byte model (statistics read the block; dL/dz reads and writes it): about 80 kernel compiles.
+   Each kernel is timed in bursts of back-to-back calls (:func:`timed_burst`), without its launch overhead.
 
 Timings are CUDA-event medians. Nothing here is asserted: it prints a table and writes the rows as JSON.
 """

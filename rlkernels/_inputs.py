@@ -285,7 +285,9 @@ def check_scanned_rows(name: str, values: Tensor, late: Optional[BackwardCheck] 
 
     def message() -> str:
         found = f"{name} holds NaN or +inf in {int(bad.sum())} row(s)"
-        return found if late is None else found + " (found by the forward pass, raised before the backward's result)"
+        if late is None:
+            return found
+        return f"{found} (found in the forward pass; raised in backward, no gradient returned)"
 
     if late is None:
         fail_if(bad, message)
