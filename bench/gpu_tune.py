@@ -186,7 +186,8 @@ def main(argv=None) -> int:
 
     row("env", gpu=torch.cuda.get_device_name() if CUDA else "cpu (interpreter)", torch=torch.__version__,
         rlkernels=rlkernels.__version__,
-        shape=shape.describe(), mixed_addmm=triton_engine._mixed_addmm_works(h.device))
+        shape=shape.describe(), mixed_addmm=triton_engine._mixed_gemm_works(h.device),
+        mixed_mm=triton_engine._mixed_gemm_works(h.device, add=False))
 
     gemm_total = None
     if "gemm" not in skip:

@@ -679,9 +679,9 @@ def test_gradient_buffers_are_written_then_added(monkeypatch, dtype, accum, voca
 
     def fresh():
         grads = TE._Grads(hid, w, None, True, True, False, plan)
-        for buf in (grads.h, grads.w):
-            if buf.dtype == dtype or dtype == torch.float32:  # the buffers a GEMM writes first
-                buf.fill_(float("nan"))
+        grads.h.fill_(float("nan"))  # the buffers a GEMM writes first
+        if grads.w_written:
+            grads.w.fill_(float("nan"))
         return grads
 
     grads = fresh()
@@ -720,3 +720,22 @@ def test_logits_past_int32_offsets(layout):
     torch.testing.assert_close(lp.reshape(-1)[rows], want_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(en.reshape(-1)[rows], want_en, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx.reshape(N, V)[rows].float(), want_g, rtol=2 ** -7, atol=1e-6)
+
+
+def test_fp32_accumulator_written_by_a_mixed_mm_where_there_is_one(monkeypatch):
+    """Where a bf16 GEMM can write fp32 (CUDA torch >= 2.8), the fp32 grad_weight accumulator starts uninitialised
+    and the first row chunk's mixed mm writes it; the CPU build has no such GEMM, and the accumulator starts as
+    zeros. The probes say which."""
+    from rlkernels.engines import triton_engine as TE
+    from rlkernels.engines.chunking import ChunkPlan
+
+    monkeypatch.setenv("RLKERNELS_GRAD_WEIGHT_ACCUM", "fp32")
+    hid = torch.randn(6, 16, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(10, 16, device=DEVICE).to(torch.bfloat16)
+    grads = TE._Grads(hid, w, None, False, True, False, ChunkPlan(4, 10, 10))
+    assert grads.mixed == TE._mixed_gemm_works(hid.device)
+    assert grads.mixed_mm == (grads.mixed and TE._mixed_gemm_works(hid.device, add=False))
+    if DEVICE.type == "cpu":
+        assert not grads.mixed and not grads.mixed_mm and not grads.w_written and not grads.w.any()
+    else:
+        assert grads.w_written == grads.mixed_mm

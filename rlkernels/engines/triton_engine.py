@@ -86,25 +86,29 @@ def grad_weight_accum(weight: Tensor, n_rows: int, plan: ChunkPlan) -> str:
     return "fp32" if _auto_fp32(weight) else "input"
 
 
-_MIXED_ADDMM: dict = {}
+_MIXED_GEMM: dict = {}
 
 
-def _mixed_addmm_works(device: torch.device) -> bool:
-    """Whether ``torch.addmm(acc_fp32, a_half, b_half, out_dtype=fp32, out=acc)`` runs here and adds correctly
-    (CUDA builds of torch >= 2.8). Probed once per device on tiny matrices."""
-    key = (device.type, device.index)
-    if key not in _MIXED_ADDMM:
+def _mixed_gemm_works(device: torch.device, add: bool = True) -> bool:
+    """Whether a half-precision GEMM writes fp32 here: ``torch.addmm(acc, a, b, out_dtype=fp32, out=acc)`` (``add``)
+    or ``torch.mm(a, b, out_dtype=fp32, out=acc)``, with the right sum (CUDA builds of torch >= 2.8; not the CPU
+    build). Probed once per device and form on tiny matrices."""
+    key = (device.type, device.index, add)
+    if key not in _MIXED_GEMM:
         try:
             g = torch.Generator(device="cpu").manual_seed(0)
             a = torch.randn(8, 16, generator=g).to(device, torch.bfloat16)
             b = torch.randn(16, 8, generator=g).to(device, torch.bfloat16)
             acc = torch.ones(8, 8, device=device)
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            want = 1.0 + a.double() @ b.double()
-            _MIXED_ADDMM[key] = bool(torch.allclose(acc.double(), want, rtol=1e-5, atol=1e-5))
+            if add:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            else:
+                torch.mm(a, b, out_dtype=torch.float32, out=acc)
+            want = float(add) + a.double() @ b.double()
+            _MIXED_GEMM[key] = bool(torch.allclose(acc.double(), want, rtol=1e-5, atol=1e-5))
         except (RuntimeError, TypeError, NotImplementedError):
-            _MIXED_ADDMM[key] = False
-    return _MIXED_ADDMM[key]
+            _MIXED_GEMM[key] = False
+    return _MIXED_GEMM[key]
 
 
 class _Grads:
@@ -114,18 +118,21 @@ class _Grads:
     Each row chunk's first vocabulary block writes its rows of grad_hidden, and the first row chunk to add writes
     grad_weight, with plain GEMMs; later ones add into them. So neither starts as zeros: at the qwen2.5-7b LM head a
     zeroed bf16 grad_weight is a 1.09 GB write, and the first chunk's add would read it back (beta = 1): two passes
-    over V x H more than the GEMMs need. The fp32 accumulators that add by a mixed-dtype addmm or a separate add
-    still start as zeros. Every row chunk adds, or none does (whether a chunk has an upstream gradient is the
+    over V x H more than the GEMMs need. So does the fp32 accumulator where a mixed-dtype mm can write it (CUDA
+    torch >= 2.8); where chunks add into it with a separate add, it starts as zeros. Every row chunk adds, or none does (whether a chunk has an upstream gradient is the
     objective's structure, not its data): with none, :meth:`results` gives zeros."""
 
     def __init__(self, hidden, weight, bias, need_h, need_w, need_b, plan: ChunkPlan):
         acc = compute_dtype(hidden.dtype)
         self.half = acc != hidden.dtype
         self.w_in_input = self.half and need_w and grad_weight_accum(weight, hidden.shape[0], plan) == "input"
-        self.mixed = self.half and need_w and not self.w_in_input and _mixed_addmm_works(hidden.device)
+        self.mixed = self.half and need_w and not self.w_in_input and _mixed_gemm_works(hidden.device)
+        # the fp32 accumulator's first chunk written by a mixed-dtype mm where there is one
+        self.mixed_mm = self.mixed and _mixed_gemm_works(hidden.device, add=False)
         self.h = torch.empty_like(hidden) if need_h else None
         w_dtype = weight.dtype if self.w_in_input else acc
-        fill = torch.empty if (self.w_in_input or not self.half) else torch.zeros  # written by its first GEMM
+        self.w_written = self.w_in_input or not self.half or self.mixed_mm  # by its first GEMM
+        fill = torch.empty if self.w_written else torch.zeros
         self.w = fill(weight.shape, dtype=w_dtype, device=weight.device) if need_w else None
         self.b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
         self.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -147,7 +154,9 @@ class _Grads:
                 gh.add_(dz @ w)
         if self.w is not None:
             gw = self.w[v0:v1]
-            if self.mixed:  # bf16 GEMM adding straight into the fp32 accumulator
+            if self.mixed_mm and r0 == self.first_rows:  # bf16 GEMM writing the fp32 accumulator
+                torch.mm(dz.T, h, out_dtype=torch.float32, out=gw)
+            elif self.mixed:  # bf16 GEMM adding straight into the fp32 accumulator
                 torch.addmm(gw, dz.T, h, out_dtype=torch.float32, out=gw)
             elif self.half and not self.w_in_input:  # fallback: one extra V x H pass per chunk
                 gw.add_(dz.T @ h)
