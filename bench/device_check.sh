@@ -11,8 +11,10 @@
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
-#   tune      bench/gpu_tune.py: the 3 GEMMs alone, fused_grpo_loss per grad_weight accumulation mode, budget, stats loop
-#             and pipeline stages, the logits op in GB/s, grad precision (qwen2.5-7b, 16k tokens, bf16)
+#   tune      bench/gpu_tune.py: the 3 GEMMs alone, fused_grpo_loss per grad_weight accumulation mode, budget, stats loop,
+#             pipeline stages and register prefetch, the logits op in GB/s (with and without a completion mask), one
+#             call's GPU timeline (busy and idle ms, longest kernels) for the loss and the logits op, grad precision
+#             (qwen2.5-7b, 16k tokens, bf16)
 #   grpo      rlkernels-bench, grpo op (dapo) fwd+bwd, qwen2.5-7b LM head, 16k tokens, bf16: eager, rlkernels-triton,
 #             liger (when importable), gemm-roofline
 #   compile   the grpo op under torch.compile: the eager reference compiled, rlkernels-triton in eager mode and
@@ -20,9 +22,10 @@
 #   llama     the grpo op at H=4096, V=131072 (the issue's shape): eager, rlkernels-triton, liger, gemm-roofline
 #   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, gemm-roofline
 #   tests     the engine suites on CUDA (compiled Triton, no interpreter): RLKERNELS_TEST_DEVICE=cuda pytest
-#   kernels   bench/gpu_tune.py --only kernel: both statistics loops at 1-3 pipeline stages and the dL/dz kernel per
-#             tile and warp count, beside PyTorch's read and copy of the same block (~50 compiles; last, so that a
-#             call that runs out of time still brings back everything before it)
+#   kernels   bench/gpu_tune.py --only kernel: both statistics loops at 1-3 pipeline stages (and the tile loop with
+#             register prefetch) and the dL/dz kernel per tile and warp count, beside PyTorch's read and copy of the
+#             same block (~80 compiles; last, so that a call that runs out of time still brings back everything
+#             before it)
 #
 # Everything lands flat in $OUT (default ./device-out), each name carrying the GPU's name: 8 files with the default
 # steps, the most a device call brings back (compile adds one: name it with fewer steps)
@@ -31,8 +34,8 @@
 #   <step>-<gpu>.json   the rows of tune, grpo, compile, llama, logprobs, kernels
 #   tests-<gpu>.log     pytest output
 # Plots are made afterwards from the JSON (rlkernels.bench.report.write_plot), and `python bench/pick_defaults.py
-# kernels-<gpu>.json tune-<gpu>.json` ranks the launches and says which constants the numbers support. Exit status: 0 when every step
-# passed, else 1. Liger-Kernel travels as a wheel: see bench/results/README.md.
+# kernels-<gpu>.json tune-<gpu>.json` ranks the launches and says which constants the numbers support. Exit status: 0
+# when every step passed, else 1. Liger-Kernel travels as a wheel: see bench/results/README.md.
 set -u
 
 cd "$(dirname "$0")/.."
