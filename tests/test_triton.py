@@ -18,7 +18,7 @@ from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, leaves, m
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
 ALLOWED_CONSTEXPR = {"HAS_BIAS", "TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES", "ROWS_3D", "STAGES",
-                     "SPLIT_TAIL", "MASKED_ROWS", "PREFETCH"}
+                     "SPLIT_TAIL", "MASKED_ROWS", "PREFETCH", "FINISH"}
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__ if hasattr(k, "__name__") else str(k))
@@ -739,3 +739,34 @@ def test_fp32_accumulator_written_by_a_mixed_mm_where_there_is_one(monkeypatch):
         assert not grads.mixed and not grads.mixed_mm and not grads.w_written and not grads.w.any()
     else:
         assert grads.w_written == grads.mixed_mm
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_statistics_finished_in_the_kernel(dtype):
+    """logits_stats(finish=True), the logits path's launch: the kernel's own (M, log S, C/S, logp, entropy) equal
+    finish_stats of its raw state (to an ulp of the log: libdevice's or numpy's against torch's), with masked-out
+    rows (label -1) all 0, a row of -inf logits and a -inf label logit (logp -inf), and a NaN row left NaN."""
+    from rlkernels.engines.torch_engine import finish_stats
+
+    g = torch.Generator().manual_seed(21)
+    z = (torch.randn(6, 300, generator=g, dtype=torch.float64) * 3).to(dtype)
+    y = torch.randint(0, 300, (6,), generator=g)
+    z[1] = -float("inf")
+    z[2, y[2]] = -float("inf")
+    z[4, 7] = float("nan")
+    y[5] = -1  # masked out
+    temp = (0.5 + torch.rand(6, generator=g, dtype=torch.float64)).to(K._acc(dtype))
+    zd, yd, td = z.to(DEVICE), y.to(DEVICE), temp.to(DEVICE)
+    got = K.logits_stats(zd, yd, None, td, finish=True)
+    m, s, c, zy = K.logits_stats(zd, yd, None, td)
+    want = (m, *finish_stats(m, s, c, zy))
+    for name, a, b in zip(("M", "log S", "C/S", "logp", "entropy"), got, want):
+        assert a.dtype == b.dtype and a.is_contiguous(), name
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=4 * torch.finfo(a.dtype).eps, atol=0, equal_nan=True,
+                                   msg=name)
+    logp, ent = got[3].cpu(), got[4].cpu()
+    assert logp[5] == 0 and ent[5] == 0 and all(float(x[5]) == 0 for x in got)
+    # a -inf label logit, in a row of -inf too: logp -inf
+    assert (logp[[1, 2]] == -float("inf")).all() and torch.isnan(logp[4]) and torch.isfinite(logp[[0, 3]]).all()

@@ -29,8 +29,7 @@ from .._inputs import env_choice
 from ..triton_ops.logprobs import dlogits, logits_stats, padded_width
 from . import Engine
 from .chunking import ChunkPlan, memory_budget_bytes
-from .torch_engine import (chunk_upstream, compute_dtype, finish_stats, forward_rows, fused_outputs,
-                           merged_chunk_stats)
+from .torch_engine import chunk_upstream, compute_dtype, forward_rows, fused_outputs, merged_chunk_stats
 
 
 def _buffer(hidden: Tensor, plan: ChunkPlan) -> Tensor:
@@ -255,8 +254,8 @@ def logits_forward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bo
     never read; without them no load waits for a label's."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    m, s, c, zy = logits_stats(logits, labels, None, temperature, masked_rows=masked_rows)
-    log_s, cs, logp, ent = finish_stats(m, s, c, zy)
+    # the kernel finishes the statistics itself (finish_stats' arithmetic): no elementwise launches after it
+    m, log_s, cs, logp, ent = logits_stats(logits, labels, None, temperature, masked_rows=masked_rows, finish=True)
     return logp, ent, m, log_s, cs
 
 

@@ -96,7 +96,8 @@ HEADER = (f"{'variant':<44} {'warps':>5} {'regs':>5} {'shared':>7} {'local':>6} 
 def _stats_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
     return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "bias_ptr": dtype,
             "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32", "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32",
-            "n_load": "i32", "m_out": f"*{acc}", "s_out": f"*{acc}", "c_out": f"*{acc}", "zy_out": f"*{acc}"}
+            "n_load": "i32", "m_out": f"*{acc}", "s_out": f"*{acc}", "c_out": f"*{acc}", "zy_out": f"*{acc}",
+            "ent_out": f"*{acc}"}
 
 
 def _dlogits_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
@@ -121,14 +122,16 @@ def variants() -> List[Variant]:
 
     def stats(name, lanes=False, rows_3d=False, bias=False, temp=NO_T, stages=None, dtype="*bf16",
               acc=tl.float32, unaligned=(), split=None, prefetch=None):
-        masked_rows = rows_3d  # the logits path (the caller's tensor, masked rows skipped); hidden+W: kept rows
+        # the logits path (the caller's tensor, masked rows skipped, the statistics finished in the kernel); hidden+W:
+        # kept rows, the raw state
+        masked_rows = finish = rows_3d
         cfg = K.stats_launch(lanes)  # the engine's own launch, with this variant's changes
         out.append(Variant(f"stats {name}", K._logits_stats_kernel,
                            _stats_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
                            dict(HAS_BIAS=bias, TEMP=temp, ACC=acc, BLOCK_V=cfg.block_v, LANES=lanes,
                                 ROWS_3D=rows_3d, STAGES=cfg.stages if stages is None else stages,
                                 SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=masked_rows,
-                                PREFETCH=cfg.prefetch if prefetch is None else prefetch),
+                                PREFETCH=cfg.prefetch if prefetch is None else prefetch, FINISH=finish),
                            cfg.num_warps, tuple(a for a in _STATS_ALIGNED if a not in unaligned)))
 
     stats("tile (hidden+W path)")

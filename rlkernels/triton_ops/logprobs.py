@@ -28,8 +28,8 @@ from torch import Tensor
 
 from .._inputs import env_choice
 from . import autotune
-from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, dlogits_tile, load_scaled_logits, merge_lanes,
-                       online_lse_step, row_inv_temperature, row_kept, row_offset, scale_logits)
+from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, div_rn, dlogits_tile, load_scaled_logits,
+                       merge_lanes, online_lse_step, row_inv_temperature, row_kept, row_offset, scale_logits)
 
 # Tiles and warps from the H100 sweeps (bench/gpu_tune.py; bench/results/gpu-h100/). The statistics kernel: 4096 x 4
 # warps, first chosen from session 2's sweep (1600 GB/s, its best; 1275 at the former 2048 x 8); in session 7's two
@@ -91,13 +91,13 @@ def stats_kernel() -> str:
 _ROW_ARGS = ["temp_ptr", "labels_ptr", "v_offset", "rows_inner"]
 
 
-@triton.jit(do_not_specialize=_ROW_ARGS + ["m_out", "s_out", "c_out", "zy_out"])
+@triton.jit(do_not_specialize=_ROW_ARGS + ["m_out", "s_out", "c_out", "zy_out", "ent_out"])
 def _logits_stats_kernel(
     z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
-    n_load, m_out, s_out, c_out, zy_out,
+    n_load, m_out, s_out, c_out, zy_out, ent_out,
     HAS_BIAS: tl.constexpr, TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
     ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr, MASKED_ROWS: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, FINISH: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
@@ -154,10 +154,22 @@ def _logits_stats_kernel(
     # the value check (see logits_stats): a NaN has made S NaN already; a +inf makes M = +inf, and S NaN in the tile
     # loop (inf - inf) but not in the lanes loop, so it is flagged here, once per row
     s = tl.where(m == float("inf"), float("nan"), s)
-    tl.store(m_out + row, tl.where(row_ok, m, 0.0))
-    tl.store(s_out + row, tl.where(row_ok, s, 1.0))
-    tl.store(c_out + row, tl.where(row_ok, c, 0.0))
-    tl.store(zy_out + row, zy)
+    m = tl.where(row_ok, m, 0.0)
+    s = tl.where(row_ok, s, 1.0)
+    c = tl.where(row_ok, c, 0.0)
+    if FINISH:  # the block is the whole vocabulary: (M, log S, C/S, logp, entropy), as finish_stats forms them
+        log_s = tl.log(s)  # libdevice logf (logf in fp64: log), as torch.log
+        cs = div_rn(c, s)
+        tl.store(m_out + row, m)
+        tl.store(s_out + row, log_s)
+        tl.store(c_out + row, cs)
+        tl.store(zy_out + row, (zy - m) - log_s)
+        tl.store(ent_out + row, log_s - cs)
+    else:
+        tl.store(m_out + row, m)
+        tl.store(s_out + row, s)
+        tl.store(c_out + row, c)
+        tl.store(zy_out + row, zy)
 
 
 @triton.jit(do_not_specialize=_ROW_ARGS + ["m_ptr", "log_s_ptr", "cs_ptr", "g_logp_ptr", "g_ent_ptr"])
@@ -316,7 +328,8 @@ def _row_sample(z: Tensor, rows: int) -> Tuple[Tensor, int]:
 
 
 def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0,
-                 n_load: Optional[int] = None, masked_rows: bool = True, launch: Optional[LaunchConfig] = None):
+                 n_load: Optional[int] = None, masked_rows: bool = True, launch: Optional[LaunchConfig] = None,
+                 finish: bool = False):
     """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols), or (B, T, n_cols) with rows b T + t, whose column 0
     is vocabulary entry ``v_offset``.
 
@@ -328,38 +341,49 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     memory that the caller owns (see :func:`padded_width`); the padding's contents are ignored.
     ``masked_rows``: labels may be negative (masked-out rows, skipped); False promises they are not.
     ``launch``: this launch instead of the default (and of autotuning): bench/gpu_tune.py's sweep.
+    ``finish``: the block is the whole vocabulary; return what ``finish_stats`` makes of the state instead,
+    (M, log S, C/S, logp, entropy), five separate tensors written by the kernel itself (the logits path: five
+    elementwise launches and a copy fewer after the kernel).
     """
     rows = _rows(z)[0]
     acc = _acc(z.dtype)
-    out = torch.empty(4, rows, dtype=acc, device=z.device)
+    outs = _stats_outputs(rows, acc, z.device, finish)
     if rows == 0:
-        return out.unbind(0)
+        return outs
     temp, inv_t = _temperature_args(temperature, z)
     lanes = stats_kernel() == "lanes"
     n_load = _n_load(z, n_load)
     cfg = launch or stats_launch(lanes)
     if launch is None and autotune.enabled():
         key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None,
-               _temp_mode(temp, inv_t), z.dim(), masked_rows)
+               _temp_mode(temp, inv_t), z.dim(), masked_rows, finish)
         zs, k = _row_sample(z, rows)
-        scratch = torch.empty(4, k, dtype=acc, device=z.device)
+        scratch = _stats_outputs(k, acc, z.device, finish)
         cfg = autotune.pick(key, autotune.stats_candidates(lanes), lambda c: _launch_stats(
             zs, labels[:k], bias, None if temp is None else temp[:k], inv_t, v_offset, n_load, lanes, masked_rows, c,
             scratch))
-    _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg, out)
-    return out.unbind(0)
+    _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg, outs)
+    return outs
 
 
-def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg: LaunchConfig, out):
+def _stats_outputs(rows: int, acc: torch.dtype, device, finish: bool) -> Tuple[Tensor, ...]:
+    # finished: five tensors of their own (they are returned as they are; views of one buffer would be copied by the
+    # op's output rule); else four rows of one buffer
+    if finish:
+        return tuple(torch.empty(rows, dtype=acc, device=device) for _ in range(5))
+    return torch.empty(4, rows, dtype=acc, device=device).unbind(0)
+
+
+def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg: LaunchConfig, outs):
     rows, stride, outer, inner, rows_3d = _rows(z)
     n_cols = z.shape[-1]
     _logits_stats_kernel[(rows,)](
         z, stride, outer, inner, bias if bias is not None else z, temp if temp is not None else z, inv_t, labels,
-        v_offset, n_cols, n_load, out[0], out[1], out[2], out[3],
+        v_offset, n_cols, n_load, outs[0], outs[1], outs[2], outs[3], outs[-1],
         HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), ACC=_TL[_acc(z.dtype)],
         BLOCK_V=min(cfg.block_v, triton.next_power_of_2(n_cols)), LANES=lanes,
         ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows,
-        PREFETCH=cfg.prefetch and cfg.split_tail, num_warps=cfg.num_warps,
+        PREFETCH=cfg.prefetch and cfg.split_tail, FINISH=len(outs) == 5, num_warps=cfg.num_warps,
     )
 
 

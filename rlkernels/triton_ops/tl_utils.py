@@ -33,6 +33,15 @@ def fast_exp(x):
 
 
 @triton.jit
+def div_rn(a, b):
+    """a / b rounded as IEEE division (torch's): Triton's fp32 ``/`` compiles to the approximate ``div.full.f32`` (up
+    to 2 ulp); fp64 ``/`` is IEEE already (``tl.math.div_rn`` takes fp32 only)."""
+    if a.dtype == tl.float64:
+        return a / b
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
 def row_offset(row, stride, stride_outer, rows_inner, ROWS_3D: tl.constexpr):
     """Element offset (int64) of row ``row``: ``row * stride``, or for a (B, T, V) tensor with rows b T + t,
     ``b * stride_outer + t * stride``."""
