@@ -665,7 +665,7 @@ def test_gradient_buffers_are_written_then_added(monkeypatch, dtype, accum, voca
     """The Triton engine's gradient buffers start uninitialised where the first GEMM writes them (grad_hidden's rows
     by their first vocabulary block, grad_weight by the first row chunk), so nothing left in them reaches the result
     (filled with NaN here before the adds); over 3 row chunks and 1 or 3 vocabulary blocks they equal dz W and
-    dz^T h; with no chunk added they are zeros."""
+    dz^T h; with no chunk added they are zeros, and a chunk without an upstream gradient leaves zeros in its rows."""
     from rlkernels.engines import triton_engine as TE
     from rlkernels.engines.chunking import ChunkPlan
 
@@ -695,6 +695,17 @@ def test_gradient_buffers_are_written_then_added(monkeypatch, dtype, accum, voca
     torch.testing.assert_close(gw.double().cpu(), (dz.double().T @ hid.double()).cpu(), **tol)
     gh, gw, _ = fresh().results()
     assert not gh.any() and not gw.any()
+    grads = fresh()  # the first row chunk adds nothing (no upstream gradient): its rows are 0, the rest as before
+    grads.no_rows(0, 4)
+    for r0, r1 in plan.ranges(N)[1:]:
+        for v0 in range(0, V, vocab_block):
+            v1 = min(v0 + vocab_block, V)
+            grads.add(dz[r0:r1, v0:v1].contiguous(), hid[r0:r1], w, r0, v0, v1)
+    gh, gw, _ = grads.results()
+    part = dz.double().clone()
+    part[:4] = 0
+    torch.testing.assert_close(gh.double().cpu(), (part @ w.double()).cpu(), **tol)
+    torch.testing.assert_close(gw.double().cpu(), (part.T @ hid.double()).cpu(), **tol)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="2^31 logits (4.3 GB): a GPU test (bench/device_check.sh)")

@@ -118,8 +118,8 @@ class _Grads:
     grad_weight, with plain GEMMs; later ones add into them. So neither starts as zeros: at the qwen2.5-7b LM head a
     zeroed bf16 grad_weight is a 1.09 GB write, and the first chunk's add would read it back (beta = 1): two passes
     over V x H more than the GEMMs need. So does the fp32 accumulator where a mixed-dtype mm can write it (CUDA
-    torch >= 2.8); where chunks add into it with a separate add, it starts as zeros. Every row chunk adds, or none does (whether a chunk has an upstream gradient is the
-    objective's structure, not its data): with none, :meth:`results` gives zeros."""
+    torch >= 2.8); where chunks add into it with a separate add, it starts as zeros. A row chunk without an upstream
+    gradient zeroes its rows (:meth:`no_rows`); with no chunk added, :meth:`results` gives zeros."""
 
     def __init__(self, hidden, weight, bias, need_h, need_w, need_b, plan: ChunkPlan):
         acc = compute_dtype(hidden.dtype)
@@ -165,6 +165,11 @@ class _Grads:
                 gw.addmm_(dz.T, h)
         if self.b is not None:
             self.b[v0:v1].add_(dz.sum(0, dtype=self.b.dtype))
+
+    def no_rows(self, r0: int, r1: int) -> None:
+        """Rows r0:r1 add nothing (no upstream gradient): their grad_hidden is 0."""
+        if self.h is not None:
+            self.h[r0:r1].zero_()
 
     def results(self):
         if self.first_rows is None:  # nothing added: the gradients are zeros
@@ -242,6 +247,8 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
             # forms p from the raw logits and the (merged) statistics
             _chunk_backward(buf, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0,
                             recompute=plan.vocab_blocked, offset=vocab_offset)
+        else:
+            grads.no_rows(r0, r1)
         logp[r0:r1], ent[r0:r1] = lp, en
         loss += part
     return (loss, logp, ent, *grads.results())
