@@ -7,8 +7,9 @@
 # 400 s: tests 85-90, grpo 84, llama 82, logprobs 75-76, tune 25, kernels 37-41 (compile, opt-in: 142). Session 8
 # added about 25 kernel compiles to the tests, 7 to the kernels step and a few timed variants to tune (not yet run:
 # expect about 460 s). Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune
-# writes its JSON after every row), or name fewer STEPS. The default order puts first what the Triton engine issue's targets are judged on (the grpo
-# op at both shapes, the logits op's bandwidth, the GPU test suite), then the tuning sweeps.
+# writes its JSON after every row), or name fewer STEPS. The default order puts first what the Triton engine issue's
+# targets are judged on (the grpo op at both shapes, the logits op's bandwidth, the GPU test suite), then the tuning
+# sweeps.
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
