@@ -158,7 +158,7 @@ def _logits_stats_kernel(
     s = tl.where(row_ok, s, 1.0)
     c = tl.where(row_ok, c, 0.0)
     if FINISH:  # the block is the whole vocabulary: (M, log S, C/S, logp, entropy), as finish_stats forms them
-        log_s = tl.log(s)  # libdevice logf (logf in fp64: log), as torch.log
+        log_s = tl.log(s)  # compiled to libdevice's logf (log in fp64), as torch.log on CUDA
         cs = div_rn(c, s)
         tl.store(m_out + row, m)
         tl.store(s_out + row, log_s)
