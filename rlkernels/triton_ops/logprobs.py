@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._inputs import env_choice
 from . import autotune
-from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, div_rn, dlogits_tile, load_scaled_logits,
+from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, dlogits_tile, finish_row, load_scaled_logits,
                        merge_lanes, online_lse_step, row_inv_temperature, row_kept, row_offset, scale_logits)
 
 # Tiles and warps from the H100 sweeps (bench/gpu_tune.py; bench/results/gpu-h100/). The statistics kernel: 4096 x 4
@@ -157,16 +157,14 @@ def _logits_stats_kernel(
     m = tl.where(row_ok, m, 0.0)
     s = tl.where(row_ok, s, 1.0)
     c = tl.where(row_ok, c, 0.0)
-    if FINISH:  # the block is the whole vocabulary: (M, log S, C/S, logp, entropy), as finish_stats forms them
-        log_s = tl.log(s)  # compiled to libdevice's logf (log in fp64), as torch.log on CUDA
-        cs = div_rn(c, s)
-        tl.store(m_out + row, m)
+    tl.store(m_out + row, m)
+    if FINISH:  # the block is the whole vocabulary: (M, log S, C/S, logp, entropy)
+        log_s, cs, logp, ent = finish_row(m, s, c, zy)
         tl.store(s_out + row, log_s)
         tl.store(c_out + row, cs)
-        tl.store(zy_out + row, (zy - m) - log_s)
-        tl.store(ent_out + row, log_s - cs)
+        tl.store(zy_out + row, logp)
+        tl.store(ent_out + row, ent)
     else:
-        tl.store(m_out + row, m)
         tl.store(s_out + row, s)
         tl.store(c_out + row, c)
         tl.store(zy_out + row, zy)

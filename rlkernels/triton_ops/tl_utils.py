@@ -170,6 +170,16 @@ def merge_lanes(m, s, c):
 
 
 @triton.jit
+def finish_row(m, s, c, zy):
+    """(log S, C/S, logp, entropy) of a row from its merged state and label logit z~_y (B §1.1), the arithmetic of
+    ``torch_engine.finish_stats`` (logp = (z~_y - M) - log S, entropy = log S - C/S), rounded as torch rounds it:
+    ``tl.log`` compiles to libdevice's logf (log in fp64), as torch.log on CUDA, and the division is IEEE."""
+    log_s = tl.log(s)
+    cs = div_rn(c, s)
+    return log_s, cs, (zy - m) - log_s, log_s - cs
+
+
+@triton.jit
 def dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP: tl.constexpr,
                  HAS_GENT: tl.constexpr, TEMP: tl.constexpr):
     """dL/dz = [g_logp (1_y - p) - g_H p (z~ - mu)] / T for one tile (B §1.3), with t = z~ - M, p = exp(t - log S),
