@@ -96,7 +96,8 @@ def _mixed_gemm_works(device: torch.device, add: bool = True) -> bool:
     if key not in _MIXED_GEMM:
         try:
             g = torch.Generator(device="cpu").manual_seed(0)
-            a = torch.randn(8, 16, generator=g).to(device, torch.bfloat16)
+            # a as the engine passes dz^T: the transpose of a block of a row-padded buffer
+            a = torch.randn(16, 24, generator=g).to(device, torch.bfloat16)[:, :8].T
             b = torch.randn(16, 8, generator=g).to(device, torch.bfloat16)
             acc = torch.ones(8, 8, device=device)
             if add:
