@@ -85,3 +85,17 @@ def test_fp64_kernels_floor_at_the_exact_constant(name):
     literal = lambda x: "0d" + struct.pack(">d", x).hex().upper()  # noqa: E731  (PTX's fp64 literal syntax)
     assert literal(-1e20) in text
     assert literal(float(torch.tensor(-1e20, dtype=torch.float32))) not in text
+
+
+@pytest.mark.parametrize("name, division", [("stats tile, (B,T,V) masked rows (logits)", "div.rn.f32"),
+                                            ("stats tile, fp64, (B,T,V) masked rows (logits)", "div.rn.f64")])
+def test_finished_statistics_divide_as_torch(name, division):
+    """The logits path's kernel finishes each row (C/S among it) rounded as torch's IEEE division: the PTX divides
+    with ``div.rn`` only, never the approximate ``div.full``/``div.approx`` that Triton's fp32 ``/`` compiles to. The
+    fp64 variant compiles at all: its division was once built through tl.math.div_rn, fp32 only, which the
+    interpreter never rejects."""
+    import re
+
+    text = aot.ptx(next(v for v in VARIANTS if v.name == name))
+    divisions = set(re.findall(r"\bdiv\.(?:rn|full|approx)\.f(?:32|64)\b", text))
+    assert divisions == {division}, divisions

@@ -147,6 +147,7 @@ def variants() -> List[Variant]:
     stats("lanes", lanes=True)
     stats("lanes, (B,T,V) masked rows", lanes=True, rows_3d=True)
     stats("tile, fp64", dtype="*fp64", acc=tl.float64)
+    stats("tile, fp64, (B,T,V) masked rows (logits)", dtype="*fp64", acc=tl.float64, rows_3d=True)
 
     def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, temp=NO_T, unaligned=(), split=None,
                 dtype="*bf16", acc=tl.float32):

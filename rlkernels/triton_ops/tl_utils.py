@@ -35,10 +35,14 @@ def fast_exp(x):
 @triton.jit
 def div_rn(a, b):
     """a / b rounded as IEEE division (torch's): Triton's fp32 ``/`` compiles to the approximate ``div.full.f32`` (up
-    to 2 ulp); fp64 ``/`` is IEEE already (``tl.math.div_rn`` takes fp32 only)."""
+    to 2 ulp); fp64 ``/`` is IEEE already (``tl.math.div_rn`` takes fp32 only). An if/else, not an early return:
+    the compiler still builds the code after a return, and div_rn of fp64 would not compile (the interpreter
+    never sees it)."""
     if a.dtype == tl.float64:
-        return a / b
-    return tl.math.div_rn(a, b)
+        q = a / b
+    else:
+        q = tl.math.div_rn(a, b)
+    return q
 
 
 @triton.jit
