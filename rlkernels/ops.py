@@ -194,6 +194,12 @@ def logprobs_from_logits(
     Returns:
         ``logp`` (and ``entropy``) shaped like ``labels``, fp32 (fp64 for fp64 logits).
 
+    Raises:
+        ValueError naming the argument for bad labels, mask or temperature, before any kernel runs; for NaN / +inf
+        logits at kept rows before returning, except on the Triton engine when the logits' gradient is needed: its
+        statistics kernel finds them, and the backward raises once its own kernel is queued (the forward waits for
+        no kernel; its log-probs are NaN in those rows).
+
     Equivalent to ``torch.log_softmax(logits.float() / T, -1).gather(-1, labels[..., None]).squeeze(-1)``.
     """
     I.check_backend_args(backend, chunk_size)
