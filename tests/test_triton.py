@@ -733,23 +733,30 @@ def test_logits_past_int32_offsets(layout):
     torch.testing.assert_close(gx.reshape(N, V)[rows].float(), want_g, rtol=2 ** -7, atol=1e-6)
 
 
-def test_fp32_accumulator_written_by_a_mixed_mm_where_there_is_one(monkeypatch):
-    """Where a bf16 GEMM can write fp32 (CUDA torch >= 2.8), the fp32 grad_weight accumulator starts uninitialised
-    and the first row chunk's mixed mm writes it; the CPU build has no such GEMM, and the accumulator starts as
-    zeros. The probes say which."""
+@pytest.mark.parametrize("add", [True, False], ids=["addmm", "mm"])
+def test_mixed_gemm_probe_says_whether_the_engines_call_runs(add):
+    """The probe that decides whether the fp32 grad_weight accumulator is added into (addmm) or written (mm) by a bf16
+    GEMM agrees with that GEMM as the engine calls it, at another size: dz^T a transposed block of a row-padded
+    buffer, into a row slice of the accumulator, with the right sum (the CPU build has neither: zeros and a separate
+    add there). (The results of each path are checked by test_gradient_buffers_are_written_then_added.)"""
     from rlkernels.engines import triton_engine as TE
-    from rlkernels.engines.chunking import ChunkPlan
 
-    monkeypatch.setenv("RLKERNELS_GRAD_WEIGHT_ACCUM", "fp32")
-    hid = torch.randn(6, 16, device=DEVICE).to(torch.bfloat16)
-    w = torch.randn(10, 16, device=DEVICE).to(torch.bfloat16)
-    grads = TE._Grads(hid, w, None, False, True, False, ChunkPlan(4, 10, 10))
-    assert grads.mixed == TE._mixed_gemm_works(hid.device)
-    assert grads.mixed_mm == (grads.mixed and TE._mixed_gemm_works(hid.device, add=False))
-    if DEVICE.type == "cpu":
-        assert not grads.mixed and not grads.mixed_mm and not grads.w_written and not grads.w.any()
-    else:
-        assert grads.w_written == grads.mixed_mm
+    g = torch.Generator().manual_seed(12)
+    buf = torch.randn(24, 40, generator=g).to(DEVICE, torch.bfloat16)
+    dz = buf[:, :30]  # 24 rows x 30 vocabulary entries at a padded row stride
+    h = torch.randn(24, 16, generator=g).to(DEVICE, torch.bfloat16)
+    acc = torch.ones(50, 16, device=DEVICE)
+    gw = acc[10:40]
+    try:
+        if add:
+            torch.addmm(gw, dz.T, h, out_dtype=torch.float32, out=gw)
+        else:
+            torch.mm(dz.T, h, out_dtype=torch.float32, out=gw)
+        want = float(add) + dz.double().T @ h.double()
+        runs = bool(torch.allclose(gw.double(), want, rtol=1e-5, atol=1e-5)) and bool((acc[:10] == 1).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        runs = False
+    assert TE._mixed_gemm_works(torch.device(DEVICE), add=add) == runs
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
