@@ -1,0 +1,185 @@
+"""Where the host's time goes in one call of the logits op (``logprobs_from_logits``, Triton engine), on a GPU.
+
+    python bench/host_profile.py --out DIR [--shape qwen2.5-7b] [--tokens 16384]
+
+gpu_tune's logits rows time the op end to end with CUDA events; the kernels alone (its GPU timelines) came to 87% of
+HBM while the call came to 75-80% (H100, 2026-11-27). The difference is the GPU waiting for the host: before the
+first kernel of a call (the forward's Python, the label check's sync) and between the forward's kernel and the
+backward's. This script measures it, value checks on and off:
+
+* ``host_fwd_us`` / ``host_bwd_us``: wall-clock of the forward / the backward call on the host (median of 20, the GPU
+  drained before each), against ``fwd_ms`` / ``full_ms`` timed with CUDA events as gpu_tune does;
+* ``first_kernel_us``: from the call's start to the first kernel's start on the GPU, and the gaps between the
+  kernels, from one profiled call (torch.profiler, CPU and CUDA; its trace is written to DIR);
+* cProfile of 10 calls: the Python functions by own time and by cumulative time (``host-profile.txt`` in DIR);
+* the host cost of launching an empty Triton kernel, the floor of any launch.
+
+Nothing is asserted. On CPU (``TRITON_INTERPRET=1``, a tiny ``--tokens``/``--vocab``): a smoke run of the same code,
+wall-clock only.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def host_us(fn, before=None, repeat: int = 20) -> float:
+    """Median host wall-clock of ``fn()`` in microseconds; ``before()`` runs untimed first, then the GPU drains."""
+    times = []
+    for _ in range(repeat):
+        state = before() if before else None
+        sync()
+        start = time.perf_counter()
+        fn(state)
+        times.append((time.perf_counter() - start) * 1e6)
+        sync()
+    return statistics.median(times)
+
+
+def event_ms(fn, repeat: int = 10) -> float:
+    """Median CUDA-event time of ``fn()`` in ms (wall-clock on CPU)."""
+    times = []
+    for _ in range(repeat):
+        sync()
+        if not CUDA:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def timeline(fn, trace_path: str) -> dict:
+    """One profiled call: the GPU's events and the host's CUDA runtime calls in time order, offsets in us from the
+    first host event of the call; ``first_kernel_us`` and the GPU's gaps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    prof.export_chrome_trace(trace_path)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    if not events:
+        return {}
+    t0 = events[0].time_range.start
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    host = [e for e in events if e.device_type != DeviceType.CUDA and e.name.startswith(("cuda", "cu"))]
+    rows = [("gpu" if e.device_type == DeviceType.CUDA else "host", e.name[:70], e.time_range.start - t0,
+             e.time_range.elapsed_us()) for e in sorted(gpu + host, key=lambda e: e.time_range.start)]
+    gaps = [(b.time_range.start - a.time_range.end) for a, b in zip(gpu, gpu[1:])]
+    return dict(first_kernel_us=(gpu[0].time_range.start - t0) if gpu else None,
+                gpu_busy_us=sum(e.time_range.elapsed_us() for e in gpu),
+                gpu_gaps_us=[round(g, 1) for g in gaps], events=rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="host-profile")
+    p.add_argument("--shape", default="qwen2.5-7b")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--vocab", type=int, default=None)
+    args = p.parse_args(argv)
+    if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        print("host_profile.py needs CUDA (or TRITON_INTERPRET=1 and a tiny shape, as a smoke run)", file=sys.stderr)
+        return 2
+    import triton
+    import triton.language as tl
+
+    import rlkernels
+    from rlkernels.bench.shapes import resolve_shape
+
+    os.makedirs(args.out, exist_ok=True)
+    dev = "cuda" if CUDA else "cpu"
+    shape = resolve_shape(args.shape, tokens=args.tokens, vocab=args.vocab)
+    M, V = shape.tokens, shape.vocab
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = (torch.randn(M, V, device=dev, generator=gen) * 2.0).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, V, (M,), device=dev, generator=gen)
+    g_lp, g_en = torch.randn(M, device=dev, generator=gen), torch.randn(M, device=dev, generator=gen)
+    report = {"gpu": torch.cuda.get_device_name() if CUDA else "cpu (interpreter)", "torch": torch.__version__,
+              "triton": triton.__version__, "shape": f"M={M} V={V} bf16", "rows": []}
+    text = io.StringIO()
+
+    def fwd():
+        return rlkernels.logprobs_from_logits(x, y, return_entropy=True, backend="triton")
+
+    def full():
+        lp, en = fwd()
+        torch.autograd.grad((lp, en), x, (g_lp, g_en))
+
+    for checks in ("1", "0"):
+        os.environ["RLKERNELS_CHECK_VALUES"] = checks
+        for _ in range(3):
+            full()
+        sync()
+        row = dict(value_checks=checks,
+                   host_fwd_us=host_us(lambda _: fwd()),
+                   host_bwd_us=host_us(lambda outs: torch.autograd.grad(outs, x, (g_lp, g_en)), before=fwd),
+                   fwd_ms=event_ms(fwd), full_ms=event_ms(full))
+        tl_ = timeline(full, os.path.join(args.out, f"trace-checks{checks}.json"))
+        row.update({k: v for k, v in tl_.items() if k != "events"})
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        text.write(f"== value checks {checks}: one full() call, time order (us from its first host event)\n")
+        for kind, name, at, dur in tl_.get("events", []):
+            text.write(f"{kind:4s} {at:10.1f} {dur:9.1f}  {name}\n")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            full()
+            sync()
+        prof.disable()
+        for order in ("tottime", "cumulative"):
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats(order).print_stats(30)
+            text.write(f"== value checks {checks}: cProfile of 10 full() calls (each followed by a sync), by {order}\n")
+            text.write(s.getvalue())
+    os.environ.pop("RLKERNELS_CHECK_VALUES", None)
+
+    @triton.jit
+    def _empty(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.zeros([BLOCK], tl.float32), mask=offs < n)
+
+    buf = torch.empty(16, device=dev)
+    try:
+        _empty[(1,)](buf, 0, BLOCK=16)
+        report["empty_triton_launch_us"] = host_us(lambda _: _empty[(1,)](buf, 0, BLOCK=16), repeat=50)
+    except Exception as exc:  # a diagnosis: never lose the rows above for it
+        report["empty_triton_launch_us"] = repr(exc)[:200]
+    report["torch_empty_like_us"] = host_us(lambda _: torch.empty(M, device=dev), repeat=50)
+    print(json.dumps({k: v for k, v in report.items() if k != "rows"}), flush=True)
+    with open(os.path.join(args.out, "host-profile.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(os.path.join(args.out, "host-profile.txt"), "w") as f:
+        f.write(text.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
