@@ -97,6 +97,89 @@ def timeline(fn, trace_path: str) -> dict:
                 gpu_gaps_us=[round(g, 1) for g in gaps], events=rows)
 
 
+# (module, attribute) pairs timed by :func:`stages`, inclusive of what they call; a class attribute as "Class.name"
+STAGES = (
+    ("rlkernels._inputs", "check_backend_args"), ("rlkernels._inputs", "require_tensor"),
+    ("rlkernels._inputs", "check_labels"), ("rlkernels._inputs", "check_temperature"),
+    ("rlkernels._inputs", "compute_dtype"), ("rlkernels._inputs", "deferred_checks"),
+    ("rlkernels._inputs", "_raise_first_failed"), ("rlkernels._inputs", "read_back"),
+    ("rlkernels._inputs", "_host_copies"), ("rlkernels._inputs", "check_scanned_rows"),
+    ("rlkernels._inputs", "BackwardCheck.arm"), ("rlkernels._inputs", "BackwardCheck.raise_if_failed"),
+    ("rlkernels.ops", "resolve_backend"), ("rlkernels.ops", "plan_chunks"), ("rlkernels.ops", "_scatter_rows"),
+    ("rlkernels.engines.autograd", "logits_logprobs"), ("rlkernels.engines.autograd", "_engine"),
+    ("rlkernels.engines.autograd", "_EagerTwin.forward"), ("rlkernels.engines.autograd", "_EagerTwin.backward"),
+    ("rlkernels.engines.autograd", "_own"),
+    ("rlkernels.engines.triton_engine", "logits_stats"), ("rlkernels.engines.triton_engine", "dlogits"),
+    ("rlkernels.triton_ops.logprobs", "_launch_stats"), ("rlkernels.triton_ops.logprobs", "_launch_dlogits"),
+    ("rlkernels.triton_ops.logprobs", "_stats_outputs"), ("rlkernels.triton_ops.logprobs", "stats_launch"),
+    ("rlkernels.triton_ops.logprobs", "dlogits_launch"), ("rlkernels.triton_ops.logprobs", "_temperature_args"),
+    ("rlkernels.triton_ops.logprobs", "_rows"), ("rlkernels.triton_ops.autotune", "enabled"),
+    ("rlkernels.triton_ops.logprobs", "_logits_stats_kernel.run"),
+    ("rlkernels.triton_ops.logprobs", "_dlogits_kernel.run"),
+)
+
+
+def stages(fwd, bwd, repeat: int = 50) -> dict:
+    """Median host microseconds per call of each of :data:`STAGES` (inclusive), over ``repeat`` calls of ``fwd``
+    then ``bwd(fwd's outputs)``, the GPU drained between; plus ``fwd_total``, ``bwd_total`` and the time from each
+    call's start to its kernel's launch (``fwd_to_stats_launch``, ``bwd_to_dlogits_launch``)."""
+    import functools
+    import importlib
+
+    per_call, restore, clock = {}, [], {"t0": 0.0}
+
+    def wrap(module_name, attr):
+        owner = importlib.import_module(module_name)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part, None)
+            if owner is None:
+                return
+        raw = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+        if raw is None:
+            return
+        static = isinstance(raw, staticmethod)
+        fn = raw.__func__ if static else raw
+        launch = {"_logits_stats_kernel.run": "fwd_to_stats_launch",
+                  "_dlogits_kernel.run": "bwd_to_dlogits_launch"}.get(attr)
+
+        @functools.wraps(fn)
+        def timed_fn(*a, **k):
+            start = time.perf_counter()
+            if launch:
+                per_call.setdefault(launch, 0.0)
+                per_call[launch] += (start - clock["t0"]) * 1e6
+            try:
+                return fn(*a, **k)
+            finally:
+                per_call[attr] = per_call.get(attr, 0.0) + (time.perf_counter() - start) * 1e6
+
+        setattr(owner, name, staticmethod(timed_fn) if static else timed_fn)
+        restore.append((owner, name, raw))
+
+    for module_name, attr in STAGES:
+        wrap(module_name, attr)
+    samples = {}
+    try:
+        for _ in range(repeat):
+            per_call.clear()
+            sync()
+            clock["t0"] = start = time.perf_counter()
+            outs = fwd()
+            per_call["fwd_total"] = (time.perf_counter() - start) * 1e6
+            sync()
+            clock["t0"] = start = time.perf_counter()
+            bwd(outs)
+            per_call["bwd_total"] = (time.perf_counter() - start) * 1e6
+            sync()
+            for k, v in per_call.items():
+                samples.setdefault(k, []).append(v)
+    finally:
+        for owner, name, raw in reversed(restore):
+            setattr(owner, name, raw)
+    return {k: round(statistics.median(v), 1) for k, v in samples.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="host-profile")
@@ -137,7 +220,7 @@ def main(argv=None) -> int:
         for _ in range(3):
             full()
         sync()
-        row = dict(value_checks=checks,
+        row = dict(value_checks=checks, stages_us=stages(fwd, lambda outs: torch.autograd.grad(outs, x, (g_lp, g_en))),
                    host_fwd_us=host_us(lambda _: fwd()),
                    host_bwd_us=host_us(lambda outs: torch.autograd.grad(outs, x, (g_lp, g_en)), before=fwd),
                    fwd_ms=event_ms(fwd), full_ms=event_ms(full))
