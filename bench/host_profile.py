@@ -9,9 +9,13 @@ backward's. This script measures it, value checks on and off:
 
 * ``host_fwd_us`` / ``host_bwd_us``: wall-clock of the forward / the backward call on the host (median of 20, the GPU
   drained before each), against ``fwd_ms`` / ``full_ms`` timed with CUDA events as gpu_tune does;
-* ``first_kernel_us``: from the call's start to the first kernel's start on the GPU, and the gaps between the
-  kernels, from one profiled call (torch.profiler, CPU and CUDA; its trace is written to DIR);
+* ``stages_us``: host microseconds in each step of the call (:func:`stages`), and from the call's start to each
+  kernel's launch;
+* ``first_kernel_us`` and ``gpu_gaps_us``: from one profiled call (torch.profiler, CPU and CUDA; its trace is written
+  to DIR), when the first kernel started and how long the GPU waited between kernels;
 * cProfile of 10 calls: the Python functions by own time and by cumulative time (``host-profile.txt`` in DIR);
+
+each for (N, V) logits and for the benchmark CLI's (B, T, V) layout.
 * the host cost of launching an empty Triton kernel, the floor of any launch.
 
 Nothing is asserted. On CPU (``TRITON_INTERPRET=1``, a tiny ``--tokens``/``--vocab``): a smoke run of the same code,
@@ -208,40 +212,52 @@ def main(argv=None) -> int:
               "triton": triton.__version__, "shape": f"M={M} V={V} bf16", "rows": []}
     text = io.StringIO()
 
-    def fwd():
-        return rlkernels.logprobs_from_logits(x, y, return_entropy=True, backend="triton")
+    # the benchmark CLI's layout too: (B, T, V) logits and (B, T) labels, the kernels' 3-D addressing
+    T = max(1, min(shape.seq_len, M))
+    layouts = {"2d": (x, y, g_lp, g_en)}
+    if M % T == 0 and T < M:
+        B = M // T
+        layouts["3d"] = (x.detach().view(B, T, V).requires_grad_(), y.view(B, T), g_lp.view(B, T), g_en.view(B, T))
+    for layout, (xl, yl, gl, ge) in layouts.items():
+        for checks in ("1", "0"):
+            def fwd():
+                return rlkernels.logprobs_from_logits(xl, yl, return_entropy=True, backend="triton")
 
-    def full():
-        lp, en = fwd()
-        torch.autograd.grad((lp, en), x, (g_lp, g_en))
+            def bwd(outs):
+                torch.autograd.grad(outs, xl, (gl, ge))
 
-    for checks in ("1", "0"):
-        os.environ["RLKERNELS_CHECK_VALUES"] = checks
-        for _ in range(3):
-            full()
-        sync()
-        row = dict(value_checks=checks, stages_us=stages(fwd, lambda outs: torch.autograd.grad(outs, x, (g_lp, g_en))),
-                   host_fwd_us=host_us(lambda _: fwd()),
-                   host_bwd_us=host_us(lambda outs: torch.autograd.grad(outs, x, (g_lp, g_en)), before=fwd),
-                   fwd_ms=event_ms(fwd), full_ms=event_ms(full))
-        tl_ = timeline(full, os.path.join(args.out, f"trace-checks{checks}.json"))
-        row.update({k: v for k, v in tl_.items() if k != "events"})
-        report["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        text.write(f"== value checks {checks}: one full() call, time order (us from its first host event)\n")
-        for kind, name, at, dur in tl_.get("events", []):
-            text.write(f"{kind:4s} {at:10.1f} {dur:9.1f}  {name}\n")
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(10):
-            full()
+            def full():
+                bwd(fwd())
+
+            os.environ["RLKERNELS_CHECK_VALUES"] = checks
+            for _ in range(3):
+                full()
             sync()
-        prof.disable()
-        for order in ("tottime", "cumulative"):
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats(order).print_stats(30)
-            text.write(f"== value checks {checks}: cProfile of 10 full() calls (each followed by a sync), by {order}\n")
-            text.write(s.getvalue())
+            row = dict(layout=layout, value_checks=checks, stages_us=stages(fwd, bwd),
+                       host_fwd_us=host_us(lambda _: fwd()), host_bwd_us=host_us(bwd, before=fwd),
+                       fwd_ms=event_ms(fwd), full_ms=event_ms(full))
+            tl_ = timeline(full, os.path.join(args.out, f"trace-{layout}-checks{checks}.json"))
+            row.update({k: v for k, v in tl_.items() if k != "events"})
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            text.write(f"== {layout}, value checks {checks}: one full() call, time order (us from its first host "
+                       "event)\n")
+            for kind, name, at, dur in tl_.get("events", []):
+                text.write(f"{kind:4s} {at:10.1f} {dur:9.1f}  {name}\n")
+            if layout != "2d" or checks != "1":
+                continue
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(10):
+                full()
+                sync()
+            prof.disable()
+            for order in ("tottime", "cumulative"):
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats(order).print_stats(30)
+                text.write(f"== {layout}, value checks {checks}: cProfile of 10 full() calls (each followed by a "
+                           f"sync), by {order}\n")
+                text.write(out.getvalue())
     os.environ.pop("RLKERNELS_CHECK_VALUES", None)
 
     @triton.jit
