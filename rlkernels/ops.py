@@ -16,7 +16,7 @@ from ._single_pass import AVAILABLE as _COMPILED_SINGLE_PASS
 from ._single_pass import compiled_linear_fused_loss
 from .config import PolicyLossConfig, resolve_config
 from .engines import plan_chunks, resolve_backend
-from .engines.chunking import sequence_aligned
+from .engines.chunking import ChunkPlan, sequence_aligned
 from .objective import (LossOutput, is_sequence_separable, is_token_separable, metrics, policy_loss_flat, prepare,
                         token_loss)
 
@@ -226,8 +226,11 @@ def logprobs_from_logits(
     index = computed = None
     if not engine.logits_in_place and keep is not None:
         z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask)
-    plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
-                       elem_bytes=engine.block_elem_bytes(z2.dtype))
+    if engine.logits_in_place:  # one kernel over the caller's logits: nothing to chunk
+        plan = ChunkPlan(y.shape[0], V, V)
+    else:
+        plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
+                           elem_bytes=engine.block_elem_bytes(z2.dtype))
     # the engine's NaN scan is read back before returning, or, when the logits' gradient is needed, by the backward
     # pass once its kernel is queued: the forward then holds no host sync after its kernel
     late = None

@@ -227,10 +227,16 @@ def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPl
     there), its eager twin otherwise, whose backward raises from ``late_check`` once its kernel is queued."""
     t, t_scalar = _split_temperature(temperature)
     args = (logits, labels, t, t_scalar, plan.rows, masked_rows, engine_name)
-    if not torch.compiler.is_compiling():
-        return _EagerTwin.apply(*args, _LOGITS_TWIN, late_check)
-    out = logits_logprobs_op(*args)
-    return out[0], out[1]
+    if torch.compiler.is_compiling():
+        out = logits_logprobs_op(*args)
+        return out[0], out[1]
+    # eager: the engine's kernel is queued before the autograd node is made around its outputs, so that the
+    # autograd.Function's host work runs while the GPU computes instead of before it starts (the logits op's forward
+    # is one kernel: the GPU idles until its launch)
+    with torch.no_grad():
+        out = _engine(engine_name).logits_forward(logits, labels, temperature, plan, masked_rows)
+    out = _own(out[:2]) + tuple(out[2:])  # the saved statistics are never returned: they may share a buffer
+    return _EagerTwin.apply(*args, (lambda *_: out,) + _LOGITS_TWIN[1:], late_check)
 
 
 # ----------------------------------------------------------------------------------------------------------------
