@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import math
 import os
+import threading
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -64,25 +65,49 @@ def fail_when(values: Tuple[Tensor, ...], failed: Callable[..., bool], message: 
 
 def read_back(values) -> list:
     """The values of small tensors (as ``tolist()`` gives them) after one wait: each CUDA tensor copied without
-    blocking into pinned memory (a DMA, no kernel: gathering the flags with ``torch.stack(...).tolist()`` launched a
-    kernel for each and one to stack them), then one synchronisation of each device's current stream."""
-    out, streams = _host_copies(values)
-    for stream in streams:
-        stream.synchronize()  # the one sync
-    return [v.tolist() for v in out]
-
-
-def _host_copies(values) -> Tuple[List[Tensor], List]:
-    """(host copies of ``values``, queued on the CUDA ones' current streams; those streams)."""
+    blocking into this thread's pinned staging buffer (a DMA, no kernel: gathering the flags with
+    ``torch.stack(...).tolist()`` launched a kernel for each and one to stack them), then one synchronisation of
+    each device's current stream."""
+    on_gpu = [v.is_cuda for v in values]
+    if not any(on_gpu):
+        return [v.tolist() for v in values]
     out, streams = [], {}
-    for v in values:
-        if v.is_cuda:
-            host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-            host.copy_(v, non_blocking=True)
+    for v, slot in zip(values, staging_slots(values, on_gpu, _staging)):
+        if slot is not None:
+            slot.copy_(v, non_blocking=True)
             streams.setdefault(v.device, torch.cuda.current_stream(v.device))
-            v = host
+            v = slot
         out.append(v)
-    return out, list(streams.values())
+    for stream in streams.values():
+        stream.synchronize()  # the one sync
+    return [v.tolist() for v in out]  # read now: the next read-back of this thread reuses the buffer
+
+
+def staging_slots(values, chosen, buffer_of: Callable[[int], Tensor]) -> List[Optional[Tensor]]:
+    """For each chosen value, a tensor of its dtype and shape in one byte buffer (``buffer_of(nbytes)``), each at an
+    offset aligned for any element type; None for the others."""
+    sizes = [-(-v.numel() * v.element_size() // _ALIGN) * _ALIGN if c else 0 for v, c in zip(values, chosen)]
+    buf, at, slots = buffer_of(sum(sizes)), 0, []
+    for v, c, size in zip(values, chosen, sizes):
+        slots.append(buf[at:at + v.numel() * v.element_size()].view(v.dtype).view(v.shape) if c else None)
+        at += size
+    return slots
+
+
+_ALIGN = 16  # bytes: each value's place in the staging buffer is aligned for any element type
+_STAGING = threading.local()
+
+
+def _staging(nbytes: int) -> Tensor:
+    """This thread's pinned host buffer of at least ``nbytes`` bytes, kept between calls: a fresh pinned tensor per
+    read-back cost about 100 us of host time on an H100 machine (2026-11-27, bench/host_profile.py: the caching host
+    allocator polls the events of the blocks earlier copies used), time the GPU spends idle before the first kernel
+    of a checked call. Reusing it is safe because :func:`read_back` waits for its copies and reads them before it
+    returns; a thread of its own gets a buffer of its own."""
+    buf = getattr(_STAGING, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _STAGING.buf = torch.empty(max(256, 2 * nbytes), dtype=torch.uint8, pin_memory=True)
+    return buf
 
 
 class BackwardCheck:
@@ -90,28 +115,73 @@ class BackwardCheck:
     are queued: a forward pass that needs no host sync after its kernel (the logits op's NaN scan rides on the
     statistics kernel, so its flag exists only after that kernel). The flag is copied without blocking into pinned
     memory behind an event; :meth:`raise_if_failed` waits for that event only, never for the work queued after it.
-    Until :meth:`arm` is called it checks nothing."""
+    Until :meth:`arm` is called it checks nothing.
+
+    The pinned buffers come from a pool shared by all threads (the backward pass runs on autograd's device thread):
+    a fresh pinned tensor per call cost about 100 us of host time on an H100 machine (see :func:`_staging`). A
+    buffer goes back to the pool once its copy has been read; a check that is never read (its graph freed without a
+    backward pass) leaves its buffer to PyTorch's allocator."""
 
     def __init__(self):
         self._check: Optional[_Check] = None
         self._events: List = []
+        self._buffer: Optional[Tensor] = None
 
     def arm(self, values: Tuple[Tensor, ...], failed: Callable[..., bool], message: Callable[[], str]) -> None:
-        copies, streams = _host_copies(values)
-        self._events = []
-        for stream in streams:
-            self._events.append(torch.cuda.Event())
-            self._events[-1].record(stream)
+        on_gpu = [v.is_cuda for v in values]
+        buffer = None
+        if any(on_gpu):
+            def take(nbytes: int) -> Tensor:
+                nonlocal buffer
+                buffer = _pool_take(nbytes)
+                return buffer
+
+            slots = staging_slots(values, on_gpu, take)
+        else:
+            slots = [None] * len(values)
+        copies, self._events, self._buffer = [], [], buffer
+        for v, slot in zip(values, slots):
+            if slot is not None:
+                slot.copy_(v, non_blocking=True)
+                self._events.append(torch.cuda.Event())
+                self._events[-1].record(torch.cuda.current_stream(v.device))
+                v = slot
+            copies.append(v)
         self._check = (tuple(copies), failed, message)
 
     def raise_if_failed(self) -> None:
         if self._check is None:
             return
-        for event in self._events:
-            event.synchronize()
         host, failed, message = self._check
-        if failed(*(v.tolist() for v in host)):
+        if self._events is not None:  # first call: wait for the copies and read them (later calls reuse the values)
+            for event in self._events:
+                event.synchronize()
+            self._check = (tuple(v.tolist() for v in host), failed, message)
+            self._events = None
+            if self._buffer is not None:  # its copies are read: another check may use it
+                _pool_give(self._buffer)
+                self._buffer = None
+        if failed(*self._check[0]):
             raise ValueError(message())
+
+
+_POOL: List[Tensor] = []  # pinned byte buffers of BackwardCheck, free for the next one (list.pop/append are atomic)
+_POOL_MAX = 64
+
+
+def _pool_take(nbytes: int) -> Tensor:
+    try:
+        buf = _POOL.pop()
+    except IndexError:
+        buf = None
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(256, 2 * nbytes), dtype=torch.uint8, pin_memory=True)
+    return buf
+
+
+def _pool_give(buf: Tensor) -> None:
+    if len(_POOL) < _POOL_MAX:
+        _POOL.append(buf)
 
 
 def deferred_checks():
@@ -281,18 +351,18 @@ def check_scanned_rows(name: str, values: Tensor, late: Optional[BackwardCheck] 
     there and raised by the backward pass before it returns the gradient: the forward pass then waits for nothing."""
     if not value_checks_enabled() or values.numel() == 0:
         return
-    bad = torch.isnan(values)
-
     def message() -> str:
-        found = f"{name} holds NaN or +inf in {int(bad.sum())} row(s)"
+        found = f"{name} holds NaN or +inf in {int(torch.isnan(values).sum())} row(s)"
         if late is None:
             return found
         return f"{found} (found in the forward pass; raised in backward, no gradient returned)"
 
+    # one reduction: the largest value is NaN exactly when one is (torch's max propagates NaN; -inf is a value)
+    flag = (values.amax(),)
     if late is None:
-        fail_if(bad, message)
+        fail_when(flag, math.isnan, message)
     else:
-        late.arm((bad.any(),), bool, message)
+        late.arm(flag, math.isnan, message)
 
 
 def check_temperature(temperature, shape: torch.Size, mask: Optional[Tensor], ref: Tensor, cdt: torch.dtype):

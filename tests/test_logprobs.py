@@ -1,4 +1,6 @@
 """Engines vs the float64 reference: per-token log-probs, entropies and their gradients."""
+import math
+
 import pytest
 import torch
 
@@ -279,6 +281,48 @@ def test_value_checks_read_back_on_the_device():
     torch.ones(1000, device=DEVICE).cumsum(0)  # work queued after the check's copies: not waited for
     with pytest.raises(ValueError, match="x is out of range"):
         late.raise_if_failed()
+    with pytest.raises(ValueError, match="x is out of range"):  # a second backward (retain_graph) raises again
+        late.raise_if_failed()
     fine = I.BackwardCheck()
     fine.arm((x.max() > 10,), bool, lambda: "never")
     fine.raise_if_failed()
+    # the read-back's buffer and the checks' pinned buffers are reused: many values, many checks outstanding at
+    # once, each still reading its own values
+    many = [torch.arange(k, k + 40, device=DEVICE) for k in range(6)] + [torch.tensor(True, device=DEVICE)]
+    assert I.read_back(many) == [list(range(k, k + 40)) for k in range(6)] + [True]
+    checks = []
+    for k in range(5):
+        checks.append(I.BackwardCheck())
+        checks[-1].arm((torch.tensor(k, device=DEVICE),), lambda v, k=k: v != k, lambda: "a check read another's value")
+    for check in reversed(checks):
+        check.raise_if_failed()
+    again = I.BackwardCheck()
+    again.arm((torch.tensor([2.5, float("nan")], device=DEVICE).amax(),), math.isnan, lambda: "NaN found")
+    with pytest.raises(ValueError, match="NaN found"):
+        again.raise_if_failed()
+
+
+def test_staging_slots_place_each_value_aligned_in_one_buffer():
+    """read_back's and BackwardCheck's layout of several values in one byte buffer, on CPU: every dtype and shape
+    (0-d, empty, odd sizes) round-trips, each place is 16-byte aligned, unchosen values get none, and the buffer
+    asked for holds them all."""
+    import rlkernels._inputs as I
+
+    values = [torch.tensor(-3), torch.tensor(True), torch.tensor([0.5, 2.0], dtype=torch.float64), torch.zeros(0),
+              torch.tensor([1, 2, 3], dtype=torch.int16), torch.tensor(7), torch.full((2, 3), 1.5)]
+    chosen = [True, True, True, True, True, False, True]
+    asked = []
+
+    def buffer_of(nbytes):
+        asked.append(nbytes)
+        return torch.full((nbytes,), 255, dtype=torch.uint8)
+
+    slots = I.staging_slots(values, chosen, buffer_of)
+    assert len(asked) == 1 and asked[0] == 16 * 4 + 32  # the empty value takes no room
+    for v, c, slot in zip(values, chosen, slots):
+        if not c:
+            assert slot is None
+            continue
+        slot.copy_(v)
+        assert slot.dtype == v.dtype and slot.shape == v.shape and slot.tolist() == v.tolist()
+        assert (slot.storage_offset() * slot.element_size()) % 16 == 0
