@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .._inputs import env_choice
 from . import autotune
+from .launch import launch as fast_launch
 from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, dlogits_tile, finish_row, load_scaled_logits,
                        merge_lanes, online_lse_step, row_inv_temperature, row_kept, row_offset, scale_logits)
 
@@ -375,7 +376,8 @@ def _stats_outputs(rows: int, acc: torch.dtype, device, finish: bool) -> Tuple[T
 def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg: LaunchConfig, outs):
     rows, stride, outer, inner, rows_3d = _rows(z)
     n_cols = z.shape[-1]
-    _logits_stats_kernel[(rows,)](
+    fast_launch(
+        _logits_stats_kernel, (rows,),
         z, stride, outer, inner, bias if bias is not None else z, temp if temp is not None else z, inv_t, labels,
         v_offset, n_cols, n_load, outs[0], outs[1], outs[2], outs[3], outs[-1],
         HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), ACC=_TL[_acc(z.dtype)],
@@ -418,7 +420,8 @@ def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors
     rows, stride, outer, inner, rows_3d = _rows(z)
     m, log_s, cs, g_logp, g_ent = vectors
     block = min(cfg.block_v, triton.next_power_of_2(n_load))
-    _dlogits_kernel[(rows, triton.cdiv(n_load, block))](
+    fast_launch(
+        _dlogits_kernel, (rows, triton.cdiv(n_load, block)),
         z, stride, outer, inner, out, out.stride(-2), bias if bias is not None else z,
         temp if temp is not None else z, inv_t, labels, v_offset, z.shape[-1], n_load, m, log_s, cs,
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,

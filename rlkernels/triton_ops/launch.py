@@ -1,0 +1,111 @@
+"""Launching a compiled Triton kernel with less host work than ``kernel[grid](...)``.
+
+On every call Triton's ``JITFunction.run`` binds and specialises each argument, builds its cache key from them and
+checks the kernel's globals before it launches. On the H100 machine's host (2026-11-27, ``bench/host_profile.py``)
+that took 108-138 us for the statistics kernel (16 runtime arguments, 11 constexprs) against 27 us for a kernel of
+three arguments, and the logits op's GPU idles through it: the statistics kernel is its first.
+
+:func:`launch` keeps the compiled kernel that Triton's own launch returned, under a key at least as fine as Triton's
+specialisation of the arguments, and launches that kernel through its own launcher (``compiled[grid](...)``, which
+keeps Triton's launch hooks) on later calls with an equal key. The key holds, for each argument:
+
+* a tensor: its dtype and whether its address is a multiple of 16 bytes (Triton: the pointer type, and the "D"
+  alignment attribute unless the parameter is exempt);
+* an int: whether it is 1, whether it is a multiple of 16, and its range (32-bit, 64-bit, unsigned 64-bit)
+  (Triton: the constexpr 1, the "D" divisibility attribute, and the integer type);
+* a float, a bool or None: its kind (bools also their value);
+
+and the constexprs and launch options (``num_warps``...) with their values, and the current device. Anything else
+(a tuple, a descriptor, a Triton function) takes Triton's own path every time, as does everything under the
+interpreter or with ``RLKERNELS_FAST_LAUNCH=0``. The key can only be finer than Triton's: two launches with an equal
+key get the same compiled kernel from Triton too. What the key leaves out are Triton's process-wide switches read at
+launch (``TRITON_DEBUG``, instrumentation): changing them after a kernel's first launch does not recompile it here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+# read once, as Triton reads TRITON_INTERPRET once when it is imported
+ENABLED = (os.environ.get("RLKERNELS_FAST_LAUNCH", "1").strip().lower() not in ("0", "false", "no")
+           and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+_COMPILED: Dict[tuple, Any] = {}
+_I32 = (-(2 ** 31), 2 ** 31)
+_U64 = 2 ** 63
+
+
+def _int_class(v: int) -> Tuple[bool, bool, int]:
+    kind = 0 if _I32[0] <= v < _I32[1] else (2 if v >= _U64 else 1)
+    return v == 1, v % 16 == 0, kind
+
+
+def arg_key(args) -> Optional[tuple]:
+    """The per-argument part of :func:`launch`'s key, or None for an argument it does not model."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):  # before int: a bool is an int
+            key.append(("b", a))
+        elif isinstance(a, int):
+            key.append(_int_class(a))
+        elif isinstance(a, float):
+            key.append("f")
+        elif a is None:
+            key.append(None)
+        else:
+            return None
+    return tuple(key)
+
+
+def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``: the runtime arguments positionally, in the kernel's order, then the
+    constexprs and launch options by name. A launch whose key was seen before skips Triton's binding, specialising
+    and cache lookup (see the module's docstring)."""
+    if not ENABLED:
+        kernel[grid](*args, **kwargs)
+        return
+    per_arg = arg_key(args)
+    if per_arg is None:
+        kernel[grid](*args, **kwargs)
+        return
+    key = (id(kernel), _device(), per_arg, tuple(kwargs.items()))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, **kwargs)
+        names = _params(kernel, args, kwargs)
+        if names is not None and _launchable(compiled):
+            _COMPILED[key] = (compiled, names)
+        return
+    compiled, names = compiled
+    # a CompiledKernel's launcher reads grid[0], grid[1] and grid[2]
+    compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *[kwargs[n] for n in names])
+
+
+def _device() -> int:
+    return torch.cuda.current_device()  # the device Triton launches on (its driver asks torch the same)
+
+
+def _params(kernel, args, kwargs) -> Optional[Tuple[str, ...]]:
+    """The names of the parameters after the positional ones, in the kernel's order (the compiled kernel's launcher
+    takes every parameter, constexprs included, positionally), or None when the kernel object does not list them
+    or the call does not name each of them (Triton's path, every time)."""
+    arg_names = getattr(kernel, "arg_names", None)
+    if arg_names is None:
+        return None
+    names = tuple(arg_names[len(args):])
+    return names if all(n in kwargs for n in names) else None
+
+
+def _launchable(compiled) -> bool:
+    # what Triton's JITFunction.run returns after a launch: a CompiledKernel (indexable by a grid); anything else
+    # (None when a compile was deferred) is not kept
+    return compiled is not None and hasattr(type(compiled), "__getitem__") and hasattr(compiled, "run")
+
+
+def clear() -> None:
+    """Forget every kept kernel (tests)."""
+    _COMPILED.clear()

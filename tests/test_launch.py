@@ -1,0 +1,133 @@
+"""rlkernels.triton_ops.launch: the compiled kernel Triton returned is launched again only for arguments that
+Triton would specialise alike. On CPU with stand-ins for a Triton kernel and its compiled form (the real ones run in
+every Triton test on a GPU, bench/device_check.sh)."""
+import pytest
+import torch
+
+from rlkernels.triton_ops import launch as L
+
+
+class _Compiled:
+    """A compiled kernel: indexable by a 3-D grid, its launcher taking every parameter positionally."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def run(self):  # a CompiledKernel has its launcher here
+        raise AssertionError("launched through __getitem__ only")
+
+    def __getitem__(self, grid):
+        assert len(grid) == 3
+        return lambda *params: self.calls.append(("fast", grid, params))
+
+
+class _Kernel:
+    """A JITFunction: ``kernel[grid](*args, **kwargs)`` compiles (here: records) and returns the compiled kernel."""
+    arg_names = ["x_ptr", "n", "y_ptr", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(("triton", grid, args, kwargs))
+            return _Compiled(self.calls)
+        return run
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(L, "ENABLED", True)
+    monkeypatch.setattr(L, "_device", lambda: 0)
+    L.clear()
+    yield
+    L.clear()
+
+
+def _paths(kernel):
+    return [c[0] for c in kernel.calls]
+
+
+def test_a_seen_key_launches_the_kept_kernel_with_every_parameter(fast):
+    k = _Kernel()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.float64)
+    L.launch(k, (5,), x, 32, y, BLOCK=128, FLAG=True, num_warps=4)
+    L.launch(k, (7, 2), x, 48, y, BLOCK=128, FLAG=True, num_warps=4)  # 48: also a multiple of 16, not 1
+    assert _paths(k) == ["triton", "fast"]
+    assert k.calls[0][1:] == ((5,), (x, 32, y), dict(BLOCK=128, FLAG=True, num_warps=4))
+    _, grid, params = k.calls[1]
+    assert grid == (7, 2, 1)  # padded to 3-D
+    assert params[:3] == (x, 48, y) and params[3:] == (128, True)  # the constexprs in order; num_warps is an option
+
+
+@pytest.mark.parametrize("change", ["alignment", "dtype", "one", "divisibility", "int64", "uint64", "constexpr",
+                                    "option", "bool", "device"])
+def test_what_triton_specialises_on_is_in_the_key(fast, monkeypatch, change):
+    k = _Kernel()
+    x, y = torch.zeros(64), torch.zeros(64)
+    base = dict(args=(x, 32, y), kwargs=dict(BLOCK=128, FLAG=True, num_warps=4))
+    other = {"alignment": dict(args=(x[1:], 32, y)),  # 4 bytes off a 16-byte boundary
+             "dtype": dict(args=(x, 32, y.double())),
+             "one": dict(args=(x, 1, y)),
+             "divisibility": dict(args=(x, 33, y)),
+             "int64": dict(args=(x, 2 ** 32, y)),  # a multiple of 16 too: only the integer type differs
+             "uint64": dict(args=(x, 2 ** 63 + 16, y)),
+             "constexpr": dict(kwargs=dict(BLOCK=256, FLAG=True, num_warps=4)),
+             "option": dict(kwargs=dict(BLOCK=128, FLAG=True, num_warps=8)),
+             "bool": dict(kwargs=dict(BLOCK=128, FLAG=False, num_warps=4)),
+             "device": {}}[change]
+    L.launch(k, (1,), *base["args"], **base["kwargs"])
+    if change == "device":
+        monkeypatch.setattr(L, "_device", lambda: 1)
+    changed = {**base, **other}
+    L.launch(k, (1,), *changed["args"], **changed["kwargs"])
+    L.launch(k, (1,), *changed["args"], **changed["kwargs"])
+    assert _paths(k) == ["triton", "triton", "fast"]
+
+
+def test_int_classes_and_runtime_scalars():
+    key = L.arg_key
+    assert key([16]) == key([4096]) != key([1]) != key([17])
+    assert key([17]) == key([3]) != key([2 ** 31]) != key([2 ** 63])
+    assert key([-(2 ** 31)]) == key([-16]) and key([-(2 ** 31) - 16]) != key([-16])
+    assert key([0.5]) == key([2.0]) and key([True]) != key([1]) and key([True]) != key([False])
+    assert key([None]) == (None,)
+    assert key([(1, 2)]) is None and key(["text"]) is None  # not modelled: Triton's own path
+
+
+def test_triton_path_when_off_unmodelled_or_not_kept(fast, monkeypatch):
+    x = torch.zeros(16)
+    k = _Kernel()
+    for _ in range(2):
+        L.launch(k, (1,), x, (1, 2), x, BLOCK=16, FLAG=True)  # a tuple argument
+    assert _paths(k) == ["triton", "triton"]
+    k = _Kernel()
+    for _ in range(2):
+        L.launch(k, (1,), x, 16, x, BLOCK=16)  # FLAG not named: its place is unknown
+    assert _paths(k) == ["triton", "triton"]
+
+    class Deferred(_Kernel):  # a launch that returned no compiled kernel
+        def __getitem__(self, grid):
+            return lambda *a, **kw: self.calls.append(("triton",))
+
+    k = Deferred()
+    for _ in range(2):
+        L.launch(k, (1,), x, 16, x, BLOCK=16, FLAG=True)
+    assert _paths(k) == ["triton", "triton"]
+
+    class Wrapper:  # a stand-in without arg_names (as the tests' recording wrappers)
+        def __init__(self):
+            self.inner = _Kernel()
+
+        def __getitem__(self, grid):
+            return self.inner[grid]
+
+    w = Wrapper()
+    for _ in range(2):
+        L.launch(w, (1,), x, 16, x, BLOCK=16, FLAG=True)
+    assert _paths(w.inner) == ["triton", "triton"]
+    monkeypatch.setattr(L, "ENABLED", False)
+    k = _Kernel()
+    for _ in range(2):
+        L.launch(k, (1,), x, 16, x, BLOCK=16, FLAG=True)
+    assert _paths(k) == ["triton", "triton"]
