@@ -218,46 +218,53 @@ def main(argv=None) -> int:
     if M % T == 0 and T < M:
         B = M // T
         layouts["3d"] = (x.detach().view(B, T, V).requires_grad_(), y.view(B, T), g_lp.view(B, T), g_en.view(B, T))
-    for layout, (xl, yl, gl, ge) in layouts.items():
-        for checks in ("1", "0"):
-            def fwd():
-                return rlkernels.logprobs_from_logits(xl, yl, return_entropy=True, backend="triton")
+    from rlkernels.triton_ops import launch as fast_launch
 
-            def bwd(outs):
-                torch.autograd.grad(outs, xl, (gl, ge))
+    configs = [(layout, checks, True) for layout in layouts for checks in ("1", "0")]
+    configs.append(("2d", "0", False))  # Triton's own launch path (RLKERNELS_FAST_LAUNCH=0), the fast path's baseline
+    for layout, checks, fast in configs:
+        xl, yl, gl, ge = layouts[layout]
+        fast_launch.ENABLED, enabled = fast and fast_launch.ENABLED, fast_launch.ENABLED
 
-            def full():
-                bwd(fwd())
+        def fwd():
+            return rlkernels.logprobs_from_logits(xl, yl, return_entropy=True, backend="triton")
 
-            os.environ["RLKERNELS_CHECK_VALUES"] = checks
-            for _ in range(3):
-                full()
+        def bwd(outs):
+            torch.autograd.grad(outs, xl, (gl, ge))
+
+        def full():
+            bwd(fwd())
+
+        os.environ["RLKERNELS_CHECK_VALUES"] = checks
+        for _ in range(3):
+            full()
+        sync()
+        row = dict(layout=layout, value_checks=checks, fast_launch=fast_launch.ENABLED, stages_us=stages(fwd, bwd),
+                   host_fwd_us=host_us(lambda _: fwd()), host_bwd_us=host_us(bwd, before=fwd),
+                   fwd_ms=event_ms(fwd), full_ms=event_ms(full))
+        tl_ = timeline(full, os.path.join(args.out, f"trace-{layout}-checks{checks}{'' if fast else '-slow'}.json"))
+        row.update({k: v for k, v in tl_.items() if k != "events"})
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        text.write(f"== {layout}, value checks {checks}, fast launch {fast_launch.ENABLED}: one full() call, time "
+                   "order (us from its first host event)\n")
+        for kind, name, at, dur in tl_.get("events", []):
+            text.write(f"{kind:4s} {at:10.1f} {dur:9.1f}  {name}\n")
+        fast_launch.ENABLED = enabled
+        if layout != "2d" or checks != "1":
+            continue
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            full()
             sync()
-            row = dict(layout=layout, value_checks=checks, stages_us=stages(fwd, bwd),
-                       host_fwd_us=host_us(lambda _: fwd()), host_bwd_us=host_us(bwd, before=fwd),
-                       fwd_ms=event_ms(fwd), full_ms=event_ms(full))
-            tl_ = timeline(full, os.path.join(args.out, f"trace-{layout}-checks{checks}.json"))
-            row.update({k: v for k, v in tl_.items() if k != "events"})
-            report["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            text.write(f"== {layout}, value checks {checks}: one full() call, time order (us from its first host "
-                       "event)\n")
-            for kind, name, at, dur in tl_.get("events", []):
-                text.write(f"{kind:4s} {at:10.1f} {dur:9.1f}  {name}\n")
-            if layout != "2d" or checks != "1":
-                continue
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(10):
-                full()
-                sync()
-            prof.disable()
-            for order in ("tottime", "cumulative"):
-                out = io.StringIO()
-                pstats.Stats(prof, stream=out).sort_stats(order).print_stats(30)
-                text.write(f"== {layout}, value checks {checks}: cProfile of 10 full() calls (each followed by a "
-                           f"sync), by {order}\n")
-                text.write(out.getvalue())
+        prof.disable()
+        for order in ("tottime", "cumulative"):
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats(order).print_stats(30)
+            text.write(f"== {layout}, value checks {checks}: cProfile of 10 full() calls (each followed by a "
+                       f"sync), by {order}\n")
+            text.write(out.getvalue())
     os.environ.pop("RLKERNELS_CHECK_VALUES", None)
 
     @triton.jit
