@@ -3,13 +3,12 @@
 #
 #     OUT=/some/dir bash bench/device_check.sh          # grpo llama logprobs tests tune kernels
 #
-# The default steps' limits add up to 910 s, more than one 10-minute device call; on an H100 (2026-11-26) they took
-# 400 s: tests 85-90, grpo 84, llama 82, logprobs 75-76, tune 25, kernels 37-41 (compile, opt-in: 142). Session 8
-# added about 25 kernel compiles to the tests, 7 to the kernels step and a few timed variants to tune (not yet run:
-# expect about 460 s). Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune
-# writes its JSON after every row), or name fewer STEPS. The default order puts first what the Triton engine issue's
-# targets are judged on (the grpo op at both shapes, the logits op's bandwidth, the GPU test suite), then the tuning
-# sweeps.
+# The default steps' limits add up to 910 s, more than one 10-minute device call; on an H100 (2026-11-27, session 9,
+# STEPS="logprobs tune tests grpo llama kernels") they took 481 s: logprobs 78, tune 37, tests 103, grpo 101, llama 99,
+# kernels 45 (compile, opt-in: 142 on 2026-11-26). Run it with the call's limit (timeout_s ~590) and what finished by
+# then comes back (gpu_tune writes its JSON after every row), or name fewer STEPS. The default order puts first what
+# the Triton engine issue's targets are judged on (the grpo op at both shapes, the logits op's bandwidth, the GPU test
+# suite), then the tuning sweeps. bench/device_logits.sh is a short check of the logits op alone (about 110 s).
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short GPU check of the logits op's host path (about 150 s on an H100, 2026-11-27), for a device call with little
+# A short GPU check of the logits op's host path (106 s on an H100, 2026-11-27), for a device call with little
 # time left; bench/device_check.sh is the whole run.
 #
 #     OUT=/some/dir bash bench/device_logits.sh
@@ -33,6 +33,6 @@ run bench 45 "$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 
 run tests 90 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -x -ra -p no:cacheprovider $XDIST \
   tests/test_launch.py tests/test_logprobs.py tests/test_triton.py
 tail -n 3 "$OUT/log.txt" >> "$SUMMARY"
-run host 40 env PYTHONUNBUFFERED=1 "$PY" bench/host_profile.py --out "$OUT/host"
+run host 40 env PYTHONUNBUFFERED=1 "$PY" bench/host_profile.py --out "$OUT/host"  # --traces: 5 more files
 run tune 45 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only logits --json "$OUT/tune.json"
 cat "$SUMMARY"

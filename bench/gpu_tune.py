@@ -13,7 +13,8 @@ order:
    ``RLKERNELS_AUTOTUNE=1`` (and what it picked), recompute mode, and gspo single pass (sequence-aligned chunks)
    against gspo recompute: time, and the peak memory above the inputs (gradients included, as new tensors);
 3. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
-   with value checks on and off, both statistics loops, register prefetch and a completion mask (the last quarter of
+   each call timed alone (the GPU idle at its start) and back to back (``burst``: the host prepares the next call
+   while the GPU runs this one, unless a value check's sync waits), with value checks on and off, both statistics loops, register prefetch and a completion mask (the last quarter of
    each sequence padding: the masked-rows launch), and for each one call's GPU timeline
    (torch.profiler: the kernels' summed time against the span, the difference being the GPU idle inside the call);
 4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
@@ -293,6 +294,9 @@ def main(argv=None) -> int:
                 with K.override_defaults(STATS_PREFETCH=prefetch):
                     t_f, _ = timed(fwd, repeat=10)
                     t_all, peak = timed(full, repeat=10)
+                    # back to back, as a training loop calls it: the host prepares the next call while the GPU runs
+                    # this one, except where a value check's sync makes it wait for the GPU first
+                    t_burst = timed_burst(full, calls=5, rounds=3)
                     try:  # where the time goes: the GPU's own work against its idle waits inside one call
                         timeline = gpu_timeline(full)
                     except Exception as exc:  # the profiler is a diagnosis here, never a reason to lose the row
@@ -301,7 +305,8 @@ def main(argv=None) -> int:
                 bwd_bytes = read + M * row_bytes
                 row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked, fwd_ms=t_f,
                     fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b, bwd_gbs=bwd_bytes / t_b / 1e6, full_ms=t_all,
-                    full_gbs=(nbytes + bwd_bytes) / t_all / 1e6, peak_mb=peak,
+                    full_gbs=(nbytes + bwd_bytes) / t_all / 1e6, burst_ms=t_burst,
+                    burst_gbs=(nbytes + bwd_bytes) / t_burst / 1e6, peak_mb=peak,
                     **{f"timeline_{k}": v for k, v in timeline.items()})
             except Exception as exc:
                 row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked,

@@ -12,7 +12,7 @@ backward's. This script measures it, value checks on and off:
 * ``stages_us``: host microseconds in each step of the call (:func:`stages`), and from the call's start to each
   kernel's launch;
 * ``first_kernel_us`` and ``gpu_gaps_us``: from one profiled call (torch.profiler, CPU and CUDA; its trace is written
-  to DIR), when the first kernel started and how long the GPU waited between kernels;
+  to DIR with ``--traces``), when the first kernel started and how long the GPU waited between kernels;
 * cProfile of 10 calls: the Python functions by own time and by cumulative time (``host-profile.txt`` in DIR);
 
 each for (N, V) logits and for the benchmark CLI's (B, T, V) layout.
@@ -32,6 +32,7 @@ import pstats
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -75,7 +76,7 @@ def event_ms(fn, repeat: int = 10) -> float:
     return statistics.median(times)
 
 
-def timeline(fn, trace_path: str) -> dict:
+def timeline(fn, trace_path: Optional[str]) -> dict:
     """One profiled call: the GPU's events and the host's CUDA runtime calls in time order, offsets in us from the
     first host event of the call; ``first_kernel_us`` and the GPU's gaps."""
     from torch.autograd import DeviceType
@@ -86,7 +87,8 @@ def timeline(fn, trace_path: str) -> dict:
     with profile(activities=acts) as prof:
         fn()
         sync()
-    prof.export_chrome_trace(trace_path)
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     if not events:
         return {}
@@ -190,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="qwen2.5-7b")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--traces", action="store_true", help="also write each profiled call's Chrome trace to DIR "
+                   "(a device call brings back a limited number of files)")
     args = p.parse_args(argv)
     if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         print("host_profile.py needs CUDA (or TRITON_INTERPRET=1 and a tiny shape, as a smoke run)", file=sys.stderr)
@@ -242,7 +246,8 @@ def main(argv=None) -> int:
         row = dict(layout=layout, value_checks=checks, fast_launch=fast_launch.ENABLED, stages_us=stages(fwd, bwd),
                    host_fwd_us=host_us(lambda _: fwd()), host_bwd_us=host_us(bwd, before=fwd),
                    fwd_ms=event_ms(fwd), full_ms=event_ms(full))
-        tl_ = timeline(full, os.path.join(args.out, f"trace-{layout}-checks{checks}{'' if fast else '-slow'}.json"))
+        trace = f"trace-{layout}-checks{checks}{'' if fast else '-slow'}.json"
+        tl_ = timeline(full, os.path.join(args.out, trace) if args.traces else None)
         row.update({k: v for k, v in tl_.items() if k != "events"})
         report["rows"].append(row)
         print(json.dumps(row), flush=True)

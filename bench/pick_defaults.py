@@ -198,6 +198,9 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
             pct = f" ({100 * r['full_gbs'] / peak:.1f}% of HBM)" if peak else ""
             idle = (f"; GPU busy {r['timeline_busy_ms']:.2f} ms, idle {r['timeline_idle_ms']:.2f} ms inside one call"
                     if r.get("timeline_busy_ms") is not None else "")
+            if r.get("burst_gbs") is not None:
+                idle += f"; back to back {r['burst_gbs']:.0f} GB/s" + (
+                    f" ({100 * r['burst_gbs'] / peak:.1f}%)" if peak else "")
             lines.append(f"logits op, stats={r.get('stats')} prefetch={r.get('prefetch', False)} "
                          f"checks={r.get('value_checks')}{' masked' if r.get('masked') else ''}: "
                          f"fwd {r['fwd_gbs']:.0f}, "
