@@ -221,24 +221,28 @@ def logprobs_from_logits(
                                 allow_neg_inf=True)
         y = labels.reshape(-1)
         n = y.shape[0]
-        if engine.logits_in_place and keep is not None:  # rows the engine never reads (queued before the sync)
-            y = torch.where(keep.reshape(-1), y, torch.full((), -1, dtype=y.dtype, device=y.device))
+        # the engine's NaN scan is read back before returning, or, when the logits' gradient is needed, by the
+        # backward pass once its kernel is queued: the forward then holds no host sync after its kernel
+        late = None
+        if engine.scans_logits and I.value_checks_enabled() and torch.is_grad_enabled() and logits.requires_grad:
+            late = I.BackwardCheck()
+        start = None
+        if engine.logits_in_place:  # one kernel over the caller's logits: nothing to chunk
+            if keep is not None:  # rows the engine never reads (queued before the sync)
+                y = torch.where(keep.reshape(-1), y, torch.full((), -1, dtype=y.dtype, device=y.device))
+            # negative labels mark the rows the engine skips; without a mask there are none, and its kernels then
+            # issue their loads without waiting for the labels'. Everything but the launch is prepared before the
+            # checks' sync, so that the GPU, idle from the sync on, waits for the launch alone
+            start = engine.prepare_logits_logprobs(z2, y, temperature, ChunkPlan(n, V, V), mask is not None, late)
     index = computed = None
-    if not engine.logits_in_place and keep is not None:
-        z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask)
-    if engine.logits_in_place:  # one kernel over the caller's logits: nothing to chunk
-        plan = ChunkPlan(y.shape[0], V, V)
-    else:
+    if start is None:
+        if keep is not None:
+            z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask)
         plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
                            elem_bytes=engine.block_elem_bytes(z2.dtype))
-    # the engine's NaN scan is read back before returning, or, when the logits' gradient is needed, by the backward
-    # pass once its kernel is queued: the forward then holds no host sync after its kernel
-    late = None
-    if engine.scans_logits and I.value_checks_enabled() and torch.is_grad_enabled() and logits.requires_grad:
-        late = I.BackwardCheck()
-    # negative labels mark the rows a logits_in_place engine skips; without a mask there are none, and its kernels
-    # then issue their loads without waiting for the labels'
-    logp, ent = engine.logits_logprobs(z2, y, temperature, plan, engine.logits_in_place and mask is not None, late)
+        logp, ent = engine.logits_logprobs(z2, y, temperature, plan, False, late)
+    else:
+        logp, ent = start()
     if engine.scans_logits:
         I.check_scanned_rows("logits", logp, late)
     logp = _scatter_rows(logp, index, n, computed).reshape(shape)

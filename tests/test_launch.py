@@ -131,3 +131,23 @@ def test_triton_path_when_off_unmodelled_or_not_kept(fast, monkeypatch):
     for _ in range(2):
         L.launch(k, (1,), x, 16, x, BLOCK=16, FLAG=True)
     assert _paths(k) == ["triton", "triton"]
+
+
+def test_prepare_defers_the_launch(fast, monkeypatch):
+    """prepare() computes the key and fetches the kept kernel's launcher now; nothing is launched until the returned
+    function is called (the logits op calls it after its checks' sync). A first launch prepared is Triton's."""
+    k = _Kernel()
+    x = torch.zeros(32)
+    first = L.prepare(k, (3,), x, 16, x, BLOCK=64, FLAG=False)
+    assert k.calls == []
+    first()
+    assert _paths(k) == ["triton"]
+    later = L.prepare(k, (3,), x, 32, x, BLOCK=64, FLAG=False)
+    assert _paths(k) == ["triton"]
+    later()
+    assert _paths(k) == ["triton", "fast"] and k.calls[1][1] == (3, 1, 1) and k.calls[1][2] == (x, 32, x, 64, False)
+    monkeypatch.setattr(L, "ENABLED", False)
+    off = L.prepare(k, (3,), x, 32, x, BLOCK=64, FLAG=False)
+    assert len(k.calls) == 2
+    off()
+    assert _paths(k) == ["triton", "fast", "triton"]

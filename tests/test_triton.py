@@ -415,6 +415,44 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("masked", [False, True])
+def test_logits_launch_is_prepared_before_the_checks_sync(monkeypatch, masked):
+    """The logits op prepares its statistics launch (outputs allocated, launch arguments and key) before the value
+    checks' one host sync and only queues the kernel after it, so that the GPU, idle from the sync on, waits for the
+    launch alone; a label out of range still raises before any kernel of ours, and the prepared launch is dropped."""
+    import rlkernels._inputs as I
+    import rlkernels.triton_ops.logprobs as KL
+
+    events = []
+    read_back = I.read_back
+    monkeypatch.setattr(I, "read_back", lambda values: (events.append("sync"), read_back(values))[1])
+    prepare = KL.prepare_launch
+
+    def recorded(kernel, *a, **k):
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+        events.append(("prepare", name))
+        start = prepare(kernel, *a, **k)
+        return lambda: (events.append(("launch", name)), start())[1]
+
+    monkeypatch.setattr(KL, "prepare_launch", recorded)
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(2, 5, 131, generator=g).to(torch.bfloat16).to(DEVICE).requires_grad_()
+    y = torch.randint(0, 131, (2, 5), generator=g).to(DEVICE)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE) if masked else None
+    logp = R.logprobs_from_logits(z, y, mask=mask, backend="triton")
+    stats = ("_logits_stats_kernel",)
+    assert events == [("prepare",) + stats, "sync", ("launch",) + stats], events
+    want = ref.logprobs_from_logits(z.detach().double().cpu(), y.cpu())[0]
+    torch.testing.assert_close(logp.detach().double().cpu(), want, rtol=1e-5, atol=1e-5)
+    events.clear()
+    bad = y.clone()
+    bad[1, 2] = 131
+    with pytest.raises(ValueError, match="labels must lie in"):
+        R.logprobs_from_logits(z, bad, mask=mask, backend="triton")
+    assert ("launch",) + stats not in events
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 def test_kernels_wait_for_labels_only_when_rows_may_be_masked(monkeypatch):
     """The kernels skip masked-out rows (negative labels) only when told that there may be some, since skipping makes
     each tile's loads wait for its row's label: the logits path with a mask says so; the logits path without one,
@@ -634,8 +672,8 @@ def test_launch_argument_overrides_the_defaults(monkeypatch):
     launched = []
     for name in ("_launch_stats", "_launch_dlogits"):
         original = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _o=original: launched.extend(
-            x for x in a if isinstance(x, K.LaunchConfig)) or _o(*a))
+        monkeypatch.setattr(K, name, lambda *a, _o=original, **kw: launched.extend(
+            x for x in a if isinstance(x, K.LaunchConfig)) or _o(*a, **kw))
     m, s, c, zy = K.logits_stats(z, y, None, 1.0)
     m2, s2, c2, zy2 = K.logits_stats(z, y, None, 1.0, launch=K.LaunchConfig(64, 1, 1, False))
     for a, b in ((m, m2), (s, s2), (c, c2), (zy, zy2)):

@@ -84,6 +84,12 @@ class Engine:
         may be negative (masked-out rows of a ``logits_in_place`` engine); False when none is."""
         raise NotImplementedError
 
+    def prepare_logits_forward(self, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
+        """:meth:`logits_forward` in two steps: what can be done before the labels are known to be valid (no kernel
+        that reads them) now, the rest when the returned function is called; it returns the outputs. By default
+        everything waits for that call."""
+        return lambda: self.logits_forward(logits, labels, temperature, plan, masked_rows)
+
     def logits_backward(self, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool, m, log_s, cs, g_logp,
                         g_ent) -> Tensor:
         """-> dL/dlogits, a new tensor in the logits' dtype."""
@@ -101,6 +107,13 @@ class Engine:
         ``late_check``: a :class:`rlkernels._inputs.BackwardCheck` that backward raises from once its kernel is
         queued, before it returns the gradient."""
         return autograd.logits_logprobs(self.name, logits, labels, temperature, plan, masked_rows, late_check)
+
+    def prepare_logits_logprobs(self, logits: Tensor, labels: Tensor, temperature, plan: ChunkPlan,
+                                masked_rows: bool, late_check=None) -> Callable[[], Tuple[Tensor, Tensor]]:
+        """:meth:`logits_logprobs` in two steps (see :meth:`prepare_logits_forward`): the returned function queues
+        the work and returns (logp, entropy)."""
+        return autograd.prepare_logits_logprobs(self.name, logits, labels, temperature, plan, masked_rows,
+                                                late_check)
 
     def linear_fused_loss(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
                           plan: ChunkPlan, chunk_loss) -> Tuple[Tensor, Tensor, Tensor]:

@@ -19,7 +19,7 @@ carries the objective as its config and per-token tensors.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -225,18 +225,34 @@ def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPl
                     late_check=None):
     """(logp, entropy), differentiable w.r.t. logits: the custom op under ``torch.compile`` (no value checks run
     there), its eager twin otherwise, whose backward raises from ``late_check`` once its kernel is queued."""
+    return prepare_logits_logprobs(engine_name, logits, labels, temperature, plan, masked_rows, late_check)()
+
+
+def prepare_logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool,
+                            late_check=None) -> Callable[[], Tuple[Tensor, Tensor]]:
+    """:func:`logits_logprobs` in two steps: the engine's preparation now (:meth:`Engine.prepare_logits_forward`),
+    and a function that queues its kernel and makes the autograd node around the outputs."""
     t, t_scalar = _split_temperature(temperature)
     args = (logits, labels, t, t_scalar, plan.rows, masked_rows, engine_name)
     if torch.compiler.is_compiling():
-        out = logits_logprobs_op(*args)
-        return out[0], out[1]
+        def traced():
+            out = logits_logprobs_op(*args)
+            return out[0], out[1]
+
+        return traced
     # eager: the engine's kernel is queued before the autograd node is made around its outputs, so that the
     # autograd.Function's host work runs while the GPU computes instead of before it starts (the logits op's forward
     # is one kernel: the GPU idles until its launch)
     with torch.no_grad():
-        out = _engine(engine_name).logits_forward(logits, labels, temperature, plan, masked_rows)
-    out = _own(out[:2]) + tuple(out[2:])  # the saved statistics are never returned: they may share a buffer
-    return _EagerTwin.apply(*args, (lambda *_: out,) + _LOGITS_TWIN[1:], late_check)
+        forward = _engine(engine_name).prepare_logits_forward(logits, labels, temperature, plan, masked_rows)
+
+    def start():
+        with torch.no_grad():
+            out = forward()
+        out = _own(out[:2]) + tuple(out[2:])  # the saved statistics are never returned: they may share a buffer
+        return _EagerTwin.apply(*args, (lambda *_: out,) + _LOGITS_TWIN[1:], late_check)
+
+    return start
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -260,11 +260,23 @@ def logits_forward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bo
     all rows (the logits exist already; nothing to chunk). That kernel also flags NaN / +inf (their rows come out
     NaN; see ``Engine.scans_logits``), so the logits are read once. ``masked_rows``: negative labels mark rows
     never read; without them no load waits for a label's."""
+    return prepare_logits_forward(logits, labels, temperature, plan, masked_rows)()
+
+
+def prepare_logits_forward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
+    """:func:`logits_forward` in two steps: the outputs allocated and the launch prepared now, the kernel queued by
+    the returned function (which returns the outputs)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     # the kernel finishes the statistics itself (finish_stats' arithmetic): no elementwise launches after it
-    m, log_s, cs, logp, ent = logits_stats(logits, labels, None, temperature, masked_rows=masked_rows, finish=True)
-    return logp, ent, m, log_s, cs
+    (m, log_s, cs, logp, ent), start = logits_stats(logits, labels, None, temperature, masked_rows=masked_rows,
+                                                    finish=True, prepare=True)
+
+    def queued():
+        start()
+        return logp, ent, m, log_s, cs
+
+    return queued
 
 
 def logits_backward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bool, m, log_s, cs, g_logp, g_ent):
@@ -310,4 +322,5 @@ class TritonEngine(Engine):
     linear_backward = staticmethod(linear_backward)
     linear_fused = staticmethod(linear_fused)
     logits_forward = staticmethod(logits_forward)
+    prepare_logits_forward = staticmethod(prepare_logits_forward)
     logits_backward = staticmethod(logits_backward)

@@ -24,7 +24,7 @@ launch (``TRITON_DEBUG``, instrumentation): changing them after a kernel's first
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -65,24 +65,34 @@ def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: the runtime arguments positionally, in the kernel's order, then the
     constexprs and launch options by name. A launch whose key was seen before skips Triton's binding, specialising
     and cache lookup (see the module's docstring)."""
+    prepare(kernel, grid, *args, **kwargs)()
+
+
+def prepare(kernel, grid: Tuple[int, ...], *args, **kwargs) -> Callable[[], None]:
+    """:func:`launch` in two steps: the key and the kept kernel's launcher now, the launch when the returned function
+    is called (on the current stream then). The logits op prepares its launch before its value checks' host sync and
+    launches after it, so that little host work is left between the two."""
     if not ENABLED:
-        kernel[grid](*args, **kwargs)
-        return
+        return lambda: kernel[grid](*args, **kwargs)
     per_arg = arg_key(args)
     if per_arg is None:
-        kernel[grid](*args, **kwargs)
-        return
+        return lambda: kernel[grid](*args, **kwargs)
     key = (id(kernel), _device(), per_arg, tuple(kwargs.items()))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = kernel[grid](*args, **kwargs)
-        names = _params(kernel, args, kwargs)
-        if names is not None and _launchable(compiled):
-            _COMPILED[key] = (compiled, names)
-        return
-    compiled, names = compiled
+    kept = _COMPILED.get(key)
+    if kept is None:
+        return lambda: _first_launch(kernel, grid, key, args, kwargs)
+    compiled, names = kept
     # a CompiledKernel's launcher reads grid[0], grid[1] and grid[2]
-    compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *[kwargs[n] for n in names])
+    runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]
+    params = args + tuple(kwargs[n] for n in names)
+    return lambda: runner(*params)
+
+
+def _first_launch(kernel, grid, key, args, kwargs) -> None:
+    compiled = kernel[grid](*args, **kwargs)
+    names = _params(kernel, args, kwargs)
+    if names is not None and _launchable(compiled):
+        _COMPILED[key] = (compiled, names)
 
 
 def _device() -> int:

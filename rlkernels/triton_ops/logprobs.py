@@ -29,6 +29,7 @@ from torch import Tensor
 from .._inputs import env_choice
 from . import autotune
 from .launch import launch as fast_launch
+from .launch import prepare as prepare_launch
 from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, dlogits_tile, finish_row, load_scaled_logits,
                        merge_lanes, online_lse_step, row_inv_temperature, row_kept, row_offset, scale_logits)
 
@@ -328,7 +329,7 @@ def _row_sample(z: Tensor, rows: int) -> Tuple[Tensor, int]:
 
 def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0,
                  n_load: Optional[int] = None, masked_rows: bool = True, launch: Optional[LaunchConfig] = None,
-                 finish: bool = False):
+                 finish: bool = False, prepare: bool = False):
     """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols), or (B, T, n_cols) with rows b T + t, whose column 0
     is vocabulary entry ``v_offset``.
 
@@ -343,25 +344,34 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     ``finish``: the block is the whole vocabulary; return what ``finish_stats`` makes of the state instead,
     (M, log S, C/S, logp, entropy), five separate tensors written by the kernel itself (the logits path: five
     elementwise launches and a copy fewer after the kernel).
+    ``prepare``: return ``(outputs, start)`` with nothing queued yet: the outputs allocated and the launch prepared,
+    ``start()`` queues the kernel (the logits op calls it after its value checks' host sync).
     """
     rows = _rows(z)[0]
     acc = _acc(z.dtype)
     outs = _stats_outputs(rows, acc, z.device, finish)
     if rows == 0:
-        return outs
+        return (outs, lambda: None) if prepare else outs
     temp, inv_t = _temperature_args(temperature, z)
     lanes = stats_kernel() == "lanes"
     n_load = _n_load(z, n_load)
     cfg = launch or stats_launch(lanes)
-    if launch is None and autotune.enabled():
-        key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None,
-               _temp_mode(temp, inv_t), z.dim(), masked_rows, finish)
-        zs, k = _row_sample(z, rows)
-        scratch = _stats_outputs(k, acc, z.device, finish)
-        cfg = autotune.pick(key, autotune.stats_candidates(lanes), lambda c: _launch_stats(
-            zs, labels[:k], bias, None if temp is None else temp[:k], inv_t, v_offset, n_load, lanes, masked_rows, c,
-            scratch))
-    _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg, outs)
+    if launch is None and autotune.enabled():  # timing candidates launches kernels: only once the call is queued
+        def start():
+            key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None,
+                   _temp_mode(temp, inv_t), z.dim(), masked_rows, finish)
+            zs, k = _row_sample(z, rows)
+            scratch = _stats_outputs(k, acc, z.device, finish)
+            tuned = autotune.pick(key, autotune.stats_candidates(lanes), lambda c: _launch_stats(
+                zs, labels[:k], bias, None if temp is None else temp[:k], inv_t, v_offset, n_load, lanes,
+                masked_rows, c, scratch))
+            _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, tuned, outs)
+    else:
+        start = _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg, outs,
+                              prepare=True)
+    if prepare:
+        return outs, start
+    start()
     return outs
 
 
@@ -373,10 +383,12 @@ def _stats_outputs(rows: int, acc: torch.dtype, device, finish: bool) -> Tuple[T
     return torch.empty(4, rows, dtype=acc, device=device).unbind(0)
 
 
-def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg: LaunchConfig, outs):
+def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg: LaunchConfig, outs,
+                  prepare: bool = False):
+    """Queue the statistics kernel, or with ``prepare`` return the function that queues it."""
     rows, stride, outer, inner, rows_3d = _rows(z)
     n_cols = z.shape[-1]
-    fast_launch(
+    return (prepare_launch if prepare else fast_launch)(
         _logits_stats_kernel, (rows,),
         z, stride, outer, inner, bias if bias is not None else z, temp if temp is not None else z, inv_t, labels,
         v_offset, n_cols, n_load, outs[0], outs[1], outs[2], outs[3], outs[-1],
