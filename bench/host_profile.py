@@ -36,6 +36,8 @@ from typing import Optional
 
 import torch
 
+from gpu_tune import timed  # CUDA-event medians (bench/ is on the path when this file is run)
+
 CUDA = torch.cuda.is_available()
 
 
@@ -54,25 +56,6 @@ def host_us(fn, before=None, repeat: int = 20) -> float:
         fn(state)
         times.append((time.perf_counter() - start) * 1e6)
         sync()
-    return statistics.median(times)
-
-
-def event_ms(fn, repeat: int = 10) -> float:
-    """Median CUDA-event time of ``fn()`` in ms (wall-clock on CPU)."""
-    times = []
-    for _ in range(repeat):
-        sync()
-        if not CUDA:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-            continue
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
     return statistics.median(times)
 
 
@@ -120,7 +103,7 @@ STAGES = (
     ("rlkernels.triton_ops.logprobs", "_stats_outputs"), ("rlkernels.triton_ops.logprobs", "stats_launch"),
     ("rlkernels.triton_ops.logprobs", "dlogits_launch"), ("rlkernels.triton_ops.logprobs", "_temperature_args"),
     ("rlkernels.triton_ops.logprobs", "_rows"), ("rlkernels.triton_ops.autotune", "enabled"),
-    ("rlkernels.triton_ops.logprobs", "fast_launch"),
+    ("rlkernels.triton_ops.logprobs", "fast_launch"), ("rlkernels.triton_ops.logprobs", "prepare_launch"),
     ("rlkernels.triton_ops.logprobs", "_logits_stats_kernel.run"),  # Triton's own path (a first launch)
     ("rlkernels.triton_ops.logprobs", "_dlogits_kernel.run"),
 )
@@ -147,18 +130,29 @@ def stages(fwd, bwd, repeat: int = 50) -> dict:
             return
         static = isinstance(raw, staticmethod)
         fn = raw.__func__ if static else raw
+
+        def mark_launch(kernel, at):  # a launch: when it began, from the call's start
+            launch = {"_logits_stats_kernel": "fwd_to_stats_launch", "_dlogits_kernel": "bwd_to_dlogits_launch"
+                      }.get(getattr(getattr(kernel, "fn", kernel), "__name__", ""))
+            if launch:
+                per_call[launch] = per_call.get(launch, 0.0) + (at - clock["t0"]) * 1e6
+
         @functools.wraps(fn)
         def timed_fn(*a, **k):
             start = time.perf_counter()
-            if attr == "fast_launch":  # a launch: when it began, from the call's start
-                launch = {"_logits_stats_kernel": "fwd_to_stats_launch", "_dlogits_kernel": "bwd_to_dlogits_launch"
-                          }.get(getattr(getattr(a[0], "fn", a[0]), "__name__", ""))
-                if launch:
-                    per_call[launch] = per_call.get(launch, 0.0) + (start - clock["t0"]) * 1e6
+            if attr == "fast_launch":
+                mark_launch(a[0], start)
             try:
-                return fn(*a, **k)
+                out = fn(*a, **k)
             finally:
                 per_call[attr] = per_call.get(attr, 0.0) + (time.perf_counter() - start) * 1e6
+            if attr == "prepare_launch":  # the launch happens when the returned function is called
+                prepared = out
+
+                def out():
+                    mark_launch(a[0], time.perf_counter())
+                    return prepared()
+            return out
 
         setattr(owner, name, staticmethod(timed_fn) if static else timed_fn)
         restore.append((owner, name, raw))
@@ -245,7 +239,8 @@ def main(argv=None) -> int:
         sync()
         row = dict(layout=layout, value_checks=checks, fast_launch=fast_launch.ENABLED, stages_us=stages(fwd, bwd),
                    host_fwd_us=host_us(lambda _: fwd()), host_bwd_us=host_us(bwd, before=fwd),
-                   fwd_ms=event_ms(fwd), full_ms=event_ms(full))
+                   fwd_ms=timed(fwd, warmup=0, repeat=10)[0],
+                   full_ms=timed(full, warmup=0, repeat=10)[0])
         trace = f"trace-{layout}-checks{checks}{'' if fast else '-slow'}.json"
         tl_ = timeline(full, os.path.join(args.out, trace) if args.traces else None)
         row.update({k: v for k, v in tl_.items() if k != "events"})
