@@ -113,7 +113,7 @@ class Engine:
         """:meth:`logits_logprobs` in two steps (see :meth:`prepare_logits_forward`): the returned function queues
         the work and returns (logp, entropy)."""
         return autograd.prepare_logits_logprobs(self.name, logits, labels, temperature, plan, masked_rows,
-                                                late_check)
+                                                late_check, engine=self)
 
     def linear_fused_loss(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
                           plan: ChunkPlan, chunk_loss) -> Tuple[Tensor, Tensor, Tensor]:

@@ -229,9 +229,10 @@ def logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPl
 
 
 def prepare_logits_logprobs(engine_name: str, logits, labels, temperature, plan: ChunkPlan, masked_rows: bool,
-                            late_check=None) -> Callable[[], Tuple[Tensor, Tensor]]:
+                            late_check=None, engine=None) -> Callable[[], Tuple[Tensor, Tensor]]:
     """:func:`logits_logprobs` in two steps: the engine's preparation now (:meth:`Engine.prepare_logits_forward`),
-    and a function that queues its kernel and makes the autograd node around the outputs."""
+    and a function that queues its kernel and makes the autograd node around the outputs. ``engine``: the engine
+    named ``engine_name``, when the caller has it."""
     t, t_scalar = _split_temperature(temperature)
     args = (logits, labels, t, t_scalar, plan.rows, masked_rows, engine_name)
     if torch.compiler.is_compiling():
@@ -244,7 +245,8 @@ def prepare_logits_logprobs(engine_name: str, logits, labels, temperature, plan:
     # autograd.Function's host work runs while the GPU computes instead of before it starts (the logits op's forward
     # is one kernel: the GPU idles until its launch)
     with torch.no_grad():
-        forward = _engine(engine_name).prepare_logits_forward(logits, labels, temperature, plan, masked_rows)
+        forward = (engine or _engine(engine_name)).prepare_logits_forward(logits, labels, temperature, plan,
+                                                                          masked_rows)
 
     def start():
         with torch.no_grad():
