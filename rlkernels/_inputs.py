@@ -72,7 +72,7 @@ def read_back(values) -> list:
     if not any(on_gpu):
         return [v.tolist() for v in values]
     out, streams = [], {}
-    for v, slot in zip(values, staging_slots(values, on_gpu, _staging)):
+    for v, slot in zip(values, _thread_staging().slots(values, on_gpu)):
         if slot is not None:
             slot.copy_(v, non_blocking=True)
             streams.setdefault(v.device, torch.cuda.current_stream(v.device))
@@ -95,19 +95,48 @@ def staging_slots(values, chosen, buffer_of: Callable[[int], Tensor]) -> List[Op
 
 
 _ALIGN = 16  # bytes: each value's place in the staging buffer is aligned for any element type
-_STAGING = threading.local()
 
 
-def _staging(nbytes: int) -> Tensor:
-    """This thread's pinned host buffer of at least ``nbytes`` bytes, kept between calls: a fresh pinned tensor per
-    read-back cost about 100 us of host time on an H100 machine (2026-11-27, bench/host_profile.py: the caching host
-    allocator polls the events of the blocks earlier copies used), time the GPU spends idle before the first kernel
-    of a checked call. Reusing it is safe because :func:`read_back` waits for its copies and reads them before it
-    returns; a thread of its own gets a buffer of its own."""
-    buf = getattr(_STAGING, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _STAGING.buf = torch.empty(max(256, 2 * nbytes), dtype=torch.uint8, pin_memory=True)
-    return buf
+class _Staging:
+    """A pinned host byte buffer that small device values are copied into, kept between calls, and the places of
+    each layout of values (their dtypes and shapes) in it, so that a read-back of a layout seen before makes no view
+    of the buffer. A fresh pinned tensor per read-back cost about 100 us of host time on an H100 machine
+    (2026-11-27, bench/host_profile.py: the caching host allocator polls the events of the blocks earlier copies
+    used), and each view op a few more: host time the GPU spends idle before the first kernel of a checked call."""
+    _MAX_LAYOUTS = 64
+
+    def __init__(self, pin: bool = True):
+        self.buf: Optional[Tensor] = None
+        self._slots: dict = {}
+        self._pin = pin  # False: ordinary host memory (the layout tests on a machine without a GPU)
+
+    def slots(self, values, chosen) -> List[Optional[Tensor]]:
+        key = tuple((v.dtype, v.shape) if c else None for v, c in zip(values, chosen))
+        found = self._slots.get(key)
+        if found is None:
+            found = staging_slots(values, chosen, self._buffer)
+            if len(self._slots) >= self._MAX_LAYOUTS:
+                self._slots.clear()
+            self._slots[key] = found
+        return found
+
+    def _buffer(self, nbytes: int) -> Tensor:
+        if self.buf is None or self.buf.numel() < nbytes:
+            self.buf = torch.empty(max(256, 2 * nbytes), dtype=torch.uint8, pin_memory=self._pin)
+            self._slots.clear()  # places in the old buffer: the layouts are placed again in this one
+        return self.buf
+
+
+_THREAD = threading.local()
+
+
+def _thread_staging() -> _Staging:
+    """This thread's staging buffer for :func:`read_back`. Reusing it is safe because read_back waits for its copies
+    and reads them before it returns; a thread of its own gets a buffer of its own."""
+    staging = getattr(_THREAD, "staging", None)
+    if staging is None:
+        staging = _THREAD.staging = _Staging()
+    return staging
 
 
 class BackwardCheck:
@@ -117,29 +146,20 @@ class BackwardCheck:
     memory behind an event; :meth:`raise_if_failed` waits for that event only, never for the work queued after it.
     Until :meth:`arm` is called it checks nothing.
 
-    The pinned buffers come from a pool shared by all threads (the backward pass runs on autograd's device thread):
-    a fresh pinned tensor per call cost about 100 us of host time on an H100 machine (see :func:`_staging`). A
-    buffer goes back to the pool once its copy has been read; a check that is never read (its graph freed without a
-    backward pass) leaves its buffer to PyTorch's allocator."""
+    The pinned buffers (:class:`_Staging`) come from a pool shared by all threads (the backward pass runs on
+    autograd's device thread). A buffer goes back to the pool once its copy has been read; a check that is never
+    read (its graph freed without a backward pass) leaves its buffer to PyTorch's allocator."""
 
     def __init__(self):
         self._check: Optional[_Check] = None
         self._events: List = []
-        self._buffer: Optional[Tensor] = None
+        self._staging: Optional[_Staging] = None
 
     def arm(self, values: Tuple[Tensor, ...], failed: Callable[..., bool], message: Callable[[], str]) -> None:
         on_gpu = [v.is_cuda for v in values]
-        buffer = None
-        if any(on_gpu):
-            def take(nbytes: int) -> Tensor:
-                nonlocal buffer
-                buffer = _pool_take(nbytes)
-                return buffer
-
-            slots = staging_slots(values, on_gpu, take)
-        else:
-            slots = [None] * len(values)
-        copies, self._events, self._buffer = [], [], buffer
+        staging = _pool_take() if any(on_gpu) else None
+        slots = staging.slots(values, on_gpu) if staging is not None else [None] * len(values)
+        copies, self._events, self._staging = [], [], staging
         for v, slot in zip(values, slots):
             if slot is not None:
                 slot.copy_(v, non_blocking=True)
@@ -158,30 +178,27 @@ class BackwardCheck:
                 event.synchronize()
             self._check = (tuple(v.tolist() for v in host), failed, message)
             self._events = None
-            if self._buffer is not None:  # its copies are read: another check may use it
-                _pool_give(self._buffer)
-                self._buffer = None
+            if self._staging is not None:  # its copies are read: another check may use its buffer
+                _pool_give(self._staging)
+                self._staging = None
         if failed(*self._check[0]):
             raise ValueError(message())
 
 
-_POOL: List[Tensor] = []  # pinned byte buffers of BackwardCheck, free for the next one (list.pop/append are atomic)
+_POOL: List[_Staging] = []  # BackwardCheck's staging buffers free for the next check (list.pop/append are atomic)
 _POOL_MAX = 64
 
 
-def _pool_take(nbytes: int) -> Tensor:
+def _pool_take() -> _Staging:
     try:
-        buf = _POOL.pop()
+        return _POOL.pop()
     except IndexError:
-        buf = None
-    if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(256, 2 * nbytes), dtype=torch.uint8, pin_memory=True)
-    return buf
+        return _Staging()
 
 
-def _pool_give(buf: Tensor) -> None:
+def _pool_give(staging: _Staging) -> None:
     if len(_POOL) < _POOL_MAX:
-        _POOL.append(buf)
+        _POOL.append(staging)
 
 
 def deferred_checks():

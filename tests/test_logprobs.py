@@ -302,6 +302,31 @@ def test_value_checks_read_back_on_the_device():
         again.raise_if_failed()
 
 
+def test_staging_places_each_layout_once():
+    """A staging buffer places a layout of values (dtypes and shapes) once and reuses those places: the same tensors
+    come back for the same layout, other layouts get their own, and a layout larger than the buffer grows it and
+    places again; every place round-trips its value."""
+    import rlkernels._inputs as I
+
+    staging = I._Staging(pin=False)
+    a = [torch.tensor(3), torch.tensor(True)]
+    first = staging.slots(a, [True, True])
+    assert staging.slots([torch.tensor(-8), torch.tensor(False)], [True, True]) is first  # same layout
+    other = staging.slots([torch.tensor([1.5, 2.5]), torch.tensor(4)], [True, False])
+    assert other is not first and other[1] is None
+    buf = staging.buf
+    big = [torch.arange(500)]  # 4000 bytes: more than the first buffer
+    slots = staging.slots(big, [True])
+    assert staging.buf is not buf and staging.buf.numel() >= 4000
+    slots[0].copy_(big[0])
+    assert slots[0].tolist() == list(range(500))
+    again = staging.slots(a, [True, True])
+    assert again is not first and again[0].untyped_storage().data_ptr() == staging.buf.untyped_storage().data_ptr()
+    for v, slot in zip(a, again):
+        slot.copy_(v)
+        assert slot.tolist() == v.tolist()
+
+
 def test_staging_slots_place_each_value_aligned_in_one_buffer():
     """read_back's and BackwardCheck's layout of several values in one byte buffer, on CPU: every dtype and shape
     (0-d, empty, odd sizes) round-trips, each place is 16-byte aligned, unchosen values get none, and the buffer
