@@ -302,8 +302,10 @@ def check_labels(labels, shape: torch.Size, vocab: int, mask: Optional[Tensor], 
     _same_device("labels", labels, ref, "hidden" if ref is not labels else "labels")
     if value_checks_enabled() and labels.numel() > 0:
         # the range from one min/max reduction (masked-out positions read as 0): one kernel before the sync, where
-        # the elementwise flags (< 0, >= V, or, and, any) took five
+        # the elementwise flags (< 0, >= V, or, and, any) took five; both into one tensor, so one copy reads it back
         kept = labels if mask is None else torch.where(mask, labels, 0)
+        bounds = torch.empty(2, dtype=kept.dtype, device=kept.device)
+        torch.aminmax(kept, out=(bounds[0], bounds[1]))
 
         def message() -> str:
             bad = (labels < 0) | (labels >= vocab)
@@ -312,7 +314,7 @@ def check_labels(labels, shape: torch.Size, vocab: int, mask: Optional[Tensor], 
             where = tuple(bad.nonzero()[0].tolist())
             return f"labels must lie in [0, V={vocab}) at kept positions; found {int(labels[where])} at index {where}"
 
-        fail_when(tuple(torch.aminmax(kept)), lambda lo, hi: lo < 0 or hi >= vocab, message)
+        fail_when((bounds,), lambda lo_hi: lo_hi[0] < 0 or lo_hi[1] >= vocab, message)
     return labels.long()
 
 
