@@ -71,14 +71,8 @@ def read_back(values) -> list:
     on_gpu = [v.is_cuda for v in values]
     if not any(on_gpu):
         return [v.tolist() for v in values]
-    out, streams = [], {}
-    for v, slot in zip(values, _thread_staging().slots(values, on_gpu)):
-        if slot is not None:
-            slot.copy_(v, non_blocking=True)
-            streams.setdefault(v.device, torch.cuda.current_stream(v.device))
-            v = slot
-        out.append(v)
-    for stream in streams.values():
+    out, streams = _thread_staging().copy_in(values, on_gpu)
+    for stream in streams:
         stream.synchronize()  # the one sync
     return [v.tolist() for v in out]  # read now: the next read-back of this thread reuses the buffer
 
@@ -120,6 +114,18 @@ class _Staging:
             self._slots[key] = found
         return found
 
+    def copy_in(self, values, on_gpu) -> Tuple[List[Tensor], List]:
+        """(each value's host copy: its place here for the CUDA ones, queued without blocking on the current stream of
+        its device; the others as they are), and those streams."""
+        out, streams = [], {}
+        for v, slot in zip(values, self.slots(values, on_gpu)):
+            if slot is not None:
+                slot.copy_(v, non_blocking=True)
+                streams.setdefault(v.device, torch.cuda.current_stream(v.device))
+                v = slot
+            out.append(v)
+        return out, list(streams.values())
+
     def _buffer(self, nbytes: int) -> Tensor:
         if self.buf is None or self.buf.numel() < nbytes:
             self.buf = torch.empty(max(256, 2 * nbytes), dtype=torch.uint8, pin_memory=self._pin)
@@ -157,16 +163,13 @@ class BackwardCheck:
 
     def arm(self, values: Tuple[Tensor, ...], failed: Callable[..., bool], message: Callable[[], str]) -> None:
         on_gpu = [v.is_cuda for v in values]
-        staging = _pool_take() if any(on_gpu) else None
-        slots = staging.slots(values, on_gpu) if staging is not None else [None] * len(values)
-        copies, self._events, self._staging = [], [], staging
-        for v, slot in zip(values, slots):
-            if slot is not None:
-                slot.copy_(v, non_blocking=True)
-                self._events.append(torch.cuda.Event())
-                self._events[-1].record(torch.cuda.current_stream(v.device))
-                v = slot
-            copies.append(v)
+        self._staging = _pool_take() if any(on_gpu) else None
+        copies, streams = (self._staging.copy_in(values, on_gpu) if self._staging is not None
+                           else (list(values), []))
+        self._events = []
+        for stream in streams:
+            self._events.append(torch.cuda.Event())
+            self._events[-1].record(stream)
         self._check = (tuple(copies), failed, message)
 
     def raise_if_failed(self) -> None:
