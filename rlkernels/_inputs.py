@@ -1,13 +1,16 @@
 """Input checking and the flattening of padded or packed batches into a :class:`~rlkernels.objective.TokenBatch`.
 
-Every check runs before any compute and raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape,
-device or value) naming the argument and the shapes involved. Value checks (label range, NaN at kept positions,
-``cu_seqlens`` consistency) read data back to the host; set ``RLKERNELS_CHECK_VALUES=0`` to skip them in production
-(they are also skipped while ``torch.compile`` traces). Inside :func:`deferred_checks` (every public op's checking
-section) the data-dependent ones are queued on the device and read back together: one host sync for all of them,
-raising the first that failed, in the order they were made. The one check made after a kernel (the Triton logits
-path's NaN scan, which rides on its statistics kernel) is read by the backward pass when a gradient is needed
-(:class:`BackwardCheck`), so that the forward waits for no kernel of its own.
+Every check runs before any result is returned and raises ``TypeError`` (wrong type or dtype) or ``ValueError``
+(wrong shape, device or value) naming the argument and the shapes involved. Value checks (label range, NaN at kept
+positions, ``cu_seqlens`` consistency) read data back to the host; set ``RLKERNELS_CHECK_VALUES=0`` to skip them in
+production (they are also skipped while ``torch.compile`` traces). Inside :func:`deferred_checks` (every public op's
+checking section) the data-dependent ones are queued on the device and read back together: one host wait for all of
+them, raising the first that failed, in the order they were made. It comes before any kernel of ours, except where
+that kernel is safe whatever the values (:meth:`DeferredChecks.read_after_launch`: the Triton logits path, whose
+kernels never read outside the logits for any label): there the kernel is queued first and the host waits for the
+checks' copies, queued before it, while the GPU runs it. The one check made after a kernel (the Triton logits path's
+NaN scan, which rides on its statistics kernel) is read by the backward pass when a gradient is needed
+(:class:`LateCheck`), so that the forward waits for no kernel of its own.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import contextvars
 import math
 import os
 import threading
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -145,23 +148,37 @@ def _thread_staging() -> _Staging:
     return staging
 
 
-class BackwardCheck:
-    """A value check whose device flag the forward pass queues and the backward pass reads, after its own kernels
-    are queued: a forward pass that needs no host sync after its kernel (the logits op's NaN scan rides on the
-    statistics kernel, so its flag exists only after that kernel). The flag is copied without blocking into pinned
-    memory behind an event; :meth:`raise_if_failed` waits for that event only, never for the work queued after it.
-    Until :meth:`arm` is called it checks nothing.
+class LateCheck:
+    """Value checks whose device results are copied now and read later: their copies are queued without blocking
+    into pinned memory behind an event, and :meth:`raise_if_failed` waits for that event only, never for the work
+    queued after it. Two uses:
+
+    * the logits op's NaN scan rides on its statistics kernel, so its flag exists only after that kernel; when a
+      gradient is needed the backward pass reads it, once its own kernel is queued (the forward then holds no host
+      sync after its kernel);
+    * :meth:`DeferredChecks.read_after_launch`: the checks made before a kernel that is safe whatever values they
+      reject are read once that kernel is queued, so that the GPU works while the host waits for the checks.
+
+    Until :meth:`arm` is called it checks nothing. A second read raises again (the values are read once).
 
     The pinned buffers (:class:`_Staging`) come from a pool shared by all threads (the backward pass runs on
     autograd's device thread). A buffer goes back to the pool once its copy has been read; a check that is never
     read (its graph freed without a backward pass) leaves its buffer to PyTorch's allocator."""
 
     def __init__(self):
-        self._check: Optional[_Check] = None
-        self._events: List = []
+        self._checks: List[_Check] = []
+        self._events: Optional[List] = []
         self._staging: Optional[_Staging] = None
+        self._host: list = []
 
     def arm(self, values: Tuple[Tensor, ...], failed: Callable[..., bool], message: Callable[[], str]) -> None:
+        """Queue the copy of one check's values (as :func:`fail_when` takes them)."""
+        self.arm_all([(values, failed, message)])
+
+    def arm_all(self, checks: List[_Check]) -> None:
+        """Queue the copies of several checks' values; :meth:`raise_if_failed` raises the first that failed, in
+        this order."""
+        values = [v for vs, _, _ in checks for v in vs]
         on_gpu = [v.is_cuda for v in values]
         self._staging = _pool_take() if any(on_gpu) else None
         copies, streams = (self._staging.copy_in(values, on_gpu) if self._staging is not None
@@ -170,25 +187,24 @@ class BackwardCheck:
         for stream in streams:
             self._events.append(torch.cuda.Event())
             self._events[-1].record(stream)
-        self._check = (tuple(copies), failed, message)
+        self._host = copies
+        self._checks = list(checks)
 
     def raise_if_failed(self) -> None:
-        if self._check is None:
+        if not self._checks:
             return
-        host, failed, message = self._check
         if self._events is not None:  # first call: wait for the copies and read them (later calls reuse the values)
             for event in self._events:
                 event.synchronize()
-            self._check = (tuple(v.tolist() for v in host), failed, message)
+            self._host = [v.tolist() for v in self._host]
             self._events = None
             if self._staging is not None:  # its copies are read: another check may use its buffer
                 _pool_give(self._staging)
                 self._staging = None
-        if failed(*self._check[0]):
-            raise ValueError(message())
+        _raise_first(self._checks, self._host)
 
 
-_POOL: List[_Staging] = []  # BackwardCheck's staging buffers free for the next check (list.pop/append are atomic)
+_POOL: List[_Staging] = []  # LateCheck's staging buffers free for the next check (list.pop/append are atomic)
 _POOL_MAX = 64
 
 
@@ -204,35 +220,74 @@ def _pool_give(staging: _Staging) -> None:
         _POOL.append(staging)
 
 
+class DeferredChecks:
+    """What :func:`deferred_checks` gives its block: by default nothing to do (the checks are read on leaving it).
+    A caller whose next launch is safe whatever values the checks reject calls :meth:`read_after_launch` inside the
+    block and queues that launch with :meth:`launched`."""
+
+    def __init__(self):
+        self._after_launch = False
+        self._late: Optional[LateCheck] = None
+
+    def read_after_launch(self) -> None:
+        """Read the checks queued in this block after the launch given to :meth:`launched`, not on leaving the block.
+        Only for kernels that stay in bounds whatever values the checks reject (a label outside ``[0, V)`` gives a
+        wrong row, never a read outside the tensor) and write only fresh outputs: the error is the same and comes
+        before anything is returned, but the GPU is already working when the host waits for the checks, where it
+        idled from the host sync until the launch (a few hundred microseconds of host time on an H100 machine)."""
+        self._after_launch = True
+
+    def launched(self, start: Callable[[], Any]) -> Any:
+        """``start()`` (which queues the kernels), then the checks armed on leaving the block are read: the first
+        that failed raises (also in place of an error that ``start`` raised), else ``start``'s result is returned."""
+        if self._late is None:
+            return start()
+        try:
+            out = start()
+        except Exception as exc:
+            try:
+                self._late.raise_if_failed()  # a failed check wins, as it would have before the launch
+            except ValueError as first:
+                raise first from exc
+            raise
+        self._late.raise_if_failed()
+        return out
+
+
 def deferred_checks():
     """Queue the value checks made inside (:func:`fail_if`, :func:`fail_when`) and read their results back once, on
-    leaving: the first that failed, in the order they were made, raises. An error raised at once inside (a wrong
-    type or shape, and the ``cu_seqlens`` checks that later code relies on for safe indexing) gives way to a queued
-    check made before it that failed, so the error is the one the checks meet first, as when every check raised at
-    once. A nested use reads its own checks back on leaving. With value checks off (or while torch.compile traces)
-    a null context."""
+    leaving (or, after :meth:`DeferredChecks.read_after_launch`, once the caller's kernel is queued): the first that
+    failed, in the order they were made, raises. An error raised at once inside (a wrong type or shape, and the
+    ``cu_seqlens`` checks that later code relies on for safe indexing) gives way to a queued check made before it
+    that failed, so the error is the one the checks meet first, as when every check raised at once. A nested use
+    reads its own checks back on leaving. With value checks off (or while torch.compile traces) nothing is checked.
+    The block gets a :class:`DeferredChecks`."""
     if not value_checks_enabled():
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(DeferredChecks())
     return _deferred()
 
 
-def _raise_first_failed(pending: List[_Check]) -> None:
-    if not pending:
-        return
-    host = read_back([v for values, _, _ in pending for v in values])  # the one sync
+def _raise_first(checks: List[_Check], host: list) -> None:
+    """Raise the first of ``checks`` that failed, given the host values of all their tensors in order."""
     at = 0
-    for values, failed, message in pending:
+    for values, failed, message in checks:
         if failed(*host[at:at + len(values)]):
             raise ValueError(message())
         at += len(values)
 
 
+def _raise_first_failed(pending: List[_Check]) -> None:
+    if pending:
+        _raise_first(pending, read_back([v for values, _, _ in pending for v in values]))  # the one sync
+
+
 @contextlib.contextmanager
 def _deferred():
     pending: List[_Check] = []
+    handle = DeferredChecks()
     token = _PENDING.set(pending)
     try:
-        yield
+        yield handle
     except Exception as exc:
         _PENDING.reset(token)
         token = None
@@ -244,7 +299,11 @@ def _deferred():
     finally:
         if token is not None:
             _PENDING.reset(token)
-    _raise_first_failed(pending)
+    if handle._after_launch and pending:
+        handle._late = LateCheck()
+        handle._late.arm_all(pending)  # copies queued now, read by handle.launched once the kernel is queued
+    else:
+        _raise_first_failed(pending)
 
 
 def env_choice(name: str, choices) -> str:
@@ -366,7 +425,7 @@ def check_finite_rows(name: str, x: Tensor, row_mask: Optional[Tensor] = None, a
     fail_if(bad, lambda: f"{name} holds {what} in {int(bad.sum())} {where}")
 
 
-def check_scanned_rows(name: str, values: Tensor, late: Optional[BackwardCheck] = None) -> None:
+def check_scanned_rows(name: str, values: Tensor, late: Optional[LateCheck] = None) -> None:
     """The engine scanned ``name`` for NaN / +inf in its own read of it (``Engine.scans_logits``), leaving NaN in
     ``values`` (one per row the engine computed; dropped rows hold 0) where it found one: the same error as
     :func:`check_finite_rows`, raised before anything is returned, or, given ``late`` (a gradient is needed), armed

@@ -195,10 +195,12 @@ def logprobs_from_logits(
         ``logp`` (and ``entropy``) shaped like ``labels``, fp32 (fp64 for fp64 logits).
 
     Raises:
-        ValueError naming the argument for bad labels, mask or temperature, before any kernel runs; for NaN / +inf
-        logits at kept rows before returning, except on the Triton engine when the logits' gradient is needed: its
-        statistics kernel finds them, and the backward raises once its own kernel is queued (the forward waits for
-        no kernel; its log-probs are NaN in those rows).
+        ValueError naming the argument for bad labels, mask or temperature, before returning (before any kernel
+        runs, except on the Triton engine, whose statistics kernel stays in bounds for any label: it is queued first,
+        and the host waits for the checks while the GPU runs it); for NaN / +inf logits at kept rows before
+        returning, except on the Triton engine when the logits' gradient is needed: its statistics kernel finds
+        them, and the backward raises once its own kernel is queued (the forward waits for no kernel; its log-probs
+        are NaN in those rows).
 
     Equivalent to ``torch.log_softmax(logits.float() / T, -1).gather(-1, labels[..., None]).squeeze(-1)``.
     """
@@ -208,7 +210,9 @@ def logprobs_from_logits(
     if V == 0:
         raise ValueError(f"logits has shape {tuple(logits.shape)}: the vocabulary is empty")
     shape = logits.shape[:-1]
-    with I.deferred_checks():  # one host sync for the value checks, before any kernel of ours
+    # one host wait for the value checks: before any kernel of ours, or, for an engine whose kernel is safe whatever
+    # values they reject, once that kernel is queued (the GPU then runs it while the host waits)
+    with I.deferred_checks() as checks:
         keep = None if mask is None else I.check_mask(mask, shape, logits)
         labels = I.check_labels(labels, shape, V, keep, logits)
         cdt = I.compute_dtype(logits.dtype)
@@ -225,15 +229,18 @@ def logprobs_from_logits(
         # backward pass once its kernel is queued: the forward then holds no host sync after its kernel
         late = None
         if engine.scans_logits and I.value_checks_enabled() and torch.is_grad_enabled() and logits.requires_grad:
-            late = I.BackwardCheck()
+            late = I.LateCheck()
         start = None
         if engine.logits_in_place:  # one kernel over the caller's logits: nothing to chunk
-            if keep is not None:  # rows the engine never reads (queued before the sync)
+            if keep is not None:  # rows the engine never reads
                 y = torch.where(keep.reshape(-1), y, torch.full((), -1, dtype=y.dtype, device=y.device))
             # negative labels mark the rows the engine skips; without a mask there are none, and its kernels then
-            # issue their loads without waiting for the labels'. Everything but the launch is prepared before the
-            # checks' sync, so that the GPU, idle from the sync on, waits for the launch alone
+            # issue their loads without waiting for the labels'. Everything but the launch is prepared here; the
+            # launch is queued before the checks are read back where the engine's kernel is safe whatever values
+            # they reject (the GPU computes while the host waits), else after
             start = engine.prepare_logits_logprobs(z2, y, temperature, ChunkPlan(n, V, V), mask is not None, late)
+            if engine.safe_for_any_values:
+                checks.read_after_launch()
     index = computed = None
     if start is None:
         if keep is not None:
@@ -242,7 +249,7 @@ def logprobs_from_logits(
                            elem_bytes=engine.block_elem_bytes(z2.dtype))
         logp, ent = engine.logits_logprobs(z2, y, temperature, plan, False, late)
     else:
-        logp, ent = start()
+        logp, ent = checks.launched(start)
     if engine.scans_logits:
         I.check_scanned_rows("logits", logp, late)
     logp = _scatter_rows(logp, index, n, computed).reshape(shape)

@@ -267,15 +267,15 @@ def test_eager_calls_skip_the_custom_op_and_match_it(backend, path, monkeypatch)
 
 def test_value_checks_read_back_on_the_device():
     """The value checks' read-back on the tests' device (on a GPU: non-blocking copies into pinned memory and one
-    stream sync; a BackwardCheck waits on its event): the values as ``tolist()`` gives them, in order, and a
-    BackwardCheck raises only when armed with a failed test."""
+    stream sync; a LateCheck waits on its event): the values as ``tolist()`` gives them, in order, and a
+    LateCheck raises only when armed with a failed test."""
     import rlkernels._inputs as I
 
     x = torch.tensor([3, -1, 7], device=DEVICE)
     lo, hi = torch.aminmax(x)
     flag = torch.isnan(torch.tensor([1.0, float("nan")], device=DEVICE)).any()
     assert I.read_back((lo, hi, flag, torch.tensor([0.5, 2.0], device=DEVICE))) == [-1, 7, True, [0.5, 2.0]]
-    late = I.BackwardCheck()
+    late = I.LateCheck()
     late.raise_if_failed()  # not armed: nothing to check
     late.arm((x.max() > 5, x.min()), lambda big, low: big and low < 0, lambda: "x is out of range")
     torch.ones(1000, device=DEVICE).cumsum(0)  # work queued after the check's copies: not waited for
@@ -283,7 +283,7 @@ def test_value_checks_read_back_on_the_device():
         late.raise_if_failed()
     with pytest.raises(ValueError, match="x is out of range"):  # a second backward (retain_graph) raises again
         late.raise_if_failed()
-    fine = I.BackwardCheck()
+    fine = I.LateCheck()
     fine.arm((x.max() > 10,), bool, lambda: "never")
     fine.raise_if_failed()
     # the read-back's buffer and the checks' pinned buffers are reused: many values, many checks outstanding at
@@ -292,11 +292,11 @@ def test_value_checks_read_back_on_the_device():
     assert I.read_back(many) == [list(range(k, k + 40)) for k in range(6)] + [True]
     checks = []
     for k in range(5):
-        checks.append(I.BackwardCheck())
+        checks.append(I.LateCheck())
         checks[-1].arm((torch.tensor(k, device=DEVICE),), lambda v, k=k: v != k, lambda: "a check read another's value")
     for check in reversed(checks):
         check.raise_if_failed()
-    again = I.BackwardCheck()
+    again = I.LateCheck()
     again.arm((torch.tensor([2.5, float("nan")], device=DEVICE).amax(),), math.isnan, lambda: "NaN found")
     with pytest.raises(ValueError, match="NaN found"):
         again.raise_if_failed()
@@ -328,7 +328,7 @@ def test_staging_places_each_layout_once():
 
 
 def test_staging_slots_place_each_value_aligned_in_one_buffer():
-    """read_back's and BackwardCheck's layout of several values in one byte buffer, on CPU: every dtype and shape
+    """read_back's and LateCheck's layout of several values in one byte buffer, on CPU: every dtype and shape
     (0-d, empty, odd sizes) round-trips, each place is 16-byte aligned, unchosen values get none, and the buffer
     asked for holds them all."""
     import rlkernels._inputs as I

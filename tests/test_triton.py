@@ -373,15 +373,18 @@ def test_logits_value_check_rides_on_the_statistics_read(monkeypatch):
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypatch):
-    """With the logits' gradient needed, the forward reads back only the label check (before its kernel) and
-    returns without waiting for the statistics kernel; backward queues the gradient's kernel, then raises the NaN
-    check's error naming the argument, returning no gradient. Without a gradient needed the forward raises, as
-    before; a clean call's gradient is unchanged."""
+    """With the logits' gradient needed, the forward reads back only the label check (its copy queued before the
+    statistics kernel, read once that kernel is queued) and returns without waiting for the statistics kernel;
+    backward queues the gradient's kernel, then raises the NaN check's error naming the argument, returning no
+    gradient. Without a gradient needed the forward raises, as before; a clean call's gradient is unchanged."""
     import rlkernels._inputs as I
 
     reads = []
     read_back = I.read_back
     monkeypatch.setattr(I, "read_back", lambda values: (reads.append(len(values)), read_back(values))[1])
+    arm_all = I.LateCheck.arm_all
+    monkeypatch.setattr(I.LateCheck, "arm_all", lambda self, checks: (
+        reads.append(("late", sum(len(c[0]) for c in checks))), arm_all(self, checks))[1])
     launches = []
     launch = K._launch_dlogits
     monkeypatch.setattr(K, "_launch_dlogits", lambda *a, **k: (launches.append(1), launch(*a, **k))[1])
@@ -392,7 +395,8 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
     bad[2, 40] = float("nan")
     x = bad.to(DEVICE, copy=True).requires_grad_()
     logp, ent = R.logprobs_from_logits(x, y.to(DEVICE), return_entropy=True, backend="triton")
-    assert reads == [1]  # the labels' min and max in one tensor: one read, before the kernel; none after it
+    # the labels' min and max in one tensor, read after the kernel's launch; the NaN flag armed for backward
+    assert reads == [("late", 1), ("late", 1)], reads
     assert torch.isnan(logp[2]).item() and not torch.isnan(logp[torch.arange(7) != 2]).any()
     with pytest.raises(ValueError, match=r"logits holds NaN or \+inf in 1 row\(s\) \(found in the forward pass"):
         (logp.sum() + ent.sum()).backward()
@@ -406,7 +410,7 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
     clean = z.to(DEVICE, copy=True).requires_grad_()
     logp = R.logprobs_from_logits(clean, y.to(DEVICE), backend="triton")
     logp.sum().backward()
-    assert reads == [1] and not torch.isnan(clean.grad).any()
+    assert reads == [("late", 1), ("late", 1)] and not torch.isnan(clean.grad).any()
     z64 = z.double().requires_grad_()
     want = ref.logprobs_from_logits(z64, y)[0]
     want.sum().backward()
@@ -416,16 +420,20 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("masked", [False, True])
-def test_logits_launch_is_prepared_before_the_checks_sync(monkeypatch, masked):
-    """The logits op prepares its statistics launch (outputs allocated, launch arguments and key) before the value
-    checks' one host sync and only queues the kernel after it, so that the GPU, idle from the sync on, waits for the
-    launch alone; a label out of range still raises before any kernel of ours, and the prepared launch is dropped."""
+def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked):
+    """The logits op prepares its statistics launch (outputs, arguments, key) with its value checks, queues the
+    checks' copies, then the kernel, and only then waits for the checks (the kernel stays in bounds for any label):
+    the GPU computes while the host waits, where it idled from the host sync to the launch. A label out of range
+    still raises, naming the argument, before anything is returned; no host sync comes before the launch."""
     import rlkernels._inputs as I
     import rlkernels.triton_ops.logprobs as KL
 
     events = []
     read_back = I.read_back
     monkeypatch.setattr(I, "read_back", lambda values: (events.append("sync"), read_back(values))[1])
+    arm_all, wait = I.LateCheck.arm_all, I.LateCheck.raise_if_failed
+    monkeypatch.setattr(I.LateCheck, "arm_all", lambda self, c: (events.append("copy"), arm_all(self, c))[1])
+    monkeypatch.setattr(I.LateCheck, "raise_if_failed", lambda self: (events.append("wait"), wait(self))[1])
     prepare = KL.prepare_launch
 
     def recorded(kernel, *a, **k):
@@ -441,15 +449,54 @@ def test_logits_launch_is_prepared_before_the_checks_sync(monkeypatch, masked):
     mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE) if masked else None
     logp = R.logprobs_from_logits(z, y, mask=mask, backend="triton")
     stats = ("_logits_stats_kernel",)
-    assert events == [("prepare",) + stats, "sync", ("launch",) + stats], events
+    # the second copy is the NaN scan's flag, armed for the backward pass
+    assert events == [("prepare",) + stats, "copy", ("launch",) + stats, "wait", "copy"], events
     want = ref.logprobs_from_logits(z.detach().double().cpu(), y.cpu())[0]
     torch.testing.assert_close(logp.detach().double().cpu(), want, rtol=1e-5, atol=1e-5)
     events.clear()
     bad = y.clone()
     bad[1, 2] = 131
-    with pytest.raises(ValueError, match="labels must lie in"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, V=131\) at kept positions; found 131 at index "
+                                         r"\(1, 2\)"):
         R.logprobs_from_logits(z, bad, mask=mask, backend="triton")
-    assert ("launch",) + stats not in events
+    assert events == [("prepare",) + stats, "copy", ("launch",) + stats, "wait"], events
+    # value checks off: nothing copied or read
+    events.clear()
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "0")
+    R.logprobs_from_logits(z, y, mask=mask, backend="triton")
+    assert events == [("prepare",) + stats, ("launch",) + stats], events
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("masked_rows", [False, True])
+def test_logits_kernels_stay_in_bounds_for_any_label(masked_rows):
+    """What lets the logits op queue its statistics kernel before its label check is read back
+    (``TritonEngine.safe_for_any_values``): a label outside ``[0, V)`` reads nothing outside its row's logits. The
+    logits sit inside a buffer whose other entries are NaN, so a read outside them would show as NaN; the row of
+    such a label gives logp -inf (its logit is not in the block) and its true entropy, or, negative with masked rows,
+    the skipped row's zeros; every other row is exact."""
+    g = torch.Generator().manual_seed(4)
+    rows, V = 6, 100
+    buf = torch.full((rows + 2, V + 64), float("nan"), dtype=torch.float32)
+    z = buf[1:rows + 1, 32:32 + V]  # NaN all around: before, after and between the rows
+    z.copy_(torch.randn(rows, V, generator=g) * 3)
+    good = torch.randint(0, V, (rows,), generator=g)
+    labels = good.clone()
+    labels[1], labels[2], labels[3], labels[4] = V, V + 20, -5, 2 ** 40  # past the row, into the next, before it
+    out = K.logits_stats(z.to(DEVICE), labels.to(DEVICE), None, 1.0, masked_rows=masked_rows, finish=True)
+    logp, ent = out[3].cpu(), out[4].cpu()
+    want_lp = torch.log_softmax(z.double(), -1)
+    want_ent = -(want_lp.exp() * want_lp).sum(-1)
+    fine = torch.tensor([True, False, False, False, False, True])
+    torch.testing.assert_close(logp[fine].double(), want_lp[fine].gather(1, good[fine, None]).squeeze(1))
+    torch.testing.assert_close(ent[fine].double(), want_ent[fine])
+    for row in (1, 2, 4):  # past V: not in the block
+        assert logp[row] == float("-inf") and torch.isclose(ent[row].double(), want_ent[row]), row
+    if masked_rows:  # negative: a masked-out row, never read
+        assert logp[3] == 0 and ent[3] == 0
+    else:
+        assert logp[3] == float("-inf") and torch.isclose(ent[3].double(), want_ent[3])
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")

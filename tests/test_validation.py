@@ -294,3 +294,41 @@ def test_nested_deferred_checks_read_their_own():
         I.fail_if(torch.tensor([False]), lambda: "never")
         with pytest.raises(ValueError, match="labels must lie"):  # raised by the inner call, before it returns
             R.logprobs_from_logits(torch.randn(4, 5), torch.tensor([0, 1, 2, 5]), backend="torch")
+
+
+def test_checks_read_after_a_launch():
+    """DeferredChecks.read_after_launch: the checks are not read on leaving the block but once ``launched`` has run
+    its launch, which always runs; the first failed check raises then (also in place of an error the launch
+    raised), a passing set returns the launch's result, and a block that asks for nothing reads on leaving. (With
+    value checks off, test_triton's test_logits_kernel_is_queued_before_the_checks_are_read.)"""
+    from rlkernels import _inputs as I
+
+    ran = []
+
+    def start(fail=False):
+        ran.append(1)
+        if fail:
+            raise RuntimeError("launch failed")
+        return "out"
+
+    def checked(first_bad: bool, second_bad: bool, after: bool):
+        with I.deferred_checks() as checks:
+            I.fail_when((torch.tensor(first_bad),), bool, lambda: "first")
+            I.fail_when((torch.tensor([second_bad, False]),), lambda v: v[0], lambda: "second")
+            if after:
+                checks.read_after_launch()
+        return checks
+
+    assert checked(False, False, True).launched(start) == "out" and ran == [1]
+    for first, second, want in ((True, True, "first"), (False, True, "second")):
+        checks = checked(first, second, True)  # leaving the block raised nothing
+        with pytest.raises(ValueError, match=f"^{want}$"):
+            checks.launched(start)
+        with pytest.raises(ValueError, match=f"^{want}$") as info:
+            checked(first, second, True).launched(lambda: start(fail=True))
+        assert isinstance(info.value.__cause__, RuntimeError)
+    assert ran == [1] * 5
+    with pytest.raises(RuntimeError, match="launch failed"):
+        checked(False, False, True).launched(lambda: start(fail=True))
+    with pytest.raises(ValueError, match="^second$"):  # not asked: read on leaving, as before
+        checked(False, True, False)

@@ -43,6 +43,10 @@ class Engine:
     # strides (a view such as logits[:, :-1]), rows b T + t, and a negative label as a masked-out row (never read;
     # logp, entropy and gradient 0): nothing is gathered, flattened or copied. False: (N, V) of kept rows only.
     logits_in_place = False
+    # True: the kernels that prepare_logits_forward queues stay in bounds whatever the labels, temperatures or mask
+    # hold (a label outside [0, V) gives a wrong row, never a read outside the logits) and write only fresh outputs,
+    # so the caller may queue them before its value checks are read back (DeferredChecks.read_after_launch)
+    safe_for_any_values = False
 
     def supports(self, device: torch.device) -> Optional[str]:
         """None if this engine can run on ``device``, else the reason it cannot."""
@@ -104,7 +108,7 @@ class Engine:
     def logits_logprobs(self, logits: Tensor, labels: Tensor, temperature, plan: ChunkPlan, masked_rows: bool,
                         late_check=None) -> Tuple[Tensor, Tensor]:
         """(logp, entropy) from logits (N, V), differentiable w.r.t. logits (the gradient is a new tensor).
-        ``late_check``: a :class:`rlkernels._inputs.BackwardCheck` that backward raises from once its kernel is
+        ``late_check``: a :class:`rlkernels._inputs.LateCheck` that backward raises from once its kernel is
         queued, before it returns the gradient."""
         return autograd.logits_logprobs(self.name, logits, labels, temperature, plan, masked_rows, late_check)
 
