@@ -36,7 +36,10 @@ def _scatter_rows(values: Tensor, index: Optional[Tensor], n: int, computed: Opt
 def _kept_rows(x2d: Tensor, y: Tensor, temperature, keep: Tensor, mask: Optional[Tensor]):
     """The rows an engine computes: the kept ones gathered (with their per-token temperatures), or, under
     torch.compile (no data-dependent gather), all of them with the dropped ones neutralised.
-    -> (x2d, y, temperature, index of the kept rows or None, keep mask of neutralised rows or None)."""
+    -> (x2d, y, temperature, index of the kept rows or None, keep mask of neutralised rows or None).
+    Without a ``mask`` every row is kept: nothing to gather, and no host sync to find that out."""
+    if mask is None:
+        return x2d, y, temperature, None, None
     index = I.kept_index(keep)
     if index is not None:
         if isinstance(temperature, Tensor):

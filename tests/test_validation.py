@@ -256,6 +256,28 @@ def test_value_checks_cost_one_host_sync(p, monkeypatch, op):
                                                        for w in reads.where), reads.where
 
 
+@pytest.mark.parametrize("op", ["fused_grpo_loss", "fused_grpo_loss gspo", "fused_logprobs", "logprobs_from_logits"])
+def test_no_host_sync_without_checks_or_mask(p, monkeypatch, op):
+    """With value checks off and no mask (a packed batch, or one without padding), a call reads nothing back to the
+    host: no sync in the hot path (the kept-row gather's nonzero ran even without a mask, gathering every row),
+    except for a sequence-level ratio's single pass, which reads its sequence bounds once to cut its chunks."""
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "0")
+    old = torch.randn(p["labels"].shape) - 3
+    reads = _HostReads(monkeypatch)
+    h, w, y = p["hidden"], p["weight"], p["labels"]
+    if op.startswith("fused_grpo_loss"):
+        out = R.fused_grpo_loss(h, w, y, p["advantages"], old_logprobs=old, config=op.split()[-1] if " " in op
+                                else "dapo", backend="torch")
+        out.loss.backward()
+    elif op == "fused_logprobs":
+        R.fused_logprobs(h, w, y, backend="torch").sum().backward()
+    else:
+        logits = torch.randn(*y.shape, w.shape[0], requires_grad=True)
+        R.logprobs_from_logits(logits, y, backend="torch").sum().backward()
+    bounds = [r for r in reads.where if "chunking.py" in r]
+    assert len(bounds) == (1 if "gspo" in op else 0) and len(reads.where) == len(bounds), reads.where
+
+
 def test_deferred_checks_raise_the_first_failure_in_order(p):
     """Several bad inputs at once: the error is the one the checks meet first (labels, then the per-token inputs
     such as advantages, then hidden), as when each check raised at once."""
