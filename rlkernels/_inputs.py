@@ -246,12 +246,18 @@ class DeferredChecks:
             out = start()
         except Exception as exc:
             try:
-                self._late.raise_if_failed()  # a failed check wins, as it would have before the launch
+                self.read()  # a failed check wins, as it would have before the launch
             except ValueError as first:
                 raise first from exc
             raise
-        self._late.raise_if_failed()
+        self.read()
         return out
+
+    def read(self) -> None:
+        """Raise the first failed check, where they are read after the launch (no-op otherwise): for a caller about
+        to raise an error of its own before its launch."""
+        if self._late is not None:
+            self._late.raise_if_failed()
 
 
 def deferred_checks():

@@ -86,7 +86,10 @@ class _LinearCall:
         H, V_local = I.check_linear(hidden, weight, bias)
         self.V = V if V is not None else V_local
         self.shape = hidden.shape[:-1]
-        with I.deferred_checks():  # the value checks below: one host sync for all of them, here
+        # the value checks below: one host wait for all of them, on leaving the block, or, on an engine whose kernels
+        # are safe whatever values they reject (not tensor-parallel: its ranks agree on errors first), once the
+        # forward's kernels are queued (self.checks.launched): the GPU then works while the host waits
+        with I.deferred_checks() as self.checks:
             self.keep = I.check_mask(mask, self.shape, hidden)
             given = None if mask is None else self.keep  # None: every position kept, nothing to mask in the checks
             labels = I.check_labels(labels, self.shape, self.V, given, hidden)
@@ -97,7 +100,9 @@ class _LinearCall:
             I.check_finite_rows("weight", weight)
             if bias is not None:
                 I.check_finite_rows("bias", bias, allow_neg_inf=True)
-        self.engine = resolve_backend(backend, hidden.device)
+            self.engine = resolve_backend(backend, hidden.device)
+            if self.engine.safe_for_any_values and self.tp_group is None:
+                self.checks.read_after_launch()
         self.weight, self.bias = weight, bias
         h2, y = hidden.reshape(-1, H), labels.reshape(-1)
         self.n = h2.shape[0]
@@ -169,7 +174,7 @@ def fused_logprobs(
         logp = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
     """
     call = _LinearCall(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group)
-    logp, ent = call.logprobs(reduce_hidden_grad)
+    logp, ent = call.checks.launched(lambda: call.logprobs(reduce_hidden_grad))
     if not return_entropy:
         return call.scatter(logp)
     return call.scatter(logp), call.scatter(ent)
@@ -236,7 +241,7 @@ def logprobs_from_logits(
         start = None
         if engine.logits_in_place:  # one kernel over the caller's logits: nothing to chunk
             if keep is not None:  # rows the engine never reads
-                y = torch.where(keep.reshape(-1), y, torch.full((), -1, dtype=y.dtype, device=y.device))
+                y = torch.where(keep.reshape(-1), y, -1)  # a Python scalar: no fill kernel, no allocation
             # negative labels mark the rows the engine skips; without a mask there are none, and its kernels then
             # issue their loads without waiting for the labels'. Everything but the launch is prepared here; the
             # launch is queued before the checks are read back where the engine's kernel is safe whatever values
@@ -370,10 +375,11 @@ def fused_grpo_loss(
                     "vocabulary block": plan.vocab_block if single_pass else 0,
                     "chunk ends (checksum)": sum((i + 1) * r1 for i, (_, r1) in enumerate(ranges)) % 2**50})
     elif error is not None:
+        call.checks.read()  # a failed value check comes first
         raise error
 
     if not single_pass:
-        logp, ent = call.logprobs(reduce_hidden_grad)
+        logp, ent = call.checks.launched(lambda: call.logprobs(reduce_hidden_grad))
         return policy_loss_flat(logp, ent, batch, cfg)
 
     prep = prepare(batch, cfg)
@@ -391,8 +397,8 @@ def fused_grpo_loss(
         loss, logp, ent = compiled_linear_fused_loss(call.engine.name, call.hidden, weight, bias, call.labels,
                                                      call.temperature, plan, batch, prep, cfg)
     else:
-        loss, logp, ent = call.engine.linear_fused_loss(call.hidden, weight, bias, call.labels, call.temperature,
-                                                        plan, chunk_loss)
+        loss, logp, ent = call.checks.launched(lambda: call.engine.linear_fused_loss(
+            call.hidden, weight, bias, call.labels, call.temperature, plan, chunk_loss))
     terms = token_loss(logp, ent, batch, prep, cfg)
     out = metrics(terms, logp, ent, batch, prep, cfg)
     out["loss"] = loss.detach().float()

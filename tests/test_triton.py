@@ -468,6 +468,63 @@ def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked)
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("path", ["fused_logprobs", "two-stage", "single pass", "gspo single pass"])
+def test_linear_checks_are_read_once_the_forward_is_queued(monkeypatch, path):
+    """fused_logprobs / fused_grpo_loss on the Triton engine queue their value checks' copies, then the forward's
+    kernels, and wait for the checks only then (its kernels stay in bounds for any label): bad labels of any size
+    still raise, naming the argument, before anything is returned, and before an error the call would raise of its
+    own (single_pass=True that cannot apply). With checks off nothing is copied."""
+    import rlkernels._inputs as I
+    import rlkernels.triton_ops.logprobs as KL
+
+    events = []
+    arm_all, wait = I.LateCheck.arm_all, I.LateCheck.raise_if_failed
+    monkeypatch.setattr(I.LateCheck, "arm_all", lambda self, c: (events.append("copy"), arm_all(self, c))[1])
+    monkeypatch.setattr(I.LateCheck, "raise_if_failed", lambda self: (events.append("wait"), wait(self))[1])
+    monkeypatch.setattr(I, "read_back", lambda values, _real=I.read_back: (events.append("sync"), _real(values))[1])
+    prepare = KL.prepare_launch
+
+    def launch():
+        if "launch" not in events:  # the first of the forward's Triton kernels
+            events.append("launch")
+
+    monkeypatch.setattr(KL, "prepare_launch", lambda *a, **k: (
+        lambda start=prepare(*a, **k): (launch(), start())[1]))
+    monkeypatch.setattr(KL, "fast_launch", lambda *a, **k: (launch(), prepare(*a, **k)())[1])
+    p = make_problem(2, 5, 16, 131, dtype=torch.float32, device=DEVICE)
+    h, w, y, adv = p["hidden"], p["weight"], p["labels"], p["advantages"]
+
+    def call(labels, **kw):
+        if path == "fused_logprobs":
+            return R.fused_logprobs(h, w, labels, backend="triton", **kw)
+        config = "gspo" if path.startswith("gspo") else "dapo"
+        out = R.fused_grpo_loss(h, w, labels, adv, p["mask"] if "mask" not in kw else kw.pop("mask"),
+                                backend="triton", config=config, single_pass=path != "two-stage", **kw)
+        return out.loss
+
+    call(y)
+    assert events == ["copy", "launch", "wait"], events  # no read_back: nothing waits for the checks before
+    for bad in (131, 131 + 1000, -100, 2 ** 40):
+        events.clear()
+        labels = y.clone()
+        labels[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, V=131\) at kept positions; found {bad} "):
+            call(labels)
+        assert events[0] == "copy" and "wait" in events, events
+    if path == "gspo single pass":  # a sequence longer than a row chunk: single_pass=True cannot apply
+        labels = y.clone()
+        labels[0, 0] = 131
+        with pytest.raises(ValueError, match="labels must lie"):
+            call(labels, chunk_size=2, mask=None)
+        with pytest.raises(ValueError, match="single_pass=True cannot apply"):
+            call(y, chunk_size=2, mask=None)
+    events.clear()
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "0")
+    call(y)
+    assert "copy" not in events and "wait" not in events, events
+
+
+@pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("masked_rows", [False, True])
 def test_logits_kernels_stay_in_bounds_for_any_label(masked_rows):
@@ -475,7 +532,8 @@ def test_logits_kernels_stay_in_bounds_for_any_label(masked_rows):
     (``TritonEngine.safe_for_any_values``): a label outside ``[0, V)`` reads nothing outside its row's logits. The
     logits sit inside a buffer whose other entries are NaN, so a read outside them would show as NaN; the row of
     such a label gives logp -inf (its logit is not in the block) and its true entropy, or, negative with masked rows,
-    the skipped row's zeros; every other row is exact."""
+    the skipped row's zeros; every other row is exact. The same for the gradient kernel: no one-hot in such a row.
+    """
     g = torch.Generator().manual_seed(4)
     rows, V = 6, 100
     buf = torch.full((rows + 2, V + 64), float("nan"), dtype=torch.float32)
@@ -497,6 +555,21 @@ def test_logits_kernels_stay_in_bounds_for_any_label(masked_rows):
         assert logp[3] == 0 and ent[3] == 0
     else:
         assert logp[3] == float("-inf") and torch.isclose(ent[3].double(), want_ent[3])
+    # the gradient kernel (the single pass runs it in the forward): no one-hot where the label is not in the block
+    grad = torch.full((rows, V), float("nan"), device=DEVICE)
+    ones = torch.ones(rows, device=DEVICE)
+    K.dlogits(z.to(DEVICE), grad, labels.to(DEVICE), None, 1.0, 0, out[0], out[1], out[2], ones, None,
+              masked_rows=masked_rows)
+    want = -want_lp.exp()
+    want[fine.nonzero().squeeze(1), good[fine]] += 1
+    if masked_rows:
+        want[3] = 0
+    grad = grad.cpu().double()
+    assert not grad.isnan().any()  # nothing read outside the logits, every entry written
+    # a label past 2^31 (row 4) is compared with the columns as int32 (one compare per element): it may wrap into
+    # the block and place a one-hot there, a wrong row of an input the label check rejects, never a read outside it
+    near = torch.tensor([True, True, True, True, False, True])
+    torch.testing.assert_close(grad[near], want[near], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")

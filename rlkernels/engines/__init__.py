@@ -43,9 +43,10 @@ class Engine:
     # strides (a view such as logits[:, :-1]), rows b T + t, and a negative label as a masked-out row (never read;
     # logp, entropy and gradient 0): nothing is gathered, flattened or copied. False: (N, V) of kept rows only.
     logits_in_place = False
-    # True: the kernels that prepare_logits_forward queues stay in bounds whatever the labels, temperatures or mask
-    # hold (a label outside [0, V) gives a wrong row, never a read outside the logits) and write only fresh outputs,
-    # so the caller may queue them before its value checks are read back (DeferredChecks.read_after_launch)
+    # True: the forward's kernels (logits and hidden+W paths) stay in bounds whatever the labels, temperatures, mask
+    # or other checked values hold (a label outside [0, V) gives a wrong row, never a read outside the logits; no
+    # torch op indexes by a label) and write only fresh outputs, so the caller may queue them before its value checks
+    # are read back (DeferredChecks.read_after_launch)
     safe_for_any_values = False
 
     def supports(self, device: torch.device) -> Optional[str]:
