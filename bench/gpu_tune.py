@@ -273,12 +273,18 @@ def main(argv=None) -> int:
         keep = (torch.arange(M, device=dev) % T) < (3 * T) // 4
         n_kept = int(keep.sum())
         # the value checks (RLKERNELS_CHECK_VALUES, on by default) ride on the statistics kernel's read: both ways
-        for stats, checks, prefetch, masked in (
-                ("tile", "1", K.STATS_PREFETCH, False), ("tile", "0", K.STATS_PREFETCH, False),
-                ("tile", "1", not K.STATS_PREFETCH, False), ("lanes", "1", K.STATS_PREFETCH, False),
-                ("tile", "1", K.STATS_PREFETCH, True)):
+        # after: the value checks read once the statistics kernel is queued (the default), else before it (the order
+        # before 2026-11-27: the GPU idled from the checks' sync to the launch), timed here as its baseline
+        import rlkernels._inputs as checks_module
+
+        for stats, checks, prefetch, masked, after in (
+                ("tile", "1", K.STATS_PREFETCH, False, True), ("tile", "0", K.STATS_PREFETCH, False, True),
+                ("tile", "1", K.STATS_PREFETCH, False, False),
+                ("tile", "1", not K.STATS_PREFETCH, False, True), ("lanes", "1", K.STATS_PREFETCH, False, True),
+                ("tile", "1", K.STATS_PREFETCH, True, True), ("tile", "1", K.STATS_PREFETCH, True, False)):
             os.environ["RLKERNELS_STATS_KERNEL"] = stats
             os.environ["RLKERNELS_CHECK_VALUES"] = checks
+            checks_module.READ_AFTER_LAUNCH = after
             mask = keep if masked else None
             read = (n_kept if masked else M) * row_bytes
             nbytes = read  # the forward's
@@ -303,14 +309,16 @@ def main(argv=None) -> int:
                         timeline = {"error": repr(exc)[:200]}
                 t_b = max(t_all - t_f, 1e-9)
                 bwd_bytes = read + M * row_bytes
-                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked, fwd_ms=t_f,
+                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked,
+                    checks_after_launch=after, fwd_ms=t_f,
                     fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b, bwd_gbs=bwd_bytes / t_b / 1e6, full_ms=t_all,
                     full_gbs=(nbytes + bwd_bytes) / t_all / 1e6, burst_ms=t_burst,
                     burst_gbs=(nbytes + bwd_bytes) / t_burst / 1e6, peak_mb=peak,
                     **{f"timeline_{k}": v for k, v in timeline.items()})
             except Exception as exc:
                 row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked,
-                    error=repr(exc)[:300])
+                    checks_after_launch=after, error=repr(exc)[:300])
+        checks_module.READ_AFTER_LAUNCH = True
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_CHECK_VALUES", None)
         del x

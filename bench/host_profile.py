@@ -15,7 +15,9 @@ backward's. This script measures it, value checks on and off:
   to DIR with ``--traces``), when the first kernel started and how long the GPU waited between kernels;
 * cProfile of 10 calls: the Python functions by own time and by cumulative time (``host-profile.txt`` in DIR);
 
-each for (N, V) logits and for the benchmark CLI's (B, T, V) layout.
+each for (N, V) logits and for the benchmark CLI's (B, T, V) layout, and, as same-process baselines, with Triton's own
+launch path (``RLKERNELS_FAST_LAUNCH=0``) and with the value checks read before the statistics kernel is queued (the
+order before 2026-11-27).
 * the host cost of launching an empty Triton kernel, the floor of any launch.
 
 Nothing is asserted. On CPU (``TRITON_INTERPRET=1``, a tiny ``--tokens``/``--vocab``): a smoke run of the same code,
@@ -217,13 +219,17 @@ def main(argv=None) -> int:
     if M % T == 0 and T < M:
         B = M // T
         layouts["3d"] = (x.detach().view(B, T, V).requires_grad_(), y.view(B, T), g_lp.view(B, T), g_en.view(B, T))
+    import rlkernels._inputs as checks_module
     from rlkernels.triton_ops import launch as fast_launch
 
-    configs = [(layout, checks, True) for layout in layouts for checks in ("1", "0")]
-    configs.append(("2d", "0", False))  # Triton's own launch path (RLKERNELS_FAST_LAUNCH=0), the fast path's baseline
-    for layout, checks, fast in configs:
+    # (layout, value checks, fast launch, checks read after the statistics kernel is queued)
+    configs = [(layout, checks, True, True) for layout in layouts for checks in ("1", "0")]
+    configs.append(("2d", "0", False, True))  # Triton's own launch path: the fast launch's baseline
+    configs.append(("2d", "1", True, False))  # the checks read before the kernel is queued: the later read's baseline
+    for layout, checks, fast, after in configs:
         xl, yl, gl, ge = layouts[layout]
         fast_launch.ENABLED, enabled = fast and fast_launch.ENABLED, fast_launch.ENABLED
+        checks_module.READ_AFTER_LAUNCH = after
 
         def fwd():
             return rlkernels.logprobs_from_logits(xl, yl, return_entropy=True, backend="triton")
@@ -238,21 +244,23 @@ def main(argv=None) -> int:
         for _ in range(3):
             full()
         sync()
-        row = dict(layout=layout, value_checks=checks, fast_launch=fast_launch.ENABLED, stages_us=stages(fwd, bwd),
+        row = dict(layout=layout, value_checks=checks, fast_launch=fast_launch.ENABLED, checks_after_launch=after,
+                   stages_us=stages(fwd, bwd),
                    host_fwd_us=host_us(lambda _: fwd()), host_bwd_us=host_us(bwd, before=fwd),
                    fwd_ms=timed(fwd, warmup=0, repeat=10)[0],
                    full_ms=timed(full, warmup=0, repeat=10)[0])
-        trace = f"trace-{layout}-checks{checks}{'' if fast else '-slow'}.json"
+        trace = f"trace-{layout}-checks{checks}{'' if fast else '-slow'}{'' if after else '-before'}.json"
         tl_ = timeline(full, os.path.join(args.out, trace) if args.traces else None)
         row.update({k: v for k, v in tl_.items() if k != "events"})
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
-        text.write(f"== {layout}, value checks {checks}, fast launch {fast_launch.ENABLED}: one full() call, time "
-                   "order (us from its first host event)\n")
+        text.write(f"== {layout}, value checks {checks}, fast launch {fast_launch.ENABLED}, checks after launch "
+                   f"{after}: one full() call, time order (us from its first host event)\n")
         for kind, name, at, dur in tl_.get("events", []):
             text.write(f"{kind:4s} {at:10.1f} {dur:9.1f}  {name}\n")
         fast_launch.ENABLED = enabled
-        if layout != "2d" or checks != "1":
+        checks_module.READ_AFTER_LAUNCH = True
+        if layout != "2d" or checks != "1" or not after:
             continue
         prof = cProfile.Profile()
         prof.enable()

@@ -202,7 +202,8 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
                 idle += f"; back to back {r['burst_gbs']:.0f} GB/s" + (
                     f" ({100 * r['burst_gbs'] / peak:.1f}%)" if peak else "")
             lines.append(f"logits op, stats={r.get('stats')} prefetch={r.get('prefetch', False)} "
-                         f"checks={r.get('value_checks')}{' masked' if r.get('masked') else ''}: "
+                         f"checks={r.get('value_checks')}{' masked' if r.get('masked') else ''}"
+                         f"{' read before launch' if r.get('checks_after_launch') is False else ''}: "
                          f"fwd {r['fwd_gbs']:.0f}, "
                          f"bwd {r['bwd_gbs']:.0f}, fwd+bwd {r['full_gbs']:.0f} GB/s{pct}{idle}")
     return "\n".join(lines)

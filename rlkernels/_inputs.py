@@ -220,6 +220,11 @@ def _pool_give(staging: _Staging) -> None:
         _POOL.append(staging)
 
 
+# False: read_after_launch is ignored (the checks are read on leaving the block, before any kernel): the earlier
+# order, for bench/gpu_tune.py and bench/host_profile.py to time both in one process
+READ_AFTER_LAUNCH = True
+
+
 class DeferredChecks:
     """What :func:`deferred_checks` gives its block: by default nothing to do (the checks are read on leaving it).
     A caller whose next launch is safe whatever values the checks reject calls :meth:`read_after_launch` inside the
@@ -235,7 +240,7 @@ class DeferredChecks:
         wrong row, never a read outside the tensor) and write only fresh outputs: the error is the same and comes
         before anything is returned, but the GPU is already working when the host waits for the checks, where it
         idled from the host sync until the launch (a few hundred microseconds of host time on an H100 machine)."""
-        self._after_launch = True
+        self._after_launch = READ_AFTER_LAUNCH
 
     def launched(self, start: Callable[[], Any]) -> Any:
         """``start()`` (which queues the kernels), then the checks armed on leaving the block are read: the first
