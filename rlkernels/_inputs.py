@@ -38,9 +38,14 @@ def compiling() -> bool:
 
 
 def value_checks_enabled() -> bool:
-    if os.environ.get("RLKERNELS_CHECK_VALUES", "1") in ("0", "false", "False", "no"):
+    """RLKERNELS_CHECK_VALUES is not 0/false/no, and torch.compile is not tracing. Inside :func:`deferred_checks`'
+    block (entered only with the checks on) True without reading the environment again: a call's checks asked it
+    several times, each read a few microseconds of the host time before the first kernel."""
+    if compiling():  # first: torch.compile traces no ContextVar
         return False
-    return not compiling()
+    if _PENDING.get() is not None:
+        return True
+    return os.environ.get("RLKERNELS_CHECK_VALUES", "1") not in ("0", "false", "False", "no")
 
 
 # a queued check: device tensors to read back, a test of their host copies (True: failed), the error's message

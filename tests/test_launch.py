@@ -151,3 +151,14 @@ def test_prepare_defers_the_launch(fast, monkeypatch):
     assert len(k.calls) == 2
     off()
     assert _paths(k) == ["triton", "fast", "triton"]
+
+
+def test_host_sizes_match_tritons():
+    """next_pow2 / cdiv, the host-side stand-ins for triton.next_power_of_2 / triton.cdiv (constexpr functions, a few
+    microseconds per call), give Triton's values."""
+    triton = pytest.importorskip("triton")
+    for n in list(range(1, 2100)) + [152064, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1]:
+        assert L.next_pow2(n) == triton.next_power_of_2(n), n
+    for a in list(range(0, 300)) + [152064, 2 ** 33 + 7]:
+        for b in (1, 2, 3, 16, 128, 4096):
+            assert L.cdiv(a, b) == triton.cdiv(a, b), (a, b)

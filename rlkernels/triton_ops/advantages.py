@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import next_pow2
+
 # METHOD codes of the kernel; lite_ppo and rpp_baseline use CENTRED and are finished by the caller
 GRPO, CENTRED, RLOO, PASSK = 0, 1, 2, 3
 METHOD_CODES = {"grpo": GRPO, "dr_grpo": CENTRED, "rloo": RLOO, "passk": PASSK, "lite_ppo": CENTRED,
@@ -107,7 +109,7 @@ def group_advantages_rows(r: Tensor, method: str, eps: float, group_size: Option
         return out, keep.bool()
     contiguous = group_size is not None
     if contiguous:
-        n_groups, block = B // group_size, min(MAX_BLOCK, triton.next_power_of_2(group_size))
+        n_groups, block = B // group_size, min(MAX_BLOCK, next_pow2(group_size))
         starts = counts = r  # unused pointers
     else:  # group lengths vary: one tile size for all (no host read of the longest, no recompiles)
         n_groups, block = starts.shape[0], MAX_BLOCK

@@ -29,6 +29,7 @@ from torch import Tensor
 from .._inputs import env_choice
 from . import autotune
 from .launch import launch as fast_launch
+from .launch import cdiv, next_pow2
 from .launch import prepare as prepare_launch
 from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, dlogits_tile, finish_row, load_scaled_logits,
                        merge_lanes, online_lse_step, row_inv_temperature, row_kept, row_offset, scale_logits)
@@ -393,7 +394,7 @@ def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_
         z, stride, outer, inner, bias if bias is not None else z, temp if temp is not None else z, inv_t, labels,
         v_offset, n_cols, n_load, outs[0], outs[1], outs[2], outs[3], outs[-1],
         HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), ACC=_TL[_acc(z.dtype)],
-        BLOCK_V=min(cfg.block_v, triton.next_power_of_2(n_cols)), LANES=lanes,
+        BLOCK_V=min(cfg.block_v, next_pow2(n_cols)), LANES=lanes,
         ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows,
         PREFETCH=cfg.prefetch and cfg.split_tail, FINISH=len(outs) == 5, num_warps=cfg.num_warps,
     )
@@ -431,9 +432,9 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
 def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors, masked_rows, cfg: LaunchConfig):
     rows, stride, outer, inner, rows_3d = _rows(z)
     m, log_s, cs, g_logp, g_ent = vectors
-    block = min(cfg.block_v, triton.next_power_of_2(n_load))
+    block = min(cfg.block_v, next_pow2(n_load))
     fast_launch(
-        _dlogits_kernel, (rows, triton.cdiv(n_load, block)),
+        _dlogits_kernel, (rows, cdiv(n_load, block)),
         z, stride, outer, inner, out, out.stride(-2), bias if bias is not None else z,
         temp if temp is not None else z, inv_t, labels, v_offset, z.shape[-1], n_load, m, log_s, cs,
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
