@@ -6,8 +6,11 @@
 #
 #   bench     rlkernels-bench, the logits op fwd+bwd at the qwen2.5-7b shape (16k tokens, bf16), rlkernels-triton only
 #   tests     the Triton engine's suites on CUDA (test_launch, test_logprobs, test_triton), stopping at the first failure
-#   host      bench/host_profile.py: host microseconds per step, launch times, GPU gaps, (N, V) and (B, T, V)
-#   tune      bench/gpu_tune.py --only logits: GB/s by the byte model, value checks on and off, GPU timelines
+#   host      bench/host_profile.py: host microseconds per step, launch times, GPU gaps, an unprofiled call cut by
+#             CUDA events around each kernel, (N, V) and (B, T, V), same-process baselines (Triton's launch path,
+#             the checks read before the launch)
+#   tune      bench/gpu_tune.py --only logits: GB/s by the byte model, value checks on and off and read before or
+#             after the launch, GPU timelines
 # Each step under `timeout`; the results land in $OUT (summary.txt, log.txt, logits.json, tests.log, host/,
 # tune.json).
 set -u

@@ -11,6 +11,8 @@ backward's. This script measures it, value checks on and off:
   drained before each), against ``fwd_ms`` / ``full_ms`` timed with CUDA events as gpu_tune does;
 * ``stages_us``: host microseconds in each step of the call (:func:`stages`), and from the call's start to each
   kernel's launch;
+* ``event_split_ms``: an unprofiled call cut by CUDA events recorded around each kernel's launch (:func:`event_split`):
+  the front before the first kernel, each kernel, the time between them, and the tail;
 * ``first_kernel_us`` and ``gpu_gaps_us``: from one profiled call (torch.profiler, CPU and CUDA; its trace is written
   to DIR with ``--traces``), when the first kernel started and how long the GPU waited between kernels;
 * cProfile of 10 calls: the Python functions by own time and by cumulative time (``host-profile.txt`` in DIR);
@@ -59,6 +61,60 @@ def host_us(fn, before=None, repeat: int = 20) -> float:
         times.append((time.perf_counter() - start) * 1e6)
         sync()
     return statistics.median(times)
+
+
+def event_split(fn, repeat: int = 10) -> dict:
+    """Where one unprofiled call's GPU time goes, from CUDA events recorded on the stream around each launch of the
+    two kernels (no profiler: its host overhead changes the gaps it measures): median ms of ``front`` (the call's
+    start to the statistics kernel's start: the host's work before its launch), ``stats``, ``between`` (its end to
+    the dL/dz kernel's start: the small ops between and any wait for the host), ``dlogits`` and ``tail`` (its end to
+    the call's end), and ``total``. Each record is a little host work of its own, so ``total`` runs a little over
+    the timed call. On CPU: {}."""
+    if not CUDA:
+        return {}
+    import rlkernels.triton_ops.logprobs as KL
+
+    names = {"_logits_stats_kernel": "stats", "_dlogits_kernel": "dlogits"}
+    marks: dict = {}
+
+    def record(name):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks[name] = event
+
+    def wrapped(launch_fn, kernel):
+        name = names.get(getattr(getattr(kernel, "fn", kernel), "__name__", ""))
+        if name is None:
+            return launch_fn
+
+        def go(*a, **k):
+            record(name + "_begin")
+            out = launch_fn(*a, **k)
+            record(name + "_end")
+            return out
+        return go
+
+    real_prepare, real_fast = KL.prepare_launch, KL.fast_launch
+    KL.prepare_launch = lambda kernel, *a, **k: wrapped(real_prepare(kernel, *a, **k), kernel)
+    KL.fast_launch = lambda kernel, *a, **k: wrapped(real_fast, kernel)(kernel, *a, **k)
+    parts: dict = {}
+    try:
+        for _ in range(repeat + 2):
+            marks.clear()
+            sync()
+            record("start")
+            fn()
+            record("stop")
+            sync()
+            if len(marks) != 6:
+                return {"error": f"events recorded: {sorted(marks)}"}
+            order = ["start", "stats_begin", "stats_end", "dlogits_begin", "dlogits_end", "stop"]
+            spans = dict(front=(0, 1), stats=(1, 2), between=(2, 3), dlogits=(3, 4), tail=(4, 5), total=(0, 5))
+            for key, (a, b) in spans.items():
+                parts.setdefault(key, []).append(marks[order[a]].elapsed_time(marks[order[b]]))
+    finally:
+        KL.prepare_launch, KL.fast_launch = real_prepare, real_fast
+    return {k: round(statistics.median(v[2:]), 4) for k, v in parts.items()}
 
 
 def timeline(fn, trace_path: Optional[str]) -> dict:
@@ -249,6 +305,10 @@ def main(argv=None) -> int:
                    host_fwd_us=host_us(lambda _: fwd()), host_bwd_us=host_us(bwd, before=fwd),
                    fwd_ms=timed(fwd, warmup=0, repeat=10)[0],
                    full_ms=timed(full, warmup=0, repeat=10)[0])
+        try:  # a diagnosis: never lose the row for it
+            row["event_split_ms"] = event_split(full)
+        except Exception as exc:
+            row["event_split_ms"] = {"error": repr(exc)[:200]}
         trace = f"trace-{layout}-checks{checks}{'' if fast else '-slow'}{'' if after else '-before'}.json"
         tl_ = timeline(full, os.path.join(args.out, trace) if args.traces else None)
         row.update({k: v for k, v in tl_.items() if k != "events"})
