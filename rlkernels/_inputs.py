@@ -515,9 +515,11 @@ def check_cu_seqlens(name: str, cu_seqlens, n: int, what: str) -> Tensor:
                          "(flash-attn varlen convention)")
     cu = cu_seqlens.long()
     if value_checks_enabled():
-        if int(cu[0]) != 0 or int(cu[-1]) != n:
-            raise ValueError(f"{name} must start at 0 and end at N={n} ({what}); got {int(cu[0])} ... {int(cu[-1])}")
-        if bool((cu[1:] < cu[:-1]).any()):
+        # one read of the ends and the order flag together (three syncs when each was read alone)
+        first, last, unordered = read_back((cu[0], cu[-1], (cu[1:] < cu[:-1]).any()))
+        if first != 0 or last != n:
+            raise ValueError(f"{name} must start at 0 and end at N={n} ({what}); got {first} ... {last}")
+        if unordered:
             raise ValueError(f"{name} must be non-decreasing")
     return cu
 

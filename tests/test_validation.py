@@ -278,6 +278,23 @@ def test_no_host_sync_without_checks_or_mask(p, monkeypatch, op):
     assert len(bounds) == (1 if "gspo" in op else 0) and len(reads.where) == len(bounds), reads.where
 
 
+def test_packed_layout_is_checked_in_one_read(p, monkeypatch):
+    """cu_seqlens' checks (start, end, order) read back together, once, before the other checks' one read: two reads
+    in all for a packed call with every value check on (they were four)."""
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "1")
+    H = p["hidden"].shape[-1]
+    h, y = p["hidden"].reshape(-1, H), p["labels"].reshape(-1)
+    cu = torch.tensor([0, 3, 3, y.shape[0]], dtype=torch.int32)
+    reads = _HostReads(monkeypatch)
+    R.fused_grpo_loss(h, p["weight"], y, torch.randn(3), cu_seqlens=cu, config="dapo", backend="torch")
+    assert reads.where == ["read_back", "read_back"], reads.where
+    for bad, message in ((torch.tensor([1, 3, y.shape[0]]), "must start at 0 and end at N"),
+                         (torch.tensor([0, 3, y.shape[0] - 1]), "must start at 0 and end at N"),
+                         (torch.tensor([0, 5, 3, y.shape[0]]), "must be non-decreasing")):
+        with pytest.raises(ValueError, match=message):
+            R.fused_grpo_loss(h, p["weight"], y, torch.randn(bad.numel() - 1), cu_seqlens=bad, backend="torch")
+
+
 def test_deferred_checks_raise_the_first_failure_in_order(p):
     """Several bad inputs at once: the error is the one the checks meet first (labels, then the per-token inputs
     such as advantages, then hidden), as when each check raised at once."""
