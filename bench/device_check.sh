@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine, from the repository root:
 #
-#     OUT=/some/dir bash bench/device_check.sh          # grpo llama logprobs tests tune kernels
+#     OUT=/some/dir bash bench/device_check.sh          # grpo llama logprobs host tests tune kernels
 #
-# The default steps' limits add up to 910 s, more than one 10-minute device call; on an H100 (2026-11-27, session 9,
+# The default steps' limits add up to 1000 s, more than one 10-minute device call; on an H100 (2026-11-27, session 9,
 # STEPS="logprobs tune tests grpo llama kernels") they took 481 s: logprobs 78, tune 37, tests 103, grpo 101, llama 99,
-# kernels 45 (compile, opt-in: 142 on 2026-11-26). Run it with the call's limit (timeout_s ~590) and what finished by
-# then comes back (gpu_tune writes its JSON after every row), or name fewer STEPS. The default order puts first what
+# kernels 45 (compile, opt-in: 142 on 2026-11-26); the host step, added since, took about 20 s in device_logits.sh.
+# Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after
+# every row), or name fewer STEPS. The default order puts first what
 # the Triton engine issue's targets are judged on (the grpo op at both shapes, the logits op's bandwidth, the GPU test
 # suite), then the tuning sweeps. bench/device_logits.sh is a short check of the logits op alone (about 110 s).
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
@@ -22,6 +23,9 @@
 #             compiled with fullgraph=True (its single pass as a custom op); slow warm-ups: only when named in STEPS
 #   llama     the grpo op at H=4096, V=131072 (the issue's shape): eager, rlkernels-triton, liger, gemm-roofline
 #   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, gemm-roofline
+#   host      bench/host_profile.py: the logits op's host time per step, an unprofiled call cut by CUDA events around
+#             each kernel, profiled timelines, same-process baselines (Triton's launch path, the value checks read
+#             before the launch); its rows go to the log (its files stay on the machine: 8 files come back at most)
 #   tests     the engine suites on CUDA (compiled Triton, no interpreter): RLKERNELS_TEST_DEVICE=cuda pytest
 #   kernels   bench/gpu_tune.py --only kernel: both statistics loops at 1-3 pipeline stages (and the tile loop with
 #             register prefetch) and the dL/dz kernel per tile and warp count, beside PyTorch's read and copy of the
@@ -97,7 +101,7 @@ step() { step_to "$LOG" "$@"; }  # step NAME LIMIT_SECONDS COMMAND...: into the 
 
 BENCH=("$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 16384 --dtype bfloat16 --no-progress
        --warmup 2 --repeat 5)
-for s in ${STEPS:-grpo llama logprobs tests tune kernels}; do
+for s in ${STEPS:-grpo llama logprobs host tests tune kernels}; do
   case "$s" in
     tune) step tune 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --skip kernel --json "$OUT/tune-$TAG.json" ;;
     kernels) step kernels 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only kernel \
@@ -110,8 +114,10 @@ for s in ${STEPS:-grpo llama logprobs tests tune kernels}; do
                --mode full --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/llama-$TAG.json" ;;
     logprobs) step logprobs 110 "${BENCH[@]}" --timeout 50 --op logprobs,logits --mode full \
                --provider eager,rlkernels-triton,gemm-roofline --json "$OUT/logprobs-$TAG.json" ;;
+    host) step host 90 env PYTHONUNBUFFERED=1 "$PY" bench/host_profile.py --out "${TMPDIR:-/tmp}/rlkernels-host" ;;
     tests) step_to "$OUT/tests-$TAG.log" tests 240 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra \
                -p no:cacheprovider $XDIST tests/test_logprobs.py tests/test_loss.py tests/test_triton.py \
+               tests/test_launch.py \
                tests/test_compile.py tests/test_memory.py tests/test_advantages.py tests/test_hypothesis.py ;;
     *) echo "unknown step $s" >> "$SUMMARY"; FAILED=1 ;;
   esac
