@@ -6,9 +6,9 @@ positions, ``cu_seqlens`` consistency) read data back to the host; set ``RLKERNE
 production (they are also skipped while ``torch.compile`` traces). Inside :func:`deferred_checks` (every public op's
 checking section) the data-dependent ones are queued on the device and read back together: one host wait for all of
 them, raising the first that failed, in the order they were made. It comes before any kernel of ours, except where
-that kernel is safe whatever the values (:meth:`DeferredChecks.read_after_launch`: the Triton logits path, whose
-kernels never read outside the logits for any label): there the kernel is queued first and the host waits for the
-checks' copies, queued before it, while the GPU runs it. The one check made after a kernel (the Triton logits path's
+the kernels are safe whatever the values (:meth:`DeferredChecks.read_after_launch`: the Triton engine's forward,
+whose kernels never read outside the logits for any label): there they are queued first and the host waits for the
+checks' copies, queued before them, while the GPU runs them. The one check made after a kernel (the Triton logits path's
 NaN scan, which rides on its statistics kernel) is read by the backward pass when a gradient is needed
 (:class:`LateCheck`), so that the forward waits for no kernel of its own.
 """
@@ -269,6 +269,14 @@ class DeferredChecks:
         if self._late is not None:
             self._late.raise_if_failed()
 
+    def _close(self, pending: List[_Check]) -> None:
+        """On leaving the block: read the checks now, or queue their copies for :meth:`launched` to read."""
+        if self._after_launch and pending:
+            self._late = LateCheck()
+            self._late.arm_all(pending)
+        else:
+            _raise_first_failed(pending)
+
 
 def deferred_checks():
     """Queue the value checks made inside (:func:`fail_if`, :func:`fail_when`) and read their results back once, on
@@ -315,11 +323,7 @@ def _deferred():
     finally:
         if token is not None:
             _PENDING.reset(token)
-    if handle._after_launch and pending:
-        handle._late = LateCheck()
-        handle._late.arm_all(pending)  # copies queued now, read by handle.launched once the kernel is queued
-    else:
-        _raise_first_failed(pending)
+    handle._close(pending)
 
 
 def env_choice(name: str, choices) -> str:

@@ -301,8 +301,8 @@ class TritonEngine(Engine):
     default_budget_mb = 1024.0
     scans_logits = True
     logits_in_place = True
-    # the statistics kernel reads a label's logit only where the label lies in the block (tests/test_triton.py:
-    # test_logits_kernels_stay_in_bounds_for_any_label)
+    # the statistics kernel reads a label's logit only where the label lies in the block, and the gradient kernel
+    # compares labels with columns, reading none (test_triton.py: test_logits_kernels_stay_in_bounds_for_any_label)
     safe_for_any_values = True
 
     def block_elem_bytes(self, dtype: torch.dtype) -> int:
