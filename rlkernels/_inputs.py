@@ -244,7 +244,8 @@ class DeferredChecks:
         Only for kernels that stay in bounds whatever values the checks reject (a label outside ``[0, V)`` gives a
         wrong row, never a read outside the tensor) and write only fresh outputs: the error is the same and comes
         before anything is returned, but the GPU is already working when the host waits for the checks, where it
-        idled from the host sync until the launch (a few hundred microseconds of host time on an H100 machine)."""
+        idled from the host sync until the launch (the logits op took 6.01 ms with its checks read before the
+        launch, 5.64 ms without checks: gpu_tune on an H100, 2026-11-27)."""
         self._after_launch = READ_AFTER_LAUNCH
 
     def launched(self, start: Callable[[], Any]) -> Any:

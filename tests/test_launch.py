@@ -135,7 +135,8 @@ def test_triton_path_when_off_unmodelled_or_not_kept(fast, monkeypatch):
 
 def test_prepare_defers_the_launch(fast, monkeypatch):
     """prepare() computes the key and fetches the kept kernel's launcher now; nothing is launched until the returned
-    function is called (the logits op calls it after its checks' sync). A first launch prepared is Triton's."""
+    function is called (the logits op calls it once its checks' copies are queued). A first launch prepared is
+    Triton's."""
     k = _Kernel()
     x = torch.zeros(32)
     first = L.prepare(k, (3,), x, 16, x, BLOCK=64, FLAG=False)

@@ -346,7 +346,7 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     (M, log S, C/S, logp, entropy), five separate tensors written by the kernel itself (the logits path: five
     elementwise launches and a copy fewer after the kernel).
     ``prepare``: return ``(outputs, start)`` with nothing queued yet: the outputs allocated and the launch prepared,
-    ``start()`` queues the kernel (the logits op calls it after its value checks' host sync).
+    ``start()`` queues the kernel (the logits op calls it once its value checks' copies are queued).
     """
     rows = _rows(z)[0]
     acc = _acc(z.dtype)
