@@ -289,8 +289,13 @@ def logits_backward(logits, labels, temperature, plan: ChunkPlan, masked_rows: b
                    masked_rows=masked_rows)
 
 
+# read once, as Triton reads it once when it is imported (setting it later changes nothing in Triton either), not
+# on every call's engine check
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRETING
 
 
 class TritonEngine(Engine):
