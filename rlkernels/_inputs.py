@@ -43,6 +43,10 @@ def value_checks_enabled() -> bool:
     times (each read 0.3-0.8 us on the 2-core CPU machine: with the checks off a logits call read it four times)."""
     if compiling():  # first: torch.compile traces no ContextVar
         return False
+    return _checks_on()
+
+
+def _checks_on() -> bool:
     pending = _PENDING.get()
     if pending is not None:
         return pending is not _OFF
@@ -291,7 +295,9 @@ def deferred_checks():
     that failed, so the error is the one the checks meet first, as when every check raised at once. A nested use
     reads its own checks back on leaving. With value checks off (or while torch.compile traces) nothing is checked.
     The block gets a :class:`DeferredChecks`."""
-    if not value_checks_enabled():
+    if compiling():  # nothing checked, and no ContextVar set (torch.compile traces none)
+        return contextlib.nullcontext(DeferredChecks(enabled=False))
+    if not _checks_on():
         return _ChecksOff()
     return _deferred()
 
