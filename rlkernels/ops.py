@@ -355,7 +355,9 @@ def fused_grpo_loss(
         if compiling:  # the op cuts chunks of whole sequences (a sequence longer than one: vocabulary blocks)
             separable = True
         else:  # sequence-level ratios: exact chunk by chunk when every chunk holds whole sequences
-            aligned, longest = sequence_aligned(call.plan, batch.seq_ids, batch.num_seqs)
+            # a padded batch with every row kept: T rows per sequence, known without reading the device
+            lengths = (call.shape[1],) * call.shape[0] if len(call.shape) == 2 and call.index is None else None
+            aligned, longest = sequence_aligned(call.plan, batch.seq_ids, batch.num_seqs, lengths)
             separable, plan = aligned is not None, aligned or call.plan
             why_not = (f"a sequence-level ratio needs row chunks that hold whole sequences: the longest has "
                        f"{longest} kept tokens, the chunks {call.plan.rows} rows (raise chunk_size or "

@@ -367,6 +367,17 @@ def test_sequence_ratio_single_pass(backend, monkeypatch, config, overrides):
     assert all(b - a <= 20 for a, b in zip(plan.bounds, plan.bounds[1:]))
 
 
+def test_sequence_ratio_single_pass_unmasked_padded(backend, monkeypatch):
+    """A padded batch without a mask: every sequence has T rows, so the chunks are cut T rows apart without reading
+    the device (test_validation counts the reads), and the result is the fp64 reference's."""
+    p = make_problem(5, 7, 16, 37, bias=True, seed=87)
+    p["mask"] = None
+    plans = _spy_fused(monkeypatch)
+    _compare(p, "gspo", {}, _inputs(p, ("old", "ref")), backend, single_pass=True, chunk_size=16)
+    (plan,) = plans
+    assert plan.bounds == (0, 14, 28, 35), plan  # two sequences of 7 rows per chunk of at most 16
+
+
 def test_sequence_ratio_falls_back_when_a_sequence_outgrows_the_chunk(backend, monkeypatch):
     p = make_problem(3, 9, 16, 37, mask_frac=0.0, seed=89)  # 9 kept tokens per sequence, chunks of 5 rows
     plans = _spy_fused(monkeypatch)

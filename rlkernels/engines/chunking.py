@@ -50,7 +50,8 @@ class ChunkPlan:
         return list(zip(self.bounds[:-1], self.bounds[1:]))
 
 
-def sequence_aligned(plan: ChunkPlan, seq_ids: Tensor, num_seqs: int) -> Tuple[Optional[ChunkPlan], int]:
+def sequence_aligned(plan: ChunkPlan, seq_ids: Tensor, num_seqs: int,
+                     lengths: Optional[Tuple[int, ...]] = None) -> Tuple[Optional[ChunkPlan], int]:
     """``(plan with row chunks that end only where a sequence ends, longest sequence's rows)``: each chunk packs as
     many whole sequences as fit in ``plan.rows`` rows (greedily, in order); the plan is None when one sequence alone
     has more rows than that, or when ``seq_ids`` (N,) (the sequence of each row, in ``[0, num_seqs)``) is not
@@ -58,13 +59,19 @@ def sequence_aligned(plan: ChunkPlan, seq_ids: Tensor, num_seqs: int) -> Tuple[O
 
     With such chunks, an objective whose tokens are coupled only within a sequence (sequence-level ratios: GSPO,
     LUSPO) gets its exact per-token gradients chunk by chunk, so the single pass (3 GEMMs) applies to it too.
+
+    ``lengths``: the rows of each sequence, in order, where the caller knows them without reading the device (a
+    padded ``(B, T)`` batch with every row kept: T each); ``seq_ids`` is then not read.
     """
     if seq_ids.numel() == 0:
         return replace(plan, bounds=(0,)), 0
-    counts = torch.zeros(num_seqs + 1, dtype=torch.long, device=seq_ids.device)
-    counts.index_add_(0, seq_ids, torch.ones_like(seq_ids, dtype=torch.long))
-    counts[num_seqs] = (seq_ids[1:] < seq_ids[:-1]).any()  # the order flag rides on the same read
-    *counts, unordered = counts.tolist()
+    if lengths is not None:
+        counts, unordered = list(lengths), False
+    else:
+        counts = torch.zeros(num_seqs + 1, dtype=torch.long, device=seq_ids.device)
+        counts.index_add_(0, seq_ids, torch.ones_like(seq_ids, dtype=torch.long))
+        counts[num_seqs] = (seq_ids[1:] < seq_ids[:-1]).any()  # the order flag rides on the same read
+        *counts, unordered = counts.tolist()
     longest = max(counts)
     if unordered or longest > plan.rows:
         return None, longest
