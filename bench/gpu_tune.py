@@ -17,6 +17,8 @@ order:
    while the GPU runs this one, unless a value check's sync waits), with value checks on and off, both statistics loops, register prefetch and a completion mask (the last quarter of
    each sequence padding: the masked-rows launch), and for each one call's GPU timeline
    (torch.profiler: the kernels' summed time against the span, the difference being the GPU idle inside the call);
+   then the logits op followed by ``policy_loss`` (dapo), forward+backward, with policy_loss's value checks read
+   after its objective is queued and before it (``logits+policy_loss`` rows);
 4. ``precision``: the relative error of grad_weight and grad_hidden against an fp32-input run of the same engine,
    for eager bf16 autograd and for each accumulation mode;
 5. ``kernel``: PyTorch's own read (``amax``) and read + write (``copy_``) of one 4096-row block, the practical
@@ -318,8 +320,31 @@ def main(argv=None) -> int:
             except Exception as exc:
                 row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked,
                     checks_after_launch=after, error=repr(exc)[:300])
-        checks_module.READ_AFTER_LAUNCH = True
+        # the logits op followed by policy_loss (a trainer that has logits: TRL-style), value checks on: policy_loss's
+        # checks queue behind the statistics kernel; read after its objective is queued (the default since
+        # 2026-11-28) or before it (the GPU then idles while the host queues the objective op by op)
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
+        os.environ["RLKERNELS_CHECK_VALUES"] = "1"
+        B = max(1, M // T)
+        adv = torch.randn(B, device=dev)
+        old_lp = -torch.rand(M, device=dev) * 3
+        for after in (True, False):
+            checks_module.READ_AFTER_LAUNCH = after
+
+            def loss_full():
+                lp, en = rlkernels.logprobs_from_logits(x, y, return_entropy=True, backend="triton")
+                out = rlkernels.policy_loss(lp.reshape(B, -1), en.reshape(B, -1), adv, None,
+                                            old_logprobs=old_lp.reshape(B, -1), config="dapo", entropy_coef=0.01)
+                torch.autograd.grad(out.loss, x)
+
+            try:
+                t_all, peak = timed(loss_full, repeat=10)
+                t_burst = timed_burst(loss_full, calls=5, rounds=3)
+                row("logits+policy_loss", preset="dapo", checks_after_launch=after, full_ms=t_all,
+                    full_gbs=3 * M * row_bytes / t_all / 1e6, burst_ms=t_burst, peak_mb=peak)
+            except Exception as exc:
+                row("logits+policy_loss", preset="dapo", checks_after_launch=after, error=repr(exc)[:300])
+        checks_module.READ_AFTER_LAUNCH = True
         os.environ.pop("RLKERNELS_CHECK_VALUES", None)
         del x
         empty_cache()

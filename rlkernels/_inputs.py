@@ -232,6 +232,12 @@ def _pool_give(staging: _Staging) -> None:
         _POOL.append(staging)
 
 
+def runs_async(t: Tensor) -> bool:
+    """Whether work on ``t``'s device is queued, not done at once (CUDA): only there can reading the checks after
+    the next work is queued keep the device busy while the host waits."""
+    return t.device.type == "cuda"
+
+
 # False: read_after_launch is ignored (the checks are read on leaving the block, before any kernel): the earlier
 # order, for bench/gpu_tune.py and bench/host_profile.py to time both in one process
 READ_AFTER_LAUNCH = True

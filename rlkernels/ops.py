@@ -428,11 +428,22 @@ def policy_loss(
     Args:
         logp: ``(B, T)`` or ``(N,)`` fp32/fp64, differentiable. entropy: same shape, or ``None`` when no entropy knob
             is used. The other arguments are those of :func:`fused_grpo_loss`.
+
+    Raises:
+        ValueError / TypeError naming the argument, before anything is returned (on CUDA tensors once the objective
+        is queued: see the comment below).
     """
     cfg = resolve_config(config, **overrides)
     I.require_tensor("logp", logp, dtypes=(torch.float32, torch.float64), dims=(1, 2))
     shape = logp.shape
-    with I.deferred_checks():  # one host sync for the value checks
+    # one host sync for the value checks. On a GPU it comes after the objective is queued: its torch ops index by
+    # nothing the checks read (cu_seqlens, which indexing relies on, is read at once), so they stay safe for any
+    # values, and where logp comes from a kernel still running (logprobs_from_logits) the checks' copies queue
+    # behind it: a sync first would leave the GPU idle while the host then queued the objective op by op. The error
+    # is the same and comes before anything is returned
+    with I.deferred_checks() as checks:
+        if I.runs_async(logp):
+            checks.read_after_launch()
         keep = I.check_mask(mask, shape, logp)
         I.check_config_inputs(cfg, ref_logprobs, rollout_logprobs, is_weights, have_entropy=entropy is not None)
         if entropy is None:
@@ -444,10 +455,14 @@ def policy_loss(
         batch = I.build_token_batch(shape, keep, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                     rollout_logprobs=rollout_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens,
                                     normalizer=normalizer, cdt=logp.dtype, ref=logp)
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    flat_logp = torch.where(batch.mask, logp.reshape(-1), zero)
-    flat_ent = torch.where(batch.mask, entropy.reshape(-1).to(logp.dtype), zero)
-    return policy_loss_flat(flat_logp, flat_ent, batch, cfg)
+
+    def objective() -> LossOutput:
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        flat_logp = torch.where(batch.mask, logp.reshape(-1), zero)
+        flat_ent = torch.where(batch.mask, entropy.reshape(-1).to(logp.dtype), zero)
+        return policy_loss_flat(flat_logp, flat_ent, batch, cfg)
+
+    return checks.launched(objective)
 
 
 class GRPOLoss(nn.Module):

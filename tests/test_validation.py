@@ -407,3 +407,35 @@ def test_check_switch_read_once_per_call(p, monkeypatch, checks):
     if checks == "0":  # now on, for the next call
         with pytest.raises(ValueError, match="labels must lie"):
             R.logprobs_from_logits(logits, torch.full_like(labels, 37), backend="torch")
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, monkeypatch, on_gpu):
+    """On a GPU (here: CPU tensors said to run asynchronously), policy_loss queues its checks' copies, then its
+    objective (torch ops, in bounds for any values), and only then waits for the checks: where logp comes from a
+    kernel still running, the host no longer waits for it before queuing the objective. Bad input still raises the
+    same error before anything is returned. Elsewhere the checks are read first, as before."""
+    from rlkernels import _inputs as I
+    import rlkernels.ops as O
+
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "1")
+    monkeypatch.setattr(I, "runs_async", lambda t: on_gpu)
+    events = []
+    read_back, arm_all, wait = I.read_back, I.LateCheck.arm_all, I.LateCheck.raise_if_failed
+    monkeypatch.setattr(I, "read_back", lambda values: (events.append("sync"), read_back(values))[1])
+    monkeypatch.setattr(I.LateCheck, "arm_all", lambda self, c: (events.append("copy"), arm_all(self, c))[1])
+    monkeypatch.setattr(I.LateCheck, "raise_if_failed", lambda self: (events.append("wait"), wait(self))[1])
+    flat = O.policy_loss_flat
+    monkeypatch.setattr(O, "policy_loss_flat", lambda *a: (events.append("objective"), flat(*a))[1])
+    logp = (torch.randn(p["labels"].shape) - 2).requires_grad_()
+    old = logp.detach() + 0.1 * torch.randn(logp.shape)
+    out = R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=old, config="dapo")
+    assert events == (["copy", "objective", "wait"] if on_gpu else ["sync", "objective"]), events
+    monkeypatch.setattr(I, "runs_async", lambda t: False)
+    want = R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=old, config="dapo")
+    assert torch.equal(out.loss, want.loss)
+    monkeypatch.setattr(I, "runs_async", lambda t: on_gpu)
+    events.clear()
+    with pytest.raises(ValueError, match="old_logprobs holds NaN"):
+        R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=torch.full_like(old, float("nan")))
+    assert events == (["copy", "objective", "wait"] if on_gpu else ["sync"]), events
