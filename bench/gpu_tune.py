@@ -325,16 +325,15 @@ def main(argv=None) -> int:
         # 2026-11-28) or before it (the GPU then idles while the host queues the objective op by op)
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ["RLKERNELS_CHECK_VALUES"] = "1"
-        B = max(1, M // T)
-        adv = torch.randn(B, device=dev)
+        adv = torch.randn(M, device=dev)  # per token: flat (N,) inputs, one sequence
         old_lp = -torch.rand(M, device=dev) * 3
         for after in (True, False):
             checks_module.READ_AFTER_LAUNCH = after
 
             def loss_full():
                 lp, en = rlkernels.logprobs_from_logits(x, y, return_entropy=True, backend="triton")
-                out = rlkernels.policy_loss(lp.reshape(B, -1), en.reshape(B, -1), adv, None,
-                                            old_logprobs=old_lp.reshape(B, -1), config="dapo", entropy_coef=0.01)
+                out = rlkernels.policy_loss(lp, en, adv, None, old_logprobs=old_lp, config="dapo",
+                                            entropy_coef=0.01)
                 torch.autograd.grad(out.loss, x)
 
             try:
