@@ -430,8 +430,9 @@ def policy_loss(
             is used. The other arguments are those of :func:`fused_grpo_loss`.
 
     Raises:
-        ValueError / TypeError naming the argument, before anything is returned (on CUDA tensors once the objective
-        is queued: see the comment below).
+        ValueError / TypeError naming the argument, before anything is returned. On CUDA tensors the value checks
+        (NaN, 0/1 mask, normalizer) are read once the objective's kernels are queued, so the GPU works while the
+        host waits for them; elsewhere before the objective runs.
     """
     cfg = resolve_config(config, **overrides)
     I.require_tensor("logp", logp, dtypes=(torch.float32, torch.float64), dims=(1, 2))
