@@ -3,9 +3,10 @@
 #
 #     OUT=/some/dir bash bench/device_check.sh          # grpo llama logprobs host tests tune kernels
 #
-# The default steps' limits add up to 1000 s, more than one 10-minute device call; on an H100 (2026-11-27, session 9,
+# The default steps' limits add up to 1040 s, more than one 10-minute device call; on an H100 (2026-11-27, session 9,
 # STEPS="logprobs tune tests grpo llama kernels") they took 481 s: logprobs 78, tune 37, tests 103, grpo 101, llama 99,
-# kernels 45 (compile, opt-in: 142 on 2026-11-26); the host step, added since, took about 20 s in device_logits.sh.
+# kernels 45 (compile, opt-in: 142 on 2026-11-26); the host step, added since, took about 20 s in device_logits.sh,
+# and the cce provider in the grpo step (added 2026-11-27) is untimed (its own limit: 70 s).
 # Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after
 # every row), or name fewer STEPS. The default order puts first what
 # the Triton engine issue's targets are judged on (the grpo op at both shapes, the logits op's bandwidth, the GPU test
@@ -18,7 +19,8 @@
 #             call's GPU timeline (busy and idle ms, longest kernels) for the loss and the logits op, grad precision
 #             (qwen2.5-7b, 16k tokens, bf16)
 #   grpo      rlkernels-bench, grpo op (dapo) fwd+bwd, qwen2.5-7b LM head, 16k tokens, bf16: eager, rlkernels-triton,
-#             liger (when importable), gemm-roofline
+#             liger and cce (Cut Cross-Entropy's log-probs under the eager objective; each when importable),
+#             gemm-roofline
 #   compile   the grpo op under torch.compile: the eager reference compiled, rlkernels-triton in eager mode and
 #             compiled with fullgraph=True (its single pass as a custom op); slow warm-ups: only when named in STEPS
 #   llama     the grpo op at H=4096, V=131072 (the issue's shape): eager, rlkernels-triton, liger, gemm-roofline
@@ -106,8 +108,8 @@ for s in ${STEPS:-grpo llama logprobs host tests tune kernels}; do
     tune) step tune 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --skip kernel --json "$OUT/tune-$TAG.json" ;;
     kernels) step kernels 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only kernel \
                --json "$OUT/kernels-$TAG.json" ;;
-    grpo) step grpo 140 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \
-               --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;
+    grpo) step grpo 180 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \
+               --provider eager,rlkernels-triton,liger,cce,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;
     compile) step compile 150 "${BENCH[@]}" --timeout 120 --op grpo --preset dapo --mode full \
                --provider compile,rlkernels-triton,rlkernels-triton-compile --json "$OUT/compile-$TAG.json" ;;
     llama) step llama 120 "${BENCH[@]}" --shape llama3-8b --vocab 131072 --timeout 50 --op grpo --preset dapo \

@@ -447,3 +447,66 @@ def test_pick_defaults_merges_runs():
     assert "9999" not in both  # measured in one run only
     one = pd.report(run(2500.0, 3000.0), None, defaults, other_runs=[run(2500.0, 2450.0)])  # mean +9%, one run behind
     assert "PROPOSE" not in one and "keep the default" in one
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Cut Cross-Entropy (a stand-in module here: its Triton kernels need CUDA)
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_cce(monkeypatch):
+    """A ``cut_cross_entropy`` module whose ``linear_cross_entropy`` is the exact cross-entropy in plain torch, with
+    CCE's conventions (ignore index -100, those positions 0 with ``reduction="none"``), recording the targets it was
+    given; the cce provider allowed on CPU."""
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType("cut_cross_entropy")
+    module.__spec__ = importlib.machinery.ModuleSpec("cut_cross_entropy", None)
+    module.calls = []
+
+    def linear_cross_entropy(e, c, targets, ignore_index=-100, softcap=None, reduction="mean", shift=False,
+                             filter_eps="high"):
+        assert reduction == "none" and softcap is None and not shift
+        module.calls.append(targets.clone())
+        logits = (e @ c.T).float()
+        keep = targets != ignore_index
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, c.shape[0]), targets.clamp(min=0).reshape(-1),
+                                               reduction="none").reshape(targets.shape)
+        return torch.where(keep, ce, torch.zeros_like(ce))
+
+    module.linear_cross_entropy = linear_cross_entropy
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", module)
+    monkeypatch.setattr(providers.CCEProvider, "devices", ("cuda", "cpu"))
+    return module
+
+
+def test_cce_provider_builds_the_loss_from_its_log_probs(fake_cce, capsys, tmp_path):
+    """The cce provider: the per-token cross-entropy with masked positions given the ignore index, negated into
+    log-probs, under the eager objective of the preset: its loss and gradients pass the float64 check (exact here,
+    with the stand-in), on a padded batch."""
+    out = tmp_path / "rows.json"
+    code, _ = run(TINY + ["--in-process", "--provider", "eager,cce", "--pad-frac", "0.3", "--json", str(out)],
+                  capsys)
+    assert code == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["cce"]["status"] == "ok" and rows["cce"]["median_ms"] > 0, rows["cce"]
+    assert all(c["rel_err"] <= c["allowed_rel"] for c in rows["cce"]["check"].values()), rows["cce"]["check"]
+    targets = fake_cce.calls[0]
+    assert (targets == -100).any() and (targets >= 0).any()  # the padding given the ignore index, the rest labels
+
+
+def test_cce_provider_skips_what_it_cannot_compute(fake_cce, monkeypatch):
+    shape = resolve_shape("qwen2.5-7b", tokens=32, hidden=16, vocab=64)
+    cce = providers.CCEProvider()
+    assert cce.unavailable(Case(op="grpo", mode="full", shape=shape)) is None
+    assert "no 'logits' op" in cce.unavailable(Case(op="logits", mode="full", shape=shape))
+    assert "no entropy" in cce.unavailable(Case(op="grpo", mode="full", shape=shape,
+                                                overrides=(("entropy_coef", 0.01),)))
+    monkeypatch.setattr(providers.CCEProvider, "devices", ("cuda",))
+    assert "need CUDA" in cce.unavailable(Case(op="grpo", mode="full", shape=shape))
+    monkeypatch.delitem(sys.modules, "cut_cross_entropy")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cut_cross_entropy" else real_find_spec(name, *a))
+    assert "pip install cut-cross-entropy" in cce.unavailable(Case(op="grpo", mode="full", shape=shape,
+                                                                    device="cuda"))

@@ -7,10 +7,11 @@ A :class:`Provider` says whether it can run a :class:`~rlkernels.bench.workloads
 Providers: ``eager`` (the executable spec :mod:`rlkernels.reference`, logits materialised), ``compile``
 (``torch.compile`` of the same functions), ``rlkernels-<engine>`` for every engine :func:`rlkernels.available_backends`
 knows (unavailable ones are skipped with the engine's own reason), ``liger`` (Liger-Kernel's
-``LigerFusedLinearGRPOLoss``) and ``gemm-roofline`` (the bare matmuls of the op). Others can be added with
+``LigerFusedLinearGRPOLoss``), ``cce`` (Cut Cross-Entropy's log-probs under the eager objective) and ``gemm-roofline``
+(the bare matmuls of the op). Others can be added with
 :func:`register_provider`, e.g. from a module named by ``rlkernels-bench --plugin``.
 
-Nothing heavy is imported here: ``liger_kernel`` loads inside the liger provider's ``build``.
+Nothing heavy is imported here: ``liger_kernel`` and ``cut_cross_entropy`` load inside their providers' ``build``.
 """
 from __future__ import annotations
 
@@ -342,6 +343,54 @@ class LigerProvider(Provider):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Cut Cross-Entropy
+# ------------------------------------------------------------------------------------------------------------------
+class CCEProvider(Provider):
+    """Apple's Cut Cross-Entropy (``pip install cut-cross-entropy``) for the per-token log-probs, the objective in
+    eager PyTorch on them: how a trainer builds a GRPO loss on CCE, which fuses the LM head with the cross-entropy
+    but computes neither entropies nor a policy loss.
+
+    ``linear_cross_entropy(hidden, weight, labels, reduction="none")`` is ``-logp`` per token (masked positions get
+    its ignore index, -100, and come back 0); :func:`rlkernels.reference.policy_loss` then makes the loss of the
+    case's preset from ``logp``. Its defaults are kept, gradient filtering included (``filter_eps="high"``: softmax
+    entries too small to change a bf16 gradient are skipped), as its fastest setting; the correctness check says
+    whether the gradients still match. Only the grpo op, presets without entropy terms, on CUDA (its Triton kernels
+    fail under the interpreter: Triton 3.9, CCE 25.1.1)."""
+
+    name = "cce"
+    description = ("cut_cross_entropy.linear_cross_entropy (its defaults, gradient filtering on) for the log-probs, "
+                   "the objective in eager PyTorch")
+    devices = ("cuda",)  # where its kernels run (tests add "cpu" with a stand-in module)
+
+    def unavailable(self, case):
+        if case.op != "grpo":
+            return (f"Cut Cross-Entropy has no '{case.op}' op: it gives per-token log-probs without entropies, "
+                    "compared on the grpo op")
+        if importlib.util.find_spec("cut_cross_entropy") is None:
+            return "cut_cross_entropy is not installed (pip install cut-cross-entropy)"
+        if case.device not in self.devices:
+            return f"Cut Cross-Entropy's Triton kernels need CUDA (got {case.device})"
+        cfg = case.config
+        if cfg.entropy_coef != 0 or cfg.entropy_shaping_alpha > 0 or cfg.top_entropy_quantile < 1.0:
+            return "Cut Cross-Entropy computes no entropy: this preset's entropy terms need it"
+        return None
+
+    def build(self, case, inputs):
+        from cut_cross_entropy import linear_cross_entropy
+
+        i, cfg, kw = inputs, case.config, _grpo_kwargs(inputs)
+        targets = torch.where(i["mask"], i["labels"], -100)  # its ignore index: those positions come back 0
+
+        def run():
+            logp = -linear_cross_entropy(i["hidden"], i["weight"], targets, reduction="none").float()
+            loss, _ = reference.policy_loss(logp, torch.zeros_like(logp), i["advantages"], i["mask"], config=cfg,
+                                            **kw)
+            return {"loss": loss}
+
+        return run
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # the roofline: the op's matmuls alone, into preallocated outputs
 # ------------------------------------------------------------------------------------------------------------------
 class _GemmRunner(Runner):
@@ -408,11 +457,11 @@ def register_provider(provider: Provider) -> None:
 
 def all_providers() -> List[Provider]:
     """Every provider in table order: eager, compile, rlkernels-<engine> for each engine, the same compiled
-    (rlkernels-<engine>-compile), liger, gemm-roofline, then registered extras."""
+    (rlkernels-<engine>-compile), liger, cce, gemm-roofline, then registered extras."""
     base: List[Provider] = [EagerProvider(), CompileProvider()]
     base += [RlkernelsProvider(engine) for engine in BACKENDS]  # names only: listing must not load engines
     base += [RlkernelsCompileProvider(engine) for engine in BACKENDS]
-    base += [LigerProvider(), GemmRooflineProvider()]
+    base += [LigerProvider(), CCEProvider(), GemmRooflineProvider()]
     names = {p.name for p in base}
     return [_EXTRA.get(p.name, p) for p in base] + [p for n, p in _EXTRA.items() if n not in names]
 

@@ -17,7 +17,7 @@ ROW_KEYS = (
     "overrides", "on_policy", "pad_frac", "status", "reason", "median_ms", "p20_ms", "p80_ms", "times_ms",
     "peak_mem_mb", "memory_method", "ratio_vs_eager", "mem_ratio_vs_eager", "flops", "bytes", "tflops", "gbps",
     "pct_roofline", "check", "fingerprint", "traceback", "warmup", "repeat", "python_version", "torch_version",
-    "triton_version", "rlkernels_version", "liger_version", "timestamp", "notes",
+    "triton_version", "rlkernels_version", "liger_version", "cce_version", "timestamp", "notes",
 )
 GROUP_KEYS = ("op", "mode", "shape", "M", "H", "V", "dtype", "device", "preset")
 
@@ -117,7 +117,8 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
         out.append("")
     first = rows[0] if rows else {}
     out.append(f"torch {first.get('torch_version')}, triton {first.get('triton_version')}, rlkernels "
-               f"{first.get('rlkernels_version')}, liger-kernel {first.get('liger_version')}; "
+               f"{first.get('rlkernels_version')}, liger-kernel {first.get('liger_version')}, cut-cross-entropy "
+               f"{first.get('cce_version')}; "
                f"{first.get('warmup')} warm-up + {first.get('repeat')} timed calls per provider")
     out.append("vs eager: median time / eager's (lower is faster). peak MB: transient peak of one call above inputs "
                "and gradient buffers.")
