@@ -322,7 +322,7 @@ def main(argv=None) -> int:
                     checks_after_launch=after, error=repr(exc)[:300])
         # the logits op followed by policy_loss (a trainer that has logits: TRL-style), value checks on: policy_loss's
         # checks queue behind the statistics kernel; read after its objective is queued (the default since
-        # 2026-11-28) or before it (the GPU then idles while the host queues the objective op by op)
+        # 2026-11-27) or before it (the GPU then idles while the host queues the objective op by op)
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ["RLKERNELS_CHECK_VALUES"] = "1"
         adv = torch.randn(M, device=dev)  # per token: flat (N,) inputs, one sequence
