@@ -13,7 +13,7 @@ from rlkernels.triton_ops import logprobs as K  # noqa: E402
 import rlkernels as R  # noqa: E402
 from rlkernels import reference as ref  # noqa: E402
 
-from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, leaves, make_problem  # noqa: E402
+from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, check_events, grads, leaves, make_problem  # noqa: E402
 
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
@@ -418,19 +418,6 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
     torch.testing.assert_close(clean.grad.cpu().double(), z64.grad, rtol=2 ** -7, atol=1e-3)
 
 
-def _check_events(monkeypatch) -> list:
-    """A list that the value checks' host reads append to, in order: "sync" (read_back: copy and wait at once),
-    "copy" (LateCheck.arm_all: copies queued behind an event) and "wait" (LateCheck.raise_if_failed)."""
-    import rlkernels._inputs as I
-
-    events = []
-    read_back, arm_all, wait = I.read_back, I.LateCheck.arm_all, I.LateCheck.raise_if_failed
-    monkeypatch.setattr(I, "read_back", lambda values: (events.append("sync"), read_back(values))[1])
-    monkeypatch.setattr(I.LateCheck, "arm_all", lambda self, c: (events.append("copy"), arm_all(self, c))[1])
-    monkeypatch.setattr(I.LateCheck, "raise_if_failed", lambda self: (events.append("wait"), wait(self))[1])
-    return events
-
-
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("masked", [False, True])
 def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked):
@@ -441,7 +428,7 @@ def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked)
     import rlkernels._inputs as I
     import rlkernels.triton_ops.logprobs as KL
 
-    events = _check_events(monkeypatch)
+    events = check_events(monkeypatch)
     prepare = KL.prepare_launch
 
     def recorded(kernel, *a, **k):
@@ -490,7 +477,7 @@ def test_linear_checks_are_read_once_the_forward_is_queued(monkeypatch, path):
     own (single_pass=True that cannot apply). With checks off nothing is copied."""
     import rlkernels.triton_ops.logprobs as KL
 
-    events = _check_events(monkeypatch)
+    events = check_events(monkeypatch)
     prepare = KL.prepare_launch
 
     def launch():

@@ -5,7 +5,7 @@ import torch
 import rlkernels as R
 from rlkernels import PolicyLossConfig
 
-from conftest import make_problem
+from conftest import check_events, make_problem
 
 
 @pytest.fixture
@@ -420,11 +420,7 @@ def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, 
 
     monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "1")
     monkeypatch.setattr(I, "runs_async", lambda t: on_gpu)
-    events = []
-    read_back, arm_all, wait = I.read_back, I.LateCheck.arm_all, I.LateCheck.raise_if_failed
-    monkeypatch.setattr(I, "read_back", lambda values: (events.append("sync"), read_back(values))[1])
-    monkeypatch.setattr(I.LateCheck, "arm_all", lambda self, c: (events.append("copy"), arm_all(self, c))[1])
-    monkeypatch.setattr(I.LateCheck, "raise_if_failed", lambda self: (events.append("wait"), wait(self))[1])
+    events = check_events(monkeypatch)
     flat = O.policy_loss_flat
     monkeypatch.setattr(O, "policy_loss_flat", lambda *a: (events.append("objective"), flat(*a))[1])
     logp = (torch.randn(p["labels"].shape) - 2).requires_grad_()
