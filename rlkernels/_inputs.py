@@ -39,26 +39,19 @@ def compiling() -> bool:
 
 def value_checks_enabled() -> bool:
     """RLKERNELS_CHECK_VALUES is not 0/false/no, and torch.compile is not tracing. Inside :func:`deferred_checks`'
-    block the answer read on entering it, without reading the environment again: a call's checks asked it several
-    times (each read 0.3-0.8 us on the 2-core CPU machine: with the checks off a logits call read it four times)."""
+    block (entered only with the checks on) True without reading the environment again: a call's checks asked it
+    several times (each read 0.3-0.8 us on the 2-core CPU machine)."""
     if compiling():  # first: torch.compile traces no ContextVar
         return False
-    return _checks_on()
-
-
-def _checks_on() -> bool:
-    pending = _PENDING.get()
-    if pending is not None:
-        return pending is not _OFF
+    if _PENDING.get() is not None:
+        return True
     return os.environ.get("RLKERNELS_CHECK_VALUES", "1") not in ("0", "false", "False", "no")
 
 
 # a queued check: device tensors to read back, a test of their host copies (True: failed), the error's message
 _Check = Tuple[Tuple[Tensor, ...], Callable[..., bool], Callable[[], str]]
-# inside deferred_checks' block: the list of its queued checks, or _OFF where the checks are off; else None
 _PENDING: contextvars.ContextVar[Optional[List[_Check]]] = contextvars.ContextVar("rlkernels_pending_checks",
                                                                                     default=None)
-_OFF: Any = object()  # the checks are off in this block (fail_when then reads at once, as outside a block)
 
 
 def fail_if(bad: Tensor, message: Callable[[], str]) -> None:
@@ -72,7 +65,7 @@ def fail_when(values: Tuple[Tensor, ...], failed: Callable[..., bool], message: 
     test whose reduction gives more than one flag (a range check reads back min and max: one kernel where the
     elementwise flags took five). Queued inside :func:`deferred_checks`."""
     pending = _PENDING.get()
-    if pending is not None and pending is not _OFF:
+    if pending is not None:
         pending.append((values, failed, message))
     elif failed(*read_back(values)):
         raise ValueError(message())
@@ -248,8 +241,7 @@ class DeferredChecks:
     A caller whose next launch is safe whatever values the checks reject calls :meth:`read_after_launch` inside the
     block and queues that launch with :meth:`launched`."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled  # the value checks are on (read once for the call: see value_checks_enabled)
+    def __init__(self):
         self._after_launch = False
         self._late: Optional[LateCheck] = None
 
@@ -301,25 +293,9 @@ def deferred_checks():
     that failed, so the error is the one the checks meet first, as when every check raised at once. A nested use
     reads its own checks back on leaving. With value checks off (or while torch.compile traces) nothing is checked.
     The block gets a :class:`DeferredChecks`."""
-    if compiling():  # nothing checked, and no ContextVar set (torch.compile traces none)
-        return contextlib.nullcontext(DeferredChecks(enabled=False))
-    if not _checks_on():
-        return _ChecksOff()
+    if not value_checks_enabled():
+        return contextlib.nullcontext(DeferredChecks())
     return _deferred()
-
-
-class _ChecksOff:
-    """deferred_checks' block with the checks off: value_checks_enabled() answers False inside without reading the
-    environment (a class, not a generator: entering it costs less)."""
-
-    __slots__ = ("_token",)
-
-    def __enter__(self) -> DeferredChecks:
-        self._token = _PENDING.set(_OFF)
-        return DeferredChecks(enabled=False)
-
-    def __exit__(self, *exc) -> None:
-        _PENDING.reset(self._token)
 
 
 def _raise_first(checks: List[_Check], host: list) -> None:
@@ -476,13 +452,12 @@ def check_finite_rows(name: str, x: Tensor, row_mask: Optional[Tensor] = None, a
     fail_if(bad, lambda: f"{name} holds {what} in {int(bad.sum())} {where}")
 
 
-def check_scanned_rows(name: str, values: Tensor, late: Optional[LateCheck] = None,
-                       enabled: Optional[bool] = None) -> None:
+def check_scanned_rows(name: str, values: Tensor, late: Optional[LateCheck] = None) -> None:
     """The engine scanned ``name`` for NaN / +inf in its own read of it (``Engine.scans_logits``), leaving NaN in
     ``values`` (one per row the engine computed; dropped rows hold 0) where it found one: the same error as
     :func:`check_finite_rows`, raised before anything is returned, or, given ``late`` (a gradient is needed), armed
     there and raised by the backward pass before it returns the gradient: the forward pass then waits for nothing."""
-    if not (value_checks_enabled() if enabled is None else enabled) or values.numel() == 0:
+    if not value_checks_enabled() or values.numel() == 0:
         return
 
     def message() -> str:

@@ -236,7 +236,7 @@ def logprobs_from_logits(
         # the engine's NaN scan is read back before returning, or, when the logits' gradient is needed, by the
         # backward pass once its kernel is queued: the forward then holds no host sync after its kernel
         late = None
-        if engine.scans_logits and checks.enabled and torch.is_grad_enabled() and logits.requires_grad:
+        if engine.scans_logits and I.value_checks_enabled() and torch.is_grad_enabled() and logits.requires_grad:
             late = I.LateCheck()
         start = None
         if engine.logits_in_place:  # one kernel over the caller's logits: nothing to chunk
@@ -259,7 +259,7 @@ def logprobs_from_logits(
     else:
         logp, ent = checks.launched(start)
     if engine.scans_logits:
-        I.check_scanned_rows("logits", logp, late, checks.enabled)
+        I.check_scanned_rows("logits", logp, late)
     logp = _scatter_rows(logp, index, n, computed).reshape(shape)
     if not return_entropy:
         return logp

@@ -379,36 +379,6 @@ def test_checks_read_after_a_launch():
         checked(False, True, False)
 
 
-@pytest.mark.parametrize("checks", ["0", "1"])
-def test_check_switch_read_once_per_call(p, monkeypatch, checks):
-    """RLKERNELS_CHECK_VALUES is read once per call, on entering its checking block (with the checks on or off), and
-    the block's answer holds inside it: a change of the variable takes effect at the next call. Inside a block with
-    the checks off, a check made anyway reads at once (as outside a block), and nothing is queued."""
-    from rlkernels import _inputs as I
-
-    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", checks)
-    reads = []
-    real = I.os.environ.get
-    spy = lambda key, *default: (reads.append(key), real(key, *default))[1]  # noqa: E731
-    monkeypatch.setattr(I.os.environ, "get", spy, raising=False)
-    logits = torch.randn(10, 37, requires_grad=True)
-    labels = p["labels"].reshape(-1)
-    R.logprobs_from_logits(logits, labels, mask=p["mask"].reshape(-1), return_entropy=True, backend="torch")
-    R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], backend="torch")
-    assert reads.count("RLKERNELS_CHECK_VALUES") == 2, reads
-    with I.deferred_checks() as block:
-        assert block.enabled == (checks == "1") and I.value_checks_enabled() == (checks == "1")
-        monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "1" if checks == "0" else "0")
-        assert I.value_checks_enabled() == (checks == "1")  # the block's answer, not the variable's new value
-        if checks == "0":
-            with pytest.raises(ValueError, match="^read at once$"):
-                I.fail_if(torch.tensor([True]), lambda: "read at once")
-    assert I.value_checks_enabled() == (checks == "0")  # outside: the variable again
-    if checks == "0":  # now on, for the next call
-        with pytest.raises(ValueError, match="labels must lie"):
-            R.logprobs_from_logits(logits, torch.full_like(labels, 37), backend="torch")
-
-
 @pytest.mark.parametrize("on_gpu", [False, True])
 def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, monkeypatch, on_gpu):
     """On a GPU (here: CPU tensors said to run asynchronously), policy_loss queues its checks' copies, then its
