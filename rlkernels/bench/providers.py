@@ -352,10 +352,10 @@ class CCEProvider(Provider):
 
     ``linear_cross_entropy(hidden, weight, labels, reduction="none")`` is ``-logp`` per token (masked positions get
     its ignore index, -100, and come back 0); :func:`rlkernels.reference.policy_loss` then makes the loss of the
-    case's preset from ``logp``. Its defaults are kept, gradient filtering included (``filter_eps="high"``: softmax
-    entries too small to change a bf16 gradient are skipped), as its fastest setting; the correctness check says
-    whether the gradients still match. Only the grpo op, presets without entropy terms, on CUDA (its Triton kernels
-    fail under the interpreter: Triton 3.9, CCE 25.1.1)."""
+    case's preset from ``logp``. Its defaults are kept, as a user gets it, gradient filtering included
+    (``filter_eps="high"``: in CCE's words, softmax entries too small to change a bf16 gradient are skipped; its exact
+    mode is not timed); the correctness check says whether the gradients still match. Only the grpo op, presets
+    without entropy terms, on CUDA (its Triton kernels fail under the interpreter: Triton 3.9, CCE 25.1.1)."""
 
     name = "cce"
     description = ("cut_cross_entropy.linear_cross_entropy (its defaults, gradient filtering on) for the log-probs, "
