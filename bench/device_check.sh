@@ -3,10 +3,11 @@
 #
 #     OUT=/some/dir bash bench/device_check.sh          # grpo llama logprobs host tests tune kernels
 #
-# The default steps' limits add up to 1040 s, more than one 10-minute device call; on an H100 (2026-11-27, session 9,
+# The default steps' limits add up to 1050 s, more than one 10-minute device call; on an H100 (2026-11-27, session 9,
 # STEPS="logprobs tune tests grpo llama kernels") they took 481 s: logprobs 78, tune 37, tests 103, grpo 101, llama 99,
 # kernels 45 (compile, opt-in: 142 on 2026-11-26); the host step, added since, took about 20 s in device_logits.sh,
-# and the cce provider in the grpo step (added 2026-11-27) is untimed (its own limit: 70 s).
+# and the cce provider in the grpo step (added 2026-11-27) is untimed (its own limit: 70 s). The bench steps also time
+# each provider's calls back to back since then (pipelined_ms: 5 more calls each; Liger's 0.9-1 s calls add ~5 s).
 # Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after
 # every row), or name fewer STEPS. The default order puts first what
 # the Triton engine issue's targets are judged on (the grpo op at both shapes, the logits op's bandwidth, the GPU test
@@ -112,7 +113,7 @@ for s in ${STEPS:-grpo llama logprobs host tests tune kernels}; do
                --provider eager,rlkernels-triton,liger,cce,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;
     compile) step compile 150 "${BENCH[@]}" --timeout 120 --op grpo --preset dapo --mode full \
                --provider compile,rlkernels-triton,rlkernels-triton-compile --json "$OUT/compile-$TAG.json" ;;
-    llama) step llama 120 "${BENCH[@]}" --shape llama3-8b --vocab 131072 --timeout 50 --op grpo --preset dapo \
+    llama) step llama 130 "${BENCH[@]}" --shape llama3-8b --vocab 131072 --timeout 50 --op grpo --preset dapo \
                --mode full --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/llama-$TAG.json" ;;
     logprobs) step logprobs 110 "${BENCH[@]}" --timeout 50 --op logprobs,logits --mode full \
                --provider eager,rlkernels-triton,gemm-roofline --json "$OUT/logprobs-$TAG.json" ;;

@@ -314,6 +314,68 @@ def test_quantiles():
     assert s["median_ms"] == 3.5 and s["p20_ms"] == pytest.approx(2.0) and s["p80_ms"] == pytest.approx(5.0)
 
 
+def test_pipelined_timing_queues_calls_back_to_back():
+    """measure.time_pipelined (CUDA's second timing, with stand-in events here): one sync before the first call and
+    one after the last, none between; each call's events bracket its step only (its setup's work lies outside both),
+    and each call's state is gone before the next setup."""
+    import weakref
+
+    log, clock = [], iter(range(1000))
+
+    class Event:
+        def record(self):
+            self.at = next(clock)
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)
+
+    class State:
+        pass
+
+    live = []
+
+    def setup():
+        assert all(ref() is None for ref in live), "a call's state outlived it"
+        log.append("setup")
+        state = State()
+        live.append(weakref.ref(state))
+        return state
+
+    def step(state):
+        next(clock), next(clock)  # two time units inside every call
+        log.append("step")
+
+    times = measure.time_pipelined(setup, step, 3, event=Event, synchronize=lambda: log.append("sync"))
+    assert times == [3.0, 3.0, 3.0]
+    assert log == ["sync"] + ["setup", "record", "step", "record"] * 3 + ["sync"]
+    given = []
+    assert measure.time_pipelined(None, given.append, 2, event=Event, synchronize=lambda: None) == [1.0, 1.0]
+    assert given == [None, None]  # no setup: the step gets None, as in time_calls
+
+
+def test_pipelined_columns():
+    """Rows with a pipelined time (CUDA) get its ratio to eager's, GB/s and % of the roofline's pipelined time beside
+    the per-call ones, and a table column; rows without one (CPU) get neither; a demoted row loses both times."""
+    base = dict(op="logits", mode="full", shape="s", M=4, H=1, V=8, dtype="bfloat16", device="cuda", preset=None,
+                status="ok", bytes=3e9, flops=None, peak_mem_mb=1.0, check={}, fingerprint={})
+    eager = dict(base, provider="eager", median_ms=10.0, pipelined_ms=8.0)
+    ours = dict(base, provider="rlkernels-triton", median_ms=2.0, pipelined_ms=1.5)
+    report.finalize_case([eager, ours])
+    assert ours["ratio_vs_eager"] == pytest.approx(0.2) and ours["pipelined_ratio_vs_eager"] == pytest.approx(0.1875)
+    assert ours["gbps"] == pytest.approx(1500.0) and ours["pipelined_gbps"] == pytest.approx(2000.0)
+    text = report.format_table([dict(eager, device_name="gpu", batch=1, seq_len=4),
+                                dict(ours, device_name="gpu", batch=1, seq_len=4)])
+    assert "pipelined" in text.splitlines()[1] and " 1.5  " in text
+    cpu = dict(base, device="cpu", provider="eager", median_ms=10.0)
+    report.finalize_case([cpu])
+    assert cpu["gbps"] == pytest.approx(300.0) and cpu["pipelined_gbps"] is None
+    assert "pipelined" not in report.format_table([dict(cpu, device_name="cpu", batch=1, seq_len=4)])
+    wrong = dict(ours, fingerprint={"logp": 2.0})
+    report.finalize_case([dict(eager, fingerprint={"logp": 1.0}), wrong])
+    assert wrong["status"] == "mismatch" and wrong["pipelined_ms"] is None and wrong["pipelined_gbps"] is None
+
+
 def test_memory_probe_sees_a_transient_allocation():
     probe = measure.MemoryProbe("cpu")
     probe.begin()

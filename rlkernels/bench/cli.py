@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--check-tokens", type=int, default=64, help="tokens of the correctness check (default 64)")
     m.add_argument("--no-check", action="store_true", help="skip the correctness check (rows say 'unchecked')")
     m.add_argument("--no-memory", action="store_true", help="do not probe peak memory")
+    m.add_argument("--no-pipelined", action="store_true", help="CUDA: do not also time the calls back to back "
+                   "(pipelined_ms: no sync between calls, the host preparing each while the GPU runs the last)")
     m.add_argument("--in-process", action="store_true", help="run providers in this process instead of one fresh "
                                                              "process each (faster; memory numbers less exact)")
     m.add_argument("--timeout", type=float, default=900.0, help="seconds per provider before it is reported as "
@@ -206,7 +208,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     if not cases:
         parser.error("the advantages op has no backward: use --mode fwd")
     settings = Settings(warmup=warmup, repeat=repeat, check=not args.no_check, check_tokens=args.check_tokens,
-                        memory=not args.no_memory)
+                        memory=not args.no_memory, pipelined=not args.no_pipelined)
     return cases, providers, excluded, settings
 
 

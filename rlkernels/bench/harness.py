@@ -9,7 +9,9 @@ The order inside :func:`run_case`:
 2. **first call** at the bench shape: warms up, allocates the gradient buffers, and yields the fingerprint (norms
    of outputs and gradients) that the CLI compares with eager's at the same shape.
 3. further warm-up calls, then 4. the **timed** calls, each also probed for its transient memory peak outside
-   the timed interval (:func:`rlkernels.bench.measure.time_calls`).
+   the timed interval (:func:`rlkernels.bench.measure.time_calls`);
+5. on CUDA, as many calls again timed **pipelined**, back to back with no sync between them
+   (:func:`rlkernels.bench.measure.time_pipelined`): ``pipelined_ms`` and its percentiles.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Settings:
     check: bool = True
     check_tokens: int = 64
     memory: bool = True
+    pipelined: bool = True  # CUDA: also time the calls back to back (measure.time_pipelined)
     cache_dir: Optional[str] = None  # where workers share the inputs that cost a forward pass (one run's temp dir)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -106,7 +109,8 @@ def _error_row(exc: BaseException) -> Dict[str, Any]:
 def run_case(case: Case, provider_name: str, settings: Settings) -> Dict[str, Any]:
     """Check, warm up, measure memory and time ``provider_name`` on ``case``. Returns the measurement fields of a
     result row (``status``, ``reason``, ``median_ms``, ``p20_ms``, ``p80_ms``, ``times_ms``, ``peak_mem_mb``,
-    ``memory_method``, ``check``, ``fingerprint``, ``flops``, ``bytes``)."""
+    ``memory_method``, ``check``, ``fingerprint``, ``flops``, ``bytes``; on CUDA ``pipelined_ms``,
+    ``pipelined_p20_ms``, ``pipelined_p80_ms`` and ``pipelined_times_ms``)."""
     row: Dict[str, Any] = {"status": "ok", "reason": None}
     try:
         provider = get_provider(provider_name)
@@ -142,6 +146,11 @@ def run_case(case: Case, provider_name: str, settings: Settings) -> Dict[str, An
             setup, step, settings.repeat, case.device, memory=settings.memory)
         row.update(measure.summarize(times))
         row["times_ms"] = times
+        if case.device == "cuda" and settings.pipelined:
+            times = measure.time_pipelined(setup, step, settings.repeat)
+            spread = measure.summarize(times)
+            row.update(pipelined_ms=spread["median_ms"], pipelined_p20_ms=spread["p20_ms"],
+                       pipelined_p80_ms=spread["p80_ms"], pipelined_times_ms=times)
     except Exception as exc:  # a provider that crashes is a result to report, not a reason to stop the suite
         row.update(_error_row(exc))
     row["notes"] = drain_notes() or None

@@ -4,6 +4,14 @@ Timing: each call is timed alone, after the untimed per-call setup (the forward,
 ``time.perf_counter``; on CUDA with a pair of CUDA events around the call, read after the end event completes.
 Results are the median and the 20th/80th percentiles.
 
+On CUDA each call is also timed *pipelined* (:func:`time_pipelined`): the calls follow one another with no
+synchronisation between them, each between its own pair of events, as a training loop runs them. Timed alone, a call
+starts on an idle GPU, which then waits for the host's work before the call's first kernel (its argument checks, the
+allocations, the launch); pipelined, the host prepares a call while the GPU still runs the one before, so the time is
+the GPU's from the call's first kernel to its last, plus any wait the call itself imposes (a host sync inside it
+drains the GPU and the host's work after the sync is then exposed). ``triton.testing.do_bench`` times kernels in this
+way. Both figures come from the same process, for every provider alike.
+
 Peak memory is the largest transient peak of the timed calls, each above what is alive before it: the inputs and
 the gradient buffers, which the first (warm-up) call allocates and later calls accumulate into. So a fresh gradient
 a provider produces and autograd then adds into ``.grad`` counts as transient, for every provider alike. (The logits
@@ -168,6 +176,32 @@ def time_calls(setup: Optional[Callable[[], Any]], step: Callable[[Any], Any], r
             peak = max(peak or 0.0, probe.end())
         del state
     return times, peak, (probe.method if probe else None)
+
+
+def _timing_event() -> Any:
+    return torch.cuda.Event(enable_timing=True)
+
+
+def time_pipelined(setup: Optional[Callable[[], Any]], step: Callable[[Any], Any], repeat: int,
+                   event: Callable[[], Any] = _timing_event,
+                   synchronize: Callable[[], None] = torch.cuda.synchronize) -> List[float]:
+    """Milliseconds of ``repeat`` calls of ``step(setup())`` queued back to back on CUDA (see the module docstring):
+    one sync before the first call and one after the last, none between. Each call is timed by a pair of events
+    recorded around ``step`` only: the setup's GPU work (the forward, for ``bwd``) falls between one call's end event
+    and the next call's start event, outside both. Each call's state is dropped before the next setup, as in
+    :func:`time_calls`. ``event`` / ``synchronize``: a timing event factory and the device sync (default CUDA's)."""
+    pairs = []
+    synchronize()
+    for _ in range(repeat):
+        state = setup() if setup else None
+        start, end = event(), event()
+        start.record()
+        step(state)
+        end.record()
+        pairs.append((start, end))
+        del state
+    synchronize()
+    return [start.elapsed_time(end) for start, end in pairs]
 
 
 def quantile(xs: List[float], q: float) -> float:

@@ -16,10 +16,17 @@ ROW_KEYS = (
     "op", "mode", "provider", "shape", "M", "H", "V", "batch", "seq_len", "dtype", "device", "device_name", "preset",
     "overrides", "on_policy", "pad_frac", "status", "reason", "median_ms", "p20_ms", "p80_ms", "times_ms",
     "peak_mem_mb", "memory_method", "ratio_vs_eager", "mem_ratio_vs_eager", "flops", "bytes", "tflops", "gbps",
-    "pct_roofline", "check", "fingerprint", "traceback", "warmup", "repeat", "python_version", "torch_version",
-    "triton_version", "rlkernels_version", "liger_version", "cce_version", "timestamp", "notes",
+    "pct_roofline", "pipelined_ms", "pipelined_p20_ms", "pipelined_p80_ms", "pipelined_times_ms",
+    "pipelined_ratio_vs_eager", "pipelined_tflops", "pipelined_gbps", "pipelined_pct_roofline", "check",
+    "fingerprint", "traceback", "warmup", "repeat", "python_version", "torch_version", "triton_version",
+    "rlkernels_version", "liger_version", "cce_version", "timestamp", "notes",
 )
 GROUP_KEYS = ("op", "mode", "shape", "M", "H", "V", "dtype", "device", "preset")
+
+
+# columns finalize_case derives from the measured ones
+_DERIVED = ("ratio_vs_eager", "mem_ratio_vs_eager", "tflops", "gbps", "pct_roofline", "pipelined_ratio_vs_eager",
+            "pipelined_tflops", "pipelined_gbps", "pipelined_pct_roofline")
 
 
 def group_rows(rows: Iterable[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
@@ -44,24 +51,28 @@ def finalize_case(rows: List[Dict[str, Any]]) -> None:
             bad = compare_fingerprints(row["fingerprint"], eager["fingerprint"], row["dtype"])
             if bad:
                 row.update(status="mismatch", reason=bad)
-                for key in ("median_ms", "p20_ms", "p80_ms", "times_ms", "peak_mem_mb"):
+                for key in ("median_ms", "p20_ms", "p80_ms", "times_ms", "peak_mem_mb", "pipelined_ms",
+                            "pipelined_p20_ms", "pipelined_p80_ms", "pipelined_times_ms"):
                     row[key] = None
     for row in rows:
-        for key in ("ratio_vs_eager", "mem_ratio_vs_eager", "tflops", "gbps", "pct_roofline"):
+        for key in _DERIVED:
             row[key] = None
         if not _ok(row):
             continue
-        t = row["median_ms"] / 1e3
-        if _ok(eager):
-            row["ratio_vs_eager"] = row["median_ms"] / eager["median_ms"]
-            if row.get("peak_mem_mb") is not None and eager.get("peak_mem_mb"):
-                row["mem_ratio_vs_eager"] = row["peak_mem_mb"] / eager["peak_mem_mb"]
-        if row.get("flops"):
-            row["tflops"] = row["flops"] / t / 1e12
-        if row.get("bytes"):
-            row["gbps"] = row["bytes"] / t / 1e9
-        if _ok(roof):
-            row["pct_roofline"] = 100.0 * roof["median_ms"] / row["median_ms"]
+        if _ok(eager) and row.get("peak_mem_mb") is not None and eager.get("peak_mem_mb"):
+            row["mem_ratio_vs_eager"] = row["peak_mem_mb"] / eager["peak_mem_mb"]
+        for prefix, key in (("", "median_ms"), ("pipelined_", "pipelined_ms")):  # each timing (measure's docstring)
+            ms = row.get(key)
+            if ms is None:
+                continue
+            if _ok(eager) and eager.get(key):
+                row[prefix + "ratio_vs_eager"] = ms / eager[key]
+            if row.get("flops"):
+                row[prefix + "tflops"] = row["flops"] / (ms / 1e3) / 1e12
+            if row.get("bytes"):
+                row[prefix + "gbps"] = row["bytes"] / (ms / 1e3) / 1e9
+            if _ok(roof) and roof.get(key):
+                row[prefix + "pct_roofline"] = 100.0 * roof[key] / ms
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -95,8 +106,10 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
     """The comparison table: one block per case, one line per provider."""
     out: List[str] = []
     w = max([16] + [len(str(r["provider"])) for r in rows])  # rlkernels-native-compile: 24
+    pipelined = any(r.get("pipelined_ms") is not None for r in rows)  # CUDA rows (measure.time_pipelined)
     header = (f"{'provider':<{w}} {'median ms':>10} {'p20-p80 ms':>17} {'vs eager':>9} {'peak MB':>9} "
-              f"{'TFLOP/s':>8} {'GB/s':>7} {'roofline':>8}  status")
+              f"{'TFLOP/s':>8} {'GB/s':>7} {'roofline':>8}  " + (f"{'pipelined':>9}  " if pipelined else "")
+              + "status")
     indent = len(header) - len("status")
     for group in group_rows(rows):
         out.append(case_title(group[0]))
@@ -108,7 +121,8 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
                     f"{_fmt(r.get('ratio_vs_eager'), '.2f') + ('x' if r.get('ratio_vs_eager') else ''):>9} "
                     f"{_fmt(r.get('peak_mem_mb'), '.0f'):>9} {_fmt(r.get('tflops'), '.3f'):>8} "
                     f"{_fmt(r.get('gbps'), '.1f'):>7} "
-                    f"{_fmt(r.get('pct_roofline'), '.0f') + ('%' if r.get('pct_roofline') else ''):>8}  ")
+                    f"{_fmt(r.get('pct_roofline'), '.0f') + ('%' if r.get('pct_roofline') else ''):>8}  "
+                    + (f"{_ms(r.get('pipelined_ms')):>9}  " if pipelined else ""))
             status = textwrap.wrap(_status(r), max(width - indent, 40)) or [""]
             out.append(line + status[0])
             out.extend(" " * indent + s for s in status[1:])
@@ -124,6 +138,9 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
                "and gradient buffers.")
     out.append("roofline: gemm-roofline time / this time (the bare matmuls = 100%). TFLOP/s count 2*M*H*V per GEMM "
                "(1 fwd, 2 bwd, 3 full).")
+    if pipelined:
+        out.append("pipelined: median ms of as many calls again, queued back to back with no sync between them (the "
+                   "host prepares each while the GPU runs the last); the other columns time each call alone.")
     return "\n".join(out)
 
 
