@@ -1,6 +1,8 @@
 """rlkernels.triton_ops.launch: the compiled kernel Triton returned is launched again only for arguments that
 Triton would specialise alike. On CPU with stand-ins for a Triton kernel and its compiled form (the real ones run in
 every Triton test on a GPU, bench/device_check.sh)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -163,3 +165,62 @@ def test_host_sizes_match_tritons():
     for a in list(range(0, 300)) + [152064, 2 ** 33 + 7]:
         for b in (1, 2, 3, 16, 128, 4096):
             assert L.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+class _OnDevice(torch.Tensor):
+    """A CPU tensor that says it lives on a CUDA device (launch reads only ``get_device()`` of it)."""
+    index = 1
+
+    def get_device(self):
+        return self.index
+
+
+class _OnDevice0(_OnDevice):
+    index = 0
+
+
+def test_a_launch_runs_on_its_tensors_device(fast, monkeypatch):
+    """Triton launches on the current CUDA device whatever device the tensors are on: a launch whose tensors are on
+    another device runs inside that device's context (Triton's path and the kept kernel's alike, prepared or not),
+    under a key of that device; on the current device no context is entered."""
+    current, entered = [0], []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        before, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(L, "_device", lambda: current[0])
+    monkeypatch.setattr(L, "_device_context", device)
+
+    class Compiled(_Compiled):  # records the device current at each launch of the kept kernel
+        def __getitem__(self, grid):
+            run = super().__getitem__(grid)
+            return lambda *params: (self.calls.append(("on", current[0])), run(*params))
+
+    class Kernel(_Kernel):  # and at each launch through Triton's path
+        def __getitem__(self, grid):
+            run = super().__getitem__(grid)
+            return lambda *a, **kw: (self.calls.append(("on", current[0])), run(*a, **kw), Compiled(self.calls))[2]
+
+    def launches(k):  # (path, device current during it)
+        return [(path[0], on[1]) for on, path in zip(k.calls[::2], k.calls[1::2])]
+
+    k = Kernel()
+    x1, x0 = torch.zeros(64).as_subclass(_OnDevice), torch.zeros(64).as_subclass(_OnDevice0)
+    for _ in range(2):
+        L.launch(k, (1,), x1, 32, x1, BLOCK=128, FLAG=True)
+    assert launches(k) == [("triton", 1), ("fast", 1)] and entered == [1, 1] and current == [0]
+    L.launch(k, (1,), x0, 32, x0, BLOCK=128, FLAG=True)  # the current device: a key of its own, no context
+    assert launches(k)[2:] == [("triton", 0)] and entered == [1, 1]
+    later = L.prepare(k, (1,), x1, 48, x1, BLOCK=128, FLAG=True)
+    assert entered == [1, 1]  # nothing entered until the launch
+    later()
+    assert launches(k)[3:] == [("fast", 1)] and entered == [1, 1, 1] and current == [0]
+    current[0] = 1  # the tensors' device made current (torch.cuda.set_device): no context needed
+    L.launch(k, (1,), x1, 32, x1, BLOCK=128, FLAG=True)
+    assert launches(k)[4:] == [("fast", 1)] and entered == [1, 1, 1]

@@ -942,3 +942,45 @@ def test_statistics_finished_in_the_kernel(dtype):
     assert logp[5] == 0 and ent[5] == 0 and all(float(x[5]) == 0 for x in got)
     # a -inf label logit, in a row of -inf too: logp -inf
     assert (logp[[1, 2]] == -float("inf")).all() and torch.isnan(logp[4]) and torch.isfinite(logp[[0, 3]]).all()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.device_count() < 2,
+                    reason="tensors on a CUDA device that is not the current one: needs two GPUs")
+def test_tensors_on_a_device_that_is_not_the_current_one():
+    """Triton launches on the current device: with every tensor on cuda:1 and cuda:0 current (an LM head placed on
+    another GPU by ``device_map="auto"``), the loss, the logits op and the group advantages still match float64,
+    their outputs on cuda:1 and the current device unchanged (launch.py runs each launch on its tensors' device)."""
+    other = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    p = make_problem(3, 11, 24, 301, dtype=torch.bfloat16, seed=8, device=other)
+    q = as_fp64(p)
+    kw = dict(old_logprobs=p["old_logprobs"], config="dapo")
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], backend="triton", **kw)
+    gh, gw = grads(out.loss, [p["hidden"], p["weight"]])
+    assert out.loss.device == other and gw.device == other and torch.cuda.current_device() == 0
+    exact, _ = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"], **kw)
+    gh64, gw64 = grads(exact, [q["hidden"], q["weight"]])
+    eager, _ = ref.linear_policy_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], **kw)
+    gh_e, gw_e = grads(eager, [p["hidden"], p["weight"]])
+    assert_matches("loss", out.loss, exact, eager, torch.bfloat16)
+    assert_matches("grad_weight", gw, gw64, gw_e, torch.bfloat16)
+    assert_matches("grad_hidden", gh, gh64, gh_e, torch.bfloat16)
+
+    z = torch.randn(37, 1003, device=other, dtype=torch.float32).requires_grad_()
+    y = torch.randint(0, 1003, (37,), device=other)
+    lp = R.logprobs_from_logits(z, y, backend="triton")
+    (gz,) = torch.autograd.grad(lp.sum(), z)
+    z64 = z.detach().double().cpu().requires_grad_()
+    want = ref.logprobs_from_logits(z64, y.cpu())[0]
+    (gz64,) = torch.autograd.grad(want.sum(), z64)
+    z32 = z.detach().clone().requires_grad_()
+    eager = ref.logprobs_from_logits(z32, y)[0]
+    (gz_e,) = torch.autograd.grad(eager.sum(), z32)
+    assert lp.device == other and gz.device == other
+    assert_matches("logp", lp, want, eager, torch.float32)
+    assert_matches("grad_logits", gz, gz64, gz_e, torch.float32)
+
+    rewards = torch.randn(32, device=other, dtype=torch.float64)
+    adv = R.group_advantages(rewards, group_size=8, backend="triton")
+    assert adv.device == other
+    assert_matches("advantages", adv, ref.group_advantages(rewards.cpu(), group_size=8))

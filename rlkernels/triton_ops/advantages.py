@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import next_pow2
+from .launch import launch, next_pow2
 
 # METHOD codes of the kernel; lite_ppo and rpp_baseline use CENTRED and are finished by the caller
 GRPO, CENTRED, RLOO, PASSK = 0, 1, 2, 3
@@ -113,8 +113,8 @@ def group_advantages_rows(r: Tensor, method: str, eps: float, group_size: Option
         starts = counts = r  # unused pointers
     else:  # group lengths vary: one tile size for all (no host read of the longest, no recompiles)
         n_groups, block = starts.shape[0], MAX_BLOCK
-    _group_advantages_kernel[(n_groups,)](
-        r, starts, counts, group_size or 0, out, keep, float(eps),
+    launch(  # on the rewards' device, through the kept compiled kernel after the first call
+        _group_advantages_kernel, (n_groups,), r, starts, counts, group_size or 0, out, keep, float(eps),
         METHOD=METHOD_CODES[method], CONTIGUOUS=contiguous, BLOCK=block, num_warps=4 if block >= 128 else 1,
     )
     return out, keep.bool()

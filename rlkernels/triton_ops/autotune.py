@@ -64,11 +64,12 @@ def _median_ms(fn: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         times = []
+        stream = torch.cuda.current_stream(device)  # the launches' (launch.py runs them on their tensors' device)
         for _ in range(REPEATS):
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            stop.record()
+            stop.record(stream)
             stop.synchronize()
             times.append(start.elapsed_time(stop))
         return statistics.median(times)

@@ -15,14 +15,22 @@ keeps Triton's launch hooks) on later calls with an equal key. The key holds, fo
   (Triton: the constexpr 1, the "D" divisibility attribute, and the integer type);
 * a float, a bool or None: its kind (bools also their value);
 
-and the constexprs and launch options (``num_warps``...) with their values, and the current device. Anything else
+and the constexprs and launch options (``num_warps``...) with their values, and the device. Anything else
 (a tuple, a descriptor, a Triton function) takes Triton's own path every time, as does everything under the
 interpreter or with ``RLKERNELS_FAST_LAUNCH=0``. The key can only be finer than Triton's: two launches with an equal
 key get the same compiled kernel from Triton too. What the key leaves out are Triton's process-wide switches read at
 launch (``TRITON_DEBUG``, instrumentation): changing them after a kernel's first launch does not recompile it here.
+
+The device: Triton launches on the *current* CUDA device (and its current stream), whatever device the tensors are
+on. Tensors on another device (a model spread over GPUs with ``device_map="auto"`` puts the LM head on the last one,
+while the current device stays ``cuda:0``) then fail Triton's pointer check, or would run on the wrong device's
+stream. Every launch here (both paths) therefore runs on the device of its first tensor argument: inside
+``torch.cuda.device(...)`` when that is not the current one, and under no context otherwise (the usual case: one
+``get_device()`` more per launch).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -75,22 +83,45 @@ def arg_key(args) -> Optional[tuple]:
 
 def launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: the runtime arguments positionally, in the kernel's order, then the
-    constexprs and launch options by name. A launch whose key was seen before skips Triton's binding, specialising
-    and cache lookup (see the module's docstring)."""
+    constexprs and launch options by name, on the device of the first tensor argument. A launch whose key was seen
+    before skips Triton's binding, specialising and cache lookup (see the module's docstring)."""
     prepare(kernel, grid, *args, **kwargs)()
 
 
 def prepare(kernel, grid: Tuple[int, ...], *args, **kwargs) -> Callable[[], None]:
     """:func:`launch` in two steps: the key and the kept kernel's launcher now, the launch when the returned function
-    is called (on the current stream then). The logits op prepares its launch inside its value-checking block and
-    launches once the checks' copies are queued (before it waits for them; with ``_inputs.READ_AFTER_LAUNCH`` off,
-    after the checks' host sync), so that little host work is left between the two."""
+    is called (on the current stream of the tensors' device then). The logits op prepares its launch inside its
+    value-checking block and launches once the checks' copies are queued (before it waits for them; with
+    ``_inputs.READ_AFTER_LAUNCH`` off, after the checks' host sync), so that little host work is left between the
+    two."""
+    device = _tensor_device(args)
+    if device < 0:  # CPU tensors (the interpreter) or none: Triton's current device
+        return _prepare(kernel, grid, None, args, kwargs)
+    start = _prepare(kernel, grid, device, args, kwargs)
+    return start if device == _device() else functools.partial(_launch_on, device, start)
+
+
+def _launch_on(device: int, start: Callable[[], None]) -> None:
+    with _device_context(device):
+        start()
+
+
+def _tensor_device(args) -> int:
+    """The CUDA device index of the first tensor argument; -1 for a CPU tensor or none."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.get_device()
+    return -1
+
+
+def _prepare(kernel, grid, device: Optional[int], args, kwargs) -> Callable[[], None]:
+    """:func:`prepare` on ``device`` (None: the current one), without the device context."""
     if not ENABLED:
         return lambda: kernel[grid](*args, **kwargs)
     per_arg = arg_key(args)
     if per_arg is None:
         return lambda: kernel[grid](*args, **kwargs)
-    key = (id(kernel), _device(), per_arg, tuple(kwargs.items()))
+    key = (id(kernel), _device() if device is None else device, per_arg, tuple(kwargs.items()))
     kept = _COMPILED.get(key)
     if kept is None:
         return lambda: _first_launch(kernel, grid, key, args, kwargs)
@@ -110,6 +141,9 @@ def _first_launch(kernel, grid, key, args, kwargs) -> None:
 
 def _device() -> int:
     return torch.cuda.current_device()  # the device Triton launches on (its driver asks torch the same)
+
+
+_device_context = torch.cuda.device  # entered around a launch on another device than the current one
 
 
 def _params(kernel, args, kwargs) -> Optional[Tuple[str, ...]]:
