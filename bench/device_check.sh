@@ -121,7 +121,8 @@ for s in ${STEPS:-grpo llama logprobs host tests tune kernels}; do
     tests) step_to "$OUT/tests-$TAG.log" tests 240 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra \
                -p no:cacheprovider $XDIST tests/test_logprobs.py tests/test_loss.py tests/test_triton.py \
                tests/test_launch.py \
-               tests/test_compile.py tests/test_memory.py tests/test_advantages.py tests/test_hypothesis.py ;;
+               tests/test_compile.py tests/test_memory.py tests/test_advantages.py tests/test_hypothesis.py \
+               tests/test_autocast.py ;;
     *) echo "unknown step $s" >> "$SUMMARY"; FAILED=1 ;;
   esac
 done

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .config import PolicyLossConfig, is_finite_number
+from .engines import AUTOCAST_DEVICES
 from .engines.torch_engine import compute_dtype
 from .objective import TokenBatch
 
@@ -36,6 +37,24 @@ def compiling() -> bool:
     """True while torch.compile traces: data-dependent checks and row gathers are skipped then."""
     compiler = getattr(torch, "compiler", None)
     return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+
+
+def autocast_linear_inputs(hidden, weight, bias):
+    """hidden, weight and bias as ``torch.nn.functional.linear`` sees them inside a ``torch.autocast`` region of
+    hidden's device type: each floating tensor that is not float64 cast to the region's dtype (differentiably: its
+    gradient comes back in the caller's dtype), so that the GEMMs run in that dtype as the eager code's would. Outside
+    such a region (and for anything that is not a tensor, which the checks then reject) as they are."""
+    if not isinstance(hidden, Tensor):
+        return hidden, weight, bias
+    device_type = hidden.device.type
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype not in (torch.float64, dtype)
+        return t.to(dtype) if eligible else t
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def value_checks_enabled() -> bool:

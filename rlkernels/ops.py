@@ -57,6 +57,7 @@ class _LinearCall:
 
     def __init__(self, hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group,
                  extra_checks=None):
+        hidden, weight, bias = I.autocast_linear_inputs(hidden, weight, bias)  # inside torch.autocast: its dtype
         self.tp_group, self.offset = tp_group, 0
         V = None
         if tp_group is not None and I.compiling():
@@ -337,6 +338,7 @@ def fused_grpo_loss(
                                    normalizer=normalizer, cdt=cdt, ref=hidden)
 
     call = _LinearCall(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group, token_batch)
+    weight, bias = call.weight, call.bias  # as the call took them (in autocast's dtype inside an autocast region)
     batch = call.extra if call.index is None else call.extra.select(call.index)
 
     separable = is_token_separable(cfg, batch)

@@ -10,6 +10,8 @@ Engines other than ``torch`` are loaded lazily by a loader in ``_LOADERS`` the f
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Callable, Dict, Optional, Tuple
 
@@ -26,13 +28,48 @@ class BackendUnavailable(RuntimeError):
     """An engine cannot run here; the message says why and how to fix it."""
 
 
+AUTOCAST_DEVICES = ("cuda", "cpu")
+# the primitives that compute: each engine's own runs with torch.autocast off (see Engine)
+_PRIMITIVES = ("linear_forward", "linear_backward", "linear_fused", "logits_forward", "logits_backward")
+
+
+def autocast_off(fn: Callable) -> Callable:
+    """``fn`` run with ``torch.autocast`` off on every device type where it is on (none: called as it is, for the
+    cost of two flag reads, ~0.35 us)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        on = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if not on:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device_type in on:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+    return run
+
+
 class Engine:
     """The interface of an engine: five primitives on flat inputs, implemented by each engine, and the autograd
     entry points that :mod:`rlkernels.ops` calls, shared by all (see :mod:`rlkernels.engines.autograd`).
 
     Inputs: hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64, temperature a float or an (N,) tensor
     in the compute dtype (fp32, fp64 for fp64 inputs); per-row statistics are (N,) in the compute dtype.
+
+    The primitives run with ``torch.autocast`` off (:func:`autocast_off`, applied to each subclass's own): their
+    GEMMs take the dtype of the inputs they are given and their math the compute dtype, called inside an autocast
+    region or not, forward and backward alike (a region would otherwise turn some of an engine's matmuls to bf16
+    and not others). The public functions apply autocast's cast to hidden, weight and bias before (as
+    ``torch.nn.functional.linear`` would see them: :func:`rlkernels._inputs.autocast_linear_inputs`).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in _PRIMITIVES:
+            attr = cls.__dict__.get(name)
+            if isinstance(attr, staticmethod):
+                setattr(cls, name, staticmethod(autocast_off(attr.__func__)))
+            elif callable(attr):
+                setattr(cls, name, autocast_off(attr))
 
     name = "abstract"
     default_budget_mb = 64.0
