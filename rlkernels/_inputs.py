@@ -369,11 +369,24 @@ def _shape(x: Tensor) -> str:
 def require_tensor(name: str, x, *, dtypes=None, dims=None, kind: str = "float") -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if _is_dtensor(x):
+        raise TypeError(
+            f"{name} is a DTensor (placements {tuple(x.placements)}), as FSDP2 leaves a parameter outside its "
+            f"module's forward; rlkernels takes plain tensors: the whole tensor ({name}.full_tensor(), or the "
+            "parameter inside the module's forward, where FSDP has gathered it), or, for an LM head sharded over the "
+            f"vocabulary across ranks that hold the same hidden states, this rank's rows ({name}.to_local()) with "
+            "tp_group=")
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} has dtype {x.dtype}; expected {kind} ({', '.join(str(d) for d in dtypes)})")
     if dims is not None and x.dim() not in dims:
         raise ValueError(f"{name} has shape {_shape(x)}; expected {' or '.join(f'{d}-D' for d in dims)}")
     return x
+
+
+def _is_dtensor(x: Tensor) -> bool:
+    # by name: no import of torch.distributed.tensor (nothing else makes one)
+    cls = type(x)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
 
 
 def _require_int(name: str, x) -> Tensor:

@@ -405,3 +405,29 @@ def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, 
     with pytest.raises(ValueError, match="old_logprobs holds NaN"):
         R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=torch.full_like(old, float("nan")))
     assert events == (["copy", "objective", "wait"] if on_gpu else ["sync"]), events
+
+
+@pytest.fixture
+def dtensor():
+    """A function making a DTensor of a tensor (sharded on dim 0 over a one-process gloo group, as FSDP2 leaves a
+    parameter), the group torn down after the test."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of this process's own")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    yield lambda t: distribute_tensor(t.detach(), mesh, [Shard(0)]).requires_grad_(t.requires_grad)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["hidden", "weight", "bias", "labels", "mask", "advantages", "old_logprobs"])
+def test_a_dtensor_is_refused_with_what_to_pass(p, dtensor, name):
+    """A DTensor (FSDP2's parameter outside its module's forward) gets a TypeError naming the argument and saying
+    what to pass, where it failed inside with a message about .tolist()."""
+    given = dict(bias=torch.zeros(37, requires_grad=True), old_logprobs=p["old_logprobs"].float())
+    given[name] = dtensor(given.get(name, p[name]))
+    with pytest.raises(TypeError, match=f"{name} is a DTensor .*{name}.full_tensor\\(\\).*{name}.to_local\\(\\)"):
+        call(p, config="dapo", backend="torch", **given)
