@@ -35,15 +35,15 @@ _PRIMITIVES = ("linear_forward", "linear_backward", "linear_fused", "logits_forw
 
 def autocast_off(fn: Callable) -> Callable:
     """``fn`` run with ``torch.autocast`` off on every device type where it is on (none: called as it is, for the
-    cost of two flag reads, ~0.35 us)."""
+    cost of two flag reads: 0.4 us per call on the 2-core CPU machine)."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        on = [d for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
-        if not on:
+        if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):  # AUTOCAST_DEVICES
             return fn(*args, **kwargs)
         with contextlib.ExitStack() as stack:
-            for device_type in on:
-                stack.enter_context(torch.autocast(device_type, enabled=False))
+            for device_type in AUTOCAST_DEVICES:
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
             return fn(*args, **kwargs)
     return run
 
