@@ -224,3 +224,7 @@ def test_a_launch_runs_on_its_tensors_device(fast, monkeypatch):
     current[0] = 1  # the tensors' device made current (torch.cuda.set_device): no context needed
     L.launch(k, (1,), x1, 32, x1, BLOCK=128, FLAG=True)
     assert launches(k)[4:] == [("fast", 1)] and entered == [1, 1, 1]
+    current[0] = 0
+    monkeypatch.setattr(L, "ENABLED", False)  # RLKERNELS_FAST_LAUNCH=0: Triton's path every time, on the same device
+    L.launch(k, (1,), x1, 32, x1, BLOCK=128, FLAG=True)
+    assert launches(k)[5:] == [("triton", 1)] and entered == [1, 1, 1, 1] and current == [0]
