@@ -120,7 +120,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, *_unused):
-    scale = lambda g, need: (g * g_loss.to(g.dtype)) if need else None  # noqa: E731
+    scale = lambda g, need: (g * g_loss) if need else None  # noqa: E731  (g's dtype; g_loss not rounded to it)
     gh, gw, gb = (scale(g, need) for g, need in zip(ctx.saved_tensors, ctx.need))
     return (gh, gw, gb) + (None,) * 15
 

@@ -425,3 +425,35 @@ def test_sequence_aligned_plan():
     assert sequence_aligned(plan, torch.tensor([0, 1, 0]), 2)[0] is None  # sequence 0 not contiguous
     assert sequence_aligned(plan, torch.tensor([], dtype=torch.long), 3)[0].ranges(0) == []
     assert plan.ranges(20) == [(0, 8), (8, 16), (16, 20)]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype,scale", [(torch.float16, 65536.0), (torch.bfloat16, 1 / 3)],
+                         ids=["fp16-gradscaler", "bf16-third"])
+def test_the_single_pass_scales_its_gradients_by_the_upstream_gradient_in_fp32(backend, dtype, scale, compiled):
+    """The single pass forms its gradients in the forward and scales them by the loss's upstream gradient in the
+    backward. That factor is not rounded to the gradients' dtype: in fp16, GradScaler's default scale 65536 became inf
+    (every gradient inf where eager's were finite); in bf16, 1/3 became 0.333984 (every gradient 0.2% too large).
+    Here: (scale * loss).backward() gives finite gradients whose ratio to scale * (the unscaled call's) is 1 on
+    average to rounding noise, eager and under torch.compile."""
+    if compiled:
+        torch._dynamo.reset()
+    p = make_problem(4, 9, 16, 37, dtype=dtype, seed=21)
+
+    def loss_of(h, w):
+        return R.fused_grpo_loss(h, w, p["labels"], p["advantages"], p["mask"], old_logprobs=p["old_logprobs"],
+                                 config="dapo", backend=backend, single_pass=True).loss
+
+    f = torch.compile(loss_of, fullgraph=True) if compiled else loss_of
+    unit, scaled = [], []
+    for factor, out in ((1.0, unit), (scale, scaled)):
+        h, w = (p[k].detach().clone().requires_grad_() for k in ("hidden", "weight"))
+        (f(h, w) * factor).backward()
+        out += [h.grad, w.grad]
+    for name, u, s in zip(("grad_hidden", "grad_weight"), unit, scaled):
+        assert bool(torch.isfinite(s).all()), name
+        want = u.double() * scale
+        kept = want.abs() > want.abs().max() * 1e-2
+        ratio = s.double()[kept] / want[kept]
+        assert abs(float(ratio.mean()) - 1) < 2e-4, (name, float(ratio.mean()))
+        assert float((ratio - 1).abs().max()) < 2 ** -7, name  # one rounding of the product in the input dtype

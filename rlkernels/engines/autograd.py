@@ -280,6 +280,8 @@ class LinearFusedLoss(torch.autograd.Function):
                                "fused_grpo_loss(..., single_pass=False) to backward through it twice")
         gh, gw, gb = ctx.grads
         ctx.grads = None
-        # in place: a copy of grad_weight costs a pass over V x H (43 ms at V=32000, H=1024 on the 2-core CPU)
-        scale = lambda g: None if g is None else g.mul_(g_loss.to(g.dtype))  # noqa: E731
+        # in place: a copy of grad_weight costs a pass over V x H (43 ms at V=32000, H=1024 on the 2-core CPU); by
+        # the fp32 g_loss itself: cast to an fp16 gradient's dtype GradScaler's default scale 65536 became inf, and in
+        # bf16 a scale of 1/3 became 0.333984 (every gradient 0.2% too large)
+        scale = lambda g: None if g is None else g.mul_(g_loss)  # noqa: E731
         return None, scale(gh), scale(gw), scale(gb), None, None, None, None
