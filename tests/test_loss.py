@@ -457,3 +457,24 @@ def test_the_single_pass_scales_its_gradients_by_the_upstream_gradient_in_fp32(b
         ratio = s.double()[kept] / want[kept]
         assert abs(float(ratio.mean()) - 1) < 2e-4, (name, float(ratio.mean()))
         assert float((ratio - 1).abs().max()) < 2 ** -7, name  # one rounding of the product in the input dtype
+
+
+def test_fp16_takes_the_two_stage_path_where_the_single_pass_would_underflow(backend):
+    """With fp16 inputs the default (single_pass=None) is the two-stage path: the single pass forms dL/dz in fp16
+    before a GradScaler's scale reaches it, and the values below fp16's smallest (6e-8) flush to zero. Here 256
+    tokens, V=4096, peaked logits, the loss scaled by 65536: the forced single pass zeroes whole rows of grad_weight
+    (997 of them with the torch engine), the default and the two-stage path none, and the default is the two-stage
+    path exactly."""
+    p = make_problem(4, 64, 16, 4096, dtype=torch.float16, seed=5, logit_scale=8.0, mask_frac=0.0, device=DEVICE)
+
+    def grad_weight(single_pass):
+        w = p["weight"].detach().clone().requires_grad_()
+        out = R.fused_grpo_loss(p["hidden"], w, p["labels"], p["advantages"], p["mask"],
+                                old_logprobs=p["old_logprobs"], config="dapo", backend=backend, single_pass=single_pass)
+        (out.loss * 65536.0).backward()
+        return w.grad
+
+    zero_rows = lambda g: int((g.abs().sum(1) == 0).sum())  # noqa: E731
+    forced, default, two_stage = grad_weight(True), grad_weight(None), grad_weight(False)
+    assert zero_rows(forced) > 100 and zero_rows(default) == 0
+    assert torch.equal(default, two_stage)
