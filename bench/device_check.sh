@@ -7,7 +7,8 @@
 # STEPS="logprobs tune tests grpo llama kernels") they took 481 s: logprobs 78, tune 37, tests 103, grpo 101, llama 99,
 # kernels 45 (compile, opt-in: 142 on 2026-11-26); the host step, added since, took about 20 s in device_logits.sh,
 # and the cce provider in the grpo step (added 2026-11-27) is untimed (its own limit: 70 s). The bench steps also time
-# each provider's calls back to back since then (pipelined_ms: 5 more calls each; Liger's 0.9-1 s calls add ~5 s).
+# each provider's calls back to back since then (pipelined_ms: 5 more calls each, untimed here; from session 9's
+# Liger medians, 953 and 878 ms, Liger's add about 4.8 s to grpo and 4.4 s to llama).
 # Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after
 # every row), or name fewer STEPS. The default order puts first what
 # the Triton engine issue's targets are judged on (the grpo op at both shapes, the logits op's bandwidth, the GPU test
