@@ -84,8 +84,10 @@ Vectorized<T> vexp(const Vectorized<T>& x) {
   }
 }
 
-// Loads, transforms and stores of one block row, for one input dtype and bias-or-not.
-template <typename scalar_t, bool kBias>
+// Loads, transforms and stores of one block row, for one input dtype, bias-or-not and softcap-or-not. With kCap the
+// logit is capped before the temperature, z~ = s tanh((z + b) / s) / T (Gemma 2 and Gemma 4's final-logit cap),
+// through `cap` = (s, 1 / s) of the row pass.
+template <typename scalar_t, bool kBias, bool kCap = false>
 struct Row {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -109,9 +111,19 @@ struct Row {
     }
   }
 
-  // z~ = max((z + b) / T, floor) for kStep logits from index i; `it` = 1 / T
-  static void logits(const scalar_t* z, const scalar_t* bias, int64_t i, const Vec& it, const Vec& floor, Vec& x0,
-                     Vec& x1) {
+  // (s, 1 / s) of a softcap s, as vectors (unused without kCap)
+  struct Cap {
+    acc_t s = 1, inv = 1;
+    Vec vs{acc_t(1)}, vinv{acc_t(1)};
+    explicit Cap(double softcap) {
+      if (kCap) s = static_cast<acc_t>(softcap), inv = static_cast<acc_t>(1.0 / softcap), vs = Vec(s), vinv = Vec(inv);
+    }
+  };
+
+  // z~ = max((z + b) / T, floor) for kStep logits from index i; `it` = 1 / T. With kCap the logits are capped first
+  // and th0, th1 receive tanh((z + b) / s) (for the cap's derivative 1 - tanh^2).
+  static void logits(const scalar_t* z, const scalar_t* bias, int64_t i, const Vec& it, const Vec& floor,
+                     const Cap& cap, Vec& x0, Vec& x1, Vec& th0, Vec& th1) {
     load(z + i, x0, x1);
     if constexpr (kBias) {
       Vec b0, b1;
@@ -119,42 +131,64 @@ struct Row {
       x0 = x0 + b0;
       x1 = x1 + b1;
     }
+    if constexpr (kCap) {  // tanh(-inf) = -1: a banned token's capped logit is -s, finite
+      th0 = (x0 * cap.vinv).tanh();
+      th1 = (x1 * cap.vinv).tanh();
+      x0 = th0 * cap.vs;
+      x1 = th1 * cap.vs;
+    }
     x0 = at::vec::clamp_min(x0 * it, floor);  // clamp_min propagates NaN, like torch.clamp
     x1 = at::vec::clamp_min(x1 * it, floor);
   }
 
-  // the same for one logit, without the floor
-  static acc_t logit(const scalar_t* z, const scalar_t* bias, int64_t i, acc_t it) {
+  static void logits(const scalar_t* z, const scalar_t* bias, int64_t i, const Vec& it, const Vec& floor,
+                     const Cap& cap, Vec& x0, Vec& x1) {
+    Vec th0, th1;
+    logits(z, bias, i, it, floor, cap, x0, x1, th0, th1);
+  }
+
+  // the same for one logit, without the floor; `th` receives tanh((z + b) / s) with kCap
+  static acc_t logit(const scalar_t* z, const scalar_t* bias, int64_t i, acc_t it, const Cap& cap, acc_t* th) {
     acc_t x = static_cast<acc_t>(z[i]);
     if constexpr (kBias) x += static_cast<acc_t>(bias[i]);
+    if constexpr (kCap) {
+      const acc_t t = std::tanh(x * cap.inv);
+      if (th != nullptr) *th = t;
+      x = t * cap.s;
+    }
     return x * it;
+  }
+
+  static acc_t logit(const scalar_t* z, const scalar_t* bias, int64_t i, acc_t it, const Cap& cap) {
+    return logit(z, bias, i, it, cap, nullptr);
   }
 
   static acc_t floored(acc_t x) { return std::isnan(x) ? x : std::max(x, static_cast<acc_t>(kLogitFloor)); }
 
   // Merges the row z[0:n) (vocabulary v0 + [0, n)) into the state st = (M, S, C, z~_y); j = label - v0.
-  static void stats(const scalar_t* z, const scalar_t* bias, int64_t n, int64_t j, acc_t it, acc_t* st, bool first) {
+  static void stats(const scalar_t* z, const scalar_t* bias, int64_t n, int64_t j, acc_t it, const Cap& cap, acc_t* st,
+                    bool first) {
     // merge arithmetic in fp64: 2 scalar exp per 2048 logits, and no rounding builds up across segments
     double M = first ? 0.0 : st[0], S = first ? 0.0 : st[1], C = first ? 0.0 : st[2];
     bool have = !first;
     acc_t zy = first ? -std::numeric_limits<acc_t>::infinity() : st[3];
-    if (0 <= j && j < n) zy = logit(z, bias, j, it);  // before the floor: a -inf label logit gives logp = -inf
+    if (0 <= j && j < n) zy = logit(z, bias, j, it, cap);  // before the floor: a -inf label logit gives logp = -inf
     const Vec vit(it), vfloor(static_cast<acc_t>(kLogitFloor));
     for (int64_t s0 = 0; s0 < n; s0 += kSegment) {
       const int64_t s1 = std::min(n, s0 + kSegment);
       const int64_t sv = s0 + (s1 - s0) / kStep * kStep;
       Vec m0(-std::numeric_limits<acc_t>::infinity()), m1 = m0, x0, x1;
       for (int64_t i = s0; i < sv; i += kStep) {
-        logits(z, bias, i, vit, vfloor, x0, x1);
+        logits(z, bias, i, vit, vfloor, cap, x0, x1);
         m0 = at::vec::maximum(m0, x0);
         m1 = at::vec::maximum(m1, x1);
       }
       acc_t ms = hmax(at::vec::maximum(m0, m1));
-      for (int64_t i = sv; i < s1; ++i) ms = std::max(ms, floored(logit(z, bias, i, it)));
+      for (int64_t i = sv; i < s1; ++i) ms = std::max(ms, floored(logit(z, bias, i, it, cap)));
       const Vec vm(ms);
       Vec sa(0), sb(0), ca(0), cb(0);
       for (int64_t i = s0; i < sv; i += kStep) {
-        logits(z, bias, i, vit, vfloor, x0, x1);
+        logits(z, bias, i, vit, vfloor, cap, x0, x1);
         const Vec t0 = x0 - vm, t1 = x1 - vm;
         const Vec e0 = vexp(t0), e1 = vexp(t1);
         sa = sa + e0;
@@ -164,7 +198,7 @@ struct Row {
       }
       double ss = hsum(sa + sb), cc = hsum(ca + cb);
       for (int64_t i = sv; i < s1; ++i) {
-        const double t = static_cast<double>(floored(logit(z, bias, i, it))) - ms;
+        const double t = static_cast<double>(floored(logit(z, bias, i, it, cap))) - ms;
         const double e = std::exp(t);
         ss += e;
         cc += e * t;
@@ -187,37 +221,63 @@ struct Row {
     st[3] = zy;
   }
 
-  // out[0:n) = [g_logp (1_y - p) - g_ent p (t - C/S)] / T with t = z~ - M, p = exp(t - log S); out may alias z.
+  // out[0:n) = [g_logp (1_y - p) - g_ent p (t - C/S)] / T with t = z~ - M, p = exp(t - log S), times the cap's
+  // derivative 1 - tanh^2 with kCap (dL/d(raw logit)); out may alias z.
   static void dlogits(const scalar_t* z, scalar_t* out, const scalar_t* bias, int64_t n, int64_t j, acc_t it,
-                      acc_t M, acc_t log_s, acc_t cs, acc_t gl, acc_t ge, bool label_term) {
+                      const Cap& cap, acc_t M, acc_t log_s, acc_t cs, acc_t gl, acc_t ge, bool label_term) {
     const bool label_here = label_term && 0 <= j && j < n;
-    const acc_t ty = label_here ? floored(logit(z, bias, j, it)) - M : 0;  // read before an in-place sweep
+    acc_t thy = 0;
+    const acc_t ty = label_here ? floored(logit(z, bias, j, it, cap, &thy)) - M : 0;  // read before an in-place sweep
     const Vec vit(it), vfloor(static_cast<acc_t>(kLogitFloor)), vM(M), vls(log_s), vcs(cs), vgl(gl), vge(ge);
-    const Vec vnit(-it);
+    const Vec vnit(-it), vone(acc_t(1));
     const int64_t nv = n / kStep * kStep;
-    Vec x0, x1;
+    Vec x0, x1, th0, th1;
     for (int64_t i = 0; i < nv; i += kStep) {
-      logits(z, bias, i, vit, vfloor, x0, x1);
+      logits(z, bias, i, vit, vfloor, cap, x0, x1, th0, th1);
       const Vec t0 = x0 - vM, t1 = x1 - vM;
       const Vec p0 = vexp(t0 - vls), p1 = vexp(t1 - vls);
       // p (t - mu) first: for floored logits it is 0 * -1e20 = 0, never g_ent * -1e20 = inf
-      const Vec d0 = at::vec::fmadd(p0 * (t0 - vcs), vge, p0 * vgl) * vnit;
-      const Vec d1 = at::vec::fmadd(p1 * (t1 - vcs), vge, p1 * vgl) * vnit;
+      Vec d0 = at::vec::fmadd(p0 * (t0 - vcs), vge, p0 * vgl) * vnit;
+      Vec d1 = at::vec::fmadd(p1 * (t1 - vcs), vge, p1 * vgl) * vnit;
+      if constexpr (kCap) {
+        d0 = d0 * (vone - th0 * th0);
+        d1 = d1 * (vone - th1 * th1);
+      }
       store(out + i, d0, d1);
     }
     for (int64_t i = nv; i < n; ++i) {
-      const acc_t t = floored(logit(z, bias, i, it)) - M;
+      acc_t th = 0;
+      const acc_t t = floored(logit(z, bias, i, it, cap, &th)) - M;
       const acc_t p = std::exp(t - log_s);
-      out[i] = static_cast<scalar_t>(-(p * (t - cs) * ge + p * gl) * it);
+      out[i] = static_cast<scalar_t>(-(p * (t - cs) * ge + p * gl) * it * cap_grad(th));
     }
     if (label_here) {
       const acc_t p = std::exp(ty - log_s);
-      out[j] = static_cast<scalar_t>((gl - (p * (ty - cs) * ge + p * gl)) * it);
+      out[j] = static_cast<scalar_t>((gl - (p * (ty - cs) * ge + p * gl)) * it * cap_grad(thy));
     }
   }
+
+  static acc_t cap_grad(acc_t th) { return kCap ? acc_t(1) - th * th : acc_t(1); }
 };
 
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kMinParallelLogits / std::max<int64_t>(n, 1)); }
+
+// f(kBias, kCap) with the runtime flags as std::bool_constant: the four row passes
+template <typename F>
+void with_row(bool bias, bool cap, F&& f) {
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (bias) {
+    cap ? f(yes{}, yes{}) : f(yes{}, no{});
+  } else {
+    cap ? f(no{}, yes{}) : f(no{}, no{});
+  }
+}
+
+void check_cap(double softcap, const char* op) {
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0 (0: none), got ",
+              softcap);
+}
 
 void check_block(const at::Tensor& z, const at::Tensor& labels, const std::optional<at::Tensor>& bias,
                  const std::optional<at::Tensor>& temp_rows, const char* op) {
@@ -258,8 +318,10 @@ void check_rows(const std::optional<at::Tensor>& g, int64_t R, at::ScalarType ac
 
 at::Tensor block_stats(const at::Tensor& z, const at::Tensor& labels, int64_t v0,
                        const std::optional<at::Tensor>& bias, double temperature,
-                       const std::optional<at::Tensor>& temp_rows, const std::optional<at::Tensor>& state) {
+                       const std::optional<at::Tensor>& temp_rows, double softcap,
+                       const std::optional<at::Tensor>& state) {
   check_block(z, labels, bias, temp_rows, "block_stats");
+  check_cap(softcap, "block_stats");
   const int64_t R = z.size(0), n = z.size(1);
   const auto acc = at::toOpMathType(z.scalar_type());
   at::Tensor out;
@@ -279,25 +341,26 @@ at::Tensor block_stats(const at::Tensor& z, const at::Tensor& labels, int64_t v0
     const RowVec<acc_t> trow = row_vec<acc_t>(temp_rows);
     const acc_t it = static_cast<acc_t>(1.0 / temperature);
     acc_t* sp = out.data_ptr<acc_t>();
-    at::parallel_for(0, R, grain_rows(n), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const acc_t itr = trow ? acc_t(1) / trow.at(r) : it;
-        if (bp != nullptr) {
-          Row<scalar_t, true>::stats(zp + r * ld, bp, n, yp[r * ys] - v0, itr, sp + 4 * r, first);
-        } else {
-          Row<scalar_t, false>::stats(zp + r * ld, nullptr, n, yp[r * ys] - v0, itr, sp + 4 * r, first);
+    with_row(bp != nullptr, softcap > 0, [&](auto has_bias, auto has_cap) {
+      using RowT = Row<scalar_t, decltype(has_bias)::value, decltype(has_cap)::value>;
+      const typename RowT::Cap cap(softcap);
+      at::parallel_for(0, R, grain_rows(n), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const acc_t itr = trow ? acc_t(1) / trow.at(r) : it;
+          RowT::stats(zp + r * ld, bp, n, yp[r * ys] - v0, itr, cap, sp + 4 * r, first);
         }
-      }
+      });
     });
   });
   return out;
 }
 
 void dlogits_out(const at::Tensor& z, const at::Tensor& labels, int64_t v0, const std::optional<at::Tensor>& bias,
-                 double temperature, const std::optional<at::Tensor>& temp_rows, const at::Tensor& m,
+                 double temperature, const std::optional<at::Tensor>& temp_rows, double softcap, const at::Tensor& m,
                  const at::Tensor& log_s, const at::Tensor& cs, const std::optional<at::Tensor>& g_logp,
                  const std::optional<at::Tensor>& g_ent, at::Tensor& out) {
   check_block(z, labels, bias, temp_rows, "dlogits");
+  check_cap(softcap, "dlogits");
   const int64_t R = z.size(0), n = z.size(1);
   const auto acc = at::toOpMathType(z.scalar_type());
   check_rows(m, R, acc, "m");
@@ -318,19 +381,18 @@ void dlogits_out(const at::Tensor& z, const at::Tensor& labels, int64_t v0, cons
     const RowVec<acc_t> trow = row_vec<acc_t>(temp_rows), gl = row_vec<acc_t>(g_logp), ge = row_vec<acc_t>(g_ent);
     const RowVec<acc_t> mv = row_vec<acc_t>(m), lsv = row_vec<acc_t>(log_s), csv = row_vec<acc_t>(cs);
     const acc_t it = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, R, grain_rows(n), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const acc_t itr = trow ? acc_t(1) / trow.at(r) : it;
-        const acc_t g1 = gl ? gl.at(r) : acc_t(0), g2 = ge ? ge.at(r) : acc_t(0);
-        const acc_t M = mv.at(r), ls = lsv.at(r), c = csv.at(r);
-        if (bp != nullptr) {
-          Row<scalar_t, true>::dlogits(zp + r * ld, op + r * ldo, bp, n, yp[r * ys] - v0, itr, M, ls, c, g1, g2,
-                                       static_cast<bool>(gl));
-        } else {
-          Row<scalar_t, false>::dlogits(zp + r * ld, op + r * ldo, nullptr, n, yp[r * ys] - v0, itr, M, ls, c, g1,
-                                        g2, static_cast<bool>(gl));
+    with_row(bp != nullptr, softcap > 0, [&](auto has_bias, auto has_cap) {
+      using RowT = Row<scalar_t, decltype(has_bias)::value, decltype(has_cap)::value>;
+      const typename RowT::Cap cap(softcap);
+      at::parallel_for(0, R, grain_rows(n), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const acc_t itr = trow ? acc_t(1) / trow.at(r) : it;
+          const acc_t g1 = gl ? gl.at(r) : acc_t(0), g2 = ge ? ge.at(r) : acc_t(0);
+          const acc_t M = mv.at(r), ls = lsv.at(r), c = csv.at(r);
+          RowT::dlogits(zp + r * ld, op + r * ldo, bp, n, yp[r * ys] - v0, itr, cap, M, ls, c, g1, g2,
+                        static_cast<bool>(gl));
         }
-      }
+      });
     });
   });
 }

@@ -20,16 +20,19 @@ constexpr double kLogitFloor = -1e20;
 
 // Merges one block into the running per-row state and returns the new (R x 4) state. `state` is the state of the
 // previous vocabulary blocks of the same rows, or nullopt for the first block. `temp_rows` (R,) holds per-row
-// temperatures in the compute dtype; when absent the scalar `temperature` applies to every row.
+// temperatures in the compute dtype; when absent the scalar `temperature` applies to every row. `softcap` s > 0 caps
+// each logit before the temperature, z~ = s tanh((z + bias) / s) / T; 0 leaves them.
 at::Tensor block_stats(const at::Tensor& z, const at::Tensor& labels, int64_t v0,
                        const std::optional<at::Tensor>& bias, double temperature,
-                       const std::optional<at::Tensor>& temp_rows, const std::optional<at::Tensor>& state);
+                       const std::optional<at::Tensor>& temp_rows, double softcap,
+                       const std::optional<at::Tensor>& state);
 
 // dL/dz = [g_logp (1_y - p) - g_ent p (z~ - mu)] / T (B §1.3) for one block, from the saved per-row statistics
 // m = M, log_s = log S, cs = C / S (each (R,), compute dtype, any stride), written to `out` (same shape and dtype as
-// z; may be z itself). A missing upstream gradient counts as zero.
+// z; may be z itself). A missing upstream gradient counts as zero. With `softcap` s > 0 the gradient is with respect
+// to the raw logits: times 1 - tanh^2((z + bias) / s).
 void dlogits_out(const at::Tensor& z, const at::Tensor& labels, int64_t v0, const std::optional<at::Tensor>& bias,
-                 double temperature, const std::optional<at::Tensor>& temp_rows, const at::Tensor& m,
+                 double temperature, const std::optional<at::Tensor>& temp_rows, double softcap, const at::Tensor& m,
                  const at::Tensor& log_s, const at::Tensor& cs, const std::optional<at::Tensor>& g_logp,
                  const std::optional<at::Tensor>& g_ent, at::Tensor& out);
 

@@ -507,6 +507,20 @@ def check_scanned_rows(name: str, values: Tensor, late: Optional[LateCheck] = No
         late.arm(flag, math.isnan, message)
 
 
+def check_softcap(softcap) -> float:
+    """None (no cap) or a finite number > 0 -> the float the engines take, 0.0 for none."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, Tensor):
+        raise TypeError("softcap must be a Python number (a model config's final_logit_softcapping) or None, got a "
+                        "tensor")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a number or None, got {type(softcap).__name__}")
+    if not (is_finite_number(softcap) and softcap > 0):
+        raise ValueError(f"softcap={softcap}: must be finite and > 0 (None turns the cap off)")
+    return float(softcap)
+
+
 def check_temperature(temperature, shape: torch.Size, mask: Optional[Tensor], ref: Tensor, cdt: torch.dtype):
     """A float > 0, or a tensor of ``shape`` (per token) > 0 at kept positions (``mask``; None: everywhere) -> float
     or flat tensor in ``cdt``."""

@@ -62,8 +62,8 @@ def linear_fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
                          backend: str, need_h: bool, need_w: bool, need_b: bool, cfg_strs: str,
                          cfg_nums: List[float], cfg_nones: List[bool], tokens: List[Optional[Tensor]],
-                         num_seqs: int, whole_sequences: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                         Tensor]:
+                         num_seqs: int, whole_sequences: bool, softcap: float) -> Tuple[Tensor, Tensor, Tensor,
+                                                                                        Tensor, Tensor, Tensor]:
     """-> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) of ``engine.linear_fused``; a gradient that is
     not needed comes back empty. ``whole_sequences``: the row chunks end at sequence boundaries (planned here)."""
     cfg = config_from_op_args(cfg_strs, cfg_nums, cfg_nones)
@@ -81,7 +81,8 @@ def linear_fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
     with _autograd_inside_op():
         loss, logp, ent, gh, gw, gb = load_engine(backend).linear_fused(
-            hidden.detach(), weight.detach(), detach(bias), labels, t, plan, chunk_loss, need_h, need_w, need_b)
+            hidden.detach(), weight.detach(), detach(bias), labels, t, plan, chunk_loss, need_h, need_w, need_b,
+            softcap=softcap)
     return loss, logp, ent, _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
 
 
@@ -104,7 +105,7 @@ def _whole_sequence_plan(plan: ChunkPlan, seq_ids: Tensor, num_seqs: int) -> Chu
 
 @linear_fused_loss_op.register_fake
 def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, need_h, need_w, need_b,
-      cfg_strs, cfg_nums, cfg_nones, tokens, num_seqs, whole_sequences):
+      cfg_strs, cfg_nums, cfg_nones, tokens, num_seqs, whole_sequences, softcap):
     cdt = compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty((), dtype=cdt), hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
@@ -122,7 +123,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g_loss, *_unused):
     scale = lambda g, need: (g * g_loss) if need else None  # noqa: E731  (g's dtype; g_loss not rounded to it)
     gh, gw, gb = (scale(g, need) for g, need in zip(ctx.saved_tensors, ctx.need))
-    return (gh, gw, gb) + (None,) * 15
+    return (gh, gw, gb) + (None,) * 16
 
 
 linear_fused_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -130,7 +131,7 @@ linear_fused_loss_op.register_autograd(_backward, setup_context=_setup)
 
 def compiled_linear_fused_loss(engine_name: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                labels: Tensor, temperature, plan: ChunkPlan, batch: TokenBatch, prep: Prepared,
-                               cfg: PolicyLossConfig) -> Tuple[Tensor, Tensor, Tensor]:
+                               cfg: PolicyLossConfig, softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss, logp, entropy) of the single pass through the custom op: ``loss`` differentiable w.r.t. hidden, weight
     and bias; ``logp``/``entropy`` detached. ``batch``/``prep`` cover the rows of ``hidden``; ``cfg`` is
     sequence-separable (token-separable ones included), and the op cuts the row chunks at sequence boundaries
@@ -142,5 +143,5 @@ def compiled_linear_fused_loss(engine_name: str, hidden: Tensor, weight: Tensor,
     tokens = [getattr(batch, name) for name in _BATCH_TENSORS] + [getattr(prep, name) for name in _PREP_TENSORS]
     out = linear_fused_loss_op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name,
                                hidden.requires_grad, weight.requires_grad, need_b, *config_to_op_args(cfg), tokens,
-                               batch.num_seqs, not cfg.token_separable)
+                               batch.num_seqs, not cfg.token_separable, float(softcap))
     return out[0], out[1], out[2]

@@ -101,41 +101,44 @@ def _owned(labels: Tensor, offset: int, v_local: int) -> Tensor:
 class _TPLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine, hidden, weight, bias, labels, temperature, plan, group, offset: int,
-                reduce_hidden_grad: bool):
+                reduce_hidden_grad: bool, softcap: float):
         ctx.set_materialize_grads(False)
         logp_l, _, m, log_s, cs = engine.linear_forward(hidden, weight, bias, labels, temperature, plan,
-                                                        vocab_offset=offset)
+                                                        vocab_offset=offset, softcap=softcap)
         s_local = torch.exp(log_s)
         big_m, s, c, zy = merge_shards(group, m, s_local, cs * s_local, logp_l + (m + log_s),
                                        _owned(labels, offset, weight.shape[0]))
         log_s_g, cs_g, logp, ent = finish_stats(big_m, s, c, zy)
         t_saved = temperature if isinstance(temperature, Tensor) else None
         ctx.save_for_backward(hidden, weight, bias, labels, t_saved, big_m, log_s_g, cs_g)
-        ctx.args = (engine, None if t_saved is not None else temperature, plan, group, offset, reduce_hidden_grad)
+        ctx.args = (engine, None if t_saved is not None else temperature, plan, group, offset, reduce_hidden_grad,
+                    softcap)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, labels, t_saved, big_m, log_s, cs = ctx.saved_tensors
-        engine, t_scalar, plan, group, offset, reduce_hidden_grad = ctx.args
+        engine, t_scalar, plan, group, offset, reduce_hidden_grad, softcap = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[1:4]
         if g_logp is None and g_ent is None:
-            return (None,) * 10
+            return (None,) * 11
         temperature = t_saved if t_saved is not None else t_scalar
         # dL/dz of the local shard from the merged statistics: p_v = exp(z~_v - lse), z~ - mu = (z~ - M) - C/S
         gh, gw, gb = engine.linear_backward(hidden, weight, bias, labels, temperature, plan, big_m, log_s, cs,
                                             g_logp, g_ent, need_h, need_w, need_b and bias is not None,
-                                            vocab_offset=offset)
+                                            vocab_offset=offset, softcap=softcap)
         if gh is not None and reduce_hidden_grad:
             dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)
-        return None, gh, gw, gb, None, None, None, None, None, None
+        return None, gh, gw, gb, None, None, None, None, None, None, None
 
 
 def tp_linear_logprobs(engine, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
-                       plan, group, offset: int, reduce_hidden_grad: bool = True) -> Tuple[Tensor, Tensor]:
-    """(logp, entropy) over the full vocabulary from this rank's shard of the LM head (flat inputs)."""
+                       plan, group, offset: int, reduce_hidden_grad: bool = True,
+                       softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """(logp, entropy) over the full vocabulary from this rank's shard of the LM head (flat inputs); ``softcap`` caps
+    each shard's logits (an elementwise map: the shards' statistics merge as without it)."""
     return _TPLinearLogprobs.apply(engine, hidden, weight, bias, labels, temperature, plan, group, offset,
-                                   reduce_hidden_grad)
+                                   reduce_hidden_grad, softcap)
 
 
 class _TPFusedEngine:
@@ -146,14 +149,15 @@ class _TPFusedEngine:
     def __init__(self, engine, group, offset: int, reduce_hidden_grad: bool):
         self.engine, self.group, self.offset, self.reduce_hidden_grad = engine, group, offset, reduce_hidden_grad
 
-    def linear_fused(self, hidden, weight, bias, labels, temperature, plan, chunk_loss, need_h, need_w, need_b):
+    def linear_fused(self, hidden, weight, bias, labels, temperature, plan, chunk_loss, need_h, need_w, need_b,
+                     softcap: float = 0.0):
         v_local = weight.shape[0]
 
         def merge(r0, r1, m, s, c, zy):
             return merge_shards(self.group, m, s, c, zy, _owned(labels[r0:r1], self.offset, v_local))
 
         out = self.engine.linear_fused(hidden, weight, bias, labels, temperature, plan, chunk_loss, need_h, need_w,
-                                       need_b, vocab_offset=self.offset, merge=merge)
+                                       need_b, vocab_offset=self.offset, merge=merge, softcap=softcap)
         gh = out[3]
         if gh is not None and self.reduce_hidden_grad:
             dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=self.group)
@@ -161,14 +165,14 @@ class _TPFusedEngine:
 
 
 def tp_linear_fused_loss(engine, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
-                         plan, chunk_loss, group, offset: int, reduce_hidden_grad: bool = True):
+                         plan, chunk_loss, group, offset: int, reduce_hidden_grad: bool = True, softcap: float = 0.0):
     """(loss, logp, entropy) of the single pass (3 GEMMs) from this rank's shard of the LM head (flat inputs):
     every rank gets the loss of the full vocabulary, its shard's grad_weight / grad_bias and the full grad_hidden
     (or its partial sum with ``reduce_hidden_grad=False``)."""
     from .engines.autograd import LinearFusedLoss
 
     return LinearFusedLoss.apply(_TPFusedEngine(engine, group, offset, reduce_hidden_grad), hidden, weight, bias,
-                                 labels, temperature, plan, chunk_loss)
+                                 labels, temperature, plan, chunk_loss, softcap)
 
 
 def _count(mask, mode, cu_seqlens) -> float:

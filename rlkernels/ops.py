@@ -56,7 +56,8 @@ class _LinearCall:
     chunk plan, and the tensor-parallel group and shard offset when the LM head is vocab-sharded."""
 
     def __init__(self, hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group,
-                 extra_checks=None):
+                 extra_checks=None, softcap=None):
+        self.softcap = I.check_softcap(softcap)  # a Python number: checked before anything else, on every rank
         hidden, weight, bias = I.autocast_linear_inputs(hidden, weight, bias)  # inside torch.autocast: its dtype
         self.tp_group, self.offset = tp_group, 0
         V = None
@@ -120,9 +121,10 @@ class _LinearCall:
             from .distributed import tp_linear_logprobs
 
             return tp_linear_logprobs(self.engine, self.hidden, self.weight, self.bias, self.labels,
-                                      self.temperature, self.plan, self.tp_group, self.offset, reduce_hidden_grad)
+                                      self.temperature, self.plan, self.tp_group, self.offset, reduce_hidden_grad,
+                                      self.softcap)
         return self.engine.linear_logprobs(self.hidden, self.weight, self.bias, self.labels, self.temperature,
-                                           self.plan)
+                                           self.plan, self.softcap)
 
     def scatter(self, values: Tensor) -> Tensor:
         """Per-kept-row values back to the caller's shape, zeros at dropped rows."""
@@ -142,6 +144,7 @@ def fused_logprobs(
     mask: Optional[Tensor] = None,
     tp_group=None,
     reduce_hidden_grad: bool = True,
+    softcap: Optional[float] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Per-token log-probs (and entropies) of ``labels`` under ``softmax((hidden @ weight.T + bias) / temperature)``,
     without ever holding the ``tokens x vocab`` logits.
@@ -164,6 +167,9 @@ def fused_logprobs(
             torch.compile: ValueError).
         reduce_hidden_grad: with ``tp_group``, all-reduce ``grad_hidden`` over the group (False leaves each rank's
             partial sum, for frameworks that reduce it themselves).
+        softcap: float > 0 for a model that caps its final logits, ``softcap * tanh(logits / softcap)`` before the
+            softmax and the temperature (Gemma 2 and Gemma 4: ``model.config.final_logit_softcapping``, 30.0);
+            ``None`` (default) for the rest.
 
     Returns:
         ``logp`` shaped like ``labels``, fp32 (fp64 for fp64 inputs); with ``return_entropy``, ``(logp, entropy)``.
@@ -171,10 +177,12 @@ def fused_logprobs(
 
     Equivalent to::
 
-        logits = (hidden @ weight.T + bias).float() / temperature
-        logp = logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+        logits = (hidden @ weight.T + bias).float()
+        if softcap: logits = softcap * torch.tanh(logits / softcap)
+        logp = (logits / temperature).log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
     """
-    call = _LinearCall(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group)
+    call = _LinearCall(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group,
+                       softcap=softcap)
     logp, ent = call.checks.launched(lambda: call.logprobs(reduce_hidden_grad))
     if not return_entropy:
         return call.scatter(logp)
@@ -288,6 +296,7 @@ def fused_grpo_loss(
     single_pass: Optional[bool] = None,
     tp_group=None,
     reduce_hidden_grad: bool = True,
+    softcap: Optional[float] = None,
     **overrides: Any,
 ) -> LossOutput:
     """The policy loss of GRPO-family RL straight from the final hidden states and the LM head, without the
@@ -325,6 +334,8 @@ def fused_grpo_loss(
         tp_group, reduce_hidden_grad: a vocab-sharded LM head (see :func:`fused_logprobs`); the objective runs on
             every rank on the merged full-vocabulary log-probs, in the single pass too (each row chunk's statistics
             merged across the group by two small all-reduces before its gradients are formed).
+        softcap: the model's final-logit cap (Gemma 2 / Gemma 4: ``model.config.final_logit_softcapping``), or
+            ``None``; see :func:`fused_logprobs`.
 
     Returns:
         :class:`LossOutput` ``(loss, metrics)``: ``loss`` a scalar (fp32) to call ``backward()`` on; ``metrics`` a dict of
@@ -341,7 +352,8 @@ def fused_grpo_loss(
                                    rollout_logprobs=rollout_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens,
                                    normalizer=normalizer, cdt=cdt, ref=hidden)
 
-    call = _LinearCall(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group, token_batch)
+    call = _LinearCall(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, tp_group, token_batch,
+                       softcap)
     weight, bias = call.weight, call.bias  # as the call took them (in autocast's dtype inside an autocast region)
     batch = call.extra if call.index is None else call.extra.select(call.index)
 
@@ -402,13 +414,14 @@ def fused_grpo_loss(
         from .distributed import tp_linear_fused_loss
 
         loss, logp, ent = tp_linear_fused_loss(call.engine, call.hidden, weight, bias, call.labels, call.temperature,
-                                               plan, chunk_loss, tp_group, call.offset, reduce_hidden_grad)
+                                               plan, chunk_loss, tp_group, call.offset, reduce_hidden_grad,
+                                               call.softcap)
     elif compiling:  # the objective travels as its config and per-token tensors (a closure cannot)
         loss, logp, ent = compiled_linear_fused_loss(call.engine.name, call.hidden, weight, bias, call.labels,
-                                                     call.temperature, plan, batch, prep, cfg)
+                                                     call.temperature, plan, batch, prep, cfg, call.softcap)
     else:
         loss, logp, ent = call.checks.launched(lambda: call.engine.linear_fused_loss(
-            call.hidden, weight, bias, call.labels, call.temperature, plan, chunk_loss))
+            call.hidden, weight, bias, call.labels, call.temperature, plan, chunk_loss, call.softcap))
     terms = token_loss(logp, ent, batch, prep, cfg)
     out = metrics(terms, logp, ent, batch, prep, cfg)
     out["loss"] = loss.detach().float()
@@ -480,23 +493,29 @@ class GRPOLoss(nn.Module):
 
     Args:
         config: preset name or :class:`PolicyLossConfig`; ``**overrides`` change its fields (validated here, once).
-        temperature, backend, chunk_size: defaults for every call (a call may override them).
+        temperature, backend, chunk_size, softcap: defaults for every call (a call may override them); ``softcap``
+            is the model's final-logit cap (``model.config.final_logit_softcapping`` on Gemma 2 / Gemma 4) or None.
     """
 
     def __init__(self, config: Union[str, PolicyLossConfig] = "grpo", *, temperature: Temperature = 1.0,
-                 backend: str = "auto", chunk_size: Optional[int] = None, **overrides: Any):
+                 backend: str = "auto", chunk_size: Optional[int] = None, softcap: Optional[float] = None,
+                 **overrides: Any):
         super().__init__()
         self.config = resolve_config(config, **overrides)
+        I.check_softcap(softcap)
         self.temperature = temperature
         self.backend = backend
         self.chunk_size = chunk_size
+        self.softcap = softcap
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, advantages: Tensor,
                 mask: Optional[Tensor] = None, **kwargs: Any) -> LossOutput:
         kwargs.setdefault("temperature", self.temperature)
         kwargs.setdefault("backend", self.backend)
         kwargs.setdefault("chunk_size", self.chunk_size)
+        kwargs.setdefault("softcap", self.softcap)
         return fused_grpo_loss(hidden, weight, labels, advantages, mask, config=self.config, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"config={self.config}, temperature={self.temperature}, backend={self.backend!r}"
+        cap = "" if self.softcap is None else f", softcap={self.softcap}"
+        return f"config={self.config}, temperature={self.temperature}, backend={self.backend!r}{cap}"

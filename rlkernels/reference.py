@@ -32,14 +32,18 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------------------------
 # 1. Log-probs and entropy (LOSSES.md B §1.1)
 # ------------------------------------------------------------------------------------------------------------------
-def logits_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, upcast: bool = False) -> Tensor:
-    """``hidden @ weight.T + bias`` in the input dtype (as a model's LM head computes it), or in float64."""
+def logits_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, upcast: bool = False,
+                       softcap: Optional[float] = None) -> Tensor:
+    """``hidden @ weight.T + bias`` in the input dtype (as a model's LM head computes it), or in float64; with
+    ``softcap``, capped as Gemma 2 / Gemma 4 cap their final logits: ``softcap * tanh(logits / softcap)``."""
     if upcast:
         hidden, weight = hidden.double(), weight.double()
         bias = None if bias is None else bias.double()
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return logits
 
 
@@ -71,9 +75,12 @@ def linear_logprobs(
     bias: Optional[Tensor] = None,
     temperature: Union[float, Tensor] = 1.0,
     upcast: bool = False,
+    softcap: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """``logprobs_from_logits(hidden @ weight.T + bias, labels)``: materialises the full logits."""
-    return logprobs_from_logits(logits_from_hidden(hidden, weight, bias, upcast), labels, temperature, upcast)
+    """``logprobs_from_logits(hidden @ weight.T + bias, labels)`` (logits capped first with ``softcap``):
+    materialises the full logits."""
+    return logprobs_from_logits(logits_from_hidden(hidden, weight, bias, upcast, softcap), labels, temperature,
+                                upcast)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -301,13 +308,15 @@ def linear_policy_loss(
     bias: Optional[Tensor] = None,
     temperature: Union[float, Tensor] = 1.0,
     upcast: bool = False,
+    softcap: Optional[float] = None,
     **kwargs,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Eager ``fused_grpo_loss`` on a padded batch: logits, log-softmax, gather, entropy, then :func:`policy_loss`.
+    """Eager ``fused_grpo_loss`` on a padded batch: logits (capped with ``softcap``), log-softmax, gather, entropy,
+    then :func:`policy_loss`.
 
     hidden (B, T, H), weight (V, H), labels (B, T). This is the benchmark's ``eager`` provider.
     """
-    logp, entropy = linear_logprobs(hidden, weight, labels, bias, temperature, upcast)
+    logp, entropy = linear_logprobs(hidden, weight, labels, bias, temperature, upcast, softcap)
     return policy_loss(logp, entropy, advantages, mask, **kwargs)
 
 

@@ -93,10 +93,11 @@ def _tp_worker(rank, config, kw):
     group = dist.group.WORLD
 
     # per-token log-probs and entropies
+    cap = kw.get("softcap")
     full = R.fused_logprobs(leaves_full[0], leaves_full[1], p["labels"], bias=leaves_full[2], return_entropy=True,
-                            temperature=0.8, chunk_size=4)
+                            temperature=0.8, chunk_size=4, softcap=cap)
     tp = R.fused_logprobs(leaves_tp[0], leaves_tp[1], p["labels"], bias=leaves_tp[2], return_entropy=True,
-                          temperature=0.8, chunk_size=4, tp_group=group)
+                          temperature=0.8, chunk_size=4, tp_group=group, softcap=cap)
     _close("logp", tp[0], full[0])
     _close("entropy", tp[1], full[1])
 
@@ -115,7 +116,8 @@ def _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, call_kw, fused, 
 
     calls = []
     original = distributed._TPFusedEngine.linear_fused
-    distributed._TPFusedEngine.linear_fused = lambda self, *a: calls.append(a[5]) or original(self, *a)  # a[5]: plan
+    distributed._TPFusedEngine.linear_fused = (  # a[5]: the plan
+        lambda self, *a, **k: calls.append(a[5]) or original(self, *a, **k))
     try:
         group = dist.group.WORLD
         args = (p["labels"], p["advantages"], p["mask"])
@@ -149,6 +151,7 @@ def _tp_loss(rank, p, config, kw, rows, leaves_full, leaves_tp, call_kw, fused, 
 @pytest.mark.parametrize("config,kw", [
     ("dapo", dict(kl_coef=0.05, entropy_coef=0.01)),
     ("gspo", dict(kl_coef=0.05, entropy_coef=0.01, clip_low=0.02, clip_high=0.02)),
+    ("dapo", dict(kl_coef=0.05, entropy_coef=0.01, softcap=0.7)),  # each shard caps its logits (Gemma)
 ])
 def test_tensor_parallel_matches_single_process(backend, config, kw):
     """fused_logprobs, and fused_grpo_loss on the two-stage path and in the single pass (one chunk, several)."""

@@ -240,9 +240,10 @@ def test_eager_calls_skip_the_custom_op_and_match_it(backend, path, monkeypatch)
         leaves_ = [p["hidden"], p["weight"], p["bias"]]
         h = p["hidden"].reshape(-1, 8)
         plan = ChunkPlan(4, 37, 37)
-        twin = AG.linear_logprobs(backend, h, p["weight"], p["bias"], labels, temp, plan)
+        # with a final-logit cap: the twin and the op carry it alike
+        twin = AG.linear_logprobs(backend, h, p["weight"], p["bias"], labels, temp, plan, 3.0)
         op = AG.linear_logprobs_op(h, p["weight"], p["bias"], labels, temp, 1.0, plan.rows, plan.vocab_block,
-                                   backend)[:2]
+                                   backend, 3.0)[:2]
     else:
         z = (p["hidden"].reshape(-1, 8) @ p["weight"].detach().T).detach().requires_grad_()
         leaves_ = [z]

@@ -342,9 +342,9 @@ def _spy_fused(monkeypatch):
 
     plans, orig = [], Engine.linear_fused_loss
 
-    def spy(self, hidden, weight, bias, labels, temperature, plan, chunk_loss):
+    def spy(self, hidden, weight, bias, labels, temperature, plan, chunk_loss, softcap=0.0):
         plans.append(plan)
-        return orig(self, hidden, weight, bias, labels, temperature, plan, chunk_loss)
+        return orig(self, hidden, weight, bias, labels, temperature, plan, chunk_loss, softcap)
 
     monkeypatch.setattr(Engine, "linear_fused_loss", spy)
     return plans

@@ -268,13 +268,13 @@ def test_custom_ops_opcheck():
     y = torch.randint(0, 70, (6,), generator=g)
     bias = torch.randn(70, generator=g)
     temp = 0.5 + torch.rand(6, generator=g)
-    state = ops.block_stats(z, y, 0, bias, 1.0, temp, None)
+    state = ops.block_stats(z, y, 0, bias, 1.0, temp, 0.0, None)
     stats = [x.contiguous() for x in ops.finish(state)[2:]]
     gl, ge = torch.randn(6, generator=g), torch.randn(6, generator=g)
-    torch.library.opcheck(ops.block_stats, (z, y, 0, bias, 1.0, temp, None))
-    torch.library.opcheck(ops.block_stats, (z[:, 30:], y, 30, None, 0.7, None, state))
-    torch.library.opcheck(ops.dlogits, (z, y, 0, bias, 1.0, temp, *stats, gl, ge))
-    torch.library.opcheck(ops.dlogits_, (z.clone(), y, 0, None, 1.0, None, *stats, gl, None))
+    torch.library.opcheck(ops.block_stats, (z, y, 0, bias, 1.0, temp, 0.0, None))
+    torch.library.opcheck(ops.block_stats, (z[:, 30:], y, 30, None, 0.7, None, 30.0, state))
+    torch.library.opcheck(ops.dlogits, (z, y, 0, bias, 1.0, temp, 0.0, *stats, gl, ge))
+    torch.library.opcheck(ops.dlogits_, (z.clone(), y, 0, None, 1.0, None, 30.0, *stats, gl, None))
 
 
 @needs_native
@@ -283,9 +283,9 @@ def test_torch_compile_sees_the_ops():
     from rlkernels.native import ops
 
     def logits_logprobs(z, y, g):
-        state = ops.block_stats(z, y, 0, None, 1.0, None, None)
+        state = ops.block_stats(z, y, 0, None, 1.0, None, 0.0, None)
         logp, ent, m, log_s, cs = ops.finish(state)
-        return logp, ent, ops.dlogits(z, y, 0, None, 1.0, None, m, log_s, cs, g, None)
+        return logp, ent, ops.dlogits(z, y, 0, None, 1.0, None, 0.0, m, log_s, cs, g, None)
 
     g = torch.Generator().manual_seed(47)
     z, y, gl = torch.randn(8, 300, generator=g), torch.randint(0, 300, (8,), generator=g), torch.randn(8, generator=g)

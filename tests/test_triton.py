@@ -18,7 +18,7 @@ from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, check_events, gr
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
 ALLOWED_CONSTEXPR = {"HAS_BIAS", "TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES", "ROWS_3D", "STAGES",
-                     "SPLIT_TAIL", "MASKED_ROWS", "PREFETCH", "FINISH"}
+                     "SPLIT_TAIL", "MASKED_ROWS", "PREFETCH", "FINISH", "SOFTCAP"}
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__ if hasattr(k, "__name__") else str(k))
@@ -33,7 +33,7 @@ def test_sizes_and_hyperparameters_are_runtime_arguments(kernel):
     runtime = {p.name for p in params} - constexpr
     assert "BLOCK_V" in constexpr, "annotations not read"
     assert constexpr <= ALLOWED_CONSTEXPR, f"unexpected constexpr parameters {constexpr - ALLOWED_CONSTEXPR}"
-    for name in ("n_cols", "v_offset", "stride_z", "stride_outer", "rows_inner", "inv_t_scalar"):
+    for name in ("n_cols", "v_offset", "stride_z", "stride_outer", "rows_inner", "inv_t_scalar", "softcap"):
         assert name in runtime
 
 

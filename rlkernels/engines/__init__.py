@@ -101,19 +101,21 @@ class Engine:
 
     # -- primitives ------------------------------------------------------------------------------------------------
     def linear_forward(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan,
-                       vocab_offset: Optional[int] = None):
+                       vocab_offset: Optional[int] = None, softcap: float = 0.0):
         """-> (logp, entropy, M, log S, C/S), each (N,). ``vocab_offset``: None for the whole vocabulary, else the
-        global id of weight row 0 of a tensor-parallel shard (labels outside the shard then give logp = -inf)."""
+        global id of weight row 0 of a tensor-parallel shard (labels outside the shard then give logp = -inf).
+        ``softcap``: s > 0 computes on the capped logits s tanh((hidden @ weight.T + bias) / s), then / T (Gemma 2
+        and Gemma 4's final_logit_softcapping); 0 leaves them. The linear primitives all take it."""
         raise NotImplementedError
 
     def linear_backward(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs,
                         g_logp: Optional[Tensor], g_ent: Optional[Tensor], need_h: bool, need_w: bool, need_b: bool,
-                        vocab_offset: Optional[int] = None):
+                        vocab_offset: Optional[int] = None, softcap: float = 0.0):
         """-> (grad_hidden, grad_weight, grad_bias), None where not needed; a None upstream skips its term."""
         raise NotImplementedError
 
     def linear_fused(self, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool,
-                     need_w: bool, need_b: bool, vocab_offset=None, merge=None):
+                     need_w: bool, need_b: bool, vocab_offset=None, merge=None, softcap: float = 0.0):
         """Single pass for losses whose chunk gradients need only the chunk (token-separable, or sequence-separable
         over ``plan.bounds`` chunks of whole sequences) -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias).
         A tensor-parallel shard passes ``vocab_offset`` (the global id of weight row 0) and ``merge(r0, r1, M, S, C,
@@ -139,9 +141,9 @@ class Engine:
 
     # -- autograd entry points -------------------------------------------------------------------------------------
     def linear_logprobs(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                        temperature, plan: ChunkPlan) -> Tuple[Tensor, Tensor]:
+                        temperature, plan: ChunkPlan, softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
         """(logp, entropy), each (N,) in the compute dtype, differentiable w.r.t. hidden, weight and bias."""
-        return autograd.linear_logprobs(self.name, hidden, weight, bias, labels, temperature, plan)
+        return autograd.linear_logprobs(self.name, hidden, weight, bias, labels, temperature, plan, softcap)
 
     def logits_logprobs(self, logits: Tensor, labels: Tensor, temperature, plan: ChunkPlan, masked_rows: bool,
                         late_check=None) -> Tuple[Tensor, Tensor]:
@@ -158,10 +160,11 @@ class Engine:
                                                 late_check, engine=self)
 
     def linear_fused_loss(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
-                          plan: ChunkPlan, chunk_loss) -> Tuple[Tensor, Tensor, Tensor]:
+                          plan: ChunkPlan, chunk_loss, softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
         """Single pass (token-separable losses, or sequence-separable ones over chunks of whole sequences):
         (loss, logp, entropy); gradients formed in forward."""
-        return autograd.LinearFusedLoss.apply(self, hidden, weight, bias, labels, temperature, plan, chunk_loss)
+        return autograd.LinearFusedLoss.apply(self, hidden, weight, bias, labels, temperature, plan, chunk_loss,
+                                              softcap)
 
 
 class TorchEngine(Engine):

@@ -83,30 +83,31 @@ class _EagerTwin(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                     temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
-                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    backend: str, softcap: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
     return _own(_engine(backend).linear_forward(hidden, weight, bias, labels, _temperature(temperature, temp_scalar),
-                                                plan))
+                                                plan, softcap=softcap))
 
 
 linear_logprobs_op = torch.library.custom_op("rlkernels::linear_logprobs", _linear_forward, mutates_args=())
 
 
 @linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend):
+def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, softcap):
     n, cdt = hidden.shape[0], compute_dtype(hidden.dtype)
     return tuple(hidden.new_empty(n, dtype=cdt) for _ in range(5))
 
 
 def _linear_backward_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                           temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
-                          backend: str, m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor],
-                          g_ent: Optional[Tensor], need_h: bool, need_w: bool,
+                          backend: str, softcap: float, m: Tensor, log_s: Tensor, cs: Tensor,
+                          g_logp: Optional[Tensor], g_ent: Optional[Tensor], need_h: bool, need_w: bool,
                           need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
     gh, gw, gb = _engine(backend).linear_backward(hidden, weight, bias, labels,
                                                   _temperature(temperature, temp_scalar), plan, m, log_s, cs,
-                                                  g_logp, g_ent, need_h, need_w, need_b and bias is not None)
+                                                  g_logp, g_ent, need_h, need_w, need_b and bias is not None,
+                                                  softcap=softcap)
     return _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
 
 
@@ -115,18 +116,18 @@ linear_logprobs_backward_op = torch.library.custom_op("rlkernels::linear_logprob
 
 
 @linear_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, m, log_s, cs, g_logp,
-      g_ent, need_h, need_w, need_b):
+def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, softcap, m, log_s, cs,
+      g_logp, g_ent, need_h, need_w, need_b):
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else weight.new_empty(0),
             torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(0))
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend = inputs
+    hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, softcap = inputs
     _, _, m, log_s, cs = output
     ctx.save_for_backward(hidden, weight, bias, labels, temperature, m, log_s, cs)
-    ctx.args = (temp_scalar, rows, vocab_block, backend)
+    ctx.args = (temp_scalar, rows, vocab_block, backend, softcap)
     ctx.set_materialize_grads(False)
 
 
@@ -135,10 +136,10 @@ def _linear_grads(ctx, g_logp, g_ent, backward):
     hidden, weight, bias, labels, temperature, m, log_s, cs = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
-        return (None,) * 9
+        return (None,) * 10
     gh, gw, gb = backward(hidden, weight, bias, labels, temperature, *ctx.args, m, log_s, cs, g_logp, g_ent,
                           need_h, need_w, need_b)
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 6
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 7
 
 
 def _linear_backward(ctx, g_logp, g_ent, *_stats_grads):
@@ -149,11 +150,12 @@ linear_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_set
 _LINEAR_TWIN = (_linear_forward, _linear_setup, _linear_grads, _linear_backward_impl)
 
 
-def linear_logprobs(engine_name: str, hidden, weight, bias, labels, temperature, plan: ChunkPlan):
+def linear_logprobs(engine_name: str, hidden, weight, bias, labels, temperature, plan: ChunkPlan,
+                    softcap: float = 0.0):
     """(logp, entropy), differentiable w.r.t. hidden, weight and bias: the custom op under ``torch.compile``, its
-    eager twin otherwise."""
+    eager twin otherwise. ``softcap``: s > 0 caps the logits to s tanh(logits / s); 0 leaves them."""
     t, t_scalar = _split_temperature(temperature)
-    args = (hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name)
+    args = (hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name, float(softcap))
     if not torch.compiler.is_compiling():
         return _EagerTwin.apply(*args, _LINEAR_TWIN, None)
     out = linear_logprobs_op(*args)
@@ -265,10 +267,10 @@ class LinearFusedLoss(torch.autograd.Function):
     pass by ``engine.linear_fused``; backward scales them by ``grad_output``. ``logp``/``entropy`` are detached."""
 
     @staticmethod
-    def forward(ctx, engine, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss):
+    def forward(ctx, engine, hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, softcap):
         need_h, need_w, need_b = ctx.needs_input_grad[1:4]
         loss, logp, ent, gh, gw, gb = engine.linear_fused(hidden, weight, bias, labels, temperature, plan,
-                                                          chunk_loss, need_h, need_w, need_b)
+                                                          chunk_loss, need_h, need_w, need_b, softcap=softcap)
         ctx.grads = (gh, gw, gb)
         ctx.mark_non_differentiable(logp, ent)
         return loss, logp, ent
@@ -284,4 +286,4 @@ class LinearFusedLoss(torch.autograd.Function):
         # the fp32 g_loss itself: cast to an fp16 gradient's dtype GradScaler's default scale 65536 became inf, and in
         # bf16 a scale of 1/3 became 0.333984 (every gradient 0.2% too large)
         scale = lambda g: None if g is None else g.mul_(g_loss)  # noqa: E731
-        return None, scale(gh), scale(gw), scale(gb), None, None, None, None
+        return None, scale(gh), scale(gw), scale(gb), None, None, None, None, None

@@ -131,7 +131,8 @@ class _Grads:
         return self.h, w, b
 
 
-def _chunk_state(ws, h, weight, bias, labels, temp, plan, offset: int = 0) -> Tuple[Tensor, Tensor]:
+def _chunk_state(ws, h, weight, bias, labels, temp, plan, offset: int = 0,
+                 softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     """The (rows, 4) state of one row chunk over all vocabulary blocks, and the last block's logits. ``offset`` is
     the global id of weight row 0 (a tensor-parallel shard): the kernels compare labels with ``offset + v0``."""
     ops, (t, t_rows) = _ops(), temp
@@ -140,12 +141,12 @@ def _chunk_state(ws, h, weight, bias, labels, temp, plan, offset: int = 0) -> Tu
     for v0 in range(0, V, plan.vocab_block):
         v1 = min(v0 + plan.vocab_block, V)
         z = _logits_block(ws, h, weight, v0, v1)
-        state = ops.block_stats(z, labels, offset + v0, _bias(bias, v0, v1), t, t_rows, state)
+        state = ops.block_stats(z, labels, offset + v0, _bias(bias, v0, v1), t, t_rows, softcap, state)
     return state, z
 
 
 def _chunk_grads(ws, grads, h, weight, bias, labels, temp, plan, stats, g_logp, g_ent, r0, z=None,
-                 offset: int = 0) -> None:
+                 offset: int = 0, softcap: float = 0.0) -> None:
     """dL/dz of each vocabulary block of a row chunk (recomputing its logits unless ``z`` holds them), then the
     block's gradient GEMMs. ``stats`` = (M, log S, C/S) of the chunk's rows."""
     ops, (t, t_rows) = _ops(), temp
@@ -154,14 +155,15 @@ def _chunk_grads(ws, grads, h, weight, bias, labels, temp, plan, stats, g_logp, 
         v1 = min(v0 + plan.vocab_block, V)
         if z is None or plan.vocab_blocked:
             z = _logits_block(ws, h, weight, v0, v1)
-        ops.dlogits_(z, labels, offset + v0, _bias(bias, v0, v1), t, t_rows, *stats, g_logp, g_ent)
+        ops.dlogits_(z, labels, offset + v0, _bias(bias, v0, v1), t, t_rows, softcap, *stats, g_logp, g_ent)
         grads.add_block(ws, z, h, weight, r0, v0, v1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the primitives
 # ----------------------------------------------------------------------------------------------------------------
-def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None):
+def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None,
+                   softcap: float = 0.0):
     """-> (logp, entropy, M, log S, C/S), each (N,) in the compute dtype. ``vocab_offset``: None for the whole
     vocabulary, else the global id of weight row 0 of a tensor-parallel shard (labels outside it give -inf)."""
     N = hidden.shape[0]
@@ -169,12 +171,13 @@ def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, v
     ws = _Workspace(plan, hidden)
     for r0, r1 in plan.ranges(N):
         state[r0:r1] = _chunk_state(ws, hidden[r0:r1], weight, bias, labels[r0:r1], _temp(temperature, r0, r1),
-                                    plan, vocab_offset or 0)[0]
+                                    plan, vocab_offset or 0, softcap)[0]
     return _ops().finish(state)
 
 
 def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,
-                    need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None):
+                    need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None,
+                    softcap: float = 0.0):
     """-> (grad_hidden, grad_weight, grad_bias), None where not needed; a None upstream skips its term."""
     N, cdt = hidden.shape[0], compute_dtype(hidden.dtype)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
@@ -184,12 +187,13 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
     for r0, r1 in plan.ranges(N):
         stats = tuple(_rows(x, r0, r1, cdt) for x in (m, log_s, cs))
         _chunk_grads(ws, grads, hidden[r0:r1], weight, bias, labels[r0:r1], _temp(temperature, r0, r1), plan, stats,
-                     _rows(g_logp, r0, r1, cdt), _rows(g_ent, r0, r1, cdt), r0, offset=vocab_offset or 0)
+                     _rows(g_logp, r0, r1, cdt), _rows(g_ent, r0, r1, cdt), r0, offset=vocab_offset or 0,
+                     softcap=softcap)
     return grads.results(plan)
 
 
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool, need_w: bool,
-                 need_b: bool, vocab_offset: Optional[int] = None, merge=None):
+                 need_b: bool, vocab_offset: Optional[int] = None, merge=None, softcap: float = 0.0):
     """Single pass (see Engine.linear_fused) -> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias): per row
     chunk, the objective's upstream gradients are asked for right away and dL/dz is formed while the logits block is
     still in memory (3 GEMMs per chunk instead of 4)."""
@@ -200,7 +204,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     ws = _Workspace(plan, hidden, need_wgrad=need_w)
     for r0, r1 in plan.ranges(N):
         h, y, temp = hidden[r0:r1], labels[r0:r1], _temp(temperature, r0, r1)
-        state, z = _chunk_state(ws, h, weight, bias, y, temp, plan, vocab_offset or 0)
+        state, z = _chunk_state(ws, h, weight, bias, y, temp, plan, vocab_offset or 0, softcap)
         if merge is not None:  # this shard's (M, S, C, z~_y) -> the whole vocabulary's; z stays the raw logits
             state = torch.stack(merge(r0, r1, *state.unbind(1)), 1)
         lp, en, *stats = _ops().finish(state)
@@ -208,7 +212,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
         if (g_logp is not None or g_ent is not None) and any_grad:
             _chunk_grads(ws, grads, h, weight, bias, y, temp, plan, stats, _rows(g_logp, 0, r1 - r0, cdt),
                          _rows(g_ent, 0, r1 - r0, cdt), r0, z=None if plan.vocab_blocked else z,
-                         offset=vocab_offset or 0)
+                         offset=vocab_offset or 0, softcap=softcap)
         logp[r0:r1], ent[r0:r1] = lp, en
         loss += part
     return (loss, logp, ent, *grads.results(plan))
@@ -221,7 +225,7 @@ def logits_forward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bo
     state = torch.empty(N, 4, dtype=compute_dtype(logits.dtype), device=logits.device)
     for r0, r1, z in _row_chunks(logits, plan):
         t, t_rows = _temp(temperature, r0, r1)
-        state[r0:r1] = ops.block_stats(z, labels[r0:r1], 0, None, t, t_rows, None)
+        state[r0:r1] = ops.block_stats(z, labels[r0:r1], 0, None, t, t_rows, 0.0, None)
     return ops.finish(state)
 
 
@@ -232,7 +236,7 @@ def logits_backward(logits, labels, temperature, plan: ChunkPlan, masked_rows: b
     grad = None
     for r0, r1, z in _row_chunks(logits, plan):
         t, t_rows = _temp(temperature, r0, r1)
-        dz = ops.dlogits(z, labels[r0:r1], 0, None, t, t_rows, *(_rows(x, r0, r1, cdt) for x in (m, log_s, cs)),
+        dz = ops.dlogits(z, labels[r0:r1], 0, None, t, t_rows, 0.0, *(_rows(x, r0, r1, cdt) for x in (m, log_s, cs)),
                          _rows(g_logp, r0, r1, cdt), _rows(g_ent, r0, r1, cdt))
         if r0 == 0 and r1 == N:
             return dz

@@ -45,10 +45,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Workspace:
-    """Reusable block buffers: ``z`` (logits in the compute dtype), ``p`` (exponentials), and, for half inputs of the
-    GEMM path, a GEMM output block and a weight-gradient block in the input dtype."""
+    """Reusable block buffers: ``z`` (logits in the compute dtype), ``p`` (exponentials), for half inputs of the
+    GEMM path a GEMM output block and a weight-gradient block in the input dtype, and for a softcap's gradient the
+    block of its derivatives ``1 - tanh^2`` (``cap_grad``: a third compute-dtype block)."""
 
-    def __init__(self, plan: ChunkPlan, like: Tensor, gemm: bool = True, need_wgrad: bool = False):
+    def __init__(self, plan: ChunkPlan, like: Tensor, gemm: bool = True, need_wgrad: bool = False,
+                 cap_grad: bool = False):
         rows, vb = plan.rows, plan.vocab_block
         dev, dt = like.device, like.dtype
         self.cdt = compute_dtype(dt)
@@ -57,6 +59,7 @@ class _Workspace:
         self.p = torch.empty(rows, vb, dtype=self.cdt, device=dev)
         self.zh = torch.empty(rows, vb, dtype=dt, device=dev) if (self.half and gemm) else None
         self.gw = torch.empty(vb, like.shape[1], dtype=dt, device=dev) if (self.zh is not None and need_wgrad) else None
+        self.f = torch.empty(rows, vb, dtype=self.cdt, device=dev) if cap_grad else None
 
 
 def _block(buf: Tensor, r: int, v: int) -> Tensor:
@@ -69,8 +72,10 @@ def _rows(x: Temperature, r0: int, r1: int) -> Temperature:
 
 
 def _logits_block(ws: _Workspace, h: Tensor, weight: Tensor, bias: Optional[Tensor], v0: int, v1: int,
-                  temperature: Temperature) -> Tensor:
-    """z~ = (h @ W[v0:v1].T + b) / T into the workspace, in the compute dtype (GEMM in the input dtype)."""
+                  temperature: Temperature, softcap: float = 0.0, cap_grad: bool = False) -> Tensor:
+    """z~ = (h @ W[v0:v1].T + b) / T into the workspace, in the compute dtype (GEMM in the input dtype); with a
+    ``softcap`` s > 0, z~ = s tanh((h @ W.T + b) / s) / T, and with ``cap_grad`` the block of dz~/d(raw logit) T =
+    1 - tanh^2 into ``ws.f`` (see :func:`_dlogits_`)."""
     z = _block(ws.z, h.shape[0], v1 - v0)
     w = weight[v0:v1]
     if ws.half:
@@ -83,6 +88,12 @@ def _logits_block(ws: _Workspace, h: Tensor, weight: Tensor, bias: Optional[Tens
         torch.addmm(bias[v0:v1].to(z.dtype), h, w.T, out=z)
     else:
         torch.mm(h, w.T, out=z)
+    if softcap:
+        z.div_(softcap).tanh_()  # -inf (a banned token's bias) -> -1: the capped logit is -s, finite
+        if cap_grad:
+            f = _block(ws.f, *z.shape)
+            torch.mul(z, z, out=f).neg_().add_(1.0)
+        z.mul_(softcap)
     if not (isinstance(temperature, float) and temperature == 1.0):
         z.div_(temperature)
     return z
@@ -122,9 +133,11 @@ def _merge(state, m_b: Tensor, s_b: Tensor, c_b: Tensor):
 
 
 def _dlogits_(t: Tensor, p: Tensor, cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor],
-              labels_local: Tensor, in_block: Optional[Tensor], temperature: Temperature) -> Tensor:
+              labels_local: Tensor, in_block: Optional[Tensor], temperature: Temperature,
+              cap_grad: Optional[Tensor] = None) -> Tensor:
     """dL/dz = [g_logp (1_y - p) - g_H p (t - C/S)] / T, with t = z~ - M and p the probabilities, formed in place in
-    ``t`` (or ``p`` when there is no entropy gradient). Both buffers may be overwritten; returns the one holding it."""
+    ``t`` (or ``p`` when there is no entropy gradient). Both buffers may be overwritten; returns the one holding it.
+    ``cap_grad``: a softcap's 1 - tanh^2 of each logit (the chain rule through s tanh(z / s)), multiplied in."""
     if g_ent is not None:
         dz = t.sub_(cs[:, None]).mul_(g_ent[:, None])
         if g_logp is not None:
@@ -137,6 +150,8 @@ def _dlogits_(t: Tensor, p: Tensor, cs: Tensor, g_logp: Optional[Tensor], g_ent:
         dz.scatter_add_(1, labels_local.clamp(0, dz.shape[1] - 1)[:, None], add[:, None])
     if not (isinstance(temperature, float) and temperature == 1.0):
         dz.div_(temperature)
+    if cap_grad is not None:
+        dz.mul_(cap_grad)
     return dz
 
 
@@ -224,12 +239,12 @@ def forward_rows(hidden: Tensor, plan: ChunkPlan, chunk_stats):
 
 
 def _chunk_stats(ws, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None,
-                 merge: Optional[ChunkMerge] = None):
+                 merge: Optional[ChunkMerge] = None, softcap: float = 0.0):
     """Forward statistics of one row chunk over all vocabulary blocks (and shards, with ``merge``):
     (M, log S, C/S, logp, entropy)."""
 
     def block_stats(v0, v1):
-        z = _logits_block(ws, h, weight, bias, v0, v1, temperature)
+        z = _logits_block(ws, h, weight, bias, v0, v1, temperature, softcap)
         local, in_block = _locate(labels, (offset or 0) + v0, v1 - v0, plan.vocab_blocked or offset is not None)
         m_b, zy_b = _shift_(z, local, in_block)
         _, s_b, c_b = _block_state(ws, z)
@@ -239,18 +254,23 @@ def _chunk_stats(ws, h, weight, bias, labels, temperature, plan, offset: Optiona
 
 
 def _chunk_backward(ws, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0,
-                    offset: Optional[int] = None):
+                    offset: Optional[int] = None, softcap: float = 0.0):
     """Recompute each vocabulary block of a row chunk and accumulate its gradients."""
     V = weight.shape[0]
     for v0 in range(0, V, plan.vocab_block):
         v1 = min(v0 + plan.vocab_block, V)
-        t = _logits_block(ws, h, weight, bias, v0, v1, temperature)
+        t = _logits_block(ws, h, weight, bias, v0, v1, temperature, softcap, cap_grad=bool(softcap))
         t.clamp_(min=LOGIT_FLOOR).sub_(m[:, None])
         p = _block(ws.p, *t.shape)
         torch.sub(t, log_s[:, None], out=p).exp_()
         local, in_block = _locate(labels, (offset or 0) + v0, v1 - v0, plan.vocab_blocked or offset is not None)
-        dz = _dlogits_(t, p, cs, g_logp, g_ent, local, in_block, temperature)
+        dz = _dlogits_(t, p, cs, g_logp, g_ent, local, in_block, temperature, _cap_grad(ws, t, softcap))
         grads.add_block(ws, dz, h, weight, r0, v0, v1, plan.vocab_blocked)
+
+
+def _cap_grad(ws: _Workspace, t: Tensor, softcap: float) -> Optional[Tensor]:
+    """The block of 1 - tanh^2 that :func:`_logits_block` wrote for a softcap, shaped like ``t``, or None."""
+    return _block(ws.f, *t.shape) if softcap else None
 
 
 def _locate(labels: Tensor, first: int, width: int, partial: bool):
@@ -264,29 +284,33 @@ def _as_temperature(temperature: Temperature, r0: int, r1: int) -> Temperature:
     return _rows(temperature, r0, r1) if isinstance(temperature, Tensor) else float(temperature)
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None):
+def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None,
+                   softcap: float = 0.0):
     """(hidden (N,H), weight (V,H), bias (V,)|None, labels (N,) int64, temperature float|(N,)) ->
     (logp, entropy, M, log S, C/S), each (N,) in the compute dtype. The last three are all backward needs.
 
     ``vocab_offset``: None for the whole vocabulary; for a tensor-parallel shard, the global id of weight row 0
-    (labels outside the shard then give logp = -inf, to be merged across shards by :mod:`rlkernels.distributed`)."""
+    (labels outside the shard then give logp = -inf, to be merged across shards by :mod:`rlkernels.distributed`).
+    ``softcap``: s > 0 caps the logits to s tanh(logits / s) before the temperature; 0 leaves them."""
     ws = _Workspace(plan, hidden)
     return forward_rows(hidden, plan, lambda r0, r1: _chunk_stats(
-        ws, hidden[r0:r1], weight, bias, labels[r0:r1], _as_temperature(temperature, r0, r1), plan, vocab_offset))
+        ws, hidden[r0:r1], weight, bias, labels[r0:r1], _as_temperature(temperature, r0, r1), plan, vocab_offset,
+        softcap=softcap))
 
 
 def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,
-                    need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None):
+                    need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None,
+                    softcap: float = 0.0):
     """Recompute each logits block and accumulate (grad_hidden, grad_weight, grad_bias); None where not needed.
     ``g_logp``/``g_ent`` may be None (that term is skipped)."""
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
-    ws = _Workspace(plan, hidden, need_wgrad=need_w)
+    ws = _Workspace(plan, hidden, need_wgrad=need_w, cap_grad=bool(softcap))
     N = hidden.shape[0]
     for r0, r1 in plan.ranges(N):
         sl = slice(r0, r1)
         _chunk_backward(ws, grads, hidden[sl], weight, bias, labels[sl], _as_temperature(temperature, r0, r1),
                         plan, m[sl], log_s[sl], cs[sl], None if g_logp is None else g_logp[sl],
-                        None if g_ent is None else g_ent[sl], r0, vocab_offset)
+                        None if g_ent is None else g_ent[sl], r0, vocab_offset, softcap)
     return grads.results()
 
 
@@ -313,28 +337,30 @@ def fused_outputs(hidden: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss: ChunkLoss,
                  need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None,
-                 merge: Optional[RowsMerge] = None):
+                 merge: Optional[RowsMerge] = None, softcap: float = 0.0):
     """Single pass: (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) with the gradients formed chunk by
     chunk from ``chunk_loss(r0, r1, logp_chunk, entropy_chunk) -> per-token loss``. Only valid when a chunk's
     gradients do not depend on other chunks: token-separable objectives, or sequence-separable ones with
     ``plan.bounds`` at sequence boundaries. ``vocab_offset``, ``merge``: a tensor-parallel shard of the LM head
     (``vocab_offset`` the global id of weight row 0), whose per-chunk state ``merge(r0, r1, M, S, C, z~_y)`` turns
-    into the whole vocabulary's (collectives, once per chunk), so the gradients are this shard's."""
+    into the whole vocabulary's (collectives, once per chunk), so the gradients are this shard's. ``softcap``: as in
+    :func:`linear_forward`."""
     N, V = hidden.shape[0], weight.shape[0]
     logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
-    ws = _Workspace(plan, hidden, need_wgrad=need_w)
+    ws = _Workspace(plan, hidden, need_wgrad=need_w, cap_grad=bool(softcap))
     for r0, r1 in plan.ranges(N):
         h, y, temp = hidden[r0:r1], labels[r0:r1], _as_temperature(temperature, r0, r1)
         chunk_merge = None if merge is None else functools.partial(merge, r0, r1)
         if plan.vocab_blocked:  # statistics first, then a recompute pass per block
-            m, log_s, cs, lp, en = _chunk_stats(ws, h, weight, bias, y, temp, plan, vocab_offset, chunk_merge)
+            m, log_s, cs, lp, en = _chunk_stats(ws, h, weight, bias, y, temp, plan, vocab_offset, chunk_merge,
+                                                softcap)
             part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
             if g_logp is not None or g_ent is not None:
                 _chunk_backward(ws, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0,
-                                vocab_offset)
+                                vocab_offset, softcap)
         else:  # the logits block stays in memory between statistics and gradient
-            t = _logits_block(ws, h, weight, bias, 0, V, temp)
+            t = _logits_block(ws, h, weight, bias, 0, V, temp, softcap, cap_grad=bool(softcap))
             local, in_block = _locate(y, vocab_offset or 0, V, vocab_offset is not None)
             m_local, zy = _shift_(t, local, in_block)
             e, s, c = _block_state(ws, t)
@@ -349,7 +375,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
                 else:  # t and e are relative to this shard's max: p = exp(t - (M - m) - log S), t - C/S likewise
                     p = e.mul_(torch.exp(m_local - m - log_s)[:, None])
                     cs = cs + (m - m_local)
-                dz = _dlogits_(t, p, cs, g_logp, g_ent, local, in_block, temp)
+                dz = _dlogits_(t, p, cs, g_logp, g_ent, local, in_block, temp, _cap_grad(ws, t, softcap))
                 grads.add_block(ws, dz, h, weight, r0, 0, V, False)
         logp[r0:r1], ent[r0:r1] = lp, en
         loss += part

@@ -182,20 +182,22 @@ class _Grads:
         return self.h, w, b
 
 
-def _chunk_stats(buf, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None, merge=None):
+def _chunk_stats(buf, h, weight, bias, labels, temperature, plan, offset: Optional[int] = None, merge=None,
+                 softcap: float = 0.0):
     """(M, log S, C/S, logp, entropy) of one row chunk over all vocabulary blocks (and shards, with ``merge``)."""
 
     def block_stats(v0, v1):
         z = _block(buf, h.shape[0], v1 - v0)
         torch.mm(h, weight[v0:v1].T, out=z)
         return logits_stats(z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0,
-                            n_load=padded_width(v1 - v0), masked_rows=False)  # kept rows only: labels >= 0
+                            n_load=padded_width(v1 - v0), masked_rows=False,  # kept rows only: labels >= 0
+                            softcap=softcap)
 
     return merged_chunk_stats(weight.shape[0], plan, block_stats, merge)
 
 
 def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, log_s, cs, g_logp, g_ent, r0,
-                    recompute=True, offset: Optional[int] = None):
+                    recompute=True, offset: Optional[int] = None, softcap: float = 0.0):
     V = weight.shape[0]
     for v0 in range(0, V, plan.vocab_block):
         v1 = min(v0 + plan.vocab_block, V)
@@ -203,7 +205,7 @@ def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, l
         if recompute:
             torch.mm(h, weight[v0:v1].T, out=z)
         dlogits(z, z, labels, _bias_block(bias, v0, v1), temperature, (offset or 0) + v0, m, log_s, cs, g_logp,
-                g_ent, n_load=padded_width(v1 - v0), masked_rows=False)
+                g_ent, n_load=padded_width(v1 - v0), masked_rows=False, softcap=softcap)
         grads.add(z, h, weight, r0, v0, v1)
 
 
@@ -211,15 +213,18 @@ def _g(x: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
     return None if x is None else x[r0:r1].contiguous()
 
 
-def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None):
+def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None,
+                   softcap: float = 0.0):
     """-> (logp, entropy, M, log S, C/S), each (N,): three numbers per row are all that backward needs."""
     buf = _buffer(hidden, plan)
     return forward_rows(hidden, plan, lambda r0, r1: _chunk_stats(
-        buf, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1), plan, vocab_offset))
+        buf, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1), plan, vocab_offset,
+        softcap=softcap))
 
 
 def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, m, log_s, cs, g_logp, g_ent,
-                    need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None):
+                    need_h: bool, need_w: bool, need_b: bool, vocab_offset: Optional[int] = None,
+                    softcap: float = 0.0):
     """Recompute mode backward: each logits block is recomputed (4 GEMMs in all with the forward)."""
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b, plan)
     buf = _buffer(hidden, plan)
@@ -227,12 +232,12 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
     for r0, r1 in plan.ranges(N):
         _chunk_backward(buf, grads, hidden[r0:r1], weight, bias, labels[r0:r1], _temp_rows(temperature, r0, r1),
                         plan, m[r0:r1], log_s[r0:r1], cs[r0:r1], _g(g_logp, r0, r1), _g(g_ent, r0, r1), r0,
-                        offset=vocab_offset)
+                        offset=vocab_offset, softcap=softcap)
     return grads.results()
 
 
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool,
-                 need_w: bool, need_b: bool, vocab_offset: Optional[int] = None, merge=None):
+                 need_w: bool, need_b: bool, vocab_offset: Optional[int] = None, merge=None, softcap: float = 0.0):
     """Single pass (see Engine.linear_fused): (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
     N = hidden.shape[0]
     logp, ent, loss = fused_outputs(hidden)
@@ -241,13 +246,13 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
     for r0, r1 in plan.ranges(N):
         h, y, temp = hidden[r0:r1], labels[r0:r1], _temp_rows(temperature, r0, r1)
         chunk_merge = None if merge is None else functools.partial(merge, r0, r1)
-        m, log_s, cs, lp, en = _chunk_stats(buf, h, weight, bias, y, temp, plan, vocab_offset, chunk_merge)
+        m, log_s, cs, lp, en = _chunk_stats(buf, h, weight, bias, y, temp, plan, vocab_offset, chunk_merge, softcap)
         part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
         if g_logp is not None or g_ent is not None:
             # unblocked: the buffer still holds this chunk's logits, so no recompute (3 GEMMs in all); the kernel
             # forms p from the raw logits and the (merged) statistics
             _chunk_backward(buf, grads, h, weight, bias, y, temp, plan, m, log_s, cs, g_logp, g_ent, r0,
-                            recompute=plan.vocab_blocked, offset=vocab_offset)
+                            recompute=plan.vocab_blocked, offset=vocab_offset, softcap=softcap)
         else:
             grads.no_rows(r0, r1)
         logp[r0:r1], ent[r0:r1] = lp, en

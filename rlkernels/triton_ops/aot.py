@@ -95,14 +95,14 @@ HEADER = (f"{'variant':<44} {'warps':>5} {'regs':>5} {'shared':>7} {'local':>6} 
 
 def _stats_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
     return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "bias_ptr": dtype,
-            "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32", "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32",
-            "n_load": "i32", "m_out": f"*{acc}", "s_out": f"*{acc}", "c_out": f"*{acc}", "zy_out": f"*{acc}",
+            "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32", "softcap": "fp32", "labels_ptr": "*i64", "v_offset": "i32",
+            "n_cols": "i32", "n_load": "i32", "m_out": f"*{acc}", "s_out": f"*{acc}", "c_out": f"*{acc}", "zy_out": f"*{acc}",
             "ent_out": f"*{acc}"}
 
 
 def _dlogits_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
     return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "out_ptr": dtype,
-            "stride_out": "i64", "bias_ptr": dtype, "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32",
+            "stride_out": "i64", "bias_ptr": dtype, "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32", "softcap": "fp32",
             "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32", "n_load": "i32", "m_ptr": f"*{acc}",
             "log_s_ptr": f"*{acc}", "cs_ptr": f"*{acc}", "g_logp_ptr": f"*{acc}", "g_ent_ptr": f"*{acc}"}
 
@@ -121,7 +121,7 @@ def variants() -> List[Variant]:
     out = []
 
     def stats(name, lanes=False, rows_3d=False, bias=False, temp=NO_T, stages=None, dtype="*bf16",
-              acc=tl.float32, unaligned=(), split=None, prefetch=None):
+              acc=tl.float32, unaligned=(), split=None, prefetch=None, softcap=False):
         # the logits path (the caller's tensor, masked rows skipped, the statistics finished in the kernel); hidden+W:
         # kept rows, the raw state
         masked_rows = finish = rows_3d
@@ -131,7 +131,8 @@ def variants() -> List[Variant]:
                            dict(HAS_BIAS=bias, TEMP=temp, ACC=acc, BLOCK_V=cfg.block_v, LANES=lanes,
                                 ROWS_3D=rows_3d, STAGES=cfg.stages if stages is None else stages,
                                 SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=masked_rows,
-                                PREFETCH=cfg.prefetch if prefetch is None else prefetch, FINISH=finish),
+                                PREFETCH=cfg.prefetch if prefetch is None else prefetch, FINISH=finish,
+                                SOFTCAP=softcap),
                            cfg.num_warps, tuple(a for a in _STATS_ALIGNED if a not in unaligned)))
 
     stats("tile (hidden+W path)")
@@ -148,15 +149,18 @@ def variants() -> List[Variant]:
     stats("lanes, (B,T,V) masked rows", lanes=True, rows_3d=True)
     stats("tile, fp64", dtype="*fp64", acc=tl.float64)
     stats("tile, fp64, (B,T,V) masked rows (logits)", dtype="*fp64", acc=tl.float64, rows_3d=True)
+    stats("tile, softcap (Gemma)", softcap=True)
+    stats("tile, softcap, T = 0.7", softcap=True, temp=SCALAR_T)
 
     def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, temp=NO_T, unaligned=(), split=None,
-                dtype="*bf16", acc=tl.float32):
+                dtype="*bf16", acc=tl.float32, softcap=False):
         cfg = K.dlogits_launch()
         out.append(Variant(f"dlogits {name}", K._dlogits_kernel,
                            _dlogits_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
                            dict(HAS_BIAS=bias, TEMP=temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=acc,
                                 BLOCK_V=cfg.block_v, ROWS_3D=rows_3d,
-                                SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=rows_3d),
+                                SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=rows_3d,
+                                SOFTCAP=softcap),
                            cfg.num_warps, tuple(a for a in _DLOGITS_ALIGNED if a not in unaligned)))
 
     dlogits("logp + entropy")
@@ -167,6 +171,8 @@ def variants() -> List[Variant]:
     dlogits("bias, per-token T", bias=True, temp=ROW_T)
     dlogits("per-token T, (B,T,V) masked rows", temp=ROW_T, rows_3d=True)
     dlogits("fp64", dtype="*fp64", acc=tl.float64)
+    dlogits("softcap (Gemma)", softcap=True)
+    dlogits("softcap, T = 0.7", softcap=True, temp=SCALAR_T)
 
     for method, code in (("grpo", A.GRPO), ("passk", A.PASSK)):
         for contiguous in (True, False):

@@ -31,8 +31,9 @@ from . import autotune
 from .launch import launch as fast_launch
 from .launch import cdiv, next_pow2
 from .launch import prepare as prepare_launch
-from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, dlogits_tile, finish_row, load_scaled_logits,
-                       merge_lanes, online_lse_step, row_inv_temperature, row_kept, row_offset, scale_logits)
+from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, cap_grad, cap_logits, dlogits_tile, finish_row,
+                       load_scaled_logits, merge_lanes, online_lse_step, row_inv_temperature, row_kept, row_offset,
+                       scale_logits)
 
 # Tiles and warps from the H100 sweeps (bench/gpu_tune.py; bench/results/gpu-h100/). The statistics kernel: 4096 x 4
 # warps, first chosen from session 2's sweep (1600 GB/s, its best; 1275 at the former 2048 x 8); in session 7's two
@@ -96,11 +97,11 @@ _ROW_ARGS = ["temp_ptr", "labels_ptr", "v_offset", "rows_inner"]
 
 @triton.jit(do_not_specialize=_ROW_ARGS + ["m_out", "s_out", "c_out", "zy_out", "ent_out"])
 def _logits_stats_kernel(
-    z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr, v_offset, n_cols,
-    n_load, m_out, s_out, c_out, zy_out, ent_out,
+    z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, softcap, labels_ptr, v_offset,
+    n_cols, n_load, m_out, s_out, c_out, zy_out, ent_out,
     HAS_BIAS: tl.constexpr, TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
     ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr, MASKED_ROWS: tl.constexpr,
-    PREFETCH: tl.constexpr, FINISH: tl.constexpr,
+    PREFETCH: tl.constexpr, FINISH: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
@@ -120,6 +121,7 @@ def _logits_stats_kernel(
     zy = tl.load(z_row + safe_label, mask=row_ok, other=0.0).to(ACC)
     if HAS_BIAS:
         zy += tl.load(bias_ptr + safe_label).to(ACC)
+    zy = cap_logits(zy, softcap, SOFTCAP)
     zy = tl.where(in_block, zy * inv_t, float("-inf"))
     zy = tl.where(row_ok, zy, 0.0)
 
@@ -140,17 +142,20 @@ def _logits_stats_kernel(
         for start in tl.range(0, n_full, BLOCK_V):
             z_raw = z_next
             z_next = tl.load(z_row + (start + BLOCK_V) + tile, mask=splat + (start + BLOCK_V) < n_full)
-            z = scale_logits(z_raw, bias_ptr, start + tile, None, inv_t, HAS_BIAS, TEMP, ACC, False)
+            z = scale_logits(z_raw, bias_ptr, start + tile, None, inv_t, softcap, HAS_BIAS, TEMP, ACC, False,
+                             SOFTCAP)
             m, s, c = online_lse_step(m, s, c, z, None, False, LANES)
     else:
         for start in tl.range(0, n_full, BLOCK_V, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_V)
-            z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, TEMP, ACC, False)
+            z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, softcap, HAS_BIAS, TEMP, ACC, False,
+                                   SOFTCAP)
             m, s, c = online_lse_step(m, s, c, z, None, False, LANES)
     for start in tl.range(n_full, n_vals, BLOCK_V, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < n_cols
-        z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, HAS_BIAS, TEMP, ACC, True)
+        z = load_scaled_logits(z_row, bias_ptr, cols, cols < n_load, col_mask, inv_t, softcap, HAS_BIAS, TEMP, ACC,
+                               True, SOFTCAP)
         m, s, c = online_lse_step(m, s, c, z, col_mask, True, LANES)
     if LANES:
         m, s, c = merge_lanes(m, s, c)
@@ -175,11 +180,11 @@ def _logits_stats_kernel(
 
 @triton.jit(do_not_specialize=_ROW_ARGS + ["m_ptr", "log_s_ptr", "cs_ptr", "g_logp_ptr", "g_ent_ptr"])
 def _dlogits_kernel(
-    z_ptr, stride_z, stride_outer, rows_inner, out_ptr, stride_out, bias_ptr, temp_ptr, inv_t_scalar, labels_ptr,
-    v_offset, n_cols, n_load, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
+    z_ptr, stride_z, stride_outer, rows_inner, out_ptr, stride_out, bias_ptr, temp_ptr, inv_t_scalar, softcap,
+    labels_ptr, v_offset, n_cols, n_load, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
     HAS_BIAS: tl.constexpr, TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr, ROWS_3D: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-    MASKED_ROWS: tl.constexpr,
+    MASKED_ROWS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -209,15 +214,22 @@ def _dlogits_kernel(
     n_unmasked = tl.where(row_ok, n_cols, 0)
     if not SPLIT_TAIL:
         n_unmasked = n_unmasked * 0  # every tile masked (the kernel as first measured)
+    if SOFTCAP:  # tanh = z~ T / s, for the cap's derivative 1 - tanh^2
+        cap_k = 1.0 / (softcap * inv_t)
     if (tl.program_id(1) + 1) * BLOCK_V <= n_unmasked:  # a whole tile of values: no masks
-        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, HAS_BIAS, TEMP, ACC, False)
+        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, softcap, HAS_BIAS, TEMP, ACC, False,
+                               SOFTCAP)
         dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT, TEMP)
+        if SOFTCAP:
+            dz = dz * cap_grad(z, cap_k)
         tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty))
     else:  # the row's last tile (its padding written with 0), or a masked-out row (zeros, nothing read)
         col_mask = cols < n_cols
         z = load_scaled_logits(z_row, bias_ptr, cols, cols < tl.where(row_ok, n_load, 0), col_mask, inv_t,
-                               HAS_BIAS, TEMP, ACC, True)
+                               softcap, HAS_BIAS, TEMP, ACC, True, SOFTCAP)
         dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT, TEMP)
+        if SOFTCAP:
+            dz = dz * cap_grad(z, cap_k)
         dz = tl.where(row_ok, dz, 0.0)  # (outside col_mask z is the floor: p = 0, dz = 0)
         tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load)
 
@@ -335,7 +347,7 @@ def _row_sample(z: Tensor, rows: int) -> Tuple[Tensor, int]:
 
 def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int = 0,
                  n_load: Optional[int] = None, masked_rows: bool = True, launch: Optional[LaunchConfig] = None,
-                 finish: bool = False, prepare: bool = False):
+                 finish: bool = False, prepare: bool = False, softcap: float = 0.0):
     """Per-row (M, S, C, z~_y) of the block ``z`` (rows, n_cols), or (B, T, n_cols) with rows b T + t, whose column 0
     is vocabulary entry ``v_offset``.
 
@@ -352,6 +364,8 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     elementwise launches and a copy fewer after the kernel).
     ``prepare``: return ``(outputs, start)`` with nothing queued yet: the outputs allocated and the launch prepared,
     ``start()`` queues the kernel (the logits op calls it once its value checks' copies are queued).
+    ``softcap``: s > 0 caps each logit (plus bias) to s tanh(z / s) before the temperature; 0 leaves them. An fp32
+    kernel argument: for fp64 blocks a cap that fp32 cannot hold exactly (30.0 it can) is rounded to fp32.
     """
     rows = _rows(z)[0]
     acc = _acc(z.dtype)
@@ -365,16 +379,17 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     if launch is None and autotune.enabled():  # timing candidates launches kernels: only once the call is queued
         def start():
             key = ("stats", z.device, z.dtype, autotune.bucket(z.shape[-1]), lanes, bias is not None,
-                   _temp_mode(temp, inv_t), z.dim(), masked_rows, finish)
+                   _temp_mode(temp, inv_t), z.dim(), masked_rows, finish, bool(softcap))
             zs, k = _row_sample(z, rows)
             scratch = _stats_outputs(k, acc, z.device, finish)
             tuned = autotune.pick(key, autotune.stats_candidates(lanes), lambda c: _launch_stats(
                 zs, labels[:k], bias, None if temp is None else temp[:k], inv_t, v_offset, n_load, lanes,
-                masked_rows, c, scratch))
-            _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, tuned, outs)
+                masked_rows, c, scratch, softcap=softcap))
+            _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, tuned, outs,
+                          softcap=softcap)
     else:
         start = _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg, outs,
-                              prepare=True)
+                              prepare=True, softcap=softcap)
     if prepare:
         return outs, start
     start()
@@ -390,27 +405,30 @@ def _stats_outputs(rows: int, acc: torch.dtype, device, finish: bool) -> Tuple[T
 
 
 def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_rows, cfg: LaunchConfig, outs,
-                  prepare: bool = False):
+                  prepare: bool = False, softcap: float = 0.0):
     """Queue the statistics kernel, or with ``prepare`` return the function that queues it."""
     rows, stride, outer, inner, rows_3d = _rows(z)
     n_cols = z.shape[-1]
     return (prepare_launch if prepare else fast_launch)(
         _logits_stats_kernel, (rows,),
-        z, stride, outer, inner, bias if bias is not None else z, temp if temp is not None else z, inv_t, labels,
-        v_offset, n_cols, n_load, outs[0], outs[1], outs[2], outs[3], outs[-1],
+        z, stride, outer, inner, bias if bias is not None else z, temp if temp is not None else z, inv_t,
+        float(softcap or 1.0), labels, v_offset, n_cols, n_load, outs[0], outs[1], outs[2], outs[3], outs[-1],
         HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), ACC=_TL[_acc(z.dtype)],
         BLOCK_V=min(cfg.block_v, next_pow2(n_cols)), LANES=lanes,
         ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows,
-        PREFETCH=cfg.prefetch and cfg.split_tail, FINISH=len(outs) == 5, num_warps=cfg.num_warps,
+        PREFETCH=cfg.prefetch and cfg.split_tail, FINISH=len(outs) == 5, SOFTCAP=bool(softcap),
+        num_warps=cfg.num_warps,
     )
 
 
 def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temperature, v_offset: int,
             m: Tensor, log_s: Tensor, cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor],
-            n_load: Optional[int] = None, masked_rows: bool = True, launch: Optional[LaunchConfig] = None) -> Tensor:
+            n_load: Optional[int] = None, masked_rows: bool = True, launch: Optional[LaunchConfig] = None,
+            softcap: float = 0.0) -> Tensor:
     """Write dL/dz of the block ``z`` (2-D or 3-D, as in :func:`logits_stats`) into ``out``, a row-major tensor of
     the same shape (may be ``z`` itself: each element is read before it is written by the same program). Returns
-    ``out``. ``n_load``, ``masked_rows`` and ``launch`` as in :func:`logits_stats`; the padding of ``out`` (then ``z``
+    ``out``. ``n_load``, ``masked_rows``, ``launch`` and ``softcap`` as in :func:`logits_stats` (with a cap, dL/dz is
+    with respect to the raw logits: the cap's derivative 1 - tanh^2 is applied); the padding of ``out`` (then ``z``
     itself) is written with 0."""
     rows = _rows(z)[0]
     assert out.shape == z.shape and out.stride(-1) == 1 and (out.dim() == 2 or out.is_contiguous())
@@ -423,27 +441,29 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
     if launch is None and autotune.enabled():  # timed out of place on a slice: the block itself may be ``out``
         key = ("dlogits", z.device, z.dtype, autotune.bucket(z.shape[-1]), bias is not None,
                _temp_mode(temp, inv_t),
-               g_logp is not None, g_ent is not None, z.dim(), masked_rows)
+               g_logp is not None, g_ent is not None, z.dim(), masked_rows, bool(softcap))
         zs, k = _row_sample(z, rows)
         scratch = torch.empty(zs.shape[:-1] + (n_load,), dtype=out.dtype, device=z.device)[..., : z.shape[-1]]
         sliced = tuple(None if v is None else v[:k] for v in vectors)
         cfg = autotune.pick(key, autotune.dlogits_candidates(), lambda c: _launch_dlogits(
             zs, scratch, labels[:k], bias, None if temp is None else temp[:k], inv_t, v_offset, n_load, sliced,
-            masked_rows, c))
-    _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors, masked_rows, cfg)
+            masked_rows, c, softcap))
+    _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors, masked_rows, cfg, softcap)
     return out
 
 
-def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors, masked_rows, cfg: LaunchConfig):
+def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors, masked_rows, cfg: LaunchConfig,
+                    softcap: float = 0.0):
     rows, stride, outer, inner, rows_3d = _rows(z)
     m, log_s, cs, g_logp, g_ent = vectors
     block = min(cfg.block_v, next_pow2(n_load))
     fast_launch(
         _dlogits_kernel, (rows, cdiv(n_load, block)),
         z, stride, outer, inner, out, out.stride(-2), bias if bias is not None else z,
-        temp if temp is not None else z, inv_t, labels, v_offset, z.shape[-1], n_load, m, log_s, cs,
+        temp if temp is not None else z, inv_t, float(softcap or 1.0), labels, v_offset, z.shape[-1], n_load, m,
+        log_s, cs,
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
         HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), HAS_GLOGP=g_logp is not None,
         HAS_GENT=g_ent is not None, ACC=_TL[_acc(z.dtype)], BLOCK_V=block, ROWS_3D=rows_3d,
-        SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows, num_warps=cfg.num_warps,
+        SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows, SOFTCAP=bool(softcap), num_warps=cfg.num_warps,
     )

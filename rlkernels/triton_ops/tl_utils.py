@@ -82,10 +82,31 @@ def row_kept(label, MASKED_ROWS: tl.constexpr):
 
 
 @triton.jit
-def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HAS_BIAS: tl.constexpr,
-                       TEMP: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr):
+def cap_logits(z, softcap, SOFTCAP: tl.constexpr):
+    """s tanh(z / s) with s = ``softcap`` (SOFTCAP; else z as it is): a model's final-logit cap (Gemma 2, Gemma 4),
+    as s - 2 s / (e^(2 z / s) + 1), one exponential per logit: exactly -s at z = -inf and s at +inf, NaN kept;
+    within about one ulp of 1, times s, of the true value (fp32: 2e-6 at s = 30, the spacing of fp32 logits near
+    30 itself)."""
+    if SOFTCAP:
+        e = fast_exp(z * (2.0 / softcap))
+        z = softcap - (2.0 * softcap) / (e + 1.0)
+    return z
+
+
+@triton.jit
+def cap_grad(z, k):
+    """d(s tanh(x / s))/dx = 1 - tanh^2 at each logit of a tile of z~ = s tanh(x / s) / T, with k = T / s per row
+    (tanh = z~ k, its size held to 1: a floored column, -1e20 of padding, gives 0, with no overflow on the way; its
+    dL/dz~ is 0 already)."""
+    th = tl.minimum(tl.abs(z * k), 1.0)
+    return 1.0 - th * th
+
+
+@triton.jit
+def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, softcap, HAS_BIAS: tl.constexpr,
+                       TEMP: tl.constexpr, ACC: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """One tile of z~ = (z + b) * (1/T) in the accumulation dtype ACC (fp32; fp64 for fp64 inputs), with -inf
-    floored. MASKED=False: a whole tile of values, no masks (the loop body). MASKED=True (a row's last, partial
+    floored; with SOFTCAP, z~ = s tanh((z + b) / s) * (1/T) (:func:`cap_logits`). MASKED=False: a whole tile of values, no masks (the loop body). MASKED=True (a row's last, partial
     tile): columns outside ``col_mask`` (``cols < n_cols``) come back as the floor; ``load_mask`` (``cols <
     n_load``) may reach past the row's values into padding that the caller owns, a bound divisible by 16 that keeps
     the loads 16 bytes wide when V is not. A NaN stays NaN (the floor's max propagates it: one instruction, as the
@@ -94,12 +115,12 @@ def load_scaled_logits(z_row_ptr, bias_ptr, cols, load_mask, col_mask, inv_t, HA
         z = tl.load(z_row_ptr + cols, mask=load_mask, other=float("-inf"))
     else:
         z = tl.load(z_row_ptr + cols)
-    return scale_logits(z, bias_ptr, cols, col_mask, inv_t, HAS_BIAS, TEMP, ACC, MASKED)
+    return scale_logits(z, bias_ptr, cols, col_mask, inv_t, softcap, HAS_BIAS, TEMP, ACC, MASKED, SOFTCAP)
 
 
 @triton.jit
-def scale_logits(z, bias_ptr, cols, col_mask, inv_t, HAS_BIAS: tl.constexpr, TEMP: tl.constexpr,
-                 ACC: tl.constexpr, MASKED: tl.constexpr):
+def scale_logits(z, bias_ptr, cols, col_mask, inv_t, softcap, HAS_BIAS: tl.constexpr, TEMP: tl.constexpr,
+                 ACC: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr):
     """:func:`load_scaled_logits` after its load: a tile of raw logits ``z`` (as loaded, input dtype) -> z~."""
     z = z.to(ACC)
     if MASKED:
@@ -108,6 +129,10 @@ def scale_logits(z, bias_ptr, cols, col_mask, inv_t, HAS_BIAS: tl.constexpr, TEM
             z += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     elif HAS_BIAS:
         z += tl.load(bias_ptr + cols).to(ACC)
+    if SOFTCAP:
+        z = cap_logits(z, softcap, SOFTCAP)
+        if MASKED:  # the cap took the columns outside the row to -s: back to -inf, outside the softmax
+            z = tl.where(col_mask, z, float("-inf"))
     if TEMP != TEMP_NONE:
         z = z * inv_t
     return tl.maximum(z, logit_floor(ACC), propagate_nan=tl.PropagateNan.ALL)
