@@ -74,6 +74,56 @@ def test_first_step_gradients_agree(tmp_path):
         assert float((a - b).norm() / a.norm()) < 2e-6
 
 
+def _tiny(kind: str, **extra):
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config
+
+    from rlkernels.trainer.tasks import CharTokenizer
+
+    tok = CharTokenizer()
+    common = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                  pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = (Gemma2Config(head_dim=16, **common, **extra) if kind == "gemma2" else CohereConfig(**common, **extra))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # logits of several units, so that a cap of 0.5 saturates
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model, tok
+
+
+def test_gemma_final_logit_softcap(tmp_path):
+    """A Gemma 2 model (final_logit_softcapping in its config): the trainer reads the cap, its one-time LM-head check
+    passes, and the fused update matches the eager one's gradients; without the cap the check fails, naming it."""
+    grads = []
+    for impl in ("eager", "rlkernels"):
+        model, tok = _tiny("gemma2", final_logit_softcapping=0.5)
+        cfg = TrainerConfig(out=str(tmp_path / impl), progress=False, prompts_per_step=2, group_size=2, seed=0,
+                            loss_impl=impl, backend="torch", preset="dapo")
+        t = GRPOTrainer(cfg, model=model, tokenizer=tok)
+        assert t.softcap == 0.5 and t.check_lm_head() < 1e-4
+        torch.manual_seed(1)
+        r = t.rollout()
+        r.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+        r.old_logprobs = t.logprobs(t.model, r) - 0.1 * r.completion_mask  # off-policy: ratios away from 1
+        loss, _ = t.loss(r)
+        loss.backward()
+        grads.append([p.grad.clone() for p in t.model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        assert float((a - b).norm() / max(float(a.norm()), 1e-12)) < 1e-5
+    t.softcap = None
+    with pytest.raises(ValueError, match=r"differ from the model's own .* softcap=None"):
+        t.check_lm_head()
+
+
+def test_a_model_whose_lm_head_scales_its_logits_is_refused(tmp_path):
+    """Cohere multiplies its logits by logit_scale: the update, which never runs the LM head, would train on
+    another distribution than the one it samples; the trainer says so at construction."""
+    model, tok = _tiny("cohere")
+    cfg = TrainerConfig(out=str(tmp_path / "run"), progress=False, backend="torch")
+    with pytest.raises(ValueError, match=r"a logit scale\?"):
+        GRPOTrainer(cfg, model=model, tokenizer=tok)
+
+
 def test_learning_smoke(tmp_path):
     """A few dozen steps on the built-in task: the reward rises above its starting level."""
     t = _trainer(tmp_path, max_steps=80, prompts_per_step=32, group_size=8, schedule="constant")

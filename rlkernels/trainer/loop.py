@@ -116,6 +116,14 @@ def loss_config(cfg: TrainerConfig):
     return PolicyLossConfig.from_preset(cfg.preset, **overrides)
 
 
+def final_logit_softcap(config) -> Optional[float]:
+    """The final-logit cap of a ``transformers`` config (Gemma 2, Gemma 4: ``final_logit_softcapping``, 30.0), also
+    inside a multimodal config's text config; None for a model without one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text, "final_logit_softcapping", None)
+    return None if cap is None else float(cap)
+
+
 def _position_ids(attention_mask: Tensor) -> Tensor:
     # as generate() computes them for left-padded prompts, so that training sees the positions sampling saw
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -139,9 +147,10 @@ class _PolicyLoss(torch.nn.Module):
                       normalizer=normalizer)
         if t.cfg.loss_impl == "eager":
             return reference.linear_policy_loss(hidden, weight, r.labels, r.advantages, r.completion_mask,
-                                                bias=bias, temperature=t.cfg.temperature, **kwargs)
+                                                bias=bias, temperature=t.cfg.temperature, softcap=t.softcap,
+                                                **kwargs)
         out = fused_grpo_loss(hidden, weight, r.labels, r.advantages, r.completion_mask, bias=bias,
-                              temperature=t.cfg.temperature, backend=t.cfg.backend, **kwargs)
+                              temperature=t.cfg.temperature, backend=t.cfg.backend, softcap=t.softcap, **kwargs)
         return out.loss, out.metrics
 
 
@@ -182,6 +191,8 @@ class GRPOTrainer:
         if tokenizer is None or model is None:
             model, tokenizer = self._load(cfg)
         self.model, self.tokenizer = model.to(self.device), tokenizer
+        self.softcap = final_logit_softcap(self.model.config)
+        self.check_lm_head()
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # ... and its own completions
         self.loss_module = _PolicyLoss(self)
         if self.world > 1:
@@ -240,6 +251,41 @@ class GRPOTrainer:
         return warm
 
     # -- model pieces -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def check_lm_head(self, tokens: int = 8) -> float:
+        """The update never runs the model's LM head: it hands the backbone's hidden states and the head's weight to
+        the fused functions (and ``loss_impl="eager"`` to the same math, eagerly), which compute
+        ``softcap * tanh((hidden @ weight.T + bias) / softcap)`` (the cap read from the config, when there is one).
+        A model whose head does anything else (a logit scale, as Cohere's and Granite's) would train on another
+        distribution than the one it samples from, silently. So once, here, the log-probs of ``tokens`` positions
+        are computed both ways (in eval mode: no dropout); ValueError if they disagree beyond the model dtype's
+        rounding. Returns the largest difference."""
+        model = self.model
+        weight, bias = self.lm_head(model)
+        ids = torch.arange(tokens, device=self.device)[None] % weight.shape[0]
+        mask = torch.ones_like(ids)
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask)).logits.float()
+            hidden = model.base_model(input_ids=ids, attention_mask=mask,
+                                      position_ids=_position_ids(mask)).last_hidden_state[:, :-1]
+        finally:
+            model.train(was_training)
+        own = torch.log_softmax(logits, -1)[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+        fused = fused_logprobs(hidden, weight, ids[:, 1:], bias=bias, backend=self.cfg.backend,
+                               softcap=self.softcap)[0]
+        diff = float((own - fused).abs().max())
+        # bf16 logits of a large vocabulary round to ~0.06 at |z| ~ 16; a missing scale or cap moves them by units
+        allowed = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 0.25
+        if not diff <= allowed:
+            raise ValueError(
+                f"the fused log-probs differ from the model's own by {diff:.3g} (allowed {allowed}): its LM head "
+                f"({type(model).__name__}) computes more than softcap * tanh((hidden @ weight.T + bias) / softcap) "
+                f"with softcap={self.softcap} (a logit scale?), which this trainer's update does not compute; train "
+                "such a model on its own logits (rlkernels.logprobs_from_logits and rlkernels.policy_loss)")
+        return diff
+
     def lm_head(self, model=None):
         head = (model or self.model).get_output_embeddings()
         return head.weight, getattr(head, "bias", None)
@@ -255,7 +301,8 @@ class GRPOTrainer:
     def logprobs(self, model, r: Rollouts) -> Tensor:
         weight, bias = self.lm_head(model)
         return fused_logprobs(self.completion_hidden(model, r), weight, r.labels, bias=bias,
-                              temperature=self.cfg.temperature, mask=r.completion_mask, backend=self.cfg.backend)
+                              temperature=self.cfg.temperature, mask=r.completion_mask, backend=self.cfg.backend,
+                              softcap=self.softcap)
 
     # -- rollouts ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
