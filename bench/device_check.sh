@@ -26,6 +26,8 @@
 #   compile   the grpo op under torch.compile: the eager reference compiled, rlkernels-triton in eager mode and
 #             compiled with fullgraph=True (its single pass as a custom op); slow warm-ups: only when named in STEPS
 #   llama     the grpo op at H=4096, V=131072 (the shape): eager, rlkernels-triton, liger, gemm-roofline
+#   gemma     the grpo op at a Gemma-2-9B LM head (H=3584, V=256000) with its final-logit cap (softcap 30), 8k tokens:
+#             eager, rlkernels-triton, cce, gemm-roofline; only when named in STEPS (not yet timed anywhere)
 #   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, gemm-roofline
 #   host      bench/host_profile.py: the logits op's host time per step, an unprofiled call cut by CUDA events around
 #             each kernel, profiled timelines, same-process baselines (Triton's launch path, the value checks read
@@ -116,6 +118,9 @@ for s in ${STEPS:-grpo llama logprobs host tests tune kernels}; do
                --provider compile,rlkernels-triton,rlkernels-triton-compile --json "$OUT/compile-$TAG.json" ;;
     llama) step llama 130 "${BENCH[@]}" --shape llama3-8b --vocab 131072 --timeout 50 --op grpo --preset dapo \
                --mode full --provider eager,rlkernels-triton,liger,gemm-roofline --json "$OUT/llama-$TAG.json" ;;
+    gemma) step gemma 150 "${BENCH[@]}" --hidden 3584 --vocab 256000 --tokens 8192 --softcap 30 --timeout 60 \
+               --op grpo --preset dapo --mode full --provider eager,rlkernels-triton,cce,gemm-roofline \
+               --json "$OUT/gemma-$TAG.json" ;;
     logprobs) step logprobs 110 "${BENCH[@]}" --timeout 50 --op logprobs,logits --mode full \
                --provider eager,rlkernels-triton,gemm-roofline --json "$OUT/logprobs-$TAG.json" ;;
     host) step host 90 env PYTHONUNBUFFERED=1 "$PY" bench/host_profile.py --out "${TMPDIR:-/tmp}/rlkernels-host" ;;

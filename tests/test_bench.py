@@ -90,7 +90,8 @@ def test_help_documents_every_flag(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--op", "--mode", "--provider", "--shape", "--tokens", "--dtype", "--preset", "--warmup",
-                 "--repeat", "--device", "--json", "--plot", "--quick", "--full", "--no-progress", "--in-process"):
+                 "--repeat", "--device", "--json", "--plot", "--quick", "--full", "--no-progress", "--in-process",
+                 "--softcap"):
         assert flag in text
     for name in ("eager", "compile", "rlkernels-torch", "liger", "gemm-roofline", "qwen2.5-7b", "dapo"):
         assert name in text
@@ -114,6 +115,8 @@ def test_help_documents_every_flag(capsys):
     (["--op", "advantages", "--mode", "bwd"], "no backward"),
     (["--op", "advantages", "--tokens", "40", "--group-size", "16"], "multiple of --group-size"),
     (["--tokens", "abc"], "invalid int"),
+    (["--softcap", "0"], "--softcap=0.0: must be finite and > 0"),
+    (["--softcap", "30", "--op", "grpo,logits"], "--softcap applies to the ops that compute the logits"),
 ])
 def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -528,9 +531,11 @@ def fake_cce(monkeypatch):
 
     def linear_cross_entropy(e, c, targets, ignore_index=-100, softcap=None, reduction="mean", shift=False,
                              filter_eps="high"):
-        assert reduction == "none" and softcap is None and not shift
+        assert reduction == "none" and not shift
         module.calls.append(targets.clone())
         logits = (e @ c.T).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
         keep = targets != ignore_index
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, c.shape[0]), targets.clamp(min=0).reshape(-1),
                                                reduction="none").reshape(targets.shape)
@@ -555,6 +560,31 @@ def test_cce_provider_builds_the_loss_from_its_log_probs(fake_cce, capsys, tmp_p
     assert all(c["rel_err"] <= c["allowed_rel"] for c in rows["cce"]["check"].values()), rows["cce"]["check"]
     targets = fake_cce.calls[0]
     assert (targets == -100).any() and (targets >= 0).any()  # the padding given the ignore index, the rest labels
+
+
+def test_softcap_reaches_every_provider_and_the_rows(fake_cce, capsys, tmp_path):
+    """--softcap: eager, rlkernels and CCE compute on the capped logits (each passes the float64 check against the
+    capped reference), Liger, which takes no cap, is skipped saying so; the rows and the table name the cap."""
+    out = tmp_path / "rows.json"
+    code, printed = run(TINY + ["--in-process", "--op", "grpo,logprobs", "--provider",
+                                "eager,rlkernels-torch,cce,liger", "--softcap", "0.5", "--json", str(out)], capsys)
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["softcap"] == 0.5 for r in rows)
+    for r in rows:
+        if r["provider"] == "liger" and r["op"] == "grpo":
+            assert r["status"] == "skipped" and "no final-logit softcap" in r["reason"]
+        elif r["status"] != "skipped":
+            assert r["status"] == "ok", r
+            assert all(c["rel_err"] <= c["allowed_rel"] for c in r["check"].values()), r["check"]
+    assert {(r["op"], r["provider"]) for r in rows if r["status"] == "ok"} >= {
+        ("grpo", "eager"), ("grpo", "rlkernels-torch"), ("grpo", "cce"), ("logprobs", "rlkernels-torch")}
+    assert "grpo (dapo) softcap=0.5 full" in printed.out
+    # the cap changes what is computed: the loss differs from an uncapped run of the same inputs
+    capped = next(r for r in rows if r["op"] == "grpo" and r["provider"] == "eager")["fingerprint"]
+    run(TINY + ["--in-process", "--op", "grpo", "--provider", "eager", "--json", str(out)], capsys)
+    plain = json.loads(out.read_text())["rows"][0]["fingerprint"]
+    assert capped != plain
 
 
 def test_cce_provider_skips_what_it_cannot_compute(fake_cce, monkeypatch):

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import importlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ from . import measure, report
 from .harness import Settings, run_case
 from .providers import all_providers, get_provider, provider_names
 from .shapes import DEFAULT_SHAPE, SHAPES, resolve_shape
-from .workloads import DTYPE_ALIASES, DTYPES, MODES, OPS, Case
+from .workloads import DTYPE_ALIASES, DTYPES, LINEAR_OPS, MODES, OPS, Case
 
 # The quick suite (no --op/--mode): the op users adopt us for, forward+backward. On the 2-core CPU machine one eager
 # grpo fwd+bwd at cpu-small takes ~3.5 s, so each provider's process start (~2 s) + check (~1.5 s) + inputs (~1 s)
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--pad-frac", type=float, default=0.0, help="grpo: up to this fraction of each sequence is "
                                                                 "padding (default 0)")
     z.add_argument("--group-size", type=int, default=16, help="advantages: responses per prompt (default 16)")
+    z.add_argument("--softcap", type=float, help="logprobs / grpo: the final-logit cap, softcap * tanh(logits / "
+                   "softcap) (Gemma 2 / 4: 30); default none")
     z.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     m = p.add_argument_group("measurement")
     m.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
@@ -187,6 +190,13 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     if "advantages" in ops and shape.tokens % args.group_size:
         parser.error(f"the advantages op needs --tokens ({shape.tokens}) to be a multiple of --group-size "
                      f"({args.group_size})")
+    if args.softcap is not None:
+        if not (math.isfinite(args.softcap) and args.softcap > 0):
+            parser.error(f"--softcap={args.softcap}: must be finite and > 0")
+        others = [op for op in ops if op not in LINEAR_OPS]
+        if others:
+            parser.error(f"--softcap applies to the ops that compute the logits ({', '.join(LINEAR_OPS)}), not to "
+                         f"{', '.join(others)}")
     overrides = _parse_overrides(args.overrides, args.preset, parser)
     warmup, repeat = DEFAULT_COUNTS[device]
     warmup = warmup if args.warmup is None else args.warmup
@@ -204,7 +214,7 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser
                 continue  # constants: no backward (the table says so once, below, when asked for explicitly)
             cases.append(Case(op=op, mode=mode, shape=shape, dtype=dtype, device=device, preset=args.preset,
                               overrides=overrides, on_policy=args.on_policy, pad_frac=args.pad_frac,
-                              group_size=args.group_size, seed=args.seed))
+                              group_size=args.group_size, seed=args.seed, softcap=args.softcap))
     if not cases:
         parser.error("the advantages op has no backward: use --mode fwd")
     settings = Settings(warmup=warmup, repeat=repeat, check=not args.no_check, check_tokens=args.check_tokens,
@@ -268,7 +278,7 @@ def _base_row(case: Case, name: str, settings: Settings, device_name: str, env: 
         "dtype": case.dtype, "device": case.device, "device_name": device_name,
         "preset": case.preset if case.op == "grpo" else None,
         "overrides": dict(case.overrides) if case.op == "grpo" else None, "on_policy": case.on_policy,
-        "pad_frac": case.pad_frac, "warmup": settings.warmup, "repeat": settings.repeat,
+        "pad_frac": case.pad_frac, "softcap": case.softcap, "warmup": settings.warmup, "repeat": settings.repeat,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **env,
     }
 

@@ -117,14 +117,15 @@ class EagerProvider(Provider):
     def build(self, case, inputs):
         fns = self._functions()
         i = inputs
+        cap = case.softcap
         if case.op == "grpo":
             cfg, kw = case.config, _grpo_kwargs(i)
             f = fns["grpo"]
             return lambda: {"loss": f(i["hidden"], i["weight"], i["labels"], i["advantages"], i["mask"],
-                                      config=cfg, **kw)[0]}
+                                      config=cfg, softcap=cap, **kw)[0]}
         if case.op == "logprobs":
             f = fns["logprobs"]
-            return lambda: dict(zip(("logp", "entropy"), f(i["hidden"], i["weight"], i["labels"])))
+            return lambda: dict(zip(("logp", "entropy"), f(i["hidden"], i["weight"], i["labels"], softcap=cap)))
         if case.op == "logits":
             f = fns["logits"]
             return lambda: dict(zip(("logp", "entropy"), f(i["logits"], i["labels"])))
@@ -183,14 +184,15 @@ class RlkernelsProvider(Provider):
     def build(self, case, inputs):
         import rlkernels  # the package itself; imported here to keep this module's import graph flat
 
-        i, be = inputs, self.engine
+        i, be, cap = inputs, self.engine, case.softcap
         if case.op == "grpo":
             cfg, kw = case.config, _grpo_kwargs(i)
             return lambda: {"loss": rlkernels.fused_grpo_loss(i["hidden"], i["weight"], i["labels"], i["advantages"],
-                                                               i["mask"], config=cfg, backend=be, **kw).loss}
+                                                               i["mask"], config=cfg, backend=be, softcap=cap,
+                                                               **kw).loss}
         if case.op == "logprobs":
             return lambda: dict(zip(("logp", "entropy"), rlkernels.fused_logprobs(
-                i["hidden"], i["weight"], i["labels"], return_entropy=True, backend=be)))
+                i["hidden"], i["weight"], i["labels"], return_entropy=True, backend=be, softcap=cap)))
         if case.op == "logits":
             return lambda: dict(zip(("logp", "entropy"), rlkernels.logprobs_from_logits(
                 i["logits"], i["labels"], return_entropy=True, backend=be)))
@@ -217,15 +219,15 @@ class RlkernelsCompileProvider(RlkernelsProvider):
     def build(self, case, inputs):
         import rlkernels
 
-        i, be, cfg = inputs, self.engine, case.config
-        key = (case.op, cfg if case.op == "grpo" else None)
-        if key not in self._compiled:  # one wrapper per op (and config) and process, specialised per shape
+        i, be, cfg, cap = inputs, self.engine, case.config, case.softcap
+        key = (case.op, cfg if case.op == "grpo" else None, cap)
+        if key not in self._compiled:  # one wrapper per op (and config, cap) and process, specialised per shape
             def grpo(hidden, weight, labels, advantages, mask, **kw):
                 return rlkernels.fused_grpo_loss(hidden, weight, labels, advantages, mask, config=cfg, backend=be,
-                                                 **kw).loss
+                                                 softcap=cap, **kw).loss
 
             def logprobs(hidden, weight, labels):
-                return rlkernels.fused_logprobs(hidden, weight, labels, return_entropy=True, backend=be)
+                return rlkernels.fused_logprobs(hidden, weight, labels, return_entropy=True, backend=be, softcap=cap)
 
             def logits(x, labels):
                 return rlkernels.logprobs_from_logits(x, labels, return_entropy=True, backend=be)
@@ -299,6 +301,8 @@ class LigerProvider(Provider):
     def unavailable(self, case):
         if case.op != "grpo":
             return f"Liger-Kernel has no fused op for '{case.op}' (only its GRPO loss is compared)"
+        if case.softcap is not None:
+            return "Liger's GRPO loss takes no final-logit softcap"
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger_kernel is not installed (pip install liger-kernel)"
         _, reason = liger_arguments(case.config)
@@ -381,8 +385,10 @@ class CCEProvider(Provider):
         i, cfg, kw = inputs, case.config, _grpo_kwargs(inputs)
         targets = torch.where(i["mask"], i["labels"], -100)  # its ignore index: those positions come back 0
 
+        cap = {} if case.softcap is None else {"softcap": case.softcap}  # its own argument, the same math
+
         def run():
-            logp = -linear_cross_entropy(i["hidden"], i["weight"], targets, reduction="none").float()
+            logp = -linear_cross_entropy(i["hidden"], i["weight"], targets, reduction="none", **cap).float()
             loss, _ = reference.policy_loss(logp, torch.zeros_like(logp), i["advantages"], i["mask"], config=cfg,
                                             **kw)
             return {"loss": loss}

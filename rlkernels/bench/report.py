@@ -14,14 +14,14 @@ SCHEMA_VERSION = 1
 # Every row of the JSON file has these keys (None where a value does not apply or was not measured).
 ROW_KEYS = (
     "op", "mode", "provider", "shape", "M", "H", "V", "batch", "seq_len", "dtype", "device", "device_name", "preset",
-    "overrides", "on_policy", "pad_frac", "status", "reason", "median_ms", "p20_ms", "p80_ms", "times_ms",
+    "overrides", "on_policy", "pad_frac", "softcap", "status", "reason", "median_ms", "p20_ms", "p80_ms", "times_ms",
     "peak_mem_mb", "memory_method", "ratio_vs_eager", "mem_ratio_vs_eager", "flops", "bytes", "tflops", "gbps",
     "pct_roofline", "pipelined_ms", "pipelined_p20_ms", "pipelined_p80_ms", "pipelined_times_ms",
     "pipelined_ratio_vs_eager", "pipelined_tflops", "pipelined_gbps", "pipelined_pct_roofline", "check",
     "fingerprint", "traceback", "warmup", "repeat", "python_version", "torch_version", "triton_version",
     "rlkernels_version", "liger_version", "cce_version", "timestamp", "notes",
 )
-GROUP_KEYS = ("op", "mode", "shape", "M", "H", "V", "dtype", "device", "preset")
+GROUP_KEYS = ("op", "mode", "shape", "M", "H", "V", "dtype", "device", "preset", "softcap")
 
 
 # columns finalize_case derives from the measured ones
@@ -98,6 +98,8 @@ def _status(row: Dict[str, Any]) -> str:
 
 def case_title(row: Dict[str, Any]) -> str:
     preset = f" ({row['preset']})" if row.get("preset") else ""
+    if row.get("softcap") is not None:
+        preset += f" softcap={row['softcap']:g}"
     return (f"{row['op']}{preset} {row['mode']} | {row['shape']}: M={row['M']} ({row['batch']}x{row['seq_len']}), "
             f"H={row['H']}, V={row['V']} | {row['dtype']} | {row['device_name']}")
 

@@ -77,6 +77,7 @@ class Case:
     pad_frac: float = 0.0
     group_size: int = 16
     seed: int = 0
+    softcap: Optional[float] = None  # the linear ops' final-logit cap (Gemma 2 / 4: 30.0); None: none
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,7 +89,8 @@ class Case:
 
     def label(self) -> str:
         extra = f" {self.preset}" if self.op == "grpo" else ""
-        return f"{self.op}{extra} {self.mode} | {self.shape.describe()} | {self.dtype} | {self.device}"
+        cap = f" softcap={self.softcap:g}" if self.softcap is not None else ""
+        return f"{self.op}{extra}{cap} {self.mode} | {self.shape.describe()} | {self.dtype} | {self.device}"
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -110,13 +112,17 @@ def kept_lengths(batch: int, seq_len: int, pad_frac: float, gen: torch.Generator
 
 
 @torch.no_grad()
-def _current_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, rows: int = 512) -> Tensor:
-    """Log-probs of the inputs (``logit[label] - logsumexp``), ``rows`` at a time so that setup never holds ``N x V``.
-    Input making only: one matmul and a log-sum-exp, about a third of the reference's cost with its entropy."""
+def _current_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, rows: int = 512,
+                      softcap: Optional[float] = None) -> Tensor:
+    """Log-probs of the inputs (``logit[label] - logsumexp``, the logits capped with ``softcap``), ``rows`` at a time
+    so that setup never holds ``N x V``. Input making only: one matmul and a log-sum-exp, about a third of the
+    reference's cost with its entropy."""
     h2, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     out = []
     for i in range(0, h2.shape[0], rows):
         z = (h2[i:i + rows] @ weight.T).float()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
         out.append(z.gather(1, y[i:i + rows, None]).squeeze(1) - z.logsumexp(1))
     return torch.cat(out).reshape(labels.shape)
 
@@ -176,11 +182,12 @@ def make_inputs(case: Case, batch: Optional[int] = None, seq_len: Optional[int] 
         path = None
         if cache_dir is not None:
             path = os.path.join(cache_dir, f"logp-{case.shape.tokens}-{B}x{T}-{H}-{V}-{case.dtype}-{case.device}-"
-                                           f"{case.seed}-{seed_offset}.pt")
+                                           f"{case.seed}-{seed_offset}-cap{case.softcap}.pt")
         if path is not None and os.path.exists(path):
             logp = torch.load(path).to(dev)
         else:
-            logp = _current_logprobs(inputs["hidden"].detach(), inputs["weight"].detach(), labels)
+            logp = _current_logprobs(inputs["hidden"].detach(), inputs["weight"].detach(), labels,
+                                     softcap=case.softcap)
             if path is not None:
                 torch.save(logp.cpu(), path + ".tmp")
                 os.replace(path + ".tmp", path)  # atomic: a reader never sees half a file
