@@ -55,6 +55,19 @@ def test_loss_never_holds_n_by_v(backend, single_pass, preset):
     assert probe.nbytes <= 4 * B * T * V // 8
 
 
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_softcap_never_holds_n_by_v(backend, single_pass):
+    """A final-logit cap adds per-block work (the torch engine keeps 1 - tanh^2 in a block of its own), never an
+    N x V tensor."""
+    p = _problem()
+    with LargestTensor() as probe:
+        out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                                old_logprobs=p["old_logprobs"], entropy_coef=0.01, config="dapo", backend=backend,
+                                chunk_size=CHUNK, single_pass=single_pass, softcap=30.0)
+        out.loss.backward()
+    assert probe.nbytes <= _allowed(CHUNK, V), f"largest tensor {probe.nbytes} B from {probe.op}"
+
+
 def test_vocab_blocks_under_a_tiny_budget(backend, monkeypatch):
     """With a budget smaller than one row chunk of the full vocabulary, the vocabulary is blocked too."""
     monkeypatch.setenv("RLKERNELS_MEMORY_BUDGET_MB", str(16 * 1000 * 4 / 2**20))  # 16 rows x 1000 vocab
