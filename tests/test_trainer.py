@@ -113,6 +113,16 @@ def test_gemma_final_logit_softcap(tmp_path):
     t.softcap = None
     with pytest.raises(ValueError, match=r"differ from the model's own .* softcap=None"):
         t.check_lm_head()
+    # bf16, logits up to the cap of 30 as a real Gemma's: its own cap in bf16 rounds by ~0.16 here (within the
+    # check's allowance at that size, 0.94), and it is accepted; without the cap it is not
+    model, tok = _tiny("gemma2", final_logit_softcapping=30.0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10.0)
+    t = GRPOTrainer(TrainerConfig(out=str(tmp_path / "bf16"), progress=False, backend="torch"),
+                    model=model.to(torch.bfloat16), tokenizer=tok)
+    t.softcap = None
+    with pytest.raises(ValueError, match="differ from the model's own"):
+        t.check_lm_head()
 
 
 def test_a_model_whose_lm_head_scales_its_logits_is_refused(tmp_path):

@@ -276,11 +276,16 @@ class GRPOTrainer:
         fused = fused_logprobs(hidden, weight, ids[:, 1:], bias=bias, backend=self.cfg.backend,
                                softcap=self.softcap)[0]
         diff = float((own - fused).abs().max())
-        # bf16 logits of a large vocabulary round to ~0.06 at |z| ~ 16; a missing scale or cap moves them by units
-        allowed = 1e-3 if weight.dtype in (torch.float32, torch.float64) else 0.25
+        # the model's own half-precision logits (and its cap, computed in that dtype by HF's Gemma) round at their
+        # size: 4 units of the dtype's resolution at the largest logit (bf16 at |z| = 30: 0.94); a missing scale or
+        # cap moves log-probs by more (Cohere's 0.0625 scale: by units to tens)
+        if weight.dtype in (torch.float32, torch.float64):
+            allowed = 1e-3
+        else:
+            allowed = max(0.05, 4 * torch.finfo(weight.dtype).eps * float(logits.abs().max()))
         if not diff <= allowed:
             raise ValueError(
-                f"the fused log-probs differ from the model's own by {diff:.3g} (allowed {allowed}): its LM head "
+                f"the fused log-probs differ from the model's own by {diff:.3g} (allowed {allowed:.3g}): its LM head "
                 f"({type(model).__name__}) computes more than softcap * tanh((hidden @ weight.T + bias) / softcap) "
                 f"with softcap={self.softcap} (a logit scale?), which this trainer's update does not compute; train "
                 "such a model on its own logits (rlkernels.logprobs_from_logits and rlkernels.policy_loss)")
