@@ -122,6 +122,35 @@ def test_broken_build_falls_back_with_one_warning(tmp_path):
         assert run.stderr.count("rlkernels: building the native CPU engine") == 1
 
 
+def test_a_stale_build_lock_falls_back_instead_of_hanging(tmp_path):
+    """A lock file left in the build directory by an interrupted build (older than STALE_LOCK_S) makes the engine
+    unavailable with a warning that names the file, instead of waiting for it forever inside torch; a fresh lock (a
+    build running in another process) is waited for as before, so it is not touched."""
+    run = _run("""
+        import dataclasses, json, os, time, warnings
+        import torch, rlkernels as R, rlkernels.native as N
+        N.BUILDER = dataclasses.replace(N.BUILDER, name="rlk_stale_lock_test", aot_prefix="_C_stale_lock_test_")
+        lock = N.BUILDER.jit_build_dir(N.BUILDER.variant()) / "lock"
+        lock.touch()
+        fresh = N._stale_build_lock(N.BUILDER, N.BUILDER.variant())
+        old = time.time() - N.STALE_LOCK_S - 60
+        os.utime(lock, (old, old))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backends = R.available_backends()
+            logp = R.fused_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]))
+        print(json.dumps(dict(fresh=list(fresh), native=backends["native"], lock=str(lock), exists=lock.exists(),
+                              warnings=[str(w.message) for w in caught if "rlkernels" in str(w.message)])))
+    """, {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["fresh"] == [None, None]
+    assert "lock file 31 min old" in out["native"] and out["lock"] in out["native"], out["native"]
+    assert len(out["warnings"]) == 1 and f"delete {out['lock']}" in out["warnings"][0], out["warnings"]
+    assert out["exists"]  # reported, never deleted: another process might still be building
+    assert "building the native CPU engine" not in run.stderr
+
+
 def test_aot_module_names_and_flags():
     """The builder is the one source of truth: every variant has its own module name and ISA flags, and no
     -march=native (an AOT wheel must run on any x86-64 CPU)."""

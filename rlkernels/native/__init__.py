@@ -103,6 +103,8 @@ def _attempt(builder: NativeBuilder) -> None:
         return
     reason, fix, detail = _jit_prerequisites(builder)
     if reason is None:
+        reason, fix = _stale_build_lock(builder, variant)
+    if reason is None:
         try:
             _STATE.module, _STATE.source = _jit(builder, variant), "jit"
             return
@@ -146,6 +148,29 @@ def _jit_prerequisites(builder: NativeBuilder):
     if not is_ninja_available():
         return "ninja is not installed", "pip install ninja", None
     return None, None, None
+
+
+# torch's JIT build holds a lock file in the build directory while it compiles and removes it when done; a build killed
+# mid-way (Ctrl-C during the first call, a job's time limit) leaves it, and every later build waits for it to go,
+# forever and silently (seen on this project's machine: a test run hung 11 min). A build takes about a minute on 2
+# cores (BUILD_ESTIMATE), so a lock this much older than that was left by one that is no longer running.
+STALE_LOCK_S = 1800.0
+
+
+def _stale_build_lock(builder: NativeBuilder, variant: str):
+    """(reason, fix) when the JIT build directory holds a lock older than STALE_LOCK_S, else (None, None)."""
+    if builder.jit_is_cached(variant):
+        return None, None  # a finished build loads without waiting for the lock
+    lock = builder.jit_build_dir(variant) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return None, None
+    if age <= STALE_LOCK_S:
+        return None, None
+    return (f"its build directory holds a lock file {age / 60:.0f} min old ({lock}), left by a build that was "
+            "interrupted; torch would wait for it forever",
+            f"make sure no other process is building it, delete {lock} and call again")
 
 
 def _jit(builder: NativeBuilder, variant: str):
