@@ -158,9 +158,8 @@ STALE_LOCK_S = 1800.0
 
 
 def _stale_build_lock(builder: NativeBuilder, variant: str):
-    """(reason, fix) when the JIT build directory holds a lock older than STALE_LOCK_S, else (None, None)."""
-    if builder.jit_is_cached(variant):
-        return None, None  # a finished build loads without waiting for the lock
+    """(reason, fix) when the JIT build directory holds a lock older than STALE_LOCK_S, else (None, None). Checked
+    for a finished build too: torch takes the lock before it looks at what is built."""
     lock = builder.jit_build_dir(variant) / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
