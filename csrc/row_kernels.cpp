@@ -133,10 +133,9 @@ struct Row {
     }
   };
 
-  // z~ = max((z + b) / T, floor) for kStep logits from index i; `it` = 1 / T. With kCap the logits are capped first
-  // and th0, th1 receive tanh((z + b) / s) (for the cap's derivative 1 - tanh^2).
-  static void logits(const scalar_t* z, const scalar_t* bias, int64_t i, const Vec& it, const Vec& floor,
-                     const Cap& cap, Vec& x0, Vec& x1, Vec& th0, Vec& th1) {
+  // z + b for kStep logits from index i. The max sweep reads these under a cap: s tanh(x / s) / T and the floor are
+  // increasing, so the row's capped maximum is the cap of its raw maximum (one tanh per segment, not per logit).
+  static void raw(const scalar_t* z, const scalar_t* bias, int64_t i, Vec& x0, Vec& x1) {
     load(z + i, x0, x1);
     if constexpr (kBias) {
       Vec b0, b1;
@@ -144,6 +143,13 @@ struct Row {
       x0 = x0 + b0;
       x1 = x1 + b1;
     }
+  }
+
+  // z~ = max((z + b) / T, floor) for kStep logits from index i; `it` = 1 / T. With kCap the logits are capped first
+  // and th0, th1 receive tanh((z + b) / s) (for the cap's derivative 1 - tanh^2).
+  static void logits(const scalar_t* z, const scalar_t* bias, int64_t i, const Vec& it, const Vec& floor,
+                     const Cap& cap, Vec& x0, Vec& x1, Vec& th0, Vec& th1) {
+    raw(z, bias, i, x0, x1);
     if constexpr (kCap) {  // tanh(-inf) = -1: a banned token's capped logit is -s, finite
       th0 = vtanh(x0 * cap.vinv);
       th1 = vtanh(x1 * cap.vinv);
@@ -158,18 +164,6 @@ struct Row {
                      const Cap& cap, Vec& x0, Vec& x1) {
     Vec th0, th1;
     logits(z, bias, i, it, floor, cap, x0, x1, th0, th1);
-  }
-
-  // z + b for kStep logits from index i: what the max sweep reads under a cap (s tanh(x / s) / T and the floor are
-  // increasing, so the row's capped maximum is the cap of its raw maximum: one tanh per segment, not per logit)
-  static void raw(const scalar_t* z, const scalar_t* bias, int64_t i, Vec& x0, Vec& x1) {
-    load(z + i, x0, x1);
-    if constexpr (kBias) {
-      Vec b0, b1;
-      load(bias + i, b0, b1);
-      x0 = x0 + b0;
-      x1 = x1 + b1;
-    }
   }
 
   // the same for one logit, without the floor; `th` receives tanh((z + b) / s) with kCap
