@@ -288,15 +288,27 @@ struct Row {
 
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, kMinParallelLogits / std::max<int64_t>(n, 1)); }
 
-// f(kBias, kCap) with the runtime flags as std::bool_constant: the four row passes
-template <typename F>
-void with_row(bool bias, bool cap, F&& f) {
+// The row loop both kernels share: body(RowT{}, cap, r, 1 / T of row r) for every row r of an R x n block, in
+// parallel, with the row pass RowT = Row<scalar_t, bias?, cap?> (and its Cap) chosen once for the block.
+template <typename scalar_t, typename F>
+void for_each_row(bool bias, double softcap, int64_t R, int64_t n, const std::optional<at::Tensor>& temp_rows,
+                  double temperature, F&& body) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowVec<acc_t> trow = row_vec<acc_t>(temp_rows);
+  const acc_t it = static_cast<acc_t>(1.0 / temperature);
+  auto run = [&](auto has_bias, auto has_cap) {
+    using RowT = Row<scalar_t, decltype(has_bias)::value, decltype(has_cap)::value>;
+    const typename RowT::Cap cap(softcap);
+    at::parallel_for(0, R, grain_rows(n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) body(RowT{}, cap, r, trow ? acc_t(1) / trow.at(r) : it);
+    });
+  };
   using yes = std::true_type;
   using no = std::false_type;
   if (bias) {
-    cap ? f(yes{}, yes{}) : f(yes{}, no{});
+    softcap > 0 ? run(yes{}, yes{}) : run(yes{}, no{});
   } else {
-    cap ? f(no{}, yes{}) : f(no{}, no{});
+    softcap > 0 ? run(no{}, yes{}) : run(no{}, no{});
   }
 }
 
@@ -364,18 +376,10 @@ at::Tensor block_stats(const at::Tensor& z, const at::Tensor& labels, int64_t v0
     const scalar_t* bp = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     const int64_t* yp = labels.const_data_ptr<int64_t>();
     const int64_t ys = labels.stride(0), ld = z.stride(0);
-    const RowVec<acc_t> trow = row_vec<acc_t>(temp_rows);
-    const acc_t it = static_cast<acc_t>(1.0 / temperature);
     acc_t* sp = out.data_ptr<acc_t>();
-    with_row(bp != nullptr, softcap > 0, [&](auto has_bias, auto has_cap) {
-      using RowT = Row<scalar_t, decltype(has_bias)::value, decltype(has_cap)::value>;
-      const typename RowT::Cap cap(softcap);
-      at::parallel_for(0, R, grain_rows(n), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const acc_t itr = trow ? acc_t(1) / trow.at(r) : it;
-          RowT::stats(zp + r * ld, bp, n, yp[r * ys] - v0, itr, cap, sp + 4 * r, first);
-        }
-      });
+    for_each_row<scalar_t>(bp != nullptr, softcap, R, n, temp_rows, temperature,
+                           [&](auto row, const auto& cap, int64_t r, acc_t itr) {
+      decltype(row)::stats(zp + r * ld, bp, n, yp[r * ys] - v0, itr, cap, sp + 4 * r, first);
     });
   });
   return out;
@@ -404,21 +408,13 @@ void dlogits_out(const at::Tensor& z, const at::Tensor& labels, int64_t v0, cons
     const scalar_t* bp = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
     const int64_t* yp = labels.const_data_ptr<int64_t>();
     const int64_t ys = labels.stride(0), ld = z.stride(0), ldo = out.stride(0);
-    const RowVec<acc_t> trow = row_vec<acc_t>(temp_rows), gl = row_vec<acc_t>(g_logp), ge = row_vec<acc_t>(g_ent);
+    const RowVec<acc_t> gl = row_vec<acc_t>(g_logp), ge = row_vec<acc_t>(g_ent);
     const RowVec<acc_t> mv = row_vec<acc_t>(m), lsv = row_vec<acc_t>(log_s), csv = row_vec<acc_t>(cs);
-    const acc_t it = static_cast<acc_t>(1.0 / temperature);
-    with_row(bp != nullptr, softcap > 0, [&](auto has_bias, auto has_cap) {
-      using RowT = Row<scalar_t, decltype(has_bias)::value, decltype(has_cap)::value>;
-      const typename RowT::Cap cap(softcap);
-      at::parallel_for(0, R, grain_rows(n), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const acc_t itr = trow ? acc_t(1) / trow.at(r) : it;
-          const acc_t g1 = gl ? gl.at(r) : acc_t(0), g2 = ge ? ge.at(r) : acc_t(0);
-          const acc_t M = mv.at(r), ls = lsv.at(r), c = csv.at(r);
-          RowT::dlogits(zp + r * ld, op + r * ldo, bp, n, yp[r * ys] - v0, itr, cap, M, ls, c, g1, g2,
-                        static_cast<bool>(gl));
-        }
-      });
+    for_each_row<scalar_t>(bp != nullptr, softcap, R, n, temp_rows, temperature,
+                           [&](auto row, const auto& cap, int64_t r, acc_t itr) {
+      const acc_t g1 = gl ? gl.at(r) : acc_t(0), g2 = ge ? ge.at(r) : acc_t(0);
+      decltype(row)::dlogits(zp + r * ld, op + r * ldo, bp, n, yp[r * ys] - v0, itr, cap, mv.at(r), lsv.at(r),
+                             csv.at(r), g1, g2, static_cast<bool>(gl));
     });
   });
 }
