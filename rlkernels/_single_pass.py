@@ -7,8 +7,10 @@ carries no closure, so under ``torch.compile`` the objective travels as what bui
 (:func:`rlkernels.config.config_to_op_args`) and the per-token tensors of the batch and the step constants
 (:class:`~rlkernels.objective.TokenBatch`, :class:`~rlkernels.objective.Prepared`). The op rebuilds the closure and
 runs the same ``engine.linear_fused``, opaque to the compiler; its fake implementation gives the output shapes. For
-sequence-level ratios (GSPO, LUSPO) it plans row chunks of whole sequences itself, from the data (a host sync the
-compiler does not see).
+sequence-level ratios (GSPO, LUSPO) it plans row chunks of whole sequences itself: from the shape for a padded batch
+(every row is computed under compile, so each sequence has T rows), from the data for a packed one (a host sync the
+compiler does not see). That second form is a separate op tagged ``cudagraph_unsafe``, so that
+``torch.compile(mode="reduce-overhead")`` leaves it out of its CUDA graphs instead of failing in their capture.
 
 Backward scales the gradients saved by the forward pass by ``grad_output``, written out of place as a compiled graph
 wants it. Inductor then reuses the saved buffers (its generated backward multiplies in place: seen in its output code
@@ -17,6 +19,7 @@ on the CPU), as the eager single pass does by hand; the ``aot_eager`` backend ho
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import fields
 from typing import List, Optional, Tuple
 
@@ -57,15 +60,16 @@ def _autograd_inside_op():
         yield
 
 
-@torch.library.custom_op("rlkernels::linear_fused_loss", mutates_args=())
-def linear_fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                         temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
-                         backend: str, need_h: bool, need_w: bool, need_b: bool, cfg_strs: str,
-                         cfg_nums: List[float], cfg_nones: List[bool], tokens: List[Optional[Tensor]],
-                         num_seqs: int, whole_sequences: bool, softcap: float) -> Tuple[Tensor, Tensor, Tensor,
-                                                                                        Tensor, Tensor, Tensor]:
+def _linear_fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                       temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
+                       backend: str, need_h: bool, need_w: bool, need_b: bool, cfg_strs: str,
+                       cfg_nums: List[float], cfg_nones: List[bool], tokens: List[Optional[Tensor]],
+                       num_seqs: int, seq_rows: int, softcap: float) -> Tuple[Tensor, Tensor, Tensor,
+                                                                              Tensor, Tensor, Tensor]:
     """-> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) of ``engine.linear_fused``; a gradient that is
-    not needed comes back empty. ``whole_sequences``: the row chunks end at sequence boundaries (planned here)."""
+    not needed comes back empty. ``seq_rows``: 0, plain row chunks (a token-separable objective); else chunks that
+    end at sequence boundaries, planned here: ``seq_rows`` > 0 rows in every sequence (a padded batch: nothing
+    read), -1 the lengths read from the batch's ``seq_ids`` (one host sync: the tagged op only)."""
     cfg = config_from_op_args(cfg_strs, cfg_nums, cfg_nones)
     k = len(_BATCH_TENSORS)
     batch = TokenBatch(num_seqs=num_seqs, **dict(zip(_BATCH_TENSORS, tokens[:k])))
@@ -75,8 +79,8 @@ def linear_fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         return token_loss(logp_c, ent_c, batch.select(slice(r0, r1)), prep.select(slice(r0, r1)), cfg).total
 
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
-    if whole_sequences:
-        plan = _whole_sequence_plan(plan, batch.seq_ids, num_seqs)
+    if seq_rows != 0:
+        plan = _whole_sequence_plan(plan, batch.seq_ids, num_seqs, (seq_rows,) * num_seqs if seq_rows > 0 else None)
     t = temperature if temperature is not None else temp_scalar
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
     with _autograd_inside_op():
@@ -86,26 +90,26 @@ def linear_fused_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     return loss, logp, ent, _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
 
 
-def _whole_sequence_plan(plan: ChunkPlan, seq_ids: Tensor, num_seqs: int) -> ChunkPlan:
-    """Row chunks of whole sequences (one host sync, inside the op where the compiler does not see it): as many as
-    fit in ``plan.rows`` rows, or, when one sequence is longer than that, chunks of the longest sequence's rows over
-    vocabulary blocks cut to keep the block within the same budget. Such a chunk computes its statistics, then
-    recomputes each block for the gradients: 4 GEMMs, what the two-stage path costs, where eager mode takes that
-    path."""
-    aligned, longest = sequence_aligned(plan, seq_ids, num_seqs)
+def _whole_sequence_plan(plan: ChunkPlan, seq_ids: Tensor, num_seqs: int,
+                         lengths: Optional[Tuple[int, ...]] = None) -> ChunkPlan:
+    """Row chunks of whole sequences: as many as fit in ``plan.rows`` rows, or, when one sequence is longer than
+    that, chunks of the longest sequence's rows over vocabulary blocks cut to keep the block within the same budget.
+    Such a chunk computes its statistics, then recomputes each block for the gradients: 4 GEMMs, what the two-stage
+    path costs, where eager mode takes that path. ``lengths``: each sequence's rows, when known without reading the
+    device; else ``seq_ids`` is read (one host sync, inside the op where the compiler does not see it)."""
+    aligned, longest = sequence_aligned(plan, seq_ids, num_seqs, lengths)
     if aligned is None and longest > plan.rows:
         vocab_block = plan.rows * plan.vocab_block // longest
         vocab_block = max(MIN_VOCAB_BLOCK, vocab_block - vocab_block % VOCAB_MULTIPLE)
         aligned, _ = sequence_aligned(ChunkPlan(longest, min(vocab_block, plan.vocab), plan.vocab), seq_ids,
-                                      num_seqs)
+                                      num_seqs, lengths)
     if aligned is None:
         raise RuntimeError("internal: the rows of each sequence are not contiguous")
     return aligned
 
 
-@linear_fused_loss_op.register_fake
-def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, need_h, need_w, need_b,
-      cfg_strs, cfg_nums, cfg_nones, tokens, num_seqs, whole_sequences, softcap):
+def _fake(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, need_h, need_w, need_b,
+          cfg_strs, cfg_nums, cfg_nones, tokens, num_seqs, seq_rows, softcap):
     cdt = compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty((), dtype=cdt), hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
@@ -126,22 +130,39 @@ def _backward(ctx, g_loss, *_unused):
     return (gh, gw, gb) + (None,) * 16
 
 
-linear_fused_loss_op.register_autograd(_backward, setup_context=_setup)
+def _register(name: str, tags=()):
+    op = torch.library.custom_op(name, mutates_args=(), **({"tags": tags} if tags else {}))(_linear_fused_loss)
+    op.register_fake(_fake)
+    op.register_autograd(_backward, setup_context=_setup)
+    return op
+
+
+# the op that reads a packed batch's sequence lengths syncs with the host: tagged so that inductor keeps it out of
+# CUDA graphs (a capture would fail at the read); the tag and custom_op's tags argument are in torch >= 2.8
+_CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+_HAS_TAGS = "tags" in inspect.signature(torch.library.custom_op).parameters
+linear_fused_loss_op = _register("rlkernels::linear_fused_loss")
+linear_fused_loss_read_op = _register("rlkernels::linear_fused_loss_read_lengths",
+                                      (_CUDAGRAPH_UNSAFE,) if _CUDAGRAPH_UNSAFE is not None and _HAS_TAGS else ())
 
 
 def compiled_linear_fused_loss(engine_name: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                labels: Tensor, temperature, plan: ChunkPlan, batch: TokenBatch, prep: Prepared,
-                               cfg: PolicyLossConfig, softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+                               cfg: PolicyLossConfig, softcap: float = 0.0,
+                               seq_rows: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss, logp, entropy) of the single pass through the custom op: ``loss`` differentiable w.r.t. hidden, weight
     and bias; ``logp``/``entropy`` detached. ``batch``/``prep`` cover the rows of ``hidden``; ``cfg`` is
     sequence-separable (token-separable ones included), and the op cuts the row chunks at sequence boundaries
-    where it is not token-separable."""
+    where it is not token-separable: from ``seq_rows`` rows per sequence (a padded batch), or, with -1, from the
+    batch's ``seq_ids`` (the op that reads them)."""
     if plan.bounds is not None or not cfg.sequence_separable:
         raise RuntimeError("internal: the compiled single pass takes sequence-separable objectives, plain chunks")
     t, t_scalar = _split_temperature(temperature)
     need_b = bias is not None and bias.requires_grad
     tokens = [getattr(batch, name) for name in _BATCH_TENSORS] + [getattr(prep, name) for name in _PREP_TENSORS]
-    out = linear_fused_loss_op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name,
-                               hidden.requires_grad, weight.requires_grad, need_b, *config_to_op_args(cfg), tokens,
-                               batch.num_seqs, not cfg.token_separable, float(softcap))
+    seq_rows = 0 if cfg.token_separable else seq_rows
+    op = linear_fused_loss_read_op if seq_rows < 0 else linear_fused_loss_op
+    out = op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name,
+             hidden.requires_grad, weight.requires_grad, need_b, *config_to_op_args(cfg), tokens,
+             batch.num_seqs, seq_rows, float(softcap))
     return out[0], out[1], out[2]

@@ -417,8 +417,11 @@ def fused_grpo_loss(
                                                plan, chunk_loss, tp_group, call.offset, reduce_hidden_grad,
                                                call.softcap)
     elif compiling:  # the objective travels as its config and per-token tensors (a closure cannot)
+        # a padded batch (every row computed under compile): T rows per sequence; packed: the op reads the lengths
+        seq_rows = call.shape[1] if len(call.shape) == 2 else -1
         loss, logp, ent = compiled_linear_fused_loss(call.engine.name, call.hidden, weight, bias, call.labels,
-                                                     call.temperature, plan, batch, prep, cfg, call.softcap)
+                                                     call.temperature, plan, batch, prep, cfg, call.softcap,
+                                                     seq_rows)
     else:
         loss, logp, ent = call.checks.launched(lambda: call.engine.linear_fused_loss(
             call.hidden, weight, bias, call.labels, call.temperature, plan, chunk_loss, call.softcap))

@@ -1,5 +1,7 @@
 """torch.compile(fullgraph=True) over the public functions: the engines are torch.library custom ops with fake
 implementations, data-dependent checks and row gathers step aside while tracing, and the results match eager."""
+import inspect
+
 import pytest
 import torch
 
@@ -116,19 +118,62 @@ def test_compiled_single_pass_sequence_ratio(backend, monkeypatch, config, chunk
     """Sequence-level ratios take the single pass under compile too: the op cuts row chunks of whole sequences (two
     9-token sequences per 20-row chunk), or, with sequences longer than a chunk (9 > 5 rows), chunks of one
     sequence over vocabulary blocks; loss, gradients and metrics equal eager's two-stage path."""
+    import rlkernels._single_pass as S
+
     torch._dynamo.reset()
     p = make_problem(3, 9, 16, V, dtype=torch.float32, seed=23)
     spy = _PathSpy(monkeypatch, backend)
+    lengths = []
+    aligned = S.sequence_aligned
+    monkeypatch.setattr(S, "sequence_aligned", lambda *a: (lengths.append(a[3]), aligned(*a))[1])
     loss, metrics = torch.compile(_loss_fn(config, backend, chunk_size=chunk), fullgraph=True,
                                   backend="aot_eager")(*_args(p))
     g = grads(loss, leaves(p))
     assert spy.calls == ["linear_fused"], spy.calls
+    # a padded batch: every row is computed under compile, so each sequence has T = 9 rows, known without a read
+    assert lengths and all(ls == (9, 9, 9) for ls in lengths), lengths
     plan = spy.plans[0]
     assert plan.bounds == ((0, 18, 27) if not blocked else (0, 9, 18, 27)), plan
     assert plan.vocab_blocked == blocked, plan
     loss_e, metrics_e = _loss_fn(config, backend, chunk_size=chunk, single_pass=False)(*_args(p))
     g_e = grads(loss_e, leaves(p))
     _assert_same(loss, metrics, g, loss_e, metrics_e, g_e)
+
+
+def test_compiled_single_pass_packed_sequences(backend, monkeypatch):
+    """A packed batch's sequence lengths are device data: under compile the single pass for a sequence-level ratio
+    reads them inside the op tagged cudagraph_unsafe (which torch.compile(mode="reduce-overhead") keeps out of its
+    CUDA graphs); chunks end at sequence ends, and loss and gradients equal eager's two-stage path."""
+    import rlkernels._single_pass as S
+
+    torch._dynamo.reset()
+    B, T = 4, 8
+    p = make_problem(B, T, 16, 41, dtype=torch.float32, seed=24)
+    lengths = torch.tensor([5, 0, 8, 3])  # one empty sequence
+    keep = (torch.arange(T)[None, :] < lengths[:, None]).reshape(-1).to(DEVICE)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    cu = cu.to(DEVICE)
+    hidden = p["hidden"].detach().reshape(B * T, -1)[keep].requires_grad_()
+    flat = lambda x: x.reshape(-1)[keep]  # noqa: E731
+    args = (hidden, p["weight"], flat(p["labels"]), p["advantages"], flat(p["mask"]), flat(p["old_logprobs"]),
+            flat(p["ref_logprobs"]))
+    spy = _PathSpy(monkeypatch, backend)
+    ops = []
+    for name in ("linear_fused_loss_op", "linear_fused_loss_read_op"):
+        op = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, _op=op, _name=name: (ops.append(_name), _op(*a))[1])
+    loss, metrics = torch.compile(_loss_fn("gspo", backend, chunk_size=9, cu_seqlens=cu), fullgraph=True,
+                                  backend="aot_eager")(*args)
+    g = grads(loss, [hidden, p["weight"]])
+    assert ops == ["linear_fused_loss_read_op"] and spy.calls == ["linear_fused"], (ops, spy.calls)
+    assert spy.plans[0].bounds == (0, 5, 13, 16), spy.plans[0]  # 5 + 0 | 8 | 3 rows: whole sequences per chunk
+    loss_e, metrics_e = _loss_fn("gspo", backend, chunk_size=9, cu_seqlens=cu, single_pass=False)(*args)
+    g_e = grads(loss_e, [hidden, p["weight"]])
+    _assert_same(loss, metrics, g, loss_e, metrics_e, g_e)
+    if hasattr(torch.Tag, "cudagraph_unsafe") and "tags" in inspect.signature(torch.library.custom_op).parameters:
+        assert torch.Tag.cudagraph_unsafe in torch.ops.rlkernels.linear_fused_loss_read_lengths.default.tags
+        assert torch.Tag.cudagraph_unsafe not in torch.ops.rlkernels.linear_fused_loss.default.tags
 
 
 def test_compiled_two_stage_where_the_single_pass_cannot_apply(backend, monkeypatch):
