@@ -3,7 +3,8 @@
 Every check runs before any result is returned and raises ``TypeError`` (wrong type or dtype) or ``ValueError``
 (wrong shape, device or value) naming the argument and the shapes involved. Value checks (label range, NaN at kept
 positions, ``cu_seqlens`` consistency) read data back to the host; set ``RLKERNELS_CHECK_VALUES=0`` to skip them in
-production (they are also skipped while ``torch.compile`` traces). Inside :func:`deferred_checks` (every public op's
+production (they are also skipped while ``torch.compile`` traces and while a CUDA graph is captured: nothing may
+read the device then; the warm-up calls before a capture check the data). Inside :func:`deferred_checks` (every public op's
 checking section) the data-dependent ones are queued on the device and read back together: one host wait for all of
 them, raising the first that failed, in the order they were made. It comes before any kernel of ours, except where
 the kernels are safe whatever the values (:meth:`DeferredChecks.read_after_launch`: the Triton engine's forward,
@@ -39,6 +40,19 @@ def compiling() -> bool:
     return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
 
 
+def capturing() -> bool:
+    """True while the current CUDA stream is captured into a CUDA graph (``torch.cuda.graph``, or the recording of
+    ``torch.compile(mode="reduce-overhead")``): a read of device data would end the capture with an error, so the
+    value checks and the gather of kept rows (whose size is read back) are skipped then, as under torch.compile."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def no_host_reads() -> bool:
+    """torch.compile traces, or a CUDA graph is captured: nothing may wait for device data (:func:`compiling`,
+    :func:`capturing`)."""
+    return compiling() or capturing()
+
+
 def autocast_linear_inputs(hidden, weight, bias):
     """hidden, weight and bias as ``torch.nn.functional.linear`` sees them inside a ``torch.autocast`` region of
     hidden's device type: each floating tensor that is not float64 cast to the region's dtype (differentiably: its
@@ -58,13 +72,15 @@ def autocast_linear_inputs(hidden, weight, bias):
 
 
 def value_checks_enabled() -> bool:
-    """RLKERNELS_CHECK_VALUES is not 0/false/no, and torch.compile is not tracing. Inside :func:`deferred_checks`'
-    block (entered only with the checks on) True without reading the environment again: a call's checks asked it
-    several times (each read 0.3-0.8 us on the 2-core CPU machine)."""
+    """RLKERNELS_CHECK_VALUES is not 0/false/no, torch.compile is not tracing and no CUDA graph is captured. Inside
+    :func:`deferred_checks`' block (entered only with the checks on) True without asking again: a call's checks
+    asked it several times (each read of the environment 0.3-0.8 us on the 2-core CPU machine)."""
     if compiling():  # first: torch.compile traces no ContextVar
         return False
     if _PENDING.get() is not None:
         return True
+    if capturing():
+        return False
     return os.environ.get("RLKERNELS_CHECK_VALUES", "1") not in ("0", "false", "False", "no")
 
 
@@ -679,9 +695,10 @@ def check_backend_args(backend, chunk_size) -> None:
 
 def kept_index(mask: Tensor) -> Optional[Tensor]:
     """Indices of kept rows, or None when every row is kept or the gather is not possible (under torch.compile its
-    data-dependent size would break the graph; :func:`neutralise_rows` makes dropped rows harmless instead)."""
+    data-dependent size would break the graph, and a CUDA graph capture cannot read it; :func:`neutralise_rows`
+    makes dropped rows harmless instead)."""
     flat = mask.reshape(-1)
-    if flat.numel() == 0 or compiling():
+    if flat.numel() == 0 or no_host_reads():
         return None
     index = flat.nonzero().squeeze(1)  # one sync: the size of the result
     return None if index.numel() == flat.numel() else index

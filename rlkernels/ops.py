@@ -25,7 +25,8 @@ Temperature = Union[float, Tensor]
 
 def _scatter_rows(values: Tensor, index: Optional[Tensor], n: int, computed: Optional[Tensor] = None) -> Tensor:
     """values for the kept rows -> (n,) with zeros at dropped rows (differentiable). ``computed``: the dropped rows
-    were computed anyway (neutralised, under torch.compile); this (n,) keep mask zeroes them, as eager does."""
+    were computed anyway (neutralised, under torch.compile or a CUDA graph capture); this (n,) keep mask zeroes them,
+    as eager does."""
     if computed is not None:
         return torch.where(computed, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if index is None:
@@ -35,7 +36,7 @@ def _scatter_rows(values: Tensor, index: Optional[Tensor], n: int, computed: Opt
 
 def _kept_rows(x2d: Tensor, y: Tensor, temperature, keep: Tensor, mask: Optional[Tensor]):
     """The rows an engine computes: the kept ones gathered (with their per-token temperatures), or, under
-    torch.compile (no data-dependent gather), all of them with the dropped ones neutralised.
+    torch.compile or a CUDA graph capture (no data-dependent gather), all of them with the dropped ones neutralised.
     -> (x2d, y, temperature, index of the kept rows or None, keep mask of neutralised rows or None).
     Without a ``mask`` every row is kept: nothing to gather, and no host sync to find that out."""
     if mask is None:
@@ -45,7 +46,7 @@ def _kept_rows(x2d: Tensor, y: Tensor, temperature, keep: Tensor, mask: Optional
         if isinstance(temperature, Tensor):
             temperature = temperature[index]
         return x2d.index_select(0, index), y[index], temperature, index, None
-    if I.compiling() and mask is not None:
+    if I.no_host_reads():
         x2d, y = I.neutralise_rows(x2d, y, keep)
         return x2d, y, temperature, None, keep.reshape(-1)
     return x2d, y, temperature, None, None
@@ -61,9 +62,10 @@ class _LinearCall:
         hidden, weight, bias = I.autocast_linear_inputs(hidden, weight, bias)  # inside torch.autocast: its dtype
         self.tp_group, self.offset = tp_group, 0
         V = None
-        if tp_group is not None and I.compiling():
+        if tp_group is not None and I.no_host_reads():
             raise ValueError("tp_group: a vocab-sharded LM head runs in eager mode only (its shard checks and merges "
-                             "are collectives with host syncs); call this function outside torch.compile")
+                             "are collectives with host syncs); call this function outside torch.compile and outside "
+                             "a CUDA graph capture")
         if tp_group is not None:  # a collective first, before anything that could fail on one rank only
             from .distributed import shard_offset
 
@@ -164,7 +166,7 @@ def fused_logprobs(
         tp_group: a ``torch.distributed`` group over which the LM head is vocab-sharded: ``weight`` (and ``bias``) is
             this rank's contiguous ``V/W`` rows, labels are global ids, hidden states are replicated. Every rank gets
             the full-vocabulary ``logp``/``entropy``; ``grad_weight`` is this rank's shard. Eager mode only (under
-            torch.compile: ValueError).
+            torch.compile or in a CUDA graph capture: ValueError).
         reduce_hidden_grad: with ``tp_group``, all-reduce ``grad_hidden`` over the group (False leaves each rank's
             partial sum, for frameworks that reduce it themselves).
         softcap: float > 0 for a model that caps its final logits, ``softcap * tanh(logits / softcap)`` before the
@@ -330,7 +332,8 @@ def fused_grpo_loss(
             per-row median error 2.5e-2 and 267 rows zero, against 4.5e-3 and none); ``False`` forces the two-stage
             path; ``True`` requires the single pass (fp16 included). Under ``torch.compile`` the single pass applies
             to token-separable objectives and sequence-level ratios; a sequence longer than a row chunk then takes
-            vocabulary blocks (4 GEMMs).
+            vocabulary blocks (4 GEMMs). In a CUDA graph capture a sequence-level ratio on a packed batch (its
+            lengths are device data) takes the two-stage path.
         tp_group, reduce_hidden_grad: a vocab-sharded LM head (see :func:`fused_logprobs`); the objective runs on
             every rank on the merged full-vocabulary log-probs, in the single pass too (each row chunk's statistics
             merged across the group by two small all-reduces before its gradients are formed).
@@ -375,13 +378,20 @@ def fused_grpo_loss(
         if compiling:  # the op cuts chunks of whole sequences (a sequence longer than one: vocabulary blocks)
             separable = True
         else:  # sequence-level ratios: exact chunk by chunk when every chunk holds whole sequences
-            # a padded batch with every row kept: T rows per sequence, known without reading the device
+            # a padded batch with every row computed (all kept, or the dropped ones neutralised): T rows per
+            # sequence, known without reading the device
             lengths = (call.shape[1],) * call.shape[0] if len(call.shape) == 2 and call.index is None else None
-            aligned, longest = sequence_aligned(call.plan, batch.seq_ids, batch.num_seqs, lengths)
-            separable, plan = aligned is not None, aligned or call.plan
-            why_not = (f"a sequence-level ratio needs row chunks that hold whole sequences: the longest has "
-                       f"{longest} kept tokens, the chunks {call.plan.rows} rows (raise chunk_size or "
-                       f"RLKERNELS_MEMORY_BUDGET_MB)")
+            if lengths is None and I.capturing():  # a packed batch's lengths are device data: the two-stage path
+                separable = False
+                why_not = ("a sequence-level ratio needs row chunks that hold whole sequences, and a packed "
+                           "batch's sequence lengths cannot be read while a CUDA graph is captured (pass a padded "
+                           "batch, or leave single_pass=None for the two-stage path)")
+            else:
+                aligned, longest = sequence_aligned(call.plan, batch.seq_ids, batch.num_seqs, lengths)
+                separable, plan = aligned is not None, aligned or call.plan
+                why_not = (f"a sequence-level ratio needs row chunks that hold whole sequences: the longest has "
+                           f"{longest} kept tokens, the chunks {call.plan.rows} rows (raise chunk_size or "
+                           f"RLKERNELS_MEMORY_BUDGET_MB)")
     error = None
     if single_pass and not separable:
         error = ValueError("single_pass=True cannot apply: " + (why_not or (

@@ -1,0 +1,235 @@
+"""CUDA graphs: while a CUDA graph is captured nothing may read device data back (the capture would end with an
+error), so the public functions then skip their value checks and compute dropped rows neutralised instead of
+gathering the kept ones (whose count is read back), as under torch.compile.
+
+On the CPU the capture is simulated (``_inputs.capturing`` patched to True) under a guard that fails on any host read
+of tensor data; the results must equal the float64 reference. On a GPU (``bench/device_check.sh``) real captures,
+``torch.cuda.graph`` and ``torch.compile(mode="reduce-overhead")``, replay new data to eager's results.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rlkernels as R
+import rlkernels._inputs as I
+import rlkernels.ops as ops
+from rlkernels import reference as ref
+
+from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem
+
+_READS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
+
+
+class HostReadGuard(TorchDispatchMode):
+    """Fails on every op that reads a tensor's values back to the host (a sync on a GPU): ``nonzero`` (its size),
+    ``item`` / ``bool()``; ``tolist`` and the value checks' ``read_back`` are patched to fail too."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in _READS:
+            raise AssertionError(f"host read while capturing: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def capture(monkeypatch):
+    """Enter to run as if a CUDA graph were captured: reads of device data fail."""
+    def read(*_):
+        raise AssertionError("host read while capturing: tolist / read_back")
+
+    class Capture:
+        def __enter__(self):
+            monkeypatch.setattr(I, "capturing", lambda: True)
+            monkeypatch.setattr(torch.Tensor, "tolist", read)
+            monkeypatch.setattr(I, "read_back", read)
+            self.guard = HostReadGuard()
+            self.guard.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            self.guard.__exit__(*exc)
+            monkeypatch.undo()
+    return Capture()
+
+
+def _packed(p):
+    """The problem's rows as a packed batch of sequences of 5, 0, T and 3 tokens (B = 4)."""
+    B, T = p["labels"].shape
+    lengths = torch.tensor([5, 0, T, 3])
+    keep = (torch.arange(T)[None, :] < lengths[:, None]).reshape(-1).to(DEVICE)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    pick = lambda x: x.reshape(B * T, *x.shape[2:])[keep]  # noqa: E731
+    return keep, cu.to(DEVICE), pick
+
+
+@pytest.mark.parametrize("config,layout", [("dapo", "padded"), ("gspo", "padded"), ("gspo", "packed"),
+                                           ("grpo", "padded")])
+def test_the_loss_reads_nothing_back_while_capturing(backend, capture, monkeypatch, config, layout):
+    """fused_grpo_loss on a masked batch, forward and backward, with no host read: dropped rows neutralised, the
+    value checks skipped; a sequence-level ratio on a padded batch keeps the single pass (its T rows per sequence
+    need no read), on a packed one takes the two-stage path. Loss, gradients and metrics equal the reference."""
+    p = make_problem(4, 9, 16, 41, seed=31, bias=True, mask_frac=0.3)
+    kw = dict(old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.05)
+    q = as_fp64(p)
+    loss_r, metrics_r = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"],
+                                               bias=q["bias"], config=config, **kw)
+    mask_r = q["mask"]
+    if layout == "packed":
+        keep, cu, pick = _packed(p)
+        mask_r = q["mask"] & keep.reshape(q["mask"].shape)
+        loss_r, metrics_r = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], mask_r,
+                                                   bias=q["bias"], config=config, **kw)
+        hidden = pick(p["hidden"].detach()).requires_grad_()
+        args = (hidden, p["weight"], pick(p["labels"]), p["advantages"], pick(p["mask"]))
+        kw = dict(old_logprobs=pick(p["old_logprobs"]), ref_logprobs=pick(p["ref_logprobs"]), kl_coef=0.05,
+                  cu_seqlens=cu)
+    else:
+        hidden = p["hidden"]
+        args = (hidden, p["weight"], p["labels"], p["advantages"], p["mask"])
+    g_r = grads(loss_r, leaves(q))
+    lengths = []
+    aligned = ops.sequence_aligned
+    monkeypatch.setattr(ops, "sequence_aligned", lambda *a: (lengths.append(a[3]), aligned(*a))[1])
+    with capture:
+        out = R.fused_grpo_loss(*args, bias=p["bias"], config=config, backend=backend, chunk_size=10, **kw)
+        g = grads(out.loss, [hidden, p["weight"], p["bias"]])
+    if config == "gspo":  # padded: the single pass, planned from T; packed: nothing read, the two-stage path
+        assert lengths == ([(9,) * 4] if layout == "padded" else []), lengths
+    assert_matches("loss", out.loss, loss_r, scale=1.0)
+    if layout == "packed":
+        g_r = (pick(g_r[0]),) + g_r[1:]
+    for name, a, b in zip(("hidden", "weight", "bias"), g, g_r):
+        assert_matches(f"grad_{name}", a, b)
+    for k, v in metrics_r.items():
+        assert_matches(k, out.metrics[k], v, scale=max(1.0, abs(float(v))), dtype=torch.float32)
+
+
+def test_the_log_probs_read_nothing_back_while_capturing(backend, capture):
+    """fused_logprobs and logprobs_from_logits on a masked batch, forward and backward, with no host read: zeros
+    and zero gradients at dropped positions, the reference elsewhere."""
+    p = make_problem(3, 7, 16, 37, seed=32, mask_frac=0.4)
+    q = as_fp64(p)
+    logp_r, ent_r = ref.linear_logprobs(q["hidden"], q["weight"], q["labels"])
+    keep = q["mask"]
+    logits = (p["hidden"].detach() @ p["weight"].detach().T).requires_grad_()
+    with capture:
+        logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], return_entropy=True,
+                                     backend=backend, chunk_size=4)
+        g = grads((logp * 1.5 + ent * 0.5).sum(), [p["hidden"], p["weight"]])
+        logp2, ent2 = R.logprobs_from_logits(logits, p["labels"], mask=p["mask"], return_entropy=True,
+                                             backend=backend)
+        (g_z,) = grads((logp2 * 1.5 + ent2 * 0.5).sum(), [logits])
+    zero = torch.zeros((), dtype=torch.float64)
+    for name, a, b in (("logp", logp, logp_r), ("entropy", ent, ent_r), ("logp (logits)", logp2, logp_r),
+                       ("entropy (logits)", ent2, ent_r)):
+        assert_matches(name, a, torch.where(keep, b, zero))
+    g_r = grads((torch.where(keep, logp_r, zero) * 1.5 + torch.where(keep, ent_r, zero) * 0.5).sum(),
+                [q["hidden"], q["weight"]])
+    assert_matches("grad_hidden", g[0], g_r[0])
+    assert_matches("grad_weight", g[1], g_r[1])
+    z = (q["hidden"].detach() @ q["weight"].detach().T).requires_grad_()
+    lp, en = ref.logprobs_from_logits(z, q["labels"])
+    (g_zr,) = grads((torch.where(keep, lp, zero) * 1.5 + torch.where(keep, en, zero) * 0.5).sum(), [z])
+    assert_matches("grad_logits", g_z, g_zr)
+
+
+def test_the_guard_sees_host_reads(capture):
+    """The guard is able to fail: the gather of kept rows reads their count back, except under a capture."""
+    keep = make_problem(2, 5, 8, 11, seed=33, mask_frac=0.4)["mask"].reshape(-1)
+    assert not bool(keep.all())
+    with pytest.raises(AssertionError, match="host read"), HostReadGuard():
+        I.kept_index(keep)
+    with capture:
+        assert I.kept_index(keep) is None
+
+
+def test_a_sharded_head_is_refused_while_capturing(capture):
+    """tp_group's shard checks and merges are collectives with host reads: refused under a capture, before any."""
+    p = make_problem(2, 5, 8, 11, seed=34)
+    with capture, pytest.raises(ValueError, match="tp_group: .*CUDA graph capture"):
+        R.fused_logprobs(p["hidden"], p["weight"], p["labels"], tp_group=object())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real captures (bench/device_check.sh)
+# ---------------------------------------------------------------------------------------------------------------
+cuda_only = pytest.mark.skipif(DEVICE.type != "cuda", reason="captures a CUDA graph: a GPU test (device_check.sh)")
+
+
+def _fresh(seed, dtype=torch.float32):
+    return make_problem(4, 33, 64, 1000, dtype=dtype, seed=seed, bias=True, mask_frac=0.3)
+
+
+_INPUTS = ("hidden", "weight", "bias", "labels", "mask", "advantages", "old_logprobs", "ref_logprobs")
+
+
+def _step(p, config, backend):
+    """One training step's loss work: forward and backward, the gradients left in .grad."""
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
+                            old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.05,
+                            config=config, backend=backend)
+    out.loss.backward()
+    return out.loss
+
+
+@cuda_only
+@pytest.mark.parametrize("config", ["dapo", "gspo", "grpo"])
+def test_torch_cuda_graph_replays_the_step(backend, config):
+    """A step captured by torch.cuda.graph (after warm-up on a side stream, as PyTorch asks) and replayed on new
+    data equals the eager step on that data: loss and every gradient."""
+    static = _fresh(40)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for t in leaves(static):
+                t.grad = None
+            _step(static, config, backend)
+    torch.cuda.current_stream().wait_stream(side)
+    for t in leaves(static):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = _step(static, config, backend)
+    for seed in (41, 42):
+        new = _fresh(seed)
+        with torch.no_grad():
+            for name in _INPUTS:
+                static[name].copy_(new[name])
+        graph.replay()
+        loss_e = _step(new, config, backend)
+        assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
+        for name, a, b in zip(("hidden", "weight", "bias"), leaves(static), leaves(new)):
+            assert_matches(f"grad_{name}", a.grad, b.grad, dtype=torch.float32)
+
+
+@cuda_only
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_reduce_overhead_compile_matches_eager(layout):
+    """torch.compile(mode="reduce-overhead") over a GSPO loss (the single pass with sequence chunks) on the default
+    engine (Triton): padded, its op plans from the shape and is captured; packed, its op reads the lengths and is
+    kept out of the graphs by its cudagraph_unsafe tag. Three calls on new data each equal eager."""
+    torch._dynamo.reset()
+    backend = "auto"
+
+    def f(hidden, weight, labels, advantages, mask, old_logprobs, cu_seqlens):
+        out = R.fused_grpo_loss(hidden, weight, labels, advantages, mask, old_logprobs=old_logprobs,
+                                cu_seqlens=cu_seqlens, config="gspo", backend=backend)
+        return out.loss
+
+    compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for seed in (43, 44, 45):
+        p = _fresh(seed)
+        hidden, labels, mask, old, cu = p["hidden"], p["labels"], p["mask"], p["old_logprobs"], None
+        if layout == "packed":
+            keep, cu, pick = _packed(p)
+            hidden = pick(hidden.detach()).requires_grad_()
+            labels, mask, old = pick(labels), pick(mask), pick(old)
+        args = (hidden, p["weight"], labels, p["advantages"], mask, old, cu)
+        loss = compiled(*args)
+        g = grads(loss, [hidden, p["weight"]])
+        loss_e = f(*args)
+        g_e = grads(loss_e, [hidden, p["weight"]])
+        assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
+        for name, a, b in zip(("hidden", "weight"), g, g_e):
+            assert_matches(f"grad_{name}", a, b, dtype=torch.float32)
