@@ -13,7 +13,7 @@ ranked by its mean over the runs, and a change is proposed only where the best l
 margin on the mean and leads it in every run. It edits nothing: the constants and their comments are set by
 hand, with the numbers this prints. The loss rows of the tune file are summarised against the 3 GEMMs.
 
-HBM peaks by the GPU's name (GB/s): H100 SXM 3350, H200 4800.
+HBM peaks by the GPU's name: ``rlkernels.bench.report.HBM_PEAK_GBPS`` (H100 SXM 3350 GB/s, H200 4800, ...).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-HBM_GBS = {"H100": 3350.0, "H200": 4800.0}
+from rlkernels.bench.report import hbm_peak_gbps
 
 # a kernel row's measurement fields: {loop}_{split|masked}{stages}[p]_gbs for the statistics kernel (p: register
 # prefetch), dlogits_{split|masked}_gbs for dL/dz (bench/gpu_tune.py, section "kernel")
@@ -38,8 +38,7 @@ def load_rows(path: str) -> List[Dict[str, Any]]:
 
 
 def hbm_peak(rows: List[Dict[str, Any]]) -> Optional[float]:
-    gpu = next((str(r.get("gpu")) for r in rows if r.get("section") == "env"), "")
-    return next((v for k, v in HBM_GBS.items() if k in gpu), None)
+    return hbm_peak_gbps(next((str(r.get("gpu")) for r in rows if r.get("section") == "env"), ""))
 
 
 def launches(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:

@@ -379,6 +379,29 @@ def test_pipelined_columns():
     assert wrong["status"] == "mismatch" and wrong["pipelined_ms"] is None and wrong["pipelined_gbps"] is None
 
 
+def test_hbm_share_columns():
+    """On a GPU of known bandwidth a row with a byte count gets its GB/s as a share of the peak, per call and
+    pipelined, and the table an HBM column for each; an unlisted GPU and the CPU get none. The name is matched most
+    specific first: an H100 PCIe is not an SXM H100."""
+    base = dict(op="logits", mode="full", shape="s", M=4, H=1, V=8, dtype="bfloat16", device="cuda", preset=None,
+                status="ok", bytes=3.35e9, flops=None, peak_mem_mb=1.0, check={}, fingerprint={}, batch=1,
+                seq_len=4)
+    rows = [dict(base, provider="eager", median_ms=4.0, pipelined_ms=2.0, device_name=name)
+            for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "Some GPU")]
+    for row in rows:
+        report.finalize_case([row])
+    assert [r["pct_hbm"] for r in rows[:3]] == pytest.approx([25.0, 3350 / 2000 / 4 * 100, 3350 / 4800 / 4 * 100])
+    assert rows[0]["pipelined_pct_hbm"] == pytest.approx(50.0)
+    assert rows[3]["pct_hbm"] is None and rows[3]["pipelined_pct_hbm"] is None
+    text = report.format_table([rows[0]])
+    assert text.splitlines()[1].count("HBM") == 2 and " 25% " in text and " 50% " in text
+    assert "NVIDIA H100 80GB HBM3: 3350 GB/s" in text
+    assert "HBM" not in report.format_table([rows[3]]).splitlines()[1]
+    cpu = dict(base, device="cpu", provider="eager", median_ms=4.0, device_name="AMD EPYC")
+    report.finalize_case([cpu])
+    assert cpu["pct_hbm"] is None
+
+
 def test_memory_probe_sees_a_transient_allocation():
     probe = measure.MemoryProbe("cpu")
     probe.begin()

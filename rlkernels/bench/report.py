@@ -1,5 +1,6 @@
-"""Results: derived columns (ratios vs eager, TFLOP/s, GB/s, % of the GEMM roofline, the bench-shape consistency
-check), the terminal table, the JSON file and the plot. Every output is made from the same list of row dicts.
+"""Results: derived columns (ratios vs eager, TFLOP/s, GB/s, % of the GPU's memory bandwidth, % of the GEMM roofline,
+the bench-shape consistency check), the terminal table, the JSON file and the plot. Every output is made from the same
+list of row dicts.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ ROW_KEYS = (
     "op", "mode", "provider", "shape", "M", "H", "V", "batch", "seq_len", "dtype", "device", "device_name", "preset",
     "overrides", "on_policy", "pad_frac", "softcap", "status", "reason", "median_ms", "p20_ms", "p80_ms", "times_ms",
     "peak_mem_mb", "memory_method", "ratio_vs_eager", "mem_ratio_vs_eager", "flops", "bytes", "tflops", "gbps",
-    "pct_roofline", "pipelined_ms", "pipelined_p20_ms", "pipelined_p80_ms", "pipelined_times_ms",
-    "pipelined_ratio_vs_eager", "pipelined_tflops", "pipelined_gbps", "pipelined_pct_roofline", "check",
+    "pct_hbm", "pct_roofline", "pipelined_ms", "pipelined_p20_ms", "pipelined_p80_ms", "pipelined_times_ms",
+    "pipelined_ratio_vs_eager", "pipelined_tflops", "pipelined_gbps", "pipelined_pct_hbm", "pipelined_pct_roofline",
+    "check",
     "fingerprint", "traceback", "warmup", "repeat", "python_version", "torch_version", "triton_version",
     "rlkernels_version", "liger_version", "cce_version", "timestamp", "notes",
 )
@@ -25,8 +27,23 @@ GROUP_KEYS = ("op", "mode", "shape", "M", "H", "V", "dtype", "device", "preset",
 
 
 # columns finalize_case derives from the measured ones
-_DERIVED = ("ratio_vs_eager", "mem_ratio_vs_eager", "tflops", "gbps", "pct_roofline", "pipelined_ratio_vs_eager",
-            "pipelined_tflops", "pipelined_gbps", "pipelined_pct_roofline")
+_DERIVED = ("ratio_vs_eager", "mem_ratio_vs_eager", "tflops", "gbps", "pct_hbm", "pct_roofline",
+            "pipelined_ratio_vs_eager", "pipelined_tflops", "pipelined_gbps", "pipelined_pct_hbm",
+            "pipelined_pct_roofline")
+
+# Peak memory bandwidth (GB/s, vendor specifications) by a piece of the name CUDA gives the GPU, most specific first:
+# the logits op's GB/s as a share of it. A GPU not listed gets no share.
+HBM_PEAK_GBPS = (
+    ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),  # "NVIDIA H100 80GB HBM3": the SXM part
+    ("H200", 4800.0), ("B200", 8000.0),
+    ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100-SXM4-40GB", 1555.0), ("A100-PCIE-40GB", 1555.0),
+)
+
+
+def hbm_peak_gbps(device_name: Optional[str]) -> Optional[float]:
+    """The memory bandwidth of the GPU named ``device_name`` (``torch.cuda.get_device_name``), or None."""
+    name = device_name or ""
+    return next((gbps for key, gbps in HBM_PEAK_GBPS if key in name), None)
 
 
 def group_rows(rows: Iterable[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
@@ -59,6 +76,7 @@ def finalize_case(rows: List[Dict[str, Any]]) -> None:
             row[key] = None
         if not _ok(row):
             continue
+        peak = hbm_peak_gbps(row.get("device_name")) if row.get("device") == "cuda" else None
         if _ok(eager) and row.get("peak_mem_mb") is not None and eager.get("peak_mem_mb"):
             row["mem_ratio_vs_eager"] = row["peak_mem_mb"] / eager["peak_mem_mb"]
         for prefix, key in (("", "median_ms"), ("pipelined_", "pipelined_ms")):  # each timing (measure's docstring)
@@ -71,6 +89,8 @@ def finalize_case(rows: List[Dict[str, Any]]) -> None:
                 row[prefix + "tflops"] = row["flops"] / (ms / 1e3) / 1e12
             if row.get("bytes"):
                 row[prefix + "gbps"] = row["bytes"] / (ms / 1e3) / 1e9
+                if peak:
+                    row[prefix + "pct_hbm"] = 100.0 * row[prefix + "gbps"] / peak
             if _ok(roof) and roof.get(key):
                 row[prefix + "pct_roofline"] = 100.0 * roof[key] / ms
 
@@ -86,6 +106,10 @@ def _ms(x: Optional[float]) -> str:
     if x is None:
         return "-"
     return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
+def _pct(x: Optional[float]) -> str:
+    return _fmt(x, '.0f') + ("%" if x else "")
 
 
 def _status(row: Dict[str, Any]) -> str:
@@ -109,8 +133,10 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
     out: List[str] = []
     w = max([16] + [len(str(r["provider"])) for r in rows])  # rlkernels-native-compile: 24
     pipelined = any(r.get("pipelined_ms") is not None for r in rows)  # CUDA rows (measure.time_pipelined)
+    hbm = any(r.get("pct_hbm") is not None for r in rows)  # the logits op on a GPU of known bandwidth
     header = (f"{'provider':<{w}} {'median ms':>10} {'p20-p80 ms':>17} {'vs eager':>9} {'peak MB':>9} "
-              f"{'TFLOP/s':>8} {'GB/s':>7} {'roofline':>8}  " + (f"{'pipelined':>9}  " if pipelined else "")
+              f"{'TFLOP/s':>8} {'GB/s':>7} " + (f"{'HBM':>4} " if hbm else "") + f"{'roofline':>8}  "
+              + (f"{'pipelined':>9}  " if pipelined else "") + (f"{'HBM':>4}  " if hbm and pipelined else "")
               + "status")
     indent = len(header) - len("status")
     for group in group_rows(rows):
@@ -122,9 +148,10 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
             line = (f"{r['provider']:<{w}} {_ms(r.get('median_ms')):>10} {spread:>17} "
                     f"{_fmt(r.get('ratio_vs_eager'), '.2f') + ('x' if r.get('ratio_vs_eager') else ''):>9} "
                     f"{_fmt(r.get('peak_mem_mb'), '.0f'):>9} {_fmt(r.get('tflops'), '.3f'):>8} "
-                    f"{_fmt(r.get('gbps'), '.1f'):>7} "
-                    f"{_fmt(r.get('pct_roofline'), '.0f') + ('%' if r.get('pct_roofline') else ''):>8}  "
-                    + (f"{_ms(r.get('pipelined_ms')):>9}  " if pipelined else ""))
+                    f"{_fmt(r.get('gbps'), '.1f'):>7} " + (f"{_pct(r.get('pct_hbm')):>4} " if hbm else "")
+                    + f"{_pct(r.get('pct_roofline')):>8}  "
+                    + (f"{_ms(r.get('pipelined_ms')):>9}  " if pipelined else "")
+                    + (f"{_pct(r.get('pipelined_pct_hbm')):>4}  " if hbm and pipelined else ""))
             status = textwrap.wrap(_status(r), max(width - indent, 40)) or [""]
             out.append(line + status[0])
             out.extend(" " * indent + s for s in status[1:])
@@ -143,6 +170,11 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
     if pipelined:
         out.append("pipelined: median ms of as many calls again, queued back to back with no sync between them (the "
                    "host prepares each while the GPU runs the last); the other columns time each call alone.")
+    if hbm:
+        name = next(r.get("device_name") for r in rows if r.get("pct_hbm") is not None)
+        out.append(f"HBM: GB/s (the logits read once forward, read and written once backward) / the GPU's peak memory "
+                   f"bandwidth ({name}: {hbm_peak_gbps(name):.0f} GB/s)"
+                   + (", per call alone and pipelined." if pipelined else "."))
     return "\n".join(out)
 
 
