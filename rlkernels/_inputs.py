@@ -392,6 +392,13 @@ def require_tensor(name: str, x, *, dtypes=None, dims=None, kind: str = "float")
             "parameter inside the module's forward, where FSDP has gathered it), or, for an LM head sharded over the "
             f"vocabulary across ranks that hold the same hidden states, this rank's rows ({name}.to_local()) with "
             "tp_group=")
+    if hasattr(x, "ds_id") and x.numel() == 0:  # DeepSpeed ZeRO-3 leaves a partitioned parameter empty
+        full = getattr(x, "ds_shape", None)
+        raise ValueError(
+            f"{name} is a DeepSpeed ZeRO-3 parameter whose data is partitioned across ranks: it holds shape "
+            f"{_shape(x)} here" + (f" (its whole shape is {tuple(full)})" if full is not None else "") + "; "
+            "rlkernels needs the whole tensor: call it where ZeRO-3 has gathered the parameter (inside the forward "
+            "of the module that owns it, or inside deepspeed.zero.GatheredParameters)")
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} has dtype {x.dtype}; expected {kind} ({', '.join(str(d) for d in dtypes)})")
     if dims is not None and x.dim() not in dims:

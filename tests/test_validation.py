@@ -1,4 +1,6 @@
 """Bad input gets a clear TypeError / ValueError naming the argument, before any compute."""
+import re
+
 import pytest
 import torch
 
@@ -430,4 +432,20 @@ def test_a_dtensor_is_refused_with_what_to_pass(p, dtensor, name):
     given = dict(bias=torch.zeros(37, requires_grad=True), old_logprobs=p["old_logprobs"].float())
     given[name] = dtensor(given.get(name, p[name]))
     with pytest.raises(TypeError, match=f"{name} is a DTensor .*{name}.full_tensor\\(\\).*{name}.to_local\\(\\)"):
+        call(p, config="dapo", backend="torch", **given)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_a_zero3_partitioned_parameter_is_refused_with_what_to_do(p, name):
+    """A DeepSpeed ZeRO-3 parameter outside its module's forward is an empty tensor (its data partitioned across
+    ranks): a ValueError naming the argument, its whole shape and where to call, not a complaint about a 1-D weight
+    or a bias of the wrong length."""
+    whole = p[name] if name == "weight" else torch.zeros(37)
+    empty = torch.nn.Parameter(torch.empty(0, dtype=whole.dtype))
+    empty.ds_id, empty.ds_shape = 7, whole.shape  # what deepspeed.zero.Init sets on a partitioned parameter
+    given = dict(bias=torch.zeros(37, dtype=whole.dtype, requires_grad=True))
+    given[name] = empty
+    shape = re.escape(str(tuple(whole.shape)))
+    with pytest.raises(ValueError, match=rf"{name} is a DeepSpeed ZeRO-3 parameter .*shape \(0,\).*whole shape is "
+                                         rf"{shape}.*GatheredParameters"):
         call(p, config="dapo", backend="torch", **given)
