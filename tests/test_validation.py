@@ -1,4 +1,5 @@
 """Bad input gets a clear TypeError / ValueError naming the argument, before any compute."""
+import math
 import re
 
 import pytest
@@ -68,6 +69,13 @@ CASES = [
      "hidden holds NaN"),
     (lambda p: dict(weight=p["weight"].detach().clone().index_fill_(0, torch.tensor([3]), float("inf"))),
      ValueError, "weight holds NaN or inf"),
+    # -inf: only the row minima see it (the maxima alone suffice where -inf is allowed: logits, bias)
+    (lambda p: dict(weight=p["weight"].detach().clone().index_fill_(0, torch.tensor([5]), -float("inf"))),
+     ValueError, "weight holds NaN or inf in 1 row"),
+    (lambda p: dict(hidden=p["hidden"].detach().masked_fill(p["mask"][..., None], -float("inf"))), ValueError,
+     "hidden holds NaN or inf"),
+    (lambda p: dict(bias=torch.zeros(37).index_fill_(0, torch.tensor([2]), float("inf"))), ValueError,
+     "bias holds NaN or \\+inf"),
     (lambda p: dict(single_pass=True, config="gspo", top_entropy_quantile=0.5), ValueError,
      "single_pass=True cannot apply: it needs an objective"),
     (lambda p: dict(single_pass=True, config="gspo", chunk_size=2), ValueError, "row chunks that hold whole sequences"),
@@ -148,6 +156,13 @@ def test_logits_checks():
         R.logprobs_from_logits(torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="logits holds NaN"):
         R.logprobs_from_logits(torch.full((3, 5), float("nan")), torch.zeros(3, dtype=torch.long))
+    # +inf is refused in exactly its row; -inf (a banned token) is allowed
+    z = torch.zeros(3, 5).index_put_((torch.tensor([1]), torch.tensor([4])), torch.tensor(float("inf")))
+    with pytest.raises(ValueError, match=r"logits holds NaN or \+inf in 1 row"):
+        R.logprobs_from_logits(z, torch.zeros(3, dtype=torch.long))
+    logp = R.logprobs_from_logits(torch.zeros(3, 5).index_fill_(1, torch.tensor([4]), -float("inf")),
+                                  torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(logp, torch.full((3,), -math.log(4.0)))
     with pytest.raises(ValueError, match="labels must lie in"):
         R.logprobs_from_logits(torch.zeros(3, 5), torch.full((3,), 5))
 
