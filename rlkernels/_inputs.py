@@ -26,7 +26,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .config import PolicyLossConfig, is_finite_number
+from .config import PolicyLossConfig, as_number, is_finite_number
 from .engines import AUTOCAST_DEVICES
 from .engines.torch_engine import compute_dtype
 from .objective import TokenBatch
@@ -543,6 +543,7 @@ def check_softcap(softcap) -> float:
     """None (no cap) or a finite number > 0 -> the float the engines take, 0.0 for none."""
     if softcap is None:
         return 0.0
+    softcap = as_number(softcap)
     if isinstance(softcap, Tensor):
         raise TypeError("softcap must be a Python number (a model config's final_logit_softcapping) or None, got a "
                         "tensor")
@@ -573,6 +574,7 @@ def check_temperature(temperature, shape: torch.Size, mask: Optional[Tensor], re
                 fail_if(bad, lambda: f"temperature must be finite and > 0 at kept positions; found "
                                      f"{float(t[bad][0])} at {int(bad.sum())} position(s)")
             return (t if mask is None else torch.where(mask, t, torch.ones_like(t))).reshape(-1)
+    temperature = as_number(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float or a per-token tensor, got {type(temperature).__name__}")
     if not (is_finite_number(temperature) and temperature > 0):
@@ -657,6 +659,7 @@ def check_normalizer(normalizer):
         if value_checks_enabled():  # queued with the other value checks (NaN fails too)
             fail_if(~(normalizer > 0), lambda: f"normalizer must be > 0, got {float(normalizer)}")
         return normalizer.reshape(())
+    normalizer = as_number(normalizer)
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
         raise TypeError(f"normalizer must be a number or a scalar tensor, got {type(normalizer).__name__}")
     if not (is_finite_number(normalizer) and normalizer > 0):

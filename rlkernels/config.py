@@ -6,6 +6,7 @@ The meaning of each field is LOSSES.md Part A.1; the presets are A.2. A config i
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -14,6 +15,14 @@ RATIO_LEVELS = ("token", "sequence", "sequence_token")
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "low_var_kl")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 ROLLOUT_CORRECTIONS = ("none", "token_tis", "seq_tis", "token_mis", "seq_mis")
+
+
+def as_number(x: Any) -> Any:
+    """``x`` as a Python int or float when it is a real number of another type (a NumPy scalar: ``np.float32`` is
+    not a ``float``, ``np.int64`` not an ``int``); anything else (bools, tensors, strings) unchanged."""
+    if isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x) not in (int, float):
+        return int(x) if isinstance(x, numbers.Integral) else float(x)
+    return x
 
 
 def is_finite_number(x: Any) -> bool:
@@ -62,7 +71,9 @@ class PolicyLossConfig:
                 fail(field, f"must be one of {options}")
 
         def number(field: str, *, optional: bool = False, low: Optional[float] = None, strict: bool = False) -> None:
-            value = getattr(self, field)
+            value = as_number(getattr(self, field))
+            if value is not getattr(self, field):  # a NumPy scalar: kept as the Python number it equals
+                object.__setattr__(self, field, value)
             if value is None and optional:
                 return
             if not is_finite_number(value):

@@ -464,3 +464,23 @@ def test_a_zero3_partitioned_parameter_is_refused_with_what_to_do(p, name):
     with pytest.raises(ValueError, match=rf"{name} is a DeepSpeed ZeRO-3 parameter .*shape \(0,\).*whole shape is "
                                          rf"{shape}.*GatheredParameters"):
         call(p, config="dapo", backend="torch", **given)
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_are(p):
+    """NumPy scalars (np.float32 is not a float, np.int64 not an int) are taken for hyperparameters, temperature,
+    softcap and normalizer, as the Python numbers they equal: the same loss as with those; the config stores them
+    as Python numbers. A NumPy bool is still no bool flag."""
+    np = pytest.importorskip("numpy")
+    cfg = PolicyLossConfig(clip_high=np.float32(0.25), norm_length=np.int64(7), kl_coef=np.float64(0.05),
+                           loss_agg="seq-mean-token-sum-norm")
+    assert (type(cfg.clip_high), type(cfg.norm_length), type(cfg.kl_coef)) == (float, int, float)
+    assert cfg == PolicyLossConfig(clip_high=float(np.float32(0.25)), norm_length=7, kl_coef=0.05,
+                                   loss_agg="seq-mean-token-sum-norm")
+    common = dict(config=cfg, ref_logprobs=p["ref_logprobs"], backend="torch")
+    numpy_kw = dict(temperature=np.float32(0.75), softcap=np.float32(2.5), normalizer=np.int64(9))
+    plain_kw = dict(temperature=0.75, softcap=2.5, normalizer=9)
+    out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], **common, **numpy_kw)
+    want = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], **common, **plain_kw)
+    assert torch.equal(out.loss, want.loss)
+    with pytest.raises(ValueError, match="kl_straight_through=.*must be a bool"):
+        PolicyLossConfig(kl_straight_through=np.bool_(True))
