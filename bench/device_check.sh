@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU machine, from the repository root:
 #
-#     OUT=/some/dir bash bench/device_check.sh          # grpo llama logprobs host tests tune kernels
+#     OUT=/some/dir bash bench/device_check.sh          # logprobs tests grpo llama host tune kernels
 #
 # The default steps' limits add up to 1050 s, more than one 10-minute device call; on an H100 (2026-11-27, session 9,
 # STEPS="logprobs tune tests grpo llama kernels") they took 481 s: logprobs 78, tune 37, tests 103, grpo 101, llama 99,
@@ -10,9 +10,10 @@
 # each provider's calls back to back since then (pipelined_ms: 5 more calls each, untimed here; from session 9's
 # Liger medians, 953 and 878 ms, Liger's add about 4.8 s to grpo and 4.4 s to llama).
 # Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after
-# every row), or name fewer STEPS. The default order puts first what
-# the Triton engine issue's targets are judged on (the grpo op at both shapes, the logits op's bandwidth, the GPU test
-# suite), then the tuning sweeps. bench/device_logits.sh is a short check of the logits op alone (about 110 s).
+# every row), or name fewer STEPS. The default order puts first what the Triton engine issue's targets are judged on:
+# the logits op's bandwidth (the one target not yet met), the GPU test suite (sessions 10-14 changed the engine with no
+# GPU: softcap kernels, CUDA graph captures), then the grpo op at both shapes, then the host profile and the tuning
+# sweeps. bench/device_logits.sh is a short check of the logits op alone (about 110 s).
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
@@ -107,7 +108,7 @@ step() { step_to "$LOG" "$@"; }  # step NAME LIMIT_SECONDS COMMAND...: into the 
 
 BENCH=("$PY" -m rlkernels.bench --device cuda --shape qwen2.5-7b --tokens 16384 --dtype bfloat16 --no-progress
        --warmup 2 --repeat 5)
-for s in ${STEPS:-grpo llama logprobs host tests tune kernels}; do
+for s in ${STEPS:-logprobs tests grpo llama host tune kernels}; do
   case "$s" in
     tune) step tune 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --skip kernel --json "$OUT/tune-$TAG.json" ;;
     kernels) step kernels 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only kernel \
