@@ -62,30 +62,34 @@ def _packed(p):
     return keep, cu.to(DEVICE), pick
 
 
-@pytest.mark.parametrize("config,layout", [("dapo", "padded"), ("gspo", "padded"), ("gspo", "packed"),
-                                           ("grpo", "padded")])
-def test_the_loss_reads_nothing_back_while_capturing(backend, capture, monkeypatch, config, layout):
+@pytest.mark.parametrize("config,layout,extras", [("dapo", "padded", False), ("dapo", "padded", True),
+                                                  ("gspo", "padded", False), ("gspo", "packed", True),
+                                                  ("grpo", "padded", False)])
+def test_the_loss_reads_nothing_back_while_capturing(backend, capture, monkeypatch, config, layout, extras):
     """fused_grpo_loss on a masked batch, forward and backward, with no host read: dropped rows neutralised, the
     value checks skipped; a sequence-level ratio on a padded batch keeps the single pass (its T rows per sequence
-    need no read), on a packed one takes the two-stage path. Loss, gradients and metrics equal the reference."""
-    p = make_problem(4, 9, 16, 41, seed=31, bias=True, mask_frac=0.3)
+    need no read), on a packed one takes the two-stage path. ``extras``: per-token temperatures and a final-logit
+    cap too. Loss, gradients and metrics equal the reference."""
+    p = make_problem(4, 9, 16, 41, seed=31, bias=True, mask_frac=0.3, per_token_temperature=extras)
+    cap = 2.0 if extras else None
     kw = dict(old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.05)
     q = as_fp64(p)
-    loss_r, metrics_r = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"],
-                                               bias=q["bias"], config=config, **kw)
-    mask_r = q["mask"]
+    mask_r, temp, temp_r = q["mask"], p["temperature"], q["temperature"]
     if layout == "packed":
         keep, cu, pick = _packed(p)
         mask_r = q["mask"] & keep.reshape(q["mask"].shape)
-        loss_r, metrics_r = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], mask_r,
-                                                   bias=q["bias"], config=config, **kw)
         hidden = pick(p["hidden"].detach()).requires_grad_()
         args = (hidden, p["weight"], pick(p["labels"]), p["advantages"], pick(p["mask"]))
-        kw = dict(old_logprobs=pick(p["old_logprobs"]), ref_logprobs=pick(p["ref_logprobs"]), kl_coef=0.05,
-                  cu_seqlens=cu)
+        temp = pick(temp) if extras else temp
     else:
         hidden = p["hidden"]
         args = (hidden, p["weight"], p["labels"], p["advantages"], p["mask"])
+    loss_r, metrics_r = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], mask_r,
+                                               bias=q["bias"], config=config, temperature=temp_r, softcap=cap, **kw)
+    if layout == "packed":
+        kw = dict(old_logprobs=pick(p["old_logprobs"]), ref_logprobs=pick(p["ref_logprobs"]), kl_coef=0.05,
+                  cu_seqlens=cu)
+    kw.update(temperature=temp, softcap=cap)
     g_r = grads(loss_r, leaves(q))
     lengths = []
     aligned = ops.sequence_aligned
