@@ -75,7 +75,7 @@ def test_first_step_gradients_agree(tmp_path):
 
 
 def _tiny(kind: str, **extra):
-    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig
 
     from rlkernels.trainer.tasks import CharTokenizer
 
@@ -83,7 +83,8 @@ def _tiny(kind: str, **extra):
     common = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                   pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    config = (Gemma2Config(head_dim=16, **common, **extra) if kind == "gemma2" else CohereConfig(**common, **extra))
+    make = {"gemma2": lambda **kw: Gemma2Config(head_dim=16, **kw), "cohere": CohereConfig, "granite": GraniteConfig}
+    config = make[kind](**common, **extra)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # logits of several units, so that a cap of 0.5 saturates
@@ -125,13 +126,32 @@ def test_gemma_final_logit_softcap(tmp_path):
         t.check_lm_head()
 
 
-def test_a_model_whose_lm_head_scales_its_logits_is_refused(tmp_path):
-    """Cohere multiplies its logits by logit_scale: the update, which never runs the LM head, would train on
-    another distribution than the one it samples; the trainer says so at construction."""
-    model, tok = _tiny("cohere")
-    cfg = TrainerConfig(out=str(tmp_path / "run"), progress=False, backend="torch")
-    with pytest.raises(ValueError, match=r"a logit scale\?"):
-        GRPOTrainer(cfg, model=model, tokenizer=tok)
+@pytest.mark.parametrize("kind,extra,scale", [("cohere", {}, 0.0625), ("granite", dict(logits_scaling=4.0), 0.25)])
+def test_a_logit_scale_is_folded_into_the_temperature(tmp_path, kind, extra, scale):
+    """Cohere multiplies its logits by logit_scale, Granite divides them by logits_scaling: the update, which never
+    runs the LM head, takes the scale as a temperature (T / scale), so that its log-probs are the model's own at the
+    sampling temperature. A scale the config does not name is refused at construction (here: the check run with
+    the scale left out)."""
+    from rlkernels.trainer.loop import _position_ids
+
+    model, tok = _tiny(kind, **extra)
+    cfg = TrainerConfig(out=str(tmp_path / "run"), progress=False, backend="torch", temperature=0.7,
+                        prompts_per_step=2, group_size=2, seed=0)
+    t = GRPOTrainer(cfg, model=model, tokenizer=tok)
+    assert t.logit_scale == pytest.approx(scale) and t.temperature == pytest.approx(0.7 / scale)
+    assert t.check_lm_head() < 1e-4
+    torch.manual_seed(1)
+    r = t.rollout()
+    with torch.no_grad():
+        logits = t.model(input_ids=r.input_ids, attention_mask=r.attention_mask,
+                         position_ids=_position_ids(r.attention_mask)).logits.float()
+    own = torch.log_softmax(logits[:, r.prompt_len - 1:-1] / 0.7, -1).gather(-1, r.labels[..., None]).squeeze(-1)
+    ours = t.logprobs(t.model, r)
+    keep = r.completion_mask
+    assert keep.any() and float((ours - own)[keep].abs().max()) < 1e-4
+    t.logit_scale = 1.0
+    with pytest.raises(ValueError, match=r"differ from the model's own .* scale=1 "):
+        t.check_lm_head()
 
 
 def test_learning_smoke(tmp_path):

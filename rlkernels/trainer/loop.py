@@ -124,6 +124,16 @@ def final_logit_softcap(config) -> Optional[float]:
     return None if cap is None else float(cap)
 
 
+def lm_head_scale(config) -> float:
+    """The factor a ``transformers`` model multiplies its LM head's output by before the softmax: Cohere's
+    ``logit_scale`` (0.0625), the inverse of Granite's ``logits_scaling``; 1.0 for the rest. A logit scale ``s``
+    sampled at temperature ``T`` is the unscaled logits at temperature ``T / s``, which the fused functions take."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = float(getattr(text, "logit_scale", None) or 1.0)
+    divisor = getattr(text, "logits_scaling", None)
+    return scale / float(divisor) if divisor else scale
+
+
 def _position_ids(attention_mask: Tensor) -> Tensor:
     # as generate() computes them for left-padded prompts, so that training sees the positions sampling saw
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -147,10 +157,10 @@ class _PolicyLoss(torch.nn.Module):
                       normalizer=normalizer)
         if t.cfg.loss_impl == "eager":
             return reference.linear_policy_loss(hidden, weight, r.labels, r.advantages, r.completion_mask,
-                                                bias=bias, temperature=t.cfg.temperature, softcap=t.softcap,
+                                                bias=bias, temperature=t.temperature, softcap=t.softcap,
                                                 **kwargs)
         out = fused_grpo_loss(hidden, weight, r.labels, r.advantages, r.completion_mask, bias=bias,
-                              temperature=t.cfg.temperature, backend=t.cfg.backend, softcap=t.softcap, **kwargs)
+                              temperature=t.temperature, backend=t.cfg.backend, softcap=t.softcap, **kwargs)
         return out.loss, out.metrics
 
 
@@ -192,6 +202,9 @@ class GRPOTrainer:
             model, tokenizer = self._load(cfg)
         self.model, self.tokenizer = model.to(self.device), tokenizer
         self.softcap = final_logit_softcap(self.model.config)
+        self.logit_scale = lm_head_scale(self.model.config)
+        # the temperature of the unscaled logits that the model samples at cfg.temperature (its logit scale folded in)
+        self.temperature = cfg.temperature / self.logit_scale
         self.check_lm_head()
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # ... and its own completions
         self.loss_module = _PolicyLoss(self)
@@ -255,11 +268,12 @@ class GRPOTrainer:
     def check_lm_head(self, tokens: int = 8) -> float:
         """The update never runs the model's LM head: it hands the backbone's hidden states and the head's weight to
         the fused functions (and ``loss_impl="eager"`` to the same math, eagerly), which compute
-        ``softcap * tanh((hidden @ weight.T + bias) / softcap)`` (the cap read from the config, when there is one).
-        A model whose head does anything else (a logit scale, as Cohere's and Granite's) would train on another
-        distribution than the one it samples from, silently. So once, here, the log-probs of ``tokens`` positions
-        are computed both ways (in eval mode: no dropout); ValueError if they disagree beyond the model dtype's
-        rounding. Returns the largest difference."""
+        ``softcap * tanh((hidden @ weight.T + bias) / softcap)`` (the cap read from the config, when there is one),
+        and fold a logit scale read from the config (Cohere's, Granite's: :func:`lm_head_scale`) into the
+        temperature. A model whose head does anything else would train on another distribution than the one it
+        samples from, silently. So once, here, the log-probs of ``tokens`` positions at temperature 1 are computed
+        both ways (in eval mode: no dropout); ValueError if they disagree beyond the model dtype's rounding.
+        Returns the largest difference."""
         model = self.model
         weight, bias = self.lm_head(model)
         ids = torch.arange(tokens, device=self.device)[None] % weight.shape[0]
@@ -274,7 +288,7 @@ class GRPOTrainer:
             model.train(was_training)
         own = torch.log_softmax(logits, -1)[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
         fused = fused_logprobs(hidden, weight, ids[:, 1:], bias=bias, backend=self.cfg.backend,
-                               softcap=self.softcap)[0]
+                               temperature=1.0 / self.logit_scale, softcap=self.softcap)[0]
         diff = float((own - fused).abs().max())
         # the model's own half-precision logits (and its cap, computed in that dtype by HF's Gemma) round at their
         # size: 4 units of the dtype's resolution at the largest logit (bf16 at |z| = 30: 0.94); a missing scale or
@@ -287,8 +301,9 @@ class GRPOTrainer:
             raise ValueError(
                 f"the fused log-probs differ from the model's own by {diff:.3g} (allowed {allowed:.3g}): its LM head "
                 f"({type(model).__name__}) computes more than softcap * tanh((hidden @ weight.T + bias) / softcap) "
-                f"with softcap={self.softcap} (a logit scale?), which this trainer's update does not compute; train "
-                "such a model on its own logits (rlkernels.logprobs_from_logits and rlkernels.policy_loss)")
+                f"* scale with softcap={self.softcap} and scale={self.logit_scale:g} (a "
+                "multiplier of another name?), which this trainer's update does not compute; train such a model on "
+                "its own logits (rlkernels.logprobs_from_logits and rlkernels.policy_loss)")
         return diff
 
     def lm_head(self, model=None):
@@ -306,7 +321,7 @@ class GRPOTrainer:
     def logprobs(self, model, r: Rollouts) -> Tensor:
         weight, bias = self.lm_head(model)
         return fused_logprobs(self.completion_hidden(model, r), weight, r.labels, bias=bias,
-                              temperature=self.cfg.temperature, mask=r.completion_mask, backend=self.cfg.backend,
+                              temperature=self.temperature, mask=r.completion_mask, backend=self.cfg.backend,
                               softcap=self.softcap)
 
     # -- rollouts ---------------------------------------------------------------------------------------------------
