@@ -253,12 +253,13 @@ def test_masked_garbage_under_compile(backend):
     assert_matches("grad_weight", gw, g_clean[1], dtype=torch.float32)
 
 
-def test_no_recompile_across_completion_lengths(backend):
+@pytest.mark.parametrize("config", ["dapo", "gspo"])  # gspo: the op plans its sequence chunks from a symbolic T
+def test_no_recompile_across_completion_lengths(backend, config):
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 
     counters.clear()
-    f = torch.compile(_loss_fn("dapo", backend), fullgraph=True, backend="aot_eager", dynamic=True)
+    f = torch.compile(_loss_fn(config, backend), fullgraph=True, backend="aot_eager", dynamic=True)
     for T in (9, 13, 21):
         p = make_problem(2, T, 16, 37, dtype=torch.float32, seed=T)
         loss, _ = f(*_args(p))
