@@ -10,7 +10,9 @@ right after that chunk's merge, in the single pass), so ``grad_weight``/``grad_b
 ``grad_hidden`` (a partial sum over shards) is all-reduced unless ``reduce_hidden_grad=False``. The single pass
 merges once per row chunk, so every rank must take it over the same chunks: the call checks that the ranks agree on
 the kept rows, and fused_grpo_loss on the single pass and its chunks (sequence-aligned ones included), before anything
-is computed.
+is computed. Under torch.compile, which traces no host read, those agreements are skipped (shards of V/W rows are
+taken for granted), the log-probs run as the custom op ``rlkernels::tp_linear_logprobs`` (its collectives eager calls
+inside it, the group passed by name), and the loss takes the two-stage path.
 
 Data parallelism: DDP/FSDP average gradients over ranks and gradient accumulation sums micro-batches, so the exact
 gradient of the global token mean needs each micro-batch loss divided by (global token count / world size)
@@ -65,11 +67,14 @@ def _collective_device(group) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def shard_offset(weight: Tensor, tp_group) -> Tuple[int, int]:
+def shard_offset(weight: Tensor, tp_group, check: bool = True) -> Tuple[int, int]:
     """(offset of this rank's first vocabulary row, full vocabulary size V), checking that every rank holds the
-    same number of rows (V divisible by the group size)."""
+    same number of rows (V divisible by the group size). ``check=False`` (under torch.compile, which traces no
+    host read) takes that for granted: no collective."""
     _require_initialized("tp_group")
     world, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    if not check:
+        return rank * weight.shape[0], weight.shape[0] * world
     local = torch.tensor([weight.shape[0]], dtype=torch.long, device=_collective_device(tp_group))
     sizes = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(sizes, local, group=tp_group)
@@ -98,17 +103,36 @@ def _owned(labels: Tensor, offset: int, v_local: int) -> Tensor:
     return (labels >= offset) & (labels < offset + v_local)
 
 
+def _tp_stats(engine, hidden, weight, bias, labels, temperature, plan, group, offset: int, softcap: float):
+    """(logp, entropy, M, log S, C/S) over the full vocabulary: this shard's statistics, merged across ``group``."""
+    logp_l, _, m, log_s, cs = engine.linear_forward(hidden, weight, bias, labels, temperature, plan,
+                                                    vocab_offset=offset, softcap=softcap)
+    s_local = torch.exp(log_s)
+    big_m, s, c, zy = merge_shards(group, m, s_local, cs * s_local, logp_l + (m + log_s),
+                                   _owned(labels, offset, weight.shape[0]))
+    log_s_g, cs_g, logp, ent = finish_stats(big_m, s, c, zy)
+    return logp, ent, big_m, log_s_g, cs_g
+
+
+def _tp_grads(engine, hidden, weight, bias, labels, temperature, plan, group, offset: int, softcap: float,
+              big_m, log_s, cs, g_logp, g_ent, need_h: bool, need_w: bool, need_b: bool, reduce_hidden_grad: bool):
+    """(grad_hidden, grad_weight, grad_bias) of this shard, None where not needed: dL/dz of the local shard from the
+    merged statistics (p_v = exp(z~_v - lse), z~ - mu = (z~ - M) - C/S); grad_hidden all-reduced unless not asked."""
+    gh, gw, gb = engine.linear_backward(hidden, weight, bias, labels, temperature, plan, big_m, log_s, cs,
+                                        g_logp, g_ent, need_h, need_w, need_b and bias is not None,
+                                        vocab_offset=offset, softcap=softcap)
+    if gh is not None and reduce_hidden_grad:
+        dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)
+    return gh, gw, gb
+
+
 class _TPLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine, hidden, weight, bias, labels, temperature, plan, group, offset: int,
                 reduce_hidden_grad: bool, softcap: float):
         ctx.set_materialize_grads(False)
-        logp_l, _, m, log_s, cs = engine.linear_forward(hidden, weight, bias, labels, temperature, plan,
-                                                        vocab_offset=offset, softcap=softcap)
-        s_local = torch.exp(log_s)
-        big_m, s, c, zy = merge_shards(group, m, s_local, cs * s_local, logp_l + (m + log_s),
-                                       _owned(labels, offset, weight.shape[0]))
-        log_s_g, cs_g, logp, ent = finish_stats(big_m, s, c, zy)
+        logp, ent, big_m, log_s_g, cs_g = _tp_stats(engine, hidden, weight, bias, labels, temperature, plan, group,
+                                                    offset, softcap)
         t_saved = temperature if isinstance(temperature, Tensor) else None
         ctx.save_for_backward(hidden, weight, bias, labels, t_saved, big_m, log_s_g, cs_g)
         ctx.args = (engine, None if t_saved is not None else temperature, plan, group, offset, reduce_hidden_grad,
@@ -123,20 +147,102 @@ class _TPLinearLogprobs(torch.autograd.Function):
         if g_logp is None and g_ent is None:
             return (None,) * 11
         temperature = t_saved if t_saved is not None else t_scalar
-        # dL/dz of the local shard from the merged statistics: p_v = exp(z~_v - lse), z~ - mu = (z~ - M) - C/S
-        gh, gw, gb = engine.linear_backward(hidden, weight, bias, labels, temperature, plan, big_m, log_s, cs,
-                                            g_logp, g_ent, need_h, need_w, need_b and bias is not None,
-                                            vocab_offset=offset, softcap=softcap)
-        if gh is not None and reduce_hidden_grad:
-            dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)
+        gh, gw, gb = _tp_grads(engine, hidden, weight, bias, labels, temperature, plan, group, offset, softcap,
+                               big_m, log_s, cs, g_logp, g_ent, need_h, need_w, need_b, reduce_hidden_grad)
         return None, gh, gw, gb, None, None, None, None, None, None, None
+
+
+# Under torch.compile the same forward and backward run as custom ops, opaque to the compiler: their collectives
+# are eager calls inside them. The group travels by name (an op schema carries no ProcessGroup).
+def _resolve(group_name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
+
+
+def _tp_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int, backend: str,
+                softcap: float, group_name: str, offset: int,
+                reduce_hidden_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .engines import load_engine
+    from .engines.autograd import _own, _temperature
+    from .engines.chunking import ChunkPlan
+
+    plan = ChunkPlan(rows, vocab_block, weight.shape[0])
+    return _own(_tp_stats(load_engine(backend), hidden, weight, bias, labels, _temperature(temperature, temp_scalar),
+                          plan, _resolve(group_name), offset, softcap))
+
+
+def _tp_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                 temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int, backend: str,
+                 softcap: float, group_name: str, offset: int, reduce_hidden_grad: bool, m: Tensor, log_s: Tensor,
+                 cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor], need_h: bool, need_w: bool,
+                 need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from .engines import load_engine
+    from .engines.autograd import _or_empty, _temperature
+    from .engines.chunking import ChunkPlan
+
+    plan = ChunkPlan(rows, vocab_block, weight.shape[0])
+    gh, gw, gb = _tp_grads(load_engine(backend), hidden, weight, bias, labels, _temperature(temperature, temp_scalar),
+                           plan, _resolve(group_name), offset, softcap, m, log_s, cs, g_logp, g_ent, need_h, need_w,
+                           need_b, reduce_hidden_grad)
+    return _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
+
+
+tp_linear_logprobs_op = torch.library.custom_op("rlkernels::tp_linear_logprobs", _tp_forward, mutates_args=())
+tp_linear_logprobs_backward_op = torch.library.custom_op("rlkernels::tp_linear_logprobs_backward", _tp_backward,
+                                                         mutates_args=())
+
+
+@tp_linear_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, softcap, group_name,
+      offset, reduce_hidden_grad):
+    from .engines.torch_engine import compute_dtype
+
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype)) for _ in range(5))
+
+
+@tp_linear_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, softcap, group_name,
+      offset, reduce_hidden_grad, m, log_s, cs, g_logp, g_ent, need_h, need_w, need_b):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0),
+            torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(0))
+
+
+def _tp_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature = inputs[:5]
+    ctx.save_for_backward(hidden, weight, bias, labels, temperature, *output[2:])
+    ctx.args = inputs[5:]  # temp_scalar, rows, vocab_block, backend, softcap, group_name, offset, reduce_hidden_grad
+    ctx.set_materialize_grads(False)
+
+
+def _tp_op_backward(ctx, g_logp, g_ent, *_stats_grads):
+    hidden, weight, bias, labels, temperature, m, log_s, cs = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
+        return (None,) * 13
+    gh, gw, gb = tp_linear_logprobs_backward_op(hidden, weight, bias, labels, temperature, *ctx.args, m, log_s, cs,
+                                                g_logp, g_ent, need_h, need_w, need_b)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 10
+
+
+tp_linear_logprobs_op.register_autograd(_tp_op_backward, setup_context=_tp_setup)
 
 
 def tp_linear_logprobs(engine, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
                        plan, group, offset: int, reduce_hidden_grad: bool = True,
                        softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     """(logp, entropy) over the full vocabulary from this rank's shard of the LM head (flat inputs); ``softcap`` caps
-    each shard's logits (an elementwise map: the shards' statistics merge as without it)."""
+    each shard's logits (an elementwise map: the shards' statistics merge as without it). Under torch.compile: the
+    ``rlkernels::tp_linear_logprobs`` custom op."""
+    if torch.compiler.is_compiling():
+        from .engines.autograd import _split_temperature
+
+        t, t_scalar = _split_temperature(temperature)
+        out = tp_linear_logprobs_op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block,
+                                    engine.name, float(softcap), group.group_name, offset, reduce_hidden_grad)
+        return out[0], out[1]
     return _TPLinearLogprobs.apply(engine, hidden, weight, bias, labels, temperature, plan, group, offset,
                                    reduce_hidden_grad, softcap)
 

@@ -62,22 +62,24 @@ class _LinearCall:
         hidden, weight, bias = I.autocast_linear_inputs(hidden, weight, bias)  # inside torch.autocast: its dtype
         self.tp_group, self.offset = tp_group, 0
         V = None
-        if tp_group is not None and I.no_host_reads():
-            raise ValueError("tp_group: a vocab-sharded LM head runs in eager mode only (its shard checks and merges "
-                             "are collectives with host syncs); call this function outside torch.compile and outside "
-                             "a CUDA graph capture")
+        if tp_group is not None and I.capturing():
+            raise ValueError("tp_group: a vocab-sharded LM head cannot run in a CUDA graph capture (its shard checks "
+                             "and merges are collectives, some with host reads); call this function outside it")
+        # under torch.compile no collective with a host read runs: the shard sizes are taken as equal, and a rank's
+        # error is raised there alone (value checks, which could differ between ranks, are skipped there anyway)
+        self.agreed = tp_group is not None and not I.compiling()
         if tp_group is not None:  # a collective first, before anything that could fail on one rank only
             from .distributed import shard_offset
 
-            self.offset, V = shard_offset(weight, tp_group)
+            self.offset, V = shard_offset(weight, tp_group, check=self.agreed)
         error = None
         try:
             self._check(hidden, weight, labels, mask, bias, temperature, backend, chunk_size, V, extra_checks)
         except (ValueError, TypeError) as exc:
-            if tp_group is None:
+            if not self.agreed:
                 raise
             error = exc
-        if tp_group is not None:
+        if self.agreed:
             from .distributed import agree
 
             # the shards' statistics are merged row by row: every rank must keep the same rows (a rank that failed
@@ -165,8 +167,9 @@ def fused_logprobs(
             and return 0 with zero gradient.
         tp_group: a ``torch.distributed`` group over which the LM head is vocab-sharded: ``weight`` (and ``bias``) is
             this rank's contiguous ``V/W`` rows, labels are global ids, hidden states are replicated. Every rank gets
-            the full-vocabulary ``logp``/``entropy``; ``grad_weight`` is this rank's shard. Eager mode only (under
-            torch.compile or in a CUDA graph capture: ValueError).
+            the full-vocabulary ``logp``/``entropy``; ``grad_weight`` is this rank's shard. Under
+            torch.compile the ranks' shard sizes and errors are not compared (host reads); in a CUDA graph capture:
+            ValueError.
         reduce_hidden_grad: with ``tp_group``, all-reduce ``grad_hidden`` over the group (False leaves each rank's
             partial sum, for frameworks that reduce it themselves).
         softcap: float > 0 for a model that caps its final logits, ``softcap * tanh(logits / softcap)`` before the
@@ -364,13 +367,18 @@ def fused_grpo_loss(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     # under torch.compile the single pass is a custom op (rlkernels._single_pass), which plans the chunks of whole
-    # sequences that sequence-level ratios need itself (tp_group is eager-only: _LinearCall refused it)
+    # sequences that sequence-level ratios need itself; with tp_group it merges statistics per row chunk, which that
+    # op does not: a tensor-parallel call under compile takes the two-stage path (rlkernels::tp_linear_logprobs)
     compiling = I.compiling()
     if single_pass and compiling and not _COMPILED_SINGLE_PASS:
         raise ValueError(f"single_pass=True cannot run under torch.compile on torch {torch.__version__} (its "
                          "dispatcher lacks what rlkernels._single_pass needs); leave single_pass=None")
+    if single_pass and compiling and tp_group is not None:
+        raise ValueError("single_pass=True cannot run under torch.compile with tp_group (the single pass merges the "
+                         "shards' statistics per row chunk, in eager mode only); leave single_pass=None for the "
+                         "two-stage path")
     plan, why_not = call.plan, None
-    can = _COMPILED_SINGLE_PASS or not compiling  # the single pass can run here
+    can = (_COMPILED_SINGLE_PASS or not compiling) and not (compiling and tp_group is not None)  # here it can run
     # fp16: the single pass would form dL/dz in fp16 at unit scale, before a GradScaler's scale reaches it (see the
     # docstring); the two-stage path forms it with the scale, as eager does
     wanted = single_pass or (single_pass is None and wants_grad and can and call.hidden.dtype != torch.float16)
@@ -398,7 +406,7 @@ def fused_grpo_loss(
             "it needs an objective whose per-token gradients depend only on the token's own sequence (no entropy "
             "quantile, no off-policy sequence mask, old_logprobs when rollout_correction is on)")))
     single_pass = bool(wanted and separable)
-    if tp_group is not None:  # it merges statistics per row chunk: every rank must take it, over the same chunks
+    if call.agreed:  # it merges statistics per row chunk: every rank must take it, over the same chunks
         from .distributed import agree
 
         ranges = plan.ranges(call.hidden.shape[0]) if single_pass else []

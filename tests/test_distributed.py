@@ -296,22 +296,65 @@ def test_readme_scale_out_example_runs():
     assert len(diffs) == 4 and max(diffs) < 1e-5, run.stdout
 
 
-def _compile_refused_worker(rank):
+def _compile_worker(rank):
+    """Under torch.compile(fullgraph=True) a vocab-sharded call takes the custom op rlkernels::tp_linear_logprobs
+    (its merges are eager collectives inside it) and, for the loss, the two-stage path: the same values and gradients
+    as the single-process eager call."""
     p = _problem(seed=5)
-    hidden, weight, _ = _shard(p, rank)[2]
-    for fn in (lambda h, w: R.fused_grpo_loss(h, w, p["labels"], p["advantages"], p["mask"], config="dapo",
-                                              tp_group=dist.group.WORLD).loss,
-               lambda h, w: R.fused_logprobs(h, w, p["labels"], tp_group=dist.group.WORLD)):
+    rows, leaves_full, leaves_tp = _shard(p, rank)
+    group = dist.group.WORLD
+    for config in ("dapo", "gspo"):
+        common = dict(old_logprobs=p["old"], ref_logprobs=p["ref"], kl_coef=0.05, config=config, temperature=0.8,
+                      chunk_size=4, softcap=2.0)
+
+        def loss(h, w, b, tp=None, **kw):
+            out = R.fused_grpo_loss(h, w, p["labels"], p["advantages"], p["mask"], bias=b, tp_group=tp, **common,
+                                    **kw)
+            return out.loss, out.metrics
+
         torch._dynamo.reset()
-        try:
-            torch.compile(fn, fullgraph=True, backend="aot_eager")(hidden, weight)
-        except Exception as exc:  # dynamo wraps the ValueError
-            assert "tp_group: a vocab-sharded LM head runs in eager mode only" in str(exc), str(exc)[:500]
-        else:
-            raise AssertionError("a tp_group call under torch.compile was not refused")
+        b, metrics = torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves_tp, group)
+        a, metrics_a = loss(*leaves_full)
+        _close(f"{config} loss", b, a)
+        for k in metrics_a:
+            _close(f"{config} {k}", metrics[k].double(), metrics_a[k].double(), tol=1e-6)
+        ga = torch.autograd.grad(a, leaves_full)
+        gb = torch.autograd.grad(b, leaves_tp)
+        _close("grad_hidden", gb[0], ga[0])
+        _close("grad_weight shard", gb[1], ga[1][rows])
+        _close("grad_bias shard", gb[2], ga[2][rows])
+    torch._dynamo.reset()
+    try:  # the single pass merges per row chunk, in eager mode only
+        torch.compile(lambda h, w, b: loss(h, w, b, group, single_pass=True), fullgraph=True,
+                      backend="aot_eager")(*leaves_tp)
+    except Exception as exc:  # dynamo wraps the ValueError
+        assert "single_pass=True cannot run under torch.compile with tp_group" in str(exc), str(exc)[:500]
+    else:
+        raise AssertionError("single_pass=True with tp_group under torch.compile was not refused")
+
+    def logprobs(h, w, b, tp=None):
+        return R.fused_logprobs(h, w, p["labels"], bias=b, mask=p["mask"], return_entropy=True, temperature=0.8,
+                                chunk_size=4, tp_group=tp)
+
+    seen = []
+
+    def recording(gm, _inputs):  # the ops of the traced graph
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    tp = torch.compile(logprobs, fullgraph=True, backend=recording)(*leaves_tp, group)
+    assert "rlkernels.tp_linear_logprobs.default" in seen, seen
+    full = logprobs(*leaves_full)
+    _close("logp", tp[0], full[0])
+    _close("entropy", tp[1], full[1])
+    ga = torch.autograd.grad((full[0] + 0.5 * full[1]).sum(), leaves_full)
+    gb = torch.autograd.grad((tp[0] + 0.5 * tp[1]).sum(), leaves_tp)
+    _close("logprobs grad_hidden", gb[0], ga[0])
+    _close("logprobs grad_weight shard", gb[1], ga[1][rows])
 
 
-def test_tensor_parallel_under_compile_is_refused():
-    """A vocab-sharded LM head under torch.compile gets a ValueError naming tp_group, on every rank, before any
-    collective (its shard checks and merges need host syncs), instead of a dynamo error from inside them."""
-    _launch(_compile_refused_worker)
+def test_tensor_parallel_under_compile(backend):
+    """A vocab-sharded LM head under torch.compile(fullgraph=True), on every rank: loss, metrics, log-probs and
+    gradients equal the single-process eager call's (dapo and gspo, a final-logit cap, a mask)."""
+    _launch(_compile_worker, backend=backend)
