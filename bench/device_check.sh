@@ -3,7 +3,8 @@
 #
 #     OUT=/some/dir bash bench/device_check.sh          # logprobs tests grpo llama host tune kernels
 #
-# The default steps' limits add up to 1050 s, more than one 10-minute device call; on an H100 (2026-11-27, session 9,
+# The default steps' limits add up to 1110 s (tests 300: since 2026-11-27 it compiles reduce-overhead graphs too),
+# more than one 10-minute device call; on an H100 (2026-11-27, session 9,
 # STEPS="logprobs tune tests grpo llama kernels") they took 481 s: logprobs 78, tune 37, tests 103, grpo 101, llama 99,
 # kernels 45 (compile, opt-in: 142 on 2026-11-26); the host step, added since, took about 20 s in device_logits.sh,
 # and the cce provider in the grpo step (added 2026-11-27) is untimed (its own limit: 70 s). The bench steps also time
@@ -125,7 +126,7 @@ for s in ${STEPS:-logprobs tests grpo llama host tune kernels}; do
     logprobs) step logprobs 110 "${BENCH[@]}" --timeout 50 --op logprobs,logits --mode full \
                --provider eager,rlkernels-triton,gemm-roofline --json "$OUT/logprobs-$TAG.json" ;;
     host) step host 90 env PYTHONUNBUFFERED=1 "$PY" bench/host_profile.py --out "${TMPDIR:-/tmp}/rlkernels-host" ;;
-    tests) step_to "$OUT/tests-$TAG.log" tests 240 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra \
+    tests) step_to "$OUT/tests-$TAG.log" tests 300 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra \
                -p no:cacheprovider $XDIST tests/test_logprobs.py tests/test_loss.py tests/test_triton.py \
                tests/test_launch.py \
                tests/test_compile.py tests/test_memory.py tests/test_advantages.py tests/test_hypothesis.py \
