@@ -27,7 +27,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import LOSS_AGGS, PolicyLossConfig, resolve_config
-from .engines.torch_engine import finish_stats
+from .engines import load_engine
+from .engines.autograd import (_EagerTwin, _linear_grads, _linear_setup, _or_empty, _own, _split_temperature,
+                               _temperature)
+from .engines.chunking import ChunkPlan
+from .engines.torch_engine import compute_dtype, finish_stats
 
 __all__ = ["global_normalizer", "tp_linear_logprobs", "tp_linear_fused_loss", "shard_offset", "merge_shards"]
 
@@ -103,57 +107,9 @@ def _owned(labels: Tensor, offset: int, v_local: int) -> Tensor:
     return (labels >= offset) & (labels < offset + v_local)
 
 
-def _tp_stats(engine, hidden, weight, bias, labels, temperature, plan, group, offset: int, softcap: float):
-    """(logp, entropy, M, log S, C/S) over the full vocabulary: this shard's statistics, merged across ``group``."""
-    logp_l, _, m, log_s, cs = engine.linear_forward(hidden, weight, bias, labels, temperature, plan,
-                                                    vocab_offset=offset, softcap=softcap)
-    s_local = torch.exp(log_s)
-    big_m, s, c, zy = merge_shards(group, m, s_local, cs * s_local, logp_l + (m + log_s),
-                                   _owned(labels, offset, weight.shape[0]))
-    log_s_g, cs_g, logp, ent = finish_stats(big_m, s, c, zy)
-    return logp, ent, big_m, log_s_g, cs_g
-
-
-def _tp_grads(engine, hidden, weight, bias, labels, temperature, plan, group, offset: int, softcap: float,
-              big_m, log_s, cs, g_logp, g_ent, need_h: bool, need_w: bool, need_b: bool, reduce_hidden_grad: bool):
-    """(grad_hidden, grad_weight, grad_bias) of this shard, None where not needed: dL/dz of the local shard from the
-    merged statistics (p_v = exp(z~_v - lse), z~ - mu = (z~ - M) - C/S); grad_hidden all-reduced unless not asked."""
-    gh, gw, gb = engine.linear_backward(hidden, weight, bias, labels, temperature, plan, big_m, log_s, cs,
-                                        g_logp, g_ent, need_h, need_w, need_b and bias is not None,
-                                        vocab_offset=offset, softcap=softcap)
-    if gh is not None and reduce_hidden_grad:
-        dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)
-    return gh, gw, gb
-
-
-class _TPLinearLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, engine, hidden, weight, bias, labels, temperature, plan, group, offset: int,
-                reduce_hidden_grad: bool, softcap: float):
-        ctx.set_materialize_grads(False)
-        logp, ent, big_m, log_s_g, cs_g = _tp_stats(engine, hidden, weight, bias, labels, temperature, plan, group,
-                                                    offset, softcap)
-        t_saved = temperature if isinstance(temperature, Tensor) else None
-        ctx.save_for_backward(hidden, weight, bias, labels, t_saved, big_m, log_s_g, cs_g)
-        ctx.args = (engine, None if t_saved is not None else temperature, plan, group, offset, reduce_hidden_grad,
-                    softcap)
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, labels, t_saved, big_m, log_s, cs = ctx.saved_tensors
-        engine, t_scalar, plan, group, offset, reduce_hidden_grad, softcap = ctx.args
-        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
-        if g_logp is None and g_ent is None:
-            return (None,) * 11
-        temperature = t_saved if t_saved is not None else t_scalar
-        gh, gw, gb = _tp_grads(engine, hidden, weight, bias, labels, temperature, plan, group, offset, softcap,
-                               big_m, log_s, cs, g_logp, g_ent, need_h, need_w, need_b, reduce_hidden_grad)
-        return None, gh, gw, gb, None, None, None, None, None, None, None
-
-
-# Under torch.compile the same forward and backward run as custom ops, opaque to the compiler: their collectives
-# are eager calls inside them. The group travels by name (an op schema carries no ProcessGroup).
+# The vocab-sharded log-probs as a custom op (under torch.compile; opaque to the compiler, its collectives eager calls
+# inside it) and, in eager mode, as that op's eager twin (rlkernels.engines.autograd._EagerTwin), with the context
+# setup and gradients of the unsharded op. The group travels by name: an op schema carries no ProcessGroup.
 def _resolve(group_name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -164,13 +120,16 @@ def _tp_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: 
                 temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int, backend: str,
                 softcap: float, group_name: str, offset: int,
                 reduce_hidden_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .engines import load_engine
-    from .engines.autograd import _own, _temperature
-    from .engines.chunking import ChunkPlan
-
+    """(logp, entropy, M, log S, C/S) over the full vocabulary: this shard's statistics, merged across the group."""
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
-    return _own(_tp_stats(load_engine(backend), hidden, weight, bias, labels, _temperature(temperature, temp_scalar),
-                          plan, _resolve(group_name), offset, softcap))
+    logp_l, _, m, log_s, cs = load_engine(backend).linear_forward(
+        hidden, weight, bias, labels, _temperature(temperature, temp_scalar), plan, vocab_offset=offset,
+        softcap=softcap)
+    s_local = torch.exp(log_s)
+    big_m, s, c, zy = merge_shards(_resolve(group_name), m, s_local, cs * s_local, logp_l + (m + log_s),
+                                   _owned(labels, offset, weight.shape[0]))
+    log_s_g, cs_g, logp, ent = finish_stats(big_m, s, c, zy)
+    return _own((logp, ent, big_m, log_s_g, cs_g))
 
 
 def _tp_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -178,14 +137,15 @@ def _tp_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels:
                  softcap: float, group_name: str, offset: int, reduce_hidden_grad: bool, m: Tensor, log_s: Tensor,
                  cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor], need_h: bool, need_w: bool,
                  need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    from .engines import load_engine
-    from .engines.autograd import _or_empty, _temperature
-    from .engines.chunking import ChunkPlan
-
+    """This shard's (grad_hidden, grad_weight, grad_bias), empty where not needed: dL/dz of the local shard from the
+    merged statistics (p_v = exp(z~_v - lse), z~ - mu = (z~ - M) - C/S); grad_hidden, a partial sum over the shards,
+    all-reduced unless not asked."""
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
-    gh, gw, gb = _tp_grads(load_engine(backend), hidden, weight, bias, labels, _temperature(temperature, temp_scalar),
-                           plan, _resolve(group_name), offset, softcap, m, log_s, cs, g_logp, g_ent, need_h, need_w,
-                           need_b, reduce_hidden_grad)
+    gh, gw, gb = load_engine(backend).linear_backward(
+        hidden, weight, bias, labels, _temperature(temperature, temp_scalar), plan, m, log_s, cs, g_logp, g_ent,
+        need_h, need_w, need_b and bias is not None, vocab_offset=offset, softcap=softcap)
+    if gh is not None and reduce_hidden_grad:
+        dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=_resolve(group_name))
     return _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
 
 
@@ -197,8 +157,6 @@ tp_linear_logprobs_backward_op = torch.library.custom_op("rlkernels::tp_linear_l
 @tp_linear_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, softcap, group_name,
       offset, reduce_hidden_grad):
-    from .engines.torch_engine import compute_dtype
-
     return tuple(hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype)) for _ in range(5))
 
 
@@ -210,41 +168,27 @@ def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block,
             torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(0))
 
 
-def _tp_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature = inputs[:5]
-    ctx.save_for_backward(hidden, weight, bias, labels, temperature, *output[2:])
-    ctx.args = inputs[5:]  # temp_scalar, rows, vocab_block, backend, softcap, group_name, offset, reduce_hidden_grad
-    ctx.set_materialize_grads(False)
-
-
 def _tp_op_backward(ctx, g_logp, g_ent, *_stats_grads):
-    hidden, weight, bias, labels, temperature, m, log_s, cs = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
-        return (None,) * 13
-    gh, gw, gb = tp_linear_logprobs_backward_op(hidden, weight, bias, labels, temperature, *ctx.args, m, log_s, cs,
-                                                g_logp, g_ent, need_h, need_w, need_b)
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 10
+    return _linear_grads(ctx, g_logp, g_ent, tp_linear_logprobs_backward_op)
 
 
-tp_linear_logprobs_op.register_autograd(_tp_op_backward, setup_context=_tp_setup)
+tp_linear_logprobs_op.register_autograd(_tp_op_backward, setup_context=_linear_setup)
+_TP_TWIN = (_tp_forward, _linear_setup, _linear_grads, _tp_backward)
 
 
 def tp_linear_logprobs(engine, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
                        plan, group, offset: int, reduce_hidden_grad: bool = True,
                        softcap: float = 0.0) -> Tuple[Tensor, Tensor]:
     """(logp, entropy) over the full vocabulary from this rank's shard of the LM head (flat inputs); ``softcap`` caps
-    each shard's logits (an elementwise map: the shards' statistics merge as without it). Under torch.compile: the
-    ``rlkernels::tp_linear_logprobs`` custom op."""
-    if torch.compiler.is_compiling():
-        from .engines.autograd import _split_temperature
-
-        t, t_scalar = _split_temperature(temperature)
-        out = tp_linear_logprobs_op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block,
-                                    engine.name, float(softcap), group.group_name, offset, reduce_hidden_grad)
-        return out[0], out[1]
-    return _TPLinearLogprobs.apply(engine, hidden, weight, bias, labels, temperature, plan, group, offset,
-                                   reduce_hidden_grad, softcap)
+    each shard's logits (an elementwise map: the shards' statistics merge as without it). The custom op
+    ``rlkernels::tp_linear_logprobs`` under torch.compile, its eager twin otherwise."""
+    t, t_scalar = _split_temperature(temperature)
+    args = (hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine.name, float(softcap),
+            group.group_name, offset, reduce_hidden_grad)
+    if not torch.compiler.is_compiling():
+        return _EagerTwin.apply(*args, _TP_TWIN, None)
+    out = tp_linear_logprobs_op(*args)
+    return out[0], out[1]
 
 
 class _TPFusedEngine:

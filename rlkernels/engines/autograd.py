@@ -124,10 +124,12 @@ def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block,
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, softcap = inputs
+    """Saves what the backward needs. ``inputs``: (hidden, weight, bias, labels, temperature, *the rest), the rest
+    plain arguments that the backward takes again after them (also the tensor-parallel op's, which has more)."""
+    hidden, weight, bias, labels, temperature = inputs[:5]
     _, _, m, log_s, cs = output
     ctx.save_for_backward(hidden, weight, bias, labels, temperature, m, log_s, cs)
-    ctx.args = (temp_scalar, rows, vocab_block, backend, softcap)
+    ctx.args = tuple(inputs[5:])
     ctx.set_materialize_grads(False)
 
 
@@ -135,11 +137,12 @@ def _linear_grads(ctx, g_logp, g_ent, backward):
     """The input gradients from ``backward``: the backward op (under torch.compile) or its implementation."""
     hidden, weight, bias, labels, temperature, m, log_s, cs = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    n_inputs = 5 + len(ctx.args)
     if (g_logp is None and g_ent is None) or not (need_h or need_w or need_b):
-        return (None,) * 10
+        return (None,) * n_inputs
     gh, gw, gb = backward(hidden, weight, bias, labels, temperature, *ctx.args, m, log_s, cs, g_logp, g_ent,
                           need_h, need_w, need_b)
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 7
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * (n_inputs - 3)
 
 
 def _linear_backward(ctx, g_logp, g_ent, *_stats_grads):
