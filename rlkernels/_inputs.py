@@ -713,11 +713,11 @@ def check_backend_args(backend, chunk_size) -> None:
 
 
 def kept_index(mask: Tensor) -> Optional[Tensor]:
-    """Indices of kept rows, or None when every row is kept or the gather is not possible (under torch.compile its
-    data-dependent size would break the graph, and a CUDA graph capture cannot read it; :func:`neutralise_rows`
-    makes dropped rows harmless instead)."""
+    """Indices of kept rows, or None when every row is kept. One host sync: the count is data, so it is not asked
+    under torch.compile or in a CUDA graph capture (:func:`no_host_reads`), where :func:`neutralise_rows` makes
+    dropped rows harmless instead."""
     flat = mask.reshape(-1)
-    if flat.numel() == 0 or no_host_reads():
+    if flat.numel() == 0:
         return None
     index = flat.nonzero().squeeze(1)  # one sync: the size of the result
     return None if index.numel() == flat.numel() else index

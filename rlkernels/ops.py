@@ -41,15 +41,15 @@ def _kept_rows(x2d: Tensor, y: Tensor, temperature, keep: Tensor, mask: Optional
     Without a ``mask`` every row is kept: nothing to gather, and no host sync to find that out."""
     if mask is None:
         return x2d, y, temperature, None, None
-    index = I.kept_index(keep)
-    if index is not None:
-        if isinstance(temperature, Tensor):
-            temperature = temperature[index]
-        return x2d.index_select(0, index), y[index], temperature, index, None
-    if I.no_host_reads():
+    if I.no_host_reads():  # the kept rows' count cannot be read back
         x2d, y = I.neutralise_rows(x2d, y, keep)
         return x2d, y, temperature, None, keep.reshape(-1)
-    return x2d, y, temperature, None, None
+    index = I.kept_index(keep)
+    if index is None:
+        return x2d, y, temperature, None, None
+    if isinstance(temperature, Tensor):
+        temperature = temperature[index]
+    return x2d.index_select(0, index), y[index], temperature, index, None
 
 
 class _LinearCall:

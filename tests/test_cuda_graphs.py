@@ -141,10 +141,13 @@ def test_the_guard_sees_host_reads(capture):
     """The guard is able to fail: the gather of kept rows reads their count back, except under a capture."""
     keep = make_problem(2, 5, 8, 11, seed=33, mask_frac=0.4)["mask"].reshape(-1)
     assert not bool(keep.all())
+    rows, labels = torch.ones(keep.numel(), 3), torch.ones(keep.numel(), dtype=torch.long)
     with pytest.raises(AssertionError, match="host read"), HostReadGuard():
-        I.kept_index(keep)
+        ops._kept_rows(rows, labels, 1.0, keep, keep)
     with capture:
-        assert I.kept_index(keep) is None
+        rows_c, labels_c, _, index, computed = ops._kept_rows(rows, labels, 1.0, keep, keep)
+    assert index is None and torch.equal(computed, keep)  # every row computed, the dropped ones zeroed
+    assert torch.equal(rows_c.sum(1), 3.0 * keep) and torch.equal(labels_c, keep.long())
 
 
 def test_a_sharded_head_is_refused_while_capturing(capture):
