@@ -116,19 +116,24 @@ def loss_config(cfg: TrainerConfig):
     return PolicyLossConfig.from_preset(cfg.preset, **overrides)
 
 
+def _text_config(config):
+    """The config of the language model: a multimodal config's text config, else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def final_logit_softcap(config) -> Optional[float]:
     """The final-logit cap of a ``transformers`` config (Gemma 2, Gemma 4: ``final_logit_softcapping``, 30.0), also
     inside a multimodal config's text config; None for a model without one."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    cap = getattr(text, "final_logit_softcapping", None)
+    cap = getattr(_text_config(config), "final_logit_softcapping", None)
     return None if cap is None else float(cap)
 
 
 def lm_head_scale(config) -> float:
     """The factor a ``transformers`` model multiplies its LM head's output by before the softmax: Cohere's
-    ``logit_scale`` (0.0625), the inverse of Granite's ``logits_scaling``; 1.0 for the rest. A logit scale ``s``
-    sampled at temperature ``T`` is the unscaled logits at temperature ``T / s``, which the fused functions take."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    ``logit_scale`` (0.0625), the inverse of Granite's ``logits_scaling``; 1.0 for the rest (also inside a
+    multimodal config's text config). A logit scale ``s`` sampled at temperature ``T`` is the unscaled logits at
+    temperature ``T / s``, which the fused functions take."""
+    text = _text_config(config)
     scale = float(getattr(text, "logit_scale", None) or 1.0)
     divisor = getattr(text, "logits_scaling", None)
     return scale / float(divisor) if divisor else scale
