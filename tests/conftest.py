@@ -110,6 +110,16 @@ def make_problem(B=3, T=9, H=16, V=37, *, dtype=torch.float64, seed=0, mask_frac
     return out
 
 
+def pack(B: int, T: int, lengths):
+    """A padded (B, T) batch as a packed one whose sequence b keeps the first ``lengths[b]`` positions:
+    -> (keep (B*T,) bool, cu_seqlens (B+1,) int32, pick: a (B, T, ...) tensor -> its kept rows (N, ...))."""
+    lengths = torch.as_tensor(lengths)
+    keep = (torch.arange(T)[None, :] < lengths[:, None]).reshape(-1).to(DEVICE)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return keep, cu.to(DEVICE), lambda x: x.reshape(B * T, *x.shape[2:])[keep]
+
+
 def leaves(p):
     """The differentiable inputs of a problem, in a fixed order."""
     return [t for t in (p["hidden"], p["weight"], p["bias"]) if t is not None]

@@ -7,7 +7,7 @@ import torch
 
 import rlkernels as R
 
-from conftest import BACKENDS, DEVICE, TOLERANCES, assert_matches, grads, leaves, make_problem, stable_seed
+from conftest import BACKENDS, DEVICE, TOLERANCES, assert_matches, grads, leaves, make_problem, pack, stable_seed
 
 
 def _loss_fn(config, backend, **kw):
@@ -149,15 +149,10 @@ def test_compiled_single_pass_packed_sequences(backend, monkeypatch):
     torch._dynamo.reset()
     B, T = 4, 8
     p = make_problem(B, T, 16, 41, dtype=torch.float32, seed=24)
-    lengths = torch.tensor([5, 0, 8, 3])  # one empty sequence
-    keep = (torch.arange(T)[None, :] < lengths[:, None]).reshape(-1).to(DEVICE)
-    cu = torch.zeros(B + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
-    cu = cu.to(DEVICE)
-    hidden = p["hidden"].detach().reshape(B * T, -1)[keep].requires_grad_()
-    flat = lambda x: x.reshape(-1)[keep]  # noqa: E731
-    args = (hidden, p["weight"], flat(p["labels"]), p["advantages"], flat(p["mask"]), flat(p["old_logprobs"]),
-            flat(p["ref_logprobs"]))
+    _, cu, pick = pack(B, T, [5, 0, 8, 3])  # one empty sequence
+    hidden = pick(p["hidden"].detach()).requires_grad_()
+    args = (hidden, p["weight"], pick(p["labels"]), p["advantages"], pick(p["mask"]), pick(p["old_logprobs"]),
+            pick(p["ref_logprobs"]))
     spy = _PathSpy(monkeypatch, backend)
     ops = []
     for name in ("linear_fused_loss_op", "linear_fused_loss_read_op"):

@@ -15,7 +15,7 @@ import rlkernels._inputs as I
 import rlkernels.ops as ops
 from rlkernels import reference as ref
 
-from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem
+from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem, pack
 
 _READS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
 
@@ -54,12 +54,7 @@ def capture(monkeypatch):
 def _packed(p):
     """The problem's rows as a packed batch of sequences of 5, 0, T and 3 tokens (B = 4)."""
     B, T = p["labels"].shape
-    lengths = torch.tensor([5, 0, T, 3])
-    keep = (torch.arange(T)[None, :] < lengths[:, None]).reshape(-1).to(DEVICE)
-    cu = torch.zeros(B + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
-    pick = lambda x: x.reshape(B * T, *x.shape[2:])[keep]  # noqa: E731
-    return keep, cu.to(DEVICE), pick
+    return pack(B, T, [5, 0, T, 3])
 
 
 @pytest.mark.parametrize("config,layout,extras", [("dapo", "padded", False), ("dapo", "padded", True),

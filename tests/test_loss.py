@@ -6,7 +6,7 @@ import rlkernels as R
 from rlkernels import PRESETS
 from rlkernels import reference as ref
 
-from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem, stable_seed
+from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem, pack, stable_seed
 
 NEEDS = {"dr_grpo": dict(norm_length=9)}
 
@@ -170,13 +170,9 @@ def _packed(p):
     g = torch.Generator().manual_seed(7)
     lengths = torch.randint(0, T + 1, (B,), generator=g)
     lengths[1] = 0  # an empty sequence
-    keep = torch.arange(T)[None, :] < lengths[:, None]
-    flat = keep.reshape(-1).to(DEVICE)
-    cu = torch.zeros(B + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
-    pick = lambda x: x.reshape(-1, *x.shape[2:])[flat]  # noqa: E731
-    return keep.to(DEVICE), dict(hidden=pick(p["hidden"]), labels=pick(p["labels"]), mask=pick(p["mask"]),
-                                 old=pick(p["old_logprobs"]), ref=pick(p["ref_logprobs"]), cu=cu.to(DEVICE))
+    keep, cu, pick = pack(B, T, lengths)
+    return keep.reshape(B, T), dict(hidden=pick(p["hidden"]), labels=pick(p["labels"]), mask=pick(p["mask"]),
+                                    old=pick(p["old_logprobs"]), ref=pick(p["ref_logprobs"]), cu=cu)
 
 
 @pytest.mark.parametrize("preset", ["grpo", "dapo", "gspo", "luspo", "dr_grpo"])
