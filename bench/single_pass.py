@@ -10,7 +10,7 @@ memory budget's rows (or ``--chunk-size``) are at least ``--seq-len``; the scrip
 
 Under ``torchrun --nproc_per_node W`` the LM head is vocab-sharded over the W ranks (``tp_group``: gloo on CPU, nccl
 on GPU) and rank 0 prints the times. ``--compile`` times both paths under ``torch.compile(fullgraph=True)``, where the
-single pass is the ``rlkernels::linear_fused_loss`` custom op (token-separable presets only).
+single pass is the ``rlkernels::linear_fused_loss`` custom op (tensor-parallel too).
 """
 from __future__ import annotations
 

@@ -10,7 +10,10 @@ runs the same ``engine.linear_fused``, opaque to the compiler; its fake implemen
 sequence-level ratios (GSPO, LUSPO) it plans row chunks of whole sequences itself: from the shape for a padded batch
 (every row is computed under compile, so each sequence has T rows), from the data for a packed one (a host sync the
 compiler does not see). That second form is a separate op tagged ``cudagraph_unsafe``, so that
-``torch.compile(mode="reduce-overhead")`` leaves it out of its CUDA graphs instead of failing in their capture.
+``torch.compile(mode="reduce-overhead")`` leaves it out of its CUDA graphs instead of failing in their capture. On a
+vocab-sharded LM head (``tp_group``) the op runs the engine wrapped as in eager mode
+(:class:`rlkernels.distributed._TPFusedEngine`: each row chunk's statistics merged across the group), the group
+passed by name.
 
 Backward scales the gradients saved by the forward pass by ``grad_output``, written out of place as a compiled graph
 wants it. Inductor then reuses the saved buffers (its generated backward multiplies in place: seen in its output code
@@ -64,12 +67,16 @@ def _linear_fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
                        temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int,
                        backend: str, need_h: bool, need_w: bool, need_b: bool, cfg_strs: str,
                        cfg_nums: List[float], cfg_nones: List[bool], tokens: List[Optional[Tensor]],
-                       num_seqs: int, seq_rows: int, softcap: float) -> Tuple[Tensor, Tensor, Tensor,
-                                                                              Tensor, Tensor, Tensor]:
+                       num_seqs: int, seq_rows: int, softcap: float, group_name: str, vocab_offset: int,
+                       reduce_hidden_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss, logp, entropy, grad_hidden, grad_weight, grad_bias) of ``engine.linear_fused``; a gradient that is
     not needed comes back empty. ``seq_rows``: 0, plain row chunks (a token-separable objective); else chunks that
     end at sequence boundaries, planned here: ``seq_rows`` > 0 rows in every sequence (a padded batch: nothing
-    read), -1 the lengths read from the batch's ``seq_ids`` (one host sync: the tagged op only)."""
+    read), -1 the lengths read from the batch's ``seq_ids`` (one host sync: the tagged op only). ``group_name``: ""
+    for a whole LM head; else the process group (by name: a schema carries no ProcessGroup) over which ``weight``
+    is this rank's vocabulary shard from row ``vocab_offset`` on: each row chunk's statistics are merged across it
+    (:class:`rlkernels.distributed._TPFusedEngine`, as in eager mode) and grad_hidden all-reduced unless
+    ``reduce_hidden_grad`` is False."""
     cfg = config_from_op_args(cfg_strs, cfg_nums, cfg_nones)
     k = len(_BATCH_TENSORS)
     batch = TokenBatch(num_seqs=num_seqs, **dict(zip(_BATCH_TENSORS, tokens[:k])))
@@ -83,8 +90,13 @@ def _linear_fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
         plan = _whole_sequence_plan(plan, batch.seq_ids, num_seqs, (seq_rows,) * num_seqs if seq_rows > 0 else None)
     t = temperature if temperature is not None else temp_scalar
     detach = lambda x: None if x is None else x.detach()  # noqa: E731
+    engine = load_engine(backend)
+    if group_name:
+        from .distributed import _resolve, _TPFusedEngine
+
+        engine = _TPFusedEngine(engine, _resolve(group_name), vocab_offset, reduce_hidden_grad)
     with _autograd_inside_op():
-        loss, logp, ent, gh, gw, gb = load_engine(backend).linear_fused(
+        loss, logp, ent, gh, gw, gb = engine.linear_fused(
             hidden.detach(), weight.detach(), detach(bias), labels, t, plan, chunk_loss, need_h, need_w, need_b,
             softcap=softcap)
     return loss, logp, ent, _or_empty(gh, hidden), _or_empty(gw, weight), _or_empty(gb, weight)
@@ -109,7 +121,8 @@ def _whole_sequence_plan(plan: ChunkPlan, seq_ids: Tensor, num_seqs: int,
 
 
 def _fake(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, need_h, need_w, need_b,
-          cfg_strs, cfg_nums, cfg_nones, tokens, num_seqs, seq_rows, softcap):
+          cfg_strs, cfg_nums, cfg_nones, tokens, num_seqs, seq_rows, softcap, group_name, vocab_offset,
+          reduce_hidden_grad):
     cdt = compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     return (hidden.new_empty((), dtype=cdt), hidden.new_empty(n, dtype=cdt), hidden.new_empty(n, dtype=cdt),
@@ -127,7 +140,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, g_loss, *_unused):
     scale = lambda g, need: (g * g_loss) if need else None  # noqa: E731  (g's dtype; g_loss not rounded to it)
     gh, gw, gb = (scale(g, need) for g, need in zip(ctx.saved_tensors, ctx.need))
-    return (gh, gw, gb) + (None,) * 16
+    return (gh, gw, gb) + (None,) * 19
 
 
 def _register(name: str, tags=()):
@@ -148,13 +161,14 @@ linear_fused_loss_read_op = _register("rlkernels::linear_fused_loss_read_lengths
 
 def compiled_linear_fused_loss(engine_name: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                labels: Tensor, temperature, plan: ChunkPlan, batch: TokenBatch, prep: Prepared,
-                               cfg: PolicyLossConfig, softcap: float = 0.0,
-                               seq_rows: int = -1) -> Tuple[Tensor, Tensor, Tensor]:
+                               cfg: PolicyLossConfig, softcap: float = 0.0, seq_rows: int = -1, tp_group=None,
+                               vocab_offset: int = 0, reduce_hidden_grad: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss, logp, entropy) of the single pass through the custom op: ``loss`` differentiable w.r.t. hidden, weight
     and bias; ``logp``/``entropy`` detached. ``batch``/``prep`` cover the rows of ``hidden``; ``cfg`` is
     sequence-separable (token-separable ones included), and the op cuts the row chunks at sequence boundaries
     where it is not token-separable: from ``seq_rows`` rows per sequence (a padded batch), or, with -1, from the
-    batch's ``seq_ids`` (the op that reads them)."""
+    batch's ``seq_ids`` (the op that reads them). ``tp_group``: ``weight`` is this rank's vocabulary shard from row
+    ``vocab_offset`` on (every rank takes the same chunks: its inputs are the others', all but the LM head)."""
     if plan.bounds is not None or not cfg.sequence_separable:
         raise RuntimeError("internal: the compiled single pass takes sequence-separable objectives, plain chunks")
     t, t_scalar = _split_temperature(temperature)
@@ -164,5 +178,6 @@ def compiled_linear_fused_loss(engine_name: str, hidden: Tensor, weight: Tensor,
     op = linear_fused_loss_read_op if seq_rows < 0 else linear_fused_loss_op
     out = op(hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine_name,
              hidden.requires_grad, weight.requires_grad, need_b, *config_to_op_args(cfg), tokens,
-             batch.num_seqs, seq_rows, float(softcap))
+             batch.num_seqs, seq_rows, float(softcap), "" if tp_group is None else tp_group.group_name, vocab_offset,
+             reduce_hidden_grad)
     return out[0], out[1], out[2]

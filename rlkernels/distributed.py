@@ -11,8 +11,10 @@ right after that chunk's merge, in the single pass), so ``grad_weight``/``grad_b
 merges once per row chunk, so every rank must take it over the same chunks: the call checks that the ranks agree on
 the kept rows, and fused_grpo_loss on the single pass and its chunks (sequence-aligned ones included), before anything
 is computed. Under torch.compile, which traces no host read, those agreements are skipped (shards of V/W rows are
-taken for granted), the log-probs run as the custom op ``rlkernels::tp_linear_logprobs`` (its collectives eager calls
-inside it, the group passed by name), and the loss takes the two-stage path.
+taken for granted, and the ranks, given the same inputs, plan the same chunks), and the work runs in custom ops, the
+group passed by name and its collectives eager calls inside them: ``rlkernels::tp_linear_logprobs`` for the
+log-probs (and the two-stage loss), the single pass's ``rlkernels::linear_fused_loss`` (:mod:`rlkernels._single_pass`)
+with :class:`_TPFusedEngine` inside.
 
 Data parallelism: DDP/FSDP average gradients over ranks and gradient accumulation sums micro-batches, so the exact
 gradient of the global token mean needs each micro-batch loss divided by (global token count / world size)

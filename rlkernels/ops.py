@@ -367,18 +367,14 @@ def fused_grpo_loss(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     # under torch.compile the single pass is a custom op (rlkernels._single_pass), which plans the chunks of whole
-    # sequences that sequence-level ratios need itself; with tp_group it merges statistics per row chunk, which that
-    # op does not: a tensor-parallel call under compile takes the two-stage path (rlkernels::tp_linear_logprobs)
+    # sequences that sequence-level ratios need itself, and with tp_group merges each row chunk's statistics across
+    # the group inside it, as eager mode does
     compiling = I.compiling()
     if single_pass and compiling and not _COMPILED_SINGLE_PASS:
         raise ValueError(f"single_pass=True cannot run under torch.compile on torch {torch.__version__} (its "
                          "dispatcher lacks what rlkernels._single_pass needs); leave single_pass=None")
-    if single_pass and compiling and tp_group is not None:
-        raise ValueError("single_pass=True cannot run under torch.compile with tp_group (the single pass merges the "
-                         "shards' statistics per row chunk, in eager mode only); leave single_pass=None for the "
-                         "two-stage path")
     plan, why_not = call.plan, None
-    can = (_COMPILED_SINGLE_PASS or not compiling) and not (compiling and tp_group is not None)  # here it can run
+    can = _COMPILED_SINGLE_PASS or not compiling  # here it can run
     # fp16: the single pass would form dL/dz in fp16 at unit scale, before a GradScaler's scale reaches it (see the
     # docstring); the two-stage path forms it with the scale, as eager does
     wanted = single_pass or (single_pass is None and wants_grad and can and call.hidden.dtype != torch.float16)
@@ -428,18 +424,18 @@ def fused_grpo_loss(
         rows = slice(r0, r1)
         return token_loss(logp_c, ent_c, batch.select(rows), prep.select(rows), cfg).total
 
-    if tp_group is not None:
+    if compiling:  # the objective travels as its config and per-token tensors (a closure cannot)
+        # a padded batch (every row computed under compile): T rows per sequence; packed: the op reads the lengths
+        seq_rows = call.shape[1] if len(call.shape) == 2 else -1
+        loss, logp, ent = compiled_linear_fused_loss(call.engine.name, call.hidden, weight, bias, call.labels,
+                                                     call.temperature, plan, batch, prep, cfg, call.softcap,
+                                                     seq_rows, tp_group, call.offset, reduce_hidden_grad)
+    elif tp_group is not None:
         from .distributed import tp_linear_fused_loss
 
         loss, logp, ent = tp_linear_fused_loss(call.engine, call.hidden, weight, bias, call.labels, call.temperature,
                                                plan, chunk_loss, tp_group, call.offset, reduce_hidden_grad,
                                                call.softcap)
-    elif compiling:  # the objective travels as its config and per-token tensors (a closure cannot)
-        # a padded batch (every row computed under compile): T rows per sequence; packed: the op reads the lengths
-        seq_rows = call.shape[1] if len(call.shape) == 2 else -1
-        loss, logp, ent = compiled_linear_fused_loss(call.engine.name, call.hidden, weight, bias, call.labels,
-                                                     call.temperature, plan, batch, prep, cfg, call.softcap,
-                                                     seq_rows)
     else:
         loss, logp, ent = call.checks.launched(lambda: call.engine.linear_fused_loss(
             call.hidden, weight, bias, call.labels, call.temperature, plan, chunk_loss, call.softcap))

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import rlkernels as R
 from rlkernels.distributed import global_normalizer
 
-from conftest import BACKENDS
+from conftest import BACKENDS, pack
 
 WORLD = 2
 
@@ -297,51 +297,78 @@ def test_readme_scale_out_example_runs():
 
 
 def _compile_worker(rank):
-    """Under torch.compile(fullgraph=True) a vocab-sharded call takes the custom op rlkernels::tp_linear_logprobs
-    (its merges are eager collectives inside it) and, for the loss, the two-stage path: the same values and gradients
-    as the single-process eager call."""
-    p = _problem(seed=5)
+    """Under torch.compile(fullgraph=True) a vocab-sharded call takes the custom ops (their merges are eager
+    collectives inside them): rlkernels::tp_linear_logprobs for the log-probs, and for the loss the single pass
+    (rlkernels::linear_fused_loss with the group; 3 GEMMs, each row chunk's statistics merged across the ranks) or,
+    with single_pass=False, the two-stage path: the same values and gradients as the single-process eager call."""
+    from rlkernels import distributed
+
+    p = _problem(seed=5, V=1200)  # 600 rows per rank: a shard that 256-entry vocabulary blocks divide
     rows, leaves_full, leaves_tp = _shard(p, rank)
     group = dist.group.WORLD
-    for config in ("dapo", "gspo"):
-        common = dict(old_logprobs=p["old"], ref_logprobs=p["ref"], kl_coef=0.05, config=config, temperature=0.8,
-                      chunk_size=4, softcap=2.0)
+    B, T = p["mask"].shape
+    keep, cu, pick = pack(B, T, [5, 7, 3])
+    kept = keep.nonzero()[:, 0]  # the hidden states' kept rows, by an index fixed outside the compiled function
+    packed = dict(labels=pick(p["labels"]), advantages=p["advantages"], mask=None, cu_seqlens=cu,
+                  old_logprobs=pick(p["old"]), ref_logprobs=pick(p["ref"]))
+    padded = dict(labels=p["labels"], advantages=p["advantages"], mask=p["mask"], old_logprobs=p["old"],
+                  ref_logprobs=p["ref"])
+    plans, seen = [], []
+    original = distributed._TPFusedEngine.linear_fused
+    distributed._TPFusedEngine.linear_fused = (  # a[5]: the plan
+        lambda self, *a, **k: plans.append(a[5]) or original(self, *a, **k))
 
-        def loss(h, w, b, tp=None, **kw):
-            out = R.fused_grpo_loss(h, w, p["labels"], p["advantages"], p["mask"], bias=b, tp_group=tp, **common,
-                                    **kw)
-            return out.loss, out.metrics
+    def recording(gm, _inputs):  # the ops of the traced graph, then aot_eager's autograd over it
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        from torch._dynamo.backends.common import aot_autograd
 
-        torch._dynamo.reset()
-        b, metrics = torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves_tp, group)
-        a, metrics_a = loss(*leaves_full)
-        _close(f"{config} loss", b, a)
-        for k in metrics_a:
-            _close(f"{config} {k}", metrics[k].double(), metrics_a[k].double(), tol=1e-6)
-        ga = torch.autograd.grad(a, leaves_full)
-        gb = torch.autograd.grad(b, leaves_tp)
-        _close("grad_hidden", gb[0], ga[0])
-        _close("grad_weight shard", gb[1], ga[1][rows])
-        _close("grad_bias shard", gb[2], ga[2][rows])
-    torch._dynamo.reset()
-    try:  # the single pass merges per row chunk, in eager mode only
-        torch.compile(lambda h, w, b: loss(h, w, b, group, single_pass=True), fullgraph=True,
-                      backend="aot_eager")(*leaves_tp)
-    except Exception as exc:  # dynamo wraps the ValueError
-        assert "single_pass=True cannot run under torch.compile with tp_group" in str(exc), str(exc)[:500]
-    else:
-        raise AssertionError("single_pass=True with tp_group under torch.compile was not refused")
+        return aot_autograd(fw_compiler=lambda g, _: g.forward)(gm, _inputs)
+
+    # (config, batch, single_pass, chunk_size, the single pass's vocabulary blocked): dapo's single pass over row
+    # chunks; gspo's over whole sequences, of at most 9 rows or, with chunks of 4 rows, over vocabulary blocks
+    # (T = 7); a packed gspo batch (the op that reads its lengths); and the two-stage path when asked
+    cases = [("dapo", padded, None, 4, False), ("dapo", padded, True, 4, False), ("gspo", padded, None, 9, False),
+             ("gspo", padded, None, 4, True), ("gspo", packed, None, 9, False), ("dapo", padded, False, 4, None),
+             ("gspo", packed, False, 4, None)]
+    try:
+        for config, data, single_pass, chunk_size, blocked in cases:
+            what = f"{config} {'packed' if data is packed else 'padded'} single_pass={single_pass} chunks {chunk_size}"
+            common = dict(kl_coef=0.05, config=config, temperature=0.8, chunk_size=chunk_size, softcap=2.0, **data)
+            n = T * B if data is padded else int(cu[-1])
+
+            def loss(h, w, b, tp=None, **kw):
+                h = h if data is padded else h.reshape(B * T, -1)[kept]
+                out = R.fused_grpo_loss(h, w, bias=b, tp_group=tp, **common, **kw)
+                return out.loss, out.metrics
+
+            torch._dynamo.reset()
+            plans.clear()
+            seen.clear()
+            b, metrics = torch.compile(loss, fullgraph=True, backend=recording)(*leaves_tp, group,
+                                                                                single_pass=single_pass)
+            op = "rlkernels.linear_fused_loss" + ("_read_lengths" if data is packed else "") + ".default"
+            if blocked is None:
+                assert not plans and op not in seen and "rlkernels.tp_linear_logprobs.default" in seen, (what, seen)
+            else:
+                assert len(plans) == 1 and op in seen, (what, plans, seen)
+                assert plans[0].vocab_blocked == blocked and len(plans[0].ranges(n)) >= 2, (what, plans[0])
+            a, metrics_a = loss(*leaves_full)
+            _close(f"{what}: loss", b, a)
+            for k in metrics_a:
+                _close(f"{what}: {k}", metrics[k].double(), metrics_a[k].double(), tol=1e-6)
+            ga = torch.autograd.grad(a, leaves_full)
+            gb = torch.autograd.grad(b, leaves_tp)
+            _close(f"{what}: grad_hidden", gb[0], ga[0])
+            _close(f"{what}: grad_weight shard", gb[1], ga[1][rows])
+            _close(f"{what}: grad_bias shard", gb[2], ga[2][rows])
+    finally:
+        distributed._TPFusedEngine.linear_fused = original
 
     def logprobs(h, w, b, tp=None):
         return R.fused_logprobs(h, w, p["labels"], bias=b, mask=p["mask"], return_entropy=True, temperature=0.8,
                                 chunk_size=4, tp_group=tp)
 
-    seen = []
-
-    def recording(gm, _inputs):  # the ops of the traced graph
-        seen.extend(str(node.target) for node in gm.graph.nodes)
-        return gm.forward
-
+    seen.clear()
     torch._dynamo.reset()
     tp = torch.compile(logprobs, fullgraph=True, backend=recording)(*leaves_tp, group)
     assert "rlkernels.tp_linear_logprobs.default" in seen, seen
@@ -356,5 +383,6 @@ def _compile_worker(rank):
 
 def test_tensor_parallel_under_compile(backend):
     """A vocab-sharded LM head under torch.compile(fullgraph=True), on every rank: loss, metrics, log-probs and
-    gradients equal the single-process eager call's (dapo and gspo, a final-logit cap, a mask)."""
+    gradients equal the single-process eager call's (dapo and gspo, padded and packed, the single pass and the
+    two-stage path, a final-logit cap, a mask)."""
     _launch(_compile_worker, backend=backend)
