@@ -277,7 +277,7 @@ def main(argv=None) -> int:
         # the value checks (RLKERNELS_CHECK_VALUES, on by default) ride on the statistics kernel's read: both ways
         # after: the value checks read once the statistics kernel is queued (the default), else before it (the order
         # before 2026-11-27: the GPU idled from the checks' sync to the launch), timed here as its baseline
-        import rlkernels._inputs as checks_module
+        import rlkernels._checks as checks_module
 
         for stats, checks, prefetch, masked, after in (
                 ("tile", "1", K.STATS_PREFETCH, False, True), ("tile", "0", K.STATS_PREFETCH, False, True),

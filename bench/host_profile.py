@@ -148,11 +148,11 @@ def timeline(fn, trace_path: Optional[str]) -> dict:
 STAGES = (
     ("rlkernels._inputs", "check_backend_args"), ("rlkernels._inputs", "require_tensor"),
     ("rlkernels._inputs", "check_labels"), ("rlkernels._inputs", "check_temperature"),
-    ("rlkernels._inputs", "compute_dtype"), ("rlkernels._inputs", "deferred_checks"),
-    ("rlkernels._inputs", "_raise_first_failed"), ("rlkernels._inputs", "read_back"),
-    ("rlkernels._inputs", "_Staging.copy_in"), ("rlkernels._inputs", "check_scanned_rows"),
-    ("rlkernels._inputs", "LateCheck.arm_all"), ("rlkernels._inputs", "LateCheck.raise_if_failed"),
-    ("rlkernels._inputs", "DeferredChecks.launched"),
+    ("rlkernels._inputs", "compute_dtype"), ("rlkernels._checks", "deferred_checks"),
+    ("rlkernels._checks", "_raise_first_failed"), ("rlkernels._checks", "read_back"),
+    ("rlkernels._checks", "_Staging.copy_in"), ("rlkernels._inputs", "check_scanned_rows"),
+    ("rlkernels._checks", "LateCheck.arm_all"), ("rlkernels._checks", "LateCheck.raise_if_failed"),
+    ("rlkernels._checks", "DeferredChecks.launched"),
     ("rlkernels.ops", "resolve_backend"), ("rlkernels.ops", "plan_chunks"), ("rlkernels.ops", "_scatter_rows"),
     ("rlkernels.engines.autograd", "logits_logprobs"), ("rlkernels.engines.autograd", "_engine"),
     ("rlkernels.engines.autograd", "_EagerTwin.forward"), ("rlkernels.engines.autograd", "_EagerTwin.backward"),
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     if M % T == 0 and T < M:
         B = M // T
         layouts["3d"] = (x.detach().view(B, T, V).requires_grad_(), y.view(B, T), g_lp.view(B, T), g_en.view(B, T))
-    import rlkernels._inputs as checks_module
+    import rlkernels._checks as checks_module
     from rlkernels.triton_ops import launch as fast_launch
 
     # (layout, value checks, fast launch, checks read after the statistics kernel is queued)

@@ -11,6 +11,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import _checks as C
 from . import _inputs as I
 from ._single_pass import AVAILABLE as _COMPILED_SINGLE_PASS
 from ._single_pass import compiled_linear_fused_loss
@@ -41,7 +42,7 @@ def _kept_rows(x2d: Tensor, y: Tensor, temperature, keep: Tensor, mask: Optional
     Without a ``mask`` every row is kept: nothing to gather, and no host sync to find that out."""
     if mask is None:
         return x2d, y, temperature, None, None
-    if I.no_host_reads():  # the kept rows' count cannot be read back
+    if C.no_host_reads():  # the kept rows' count cannot be read back
         x2d, y = I.neutralise_rows(x2d, y, keep)
         return x2d, y, temperature, None, keep.reshape(-1)
     index = I.kept_index(keep)
@@ -62,12 +63,12 @@ class _LinearCall:
         hidden, weight, bias = I.autocast_linear_inputs(hidden, weight, bias)  # inside torch.autocast: its dtype
         self.tp_group, self.offset = tp_group, 0
         V = None
-        if tp_group is not None and I.capturing():
+        if tp_group is not None and C.capturing():
             raise ValueError("tp_group: a vocab-sharded LM head cannot run in a CUDA graph capture (its shard checks "
                              "and merges are collectives, some with host reads); call this function outside it")
         # under torch.compile no collective with a host read runs: the shard sizes are taken as equal, and a rank's
         # error is raised there alone (value checks, which could differ between ranks, are skipped there anyway)
-        self.agreed = tp_group is not None and not I.compiling()
+        self.agreed = tp_group is not None and not C.compiling()
         if tp_group is not None:  # a collective first, before anything that could fail on one rank only
             from .distributed import shard_offset
 
@@ -95,7 +96,7 @@ class _LinearCall:
         # the value checks below: one host wait for all of them, on leaving the block, or, on an engine whose kernels
         # are safe whatever values they reject (not tensor-parallel: its ranks agree on errors first), once the
         # forward's kernels are queued (self.checks.launched): the GPU then works while the host waits
-        with I.deferred_checks() as self.checks:
+        with C.deferred_checks() as self.checks:
             self.keep = I.check_mask(mask, self.shape, hidden)
             given = None if mask is None else self.keep  # None: every position kept, nothing to mask in the checks
             labels = I.check_labels(labels, self.shape, self.V, given, hidden)
@@ -234,7 +235,7 @@ def logprobs_from_logits(
     shape = logits.shape[:-1]
     # one host wait for the value checks: before any kernel of ours, or, for an engine whose kernel is safe whatever
     # values they reject, once that kernel is queued (the GPU then runs it while the host waits)
-    with I.deferred_checks() as checks:
+    with C.deferred_checks() as checks:
         keep = None if mask is None else I.check_mask(mask, shape, logits)
         labels = I.check_labels(labels, shape, V, keep, logits)
         cdt = I.compute_dtype(logits.dtype)
@@ -250,8 +251,8 @@ def logprobs_from_logits(
         # the engine's NaN scan is read back before returning, or, when the logits' gradient is needed, by the
         # backward pass once its kernel is queued: the forward then holds no host sync after its kernel
         late = None
-        if engine.scans_logits and I.value_checks_enabled() and torch.is_grad_enabled() and logits.requires_grad:
-            late = I.LateCheck()
+        if engine.scans_logits and C.value_checks_enabled() and torch.is_grad_enabled() and logits.requires_grad:
+            late = C.LateCheck()
         start = None
         if engine.logits_in_place:  # one kernel over the caller's logits: nothing to chunk
             if keep is not None:  # rows the engine never reads
@@ -369,7 +370,7 @@ def fused_grpo_loss(
     # under torch.compile the single pass is a custom op (rlkernels._single_pass), which plans the chunks of whole
     # sequences that sequence-level ratios need itself, and with tp_group merges each row chunk's statistics across
     # the group inside it, as eager mode does
-    compiling = I.compiling()
+    compiling = C.compiling()
     if single_pass and compiling and not _COMPILED_SINGLE_PASS:
         raise ValueError(f"single_pass=True cannot run under torch.compile on torch {torch.__version__} (its "
                          "dispatcher lacks what rlkernels._single_pass needs); leave single_pass=None")
@@ -385,7 +386,7 @@ def fused_grpo_loss(
             # a padded batch with every row computed (all kept, or the dropped ones neutralised): T rows per
             # sequence, known without reading the device
             lengths = (call.shape[1],) * call.shape[0] if len(call.shape) == 2 and call.index is None else None
-            if lengths is None and I.capturing():  # a packed batch's lengths are device data: the two-stage path
+            if lengths is None and C.capturing():  # a packed batch's lengths are device data: the two-stage path
                 separable = False
                 why_not = ("a sequence-level ratio needs row chunks that hold whole sequences, and a packed "
                            "batch's sequence lengths cannot be read while a CUDA graph is captured (pass a padded "
@@ -480,8 +481,8 @@ def policy_loss(
     # values, and where logp comes from a kernel still running (logprobs_from_logits) the checks' copies queue
     # behind it: a sync first would leave the GPU idle while the host then queued the objective op by op. The error
     # is the same and comes before anything is returned
-    with I.deferred_checks() as checks:
-        if I.runs_async(logp):
+    with C.deferred_checks() as checks:
+        if C.runs_async(logp):
             checks.read_after_launch()
         keep = I.check_mask(mask, shape, logp)
         I.check_config_inputs(cfg, ref_logprobs, rollout_logprobs, is_weights, have_entropy=entropy is not None)

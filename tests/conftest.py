@@ -143,11 +143,11 @@ def grads(loss, inputs):
 def check_events(monkeypatch) -> list:
     """A list that the value checks' host reads append to, in order: "sync" (read_back: copy and wait at once),
     "copy" (LateCheck.arm_all: copies queued behind an event) and "wait" (LateCheck.raise_if_failed)."""
-    import rlkernels._inputs as I
+    import rlkernels._checks as C
 
     events = []
-    read_back, arm_all, wait = I.read_back, I.LateCheck.arm_all, I.LateCheck.raise_if_failed
-    monkeypatch.setattr(I, "read_back", lambda values: (events.append("sync"), read_back(values))[1])
-    monkeypatch.setattr(I.LateCheck, "arm_all", lambda self, c: (events.append("copy"), arm_all(self, c))[1])
-    monkeypatch.setattr(I.LateCheck, "raise_if_failed", lambda self: (events.append("wait"), wait(self))[1])
+    read_back, arm_all, wait = C.read_back, C.LateCheck.arm_all, C.LateCheck.raise_if_failed
+    monkeypatch.setattr(C, "read_back", lambda values: (events.append("sync"), read_back(values))[1])
+    monkeypatch.setattr(C.LateCheck, "arm_all", lambda self, c: (events.append("copy"), arm_all(self, c))[1])
+    monkeypatch.setattr(C.LateCheck, "raise_if_failed", lambda self: (events.append("wait"), wait(self))[1])
     return events

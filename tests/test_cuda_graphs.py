@@ -2,7 +2,7 @@
 error), so the public functions then skip their value checks and compute dropped rows neutralised instead of
 gathering the kept ones (whose count is read back), as under torch.compile.
 
-On the CPU the capture is simulated (``_inputs.capturing`` patched to True) under a guard that fails on any host read
+On the CPU the capture is simulated (``_checks.capturing`` patched to True) under a guard that fails on any host read
 of tensor data; the results must equal the float64 reference. On a GPU (``bench/device_check.sh``) real captures,
 ``torch.cuda.graph`` and ``torch.compile(mode="reduce-overhead")``, replay new data to eager's results.
 """
@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlkernels as R
-import rlkernels._inputs as I
+import rlkernels._checks as C
 import rlkernels.ops as ops
 from rlkernels import reference as ref
 
@@ -38,9 +38,9 @@ def capture(monkeypatch):
 
     class Capture:
         def __enter__(self):
-            monkeypatch.setattr(I, "capturing", lambda: True)
+            monkeypatch.setattr(C, "capturing", lambda: True)
             monkeypatch.setattr(torch.Tensor, "tolist", read)
-            monkeypatch.setattr(I, "read_back", read)
+            monkeypatch.setattr(C, "read_back", read)
             self.guard = HostReadGuard()
             self.guard.__enter__()
             return self

@@ -270,13 +270,13 @@ def test_value_checks_read_back_on_the_device():
     """The value checks' read-back on the tests' device (on a GPU: non-blocking copies into pinned memory and one
     stream sync; a LateCheck waits on its event): the values as ``tolist()`` gives them, in order, and a
     LateCheck raises only when armed with a failed test."""
-    import rlkernels._inputs as I
+    import rlkernels._checks as C
 
     x = torch.tensor([3, -1, 7], device=DEVICE)
     lo, hi = torch.aminmax(x)
     flag = torch.isnan(torch.tensor([1.0, float("nan")], device=DEVICE)).any()
-    assert I.read_back((lo, hi, flag, torch.tensor([0.5, 2.0], device=DEVICE))) == [-1, 7, True, [0.5, 2.0]]
-    late = I.LateCheck()
+    assert C.read_back((lo, hi, flag, torch.tensor([0.5, 2.0], device=DEVICE))) == [-1, 7, True, [0.5, 2.0]]
+    late = C.LateCheck()
     late.raise_if_failed()  # not armed: nothing to check
     late.arm((x.max() > 5, x.min()), lambda big, low: big and low < 0, lambda: "x is out of range")
     torch.ones(1000, device=DEVICE).cumsum(0)  # work queued after the check's copies: not waited for
@@ -284,20 +284,20 @@ def test_value_checks_read_back_on_the_device():
         late.raise_if_failed()
     with pytest.raises(ValueError, match="x is out of range"):  # a second backward (retain_graph) raises again
         late.raise_if_failed()
-    fine = I.LateCheck()
+    fine = C.LateCheck()
     fine.arm((x.max() > 10,), bool, lambda: "never")
     fine.raise_if_failed()
     # the read-back's buffer and the checks' pinned buffers are reused: many values, many checks outstanding at
     # once, each still reading its own values
     many = [torch.arange(k, k + 40, device=DEVICE) for k in range(6)] + [torch.tensor(True, device=DEVICE)]
-    assert I.read_back(many) == [list(range(k, k + 40)) for k in range(6)] + [True]
+    assert C.read_back(many) == [list(range(k, k + 40)) for k in range(6)] + [True]
     checks = []
     for k in range(5):
-        checks.append(I.LateCheck())
+        checks.append(C.LateCheck())
         checks[-1].arm((torch.tensor(k, device=DEVICE),), lambda v, k=k: v != k, lambda: "a check read another's value")
     for check in reversed(checks):
         check.raise_if_failed()
-    again = I.LateCheck()
+    again = C.LateCheck()
     again.arm((torch.tensor([2.5, float("nan")], device=DEVICE).amax(),), math.isnan, lambda: "NaN found")
     with pytest.raises(ValueError, match="NaN found"):
         again.raise_if_failed()
@@ -307,9 +307,9 @@ def test_staging_places_each_layout_once():
     """A staging buffer places a layout of values (dtypes and shapes) once and reuses those places: the same tensors
     come back for the same layout, other layouts get their own, and a layout larger than the buffer grows it and
     places again; every place round-trips its value."""
-    import rlkernels._inputs as I
+    import rlkernels._checks as C
 
-    staging = I._Staging(pin=False)
+    staging = C._Staging(pin=False)
     a = [torch.tensor(3), torch.tensor(True)]
     first = staging.slots(a, [True, True])
     assert staging.slots([torch.tensor(-8), torch.tensor(False)], [True, True]) is first  # same layout
@@ -332,7 +332,7 @@ def test_staging_slots_place_each_value_aligned_in_one_buffer():
     """read_back's and LateCheck's layout of several values in one byte buffer, on CPU: every dtype and shape
     (0-d, empty, odd sizes) round-trips, each place is 16-byte aligned, unchosen values get none, and the buffer
     asked for holds them all."""
-    import rlkernels._inputs as I
+    import rlkernels._checks as C
 
     values = [torch.tensor(-3), torch.tensor(True), torch.tensor([0.5, 2.0], dtype=torch.float64), torch.zeros(0),
               torch.tensor([1, 2, 3], dtype=torch.int16), torch.tensor(7), torch.full((2, 3), 1.5)]
@@ -343,7 +343,7 @@ def test_staging_slots_place_each_value_aligned_in_one_buffer():
         asked.append(nbytes)
         return torch.full((nbytes,), 255, dtype=torch.uint8)
 
-    slots = I.staging_slots(values, chosen, buffer_of)
+    slots = C.staging_slots(values, chosen, buffer_of)
     assert len(asked) == 1 and asked[0] == 16 * 4 + 32  # the empty value takes no room
     for v, c, slot in zip(values, chosen, slots):
         if not c:

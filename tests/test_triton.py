@@ -377,13 +377,13 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
     statistics kernel, read once that kernel is queued) and returns without waiting for the statistics kernel;
     backward queues the gradient's kernel, then raises the NaN check's error naming the argument, returning no
     gradient. Without a gradient needed the forward raises, as before; a clean call's gradient is unchanged."""
-    import rlkernels._inputs as I
+    import rlkernels._checks as C
 
     reads = []
-    read_back = I.read_back
-    monkeypatch.setattr(I, "read_back", lambda values: (reads.append(len(values)), read_back(values))[1])
-    arm_all = I.LateCheck.arm_all
-    monkeypatch.setattr(I.LateCheck, "arm_all", lambda self, checks: (
+    read_back = C.read_back
+    monkeypatch.setattr(C, "read_back", lambda values: (reads.append(len(values)), read_back(values))[1])
+    arm_all = C.LateCheck.arm_all
+    monkeypatch.setattr(C.LateCheck, "arm_all", lambda self, checks: (
         reads.append(("late", sum(len(c[0]) for c in checks))), arm_all(self, checks))[1])
     launches = []
     launch = K._launch_dlogits
@@ -425,7 +425,7 @@ def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked)
     checks' copies, then the kernel, and only then waits for the checks (the kernel stays in bounds for any label):
     the GPU computes while the host waits, where it idled from the host sync to the launch. A label out of range
     still raises, naming the argument, before anything is returned; no host sync comes before the launch."""
-    import rlkernels._inputs as I
+    import rlkernels._checks as C
     import rlkernels.triton_ops.logprobs as KL
 
     events = check_events(monkeypatch)
@@ -457,10 +457,10 @@ def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked)
     assert events == [("prepare",) + stats, "copy", ("launch",) + stats, "wait"], events
     # the earlier order, kept for the benchmarks' same-process baseline: one sync, then the launch
     events.clear()
-    monkeypatch.setattr(I, "READ_AFTER_LAUNCH", False)
+    monkeypatch.setattr(C, "READ_AFTER_LAUNCH", False)
     R.logprobs_from_logits(z, y, mask=mask, backend="triton")
     assert events == [("prepare",) + stats, "sync", ("launch",) + stats, "copy"], events
-    monkeypatch.setattr(I, "READ_AFTER_LAUNCH", True)
+    monkeypatch.setattr(C, "READ_AFTER_LAUNCH", True)
     # value checks off: nothing copied or read
     events.clear()
     monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "0")

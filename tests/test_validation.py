@@ -217,7 +217,7 @@ class _HostReads:
     def __init__(self, monkeypatch):
         import traceback
 
-        import rlkernels._inputs as I
+        import rlkernels._checks as C
 
         self.where = []
         inside = []
@@ -231,7 +231,7 @@ class _HostReads:
                 return _orig(t, *a, **k)
 
             monkeypatch.setattr(torch.Tensor, name, counted)
-        read_back = I.read_back
+        read_back = C.read_back
 
         def counted_read_back(values):
             self.where.append("read_back")
@@ -241,7 +241,7 @@ class _HostReads:
             finally:
                 inside.pop()
 
-        monkeypatch.setattr(I, "read_back", counted_read_back)
+        monkeypatch.setattr(C, "read_back", counted_read_back)
 
 
 @pytest.mark.parametrize("op", ["fused_grpo_loss", "fused_grpo_loss gspo", "fused_logprobs", "logprobs_from_logits",
@@ -350,10 +350,10 @@ def test_deferred_checks_raise_the_first_failure_in_order(p):
 
 def test_nested_deferred_checks_read_their_own():
     """An op called inside another's deferred checks still checks its inputs before it computes."""
-    from rlkernels import _inputs as I
+    import rlkernels._checks as C
 
-    with I.deferred_checks():
-        I.fail_if(torch.tensor([False]), lambda: "never")
+    with C.deferred_checks():
+        C.fail_if(torch.tensor([False]), lambda: "never")
         with pytest.raises(ValueError, match="labels must lie"):  # raised by the inner call, before it returns
             R.logprobs_from_logits(torch.randn(4, 5), torch.tensor([0, 1, 2, 5]), backend="torch")
 
@@ -363,7 +363,7 @@ def test_checks_read_after_a_launch():
     its launch, which always runs; the first failed check raises then (also in place of an error the launch
     raised), a passing set returns the launch's result, and a block that asks for nothing reads on leaving. (With
     value checks off, test_triton's test_logits_kernel_is_queued_before_the_checks_are_read.)"""
-    from rlkernels import _inputs as I
+    import rlkernels._checks as C
 
     ran = []
 
@@ -374,9 +374,9 @@ def test_checks_read_after_a_launch():
         return "out"
 
     def checked(first_bad: bool, second_bad: bool, after: bool):
-        with I.deferred_checks() as checks:
-            I.fail_when((torch.tensor(first_bad),), bool, lambda: "first")
-            I.fail_when((torch.tensor([second_bad, False]),), lambda v: v[0], lambda: "second")
+        with C.deferred_checks() as checks:
+            C.fail_when((torch.tensor(first_bad),), bool, lambda: "first")
+            C.fail_when((torch.tensor([second_bad, False]),), lambda v: v[0], lambda: "second")
             if after:
                 checks.read_after_launch()
         return checks
@@ -402,11 +402,11 @@ def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, 
     objective (torch ops, in bounds for any values), and only then waits for the checks: where logp comes from a
     kernel still running, the host no longer waits for it before queuing the objective. Bad input still raises the
     same error before anything is returned. Elsewhere the checks are read first, as before."""
-    from rlkernels import _inputs as I
+    import rlkernels._checks as C
     import rlkernels.ops as O
 
     monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "1")
-    monkeypatch.setattr(I, "runs_async", lambda t: on_gpu)
+    monkeypatch.setattr(C, "runs_async", lambda t: on_gpu)
     events = check_events(monkeypatch)
     flat = O.policy_loss_flat
     monkeypatch.setattr(O, "policy_loss_flat", lambda *a: (events.append("objective"), flat(*a))[1])
@@ -414,10 +414,10 @@ def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, 
     old = logp.detach() + 0.1 * torch.randn(logp.shape)
     out = R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=old, config="dapo")
     assert events == (["copy", "objective", "wait"] if on_gpu else ["sync", "objective"]), events
-    monkeypatch.setattr(I, "runs_async", lambda t: False)
+    monkeypatch.setattr(C, "runs_async", lambda t: False)
     want = R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=old, config="dapo")
     assert torch.equal(out.loss, want.loss)
-    monkeypatch.setattr(I, "runs_async", lambda t: on_gpu)
+    monkeypatch.setattr(C, "runs_async", lambda t: on_gpu)
     events.clear()
     with pytest.raises(ValueError, match="old_logprobs holds NaN"):
         R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=torch.full_like(old, float("nan")))

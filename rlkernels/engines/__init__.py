@@ -148,7 +148,7 @@ class Engine:
     def logits_logprobs(self, logits: Tensor, labels: Tensor, temperature, plan: ChunkPlan, masked_rows: bool,
                         late_check=None) -> Tuple[Tensor, Tensor]:
         """(logp, entropy) from logits (N, V), differentiable w.r.t. logits (the gradient is a new tensor).
-        ``late_check``: a :class:`rlkernels._inputs.LateCheck` that backward raises from once its kernel is
+        ``late_check``: a :class:`rlkernels._checks.LateCheck` that backward raises from once its kernel is
         queued, before it returns the gradient."""
         return autograd.logits_logprobs(self.name, logits, labels, temperature, plan, masked_rows, late_check)
 

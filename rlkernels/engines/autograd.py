@@ -57,7 +57,7 @@ def _or_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
 class _EagerTwin(torch.autograd.Function):
     """An op's eager twin: its implementation, setup_context and backward as a plain autograd.Function, called with
     the op's arguments, then a ``(forward, setup, grads, backward)`` tuple (the backward implementation, not the
-    backward op) and a late check (a :class:`rlkernels._inputs.LateCheck` or None) that backward raises from
+    backward op) and a late check (a :class:`rlkernels._checks.LateCheck` or None) that backward raises from
     once its kernels are queued. Returns (logp, entropy), as the op's callers use it."""
 
     @staticmethod

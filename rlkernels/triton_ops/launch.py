@@ -92,7 +92,7 @@ def prepare(kernel, grid: Tuple[int, ...], *args, **kwargs) -> Callable[[], None
     """:func:`launch` in two steps: the key and the kept kernel's launcher now, the launch when the returned function
     is called (on the current stream of the tensors' device then). The logits op prepares its launch inside its
     value-checking block and launches once the checks' copies are queued (before it waits for them; with
-    ``_inputs.READ_AFTER_LAUNCH`` off, after the checks' host sync), so that little host work is left between the
+    ``_checks.READ_AFTER_LAUNCH`` off, after the checks' host sync), so that little host work is left between the
     two."""
     device = _tensor_device(args)
     if device < 0:  # CPU tensors (the interpreter) or none: Triton's current device
