@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _checks as C
 from . import _inputs as I
 from .objective import segment_sum
 
@@ -52,10 +53,17 @@ def group_advantages(
         eps: added to the std (after the square root).
         lengths: ``(B,)`` response lengths, for ``"rpp_baseline"`` token weighting.
         backend: ``"auto"`` (the Triton kernel where the Triton engine runs: CUDA tensors, or CPU tensors under
-            ``TRITON_INTERPRET=1``; else torch), ``"torch"`` or ``"triton"``.
+            ``TRITON_INTERPRET=1``; else torch), ``"torch"`` or ``"triton"``. Under ``torch.compile`` (``fullgraph=True``
+            included) the torch implementation runs, traced by the compiler.
 
     Returns: ``(B,)`` advantages, fp32 (fp64 for fp64 rewards). Singleton groups, groups whose valid rewards are
     all equal, and NaN rewards get exactly 0.
+
+    Raises:
+        ValueError / TypeError naming the argument for bad shapes, dtypes, ``method``, ``group_size`` or ``eps``, and
+        ValueError for an inf reward: that one check reads the device (one host wait); it is skipped, as every value
+        check, with ``RLKERNELS_CHECK_VALUES=0``, under ``torch.compile`` and in a CUDA graph capture, where nothing
+        here waits for the device.
 
     Equivalent (for ``"grpo"`` with full groups) to
     ``r = rewards.view(-1, G); ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).flatten()``.
@@ -80,8 +88,8 @@ def group_advantages(
             raise TypeError(f"group_ids has dtype {group_ids.dtype}; expected an integer dtype")
         if group_ids.shape != rewards.shape:
             raise ValueError(f"group_ids has shape {tuple(group_ids.shape)}; expected ({B},) like rewards")
-        _, ids = torch.unique(group_ids.to(rewards.device), return_inverse=True)
-        n_groups = int(ids.max()) + 1 if B else 0
+        ids = _dense_ids(group_ids.to(rewards.device))
+        n_groups = B  # the k <= B groups are 0..k-1, and k stays on the device: the empty groups past it give nothing
     if lengths is not None:
         I.require_tensor("lengths", lengths, dims=(1,))
         if lengths.shape != rewards.shape:
@@ -89,12 +97,14 @@ def group_advantages(
     if not (eps >= 0):
         raise ValueError(f"eps={eps}: must be >= 0")
 
-    use_triton = _use_triton(backend, rewards.device)
+    # under torch.compile the torch implementation runs, traced with the rest (a Triton launch of ours is no op the
+    # compiler knows)
+    use_triton = _use_triton(backend, rewards.device) and not C.compiling()
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.double()
     valid = ~torch.isnan(r)
-    if bool((torch.isinf(r) & valid).any()):
-        raise ValueError("rewards holds inf; use NaN for unscorable responses")
+    if C.value_checks_enabled():  # a host read: skipped as every value check is (compile, capture, the variable)
+        C.fail_if(torch.isinf(r), lambda: "rewards holds inf; use NaN for unscorable responses")
     if use_triton:
         adv, keep = _triton_advantages(r, ids if group_size is None else None, n_groups, group_size, method, eps)
     else:
@@ -102,6 +112,19 @@ def group_advantages(
     if method in ("lite_ppo", "rpp_baseline"):  # adv holds the group-centred rewards: scale them over the batch
         adv = torch.where(keep, _batch_scaled(method, adv, valid, r, lengths, eps), torch.zeros_like(adv))
     return adv.to(out_dtype)
+
+
+def _dense_ids(group_ids: Tensor) -> Tensor:
+    """Group labels -> 0..k-1 in the order of the labels' values (``torch.unique``'s inverse), without reading k
+    back (unique's output size is data): sort, mark where the label changes, count the marks."""
+    if group_ids.numel() == 0:
+        return group_ids.long()
+    sorted_ids, order = torch.sort(group_ids)
+    new = torch.ones_like(sorted_ids, dtype=torch.long)
+    new[0] = 0
+    new[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
+    dense = torch.cumsum(new, 0)
+    return torch.empty_like(dense).scatter_(0, order, dense)
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
@@ -130,7 +153,7 @@ def _triton_advantages(r: Tensor, ids: Optional[Tensor], n_groups: int, group_si
         return group_advantages_rows(r, method, eps, group_size=group_size)
     # sort by group (stably: pass@k's "first" is the first in the caller's order), run, scatter back
     order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=n_groups)
+    counts = torch.zeros(n_groups, dtype=torch.long, device=r.device).index_add_(0, ids, torch.ones_like(ids))
     starts = torch.cumsum(counts, 0) - counts
     adv_sorted, keep_sorted = group_advantages_rows(r[order].contiguous(), method, eps, starts=starts, counts=counts)
     adv, keep = torch.empty_like(adv_sorted), torch.empty_like(keep_sorted)

@@ -125,3 +125,35 @@ def test_bad_arguments():
     if R.available_backends(r.device)["triton"] != "available":
         with pytest.raises(ValueError, match="backend='triton' cannot run on cpu"):
             R.group_advantages(r, group_size=3, backend="triton")
+
+
+def test_group_labels_numbered_on_the_device():
+    """Labels become 0..k-1 in the order of their values, as torch.unique's inverse, with no read of k: negative,
+    large and repeated labels, one group, one response, none."""
+    from rlkernels.advantages import _dense_ids
+
+    g = torch.Generator().manual_seed(8)
+    cases = [torch.randint(-5, 5, (40,), generator=g), torch.randint(0, 2**40, (9,), generator=g).repeat(3),
+             torch.full((7,), 3), torch.tensor([12]), torch.zeros(0, dtype=torch.long)]
+    for labels in cases:
+        want = torch.unique(labels, return_inverse=True)[1]
+        assert torch.equal(_dense_ids(labels.to(DEVICE)).cpu(), want), labels
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_under_torch_compile(method, backend):
+    """torch.compile(fullgraph=True) over group_advantages (no graph break: no host read, the Triton path left to
+    eager calls; aot_eager: what is traced, not inductor's code, is under test) equals the eager call, for contiguous groups and labelled ones with a singleton, an all-equal group
+    and NaN rewards."""
+    torch._dynamo.reset()
+    r = _rewards(5, n=20).to(DEVICE)
+    ids = torch.tensor([7, 3, 7, 3, 3, 9, 5, 5, 5, 5, 2, 2, 2, 11, 11, 11, 11, 4, 4, 4], device=DEVICE)
+    r[ids == 2] = 0.5
+    r[[0, 14]] = float("nan")
+    lengths = torch.randint(1, 50, (20,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    for kw in (dict(group_size=4), dict(group_ids=ids, lengths=lengths)):
+        compiled = torch.compile(lambda r: R.group_advantages(r, method=method, backend=backend, **kw),
+                                 fullgraph=True, backend="aot_eager")
+        got, want = compiled(r), R.group_advantages(r, method=method, backend=backend, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=False)
+        assert torch.all(got[torch.isnan(r)] == 0)

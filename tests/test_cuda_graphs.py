@@ -145,6 +145,25 @@ def test_the_guard_sees_host_reads(capture):
     assert torch.equal(rows_c.sum(1), 3.0 * keep) and torch.equal(labels_c, keep.long())
 
 
+@pytest.mark.parametrize("method", ["grpo", "passk", "rpp_baseline"])
+def test_group_advantages_read_nothing_back_while_capturing(backend, capture, method):
+    """group_advantages under a capture: labelled groups numbered on the device (no read of their count), the inf
+    check skipped; contiguous and labelled groups with a singleton, an all-equal group and NaN rewards equal the
+    reference."""
+    impl = "triton" if backend == "triton" else "torch"  # its two implementations
+    g = torch.Generator().manual_seed(35)
+    r = torch.randn(20, generator=g, dtype=torch.float64)
+    ids = torch.tensor([7, 3, 7, 3, 3, 9, 5, 5, 5, 5, 2, 2, 2, 11, 11, 11, 11, 4, 4, 4])
+    r[ids == 2] = 0.5
+    r[[0, 14]] = float("nan")
+    lengths = torch.randint(1, 50, (20,), generator=g)
+    for kw in (dict(group_size=4), dict(group_ids=ids, lengths=lengths)):
+        on_device = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        with capture:
+            got = R.group_advantages(r.to(DEVICE), method=method, backend=impl, **on_device)
+        assert_matches(method, got.cpu(), ref.group_advantages(r, method=method, **kw))
+
+
 def test_a_sharded_head_is_refused_while_capturing(capture):
     """tp_group's shard checks and merges are collectives with host reads: refused under a capture, before any."""
     p = make_problem(2, 5, 8, 11, seed=34)
