@@ -47,6 +47,33 @@ def test_fullgraph_matches_eager(backend, config, kw):
     _assert_same(loss, metrics, g, loss_e, metrics_e, g_e)
 
 
+@pytest.mark.parametrize("config", ["dapo", "gspo", "dr_grpo"])
+def test_policy_loss_and_kl_penalty_under_compile(config):
+    """The objective from log-probs the caller made (policy_loss) and kl_penalty trace without a graph break and
+    equal eager, gradients included (a packed gspo batch: its sequence sums)."""
+    torch._dynamo.reset()
+    p = make_problem(3, 9, 16, 37, dtype=torch.float64, seed=4)
+    logp = p["old_logprobs"].detach() + 0.1 * torch.randn(3, 9, dtype=torch.float64, device=DEVICE)
+    ent = torch.rand(3, 9, dtype=torch.float64, device=DEVICE)
+    kw = dict(old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.05, entropy_coef=0.01,
+              config=config, **({"norm_length": 9} if config == "dr_grpo" else {}))
+    keep, cu, pick = pack(3, 9, [4, 9, 2])
+    packed = config == "gspo"
+    if packed:  # picked outside the compiled function (a boolean index has a data-dependent size)
+        kw.update(old_logprobs=pick(kw["old_logprobs"]), ref_logprobs=pick(kw["ref_logprobs"]), cu_seqlens=cu)
+
+    def f(lp, en):
+        out = R.policy_loss(lp, en, p["advantages"], None if packed else p["mask"], **kw)
+        return out.loss + R.kl_penalty(lp, kw["ref_logprobs"], "k3").sum(), out.metrics
+
+    inputs = (pick(logp), pick(ent)) if packed else (logp, ent)
+    a = [x.clone().requires_grad_() for x in inputs]
+    b = [x.clone().requires_grad_() for x in inputs]
+    loss, metrics = torch.compile(f, fullgraph=True, backend="aot_eager")(*a)
+    loss_e, metrics_e = f(*b)
+    _assert_same(loss, metrics, grads(loss, a), loss_e, metrics_e, grads(loss_e, b))
+
+
 class _PathSpy:
     """Which engine primitives a call ran: ``linear_fused`` (the single pass, 3 GEMMs) or ``linear_forward`` +
     ``linear_backward`` (the two-stage path, 4)."""
