@@ -327,13 +327,17 @@ def _compile_worker(rank):
     # (config, batch, single_pass, chunk_size, the single pass's vocabulary blocked): dapo's single pass over row
     # chunks; gspo's over whole sequences, of at most 9 rows or, with chunks of 4 rows, over vocabulary blocks
     # (T = 7); a packed gspo batch (the op that reads its lengths); and the two-stage path when asked
+    # (the last two: grad_hidden left as each rank's partial sum, reduce_hidden_grad=False)
     cases = [("dapo", padded, None, 4, False), ("dapo", padded, True, 4, False), ("gspo", padded, None, 9, False),
              ("gspo", padded, None, 4, True), ("gspo", packed, None, 9, False), ("dapo", padded, False, 4, None),
-             ("gspo", packed, False, 4, None)]
+             ("gspo", packed, False, 4, None), ("dapo", padded, None, 4, False), ("dapo", padded, False, 4, None)]
     try:
-        for config, data, single_pass, chunk_size, blocked in cases:
-            what = f"{config} {'packed' if data is packed else 'padded'} single_pass={single_pass} chunks {chunk_size}"
-            common = dict(kl_coef=0.05, config=config, temperature=0.8, chunk_size=chunk_size, softcap=2.0, **data)
+        for i, (config, data, single_pass, chunk_size, blocked) in enumerate(cases):
+            reduce = i < len(cases) - 2
+            what = (f"{config} {'packed' if data is packed else 'padded'} single_pass={single_pass} chunks "
+                    f"{chunk_size} reduce_hidden_grad={reduce}")
+            common = dict(kl_coef=0.05, config=config, temperature=0.8, chunk_size=chunk_size, softcap=2.0,
+                          reduce_hidden_grad=reduce, **data)
             n = T * B if data is padded else int(cu[-1])
 
             def loss(h, w, b, tp=None, **kw):
@@ -358,6 +362,8 @@ def _compile_worker(rank):
                 _close(f"{what}: {k}", metrics[k].double(), metrics_a[k].double(), tol=1e-6)
             ga = torch.autograd.grad(a, leaves_full)
             gb = torch.autograd.grad(b, leaves_tp)
+            if not reduce:  # this rank's partial sum: the ranks' sum is the full gradient
+                dist.all_reduce(gb[0], group=group)
             _close(f"{what}: grad_hidden", gb[0], ga[0])
             _close(f"{what}: grad_weight shard", gb[1], ga[1][rows])
             _close(f"{what}: grad_bias shard", gb[2], ga[2][rows])
