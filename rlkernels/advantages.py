@@ -120,9 +120,8 @@ def _dense_ids(group_ids: Tensor) -> Tensor:
     if group_ids.numel() == 0:
         return group_ids.long()
     sorted_ids, order = torch.sort(group_ids)
-    new = torch.ones_like(sorted_ids, dtype=torch.long)
-    new[0] = 0
-    new[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
+    new = torch.zeros_like(sorted_ids, dtype=torch.long)
+    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
     dense = torch.cumsum(new, 0)
     return torch.empty_like(dense).scatter_(0, order, dense)
 
