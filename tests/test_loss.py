@@ -262,6 +262,45 @@ def test_inputs_not_modified(backend):
         assert torch.equal(v.detach(), before[k]), f"{k} was modified in place"
 
 
+@pytest.mark.parametrize("config,kw", [("dapo", dict(kl_coef=0.1, entropy_coef=0.01)),
+                                       ("gspo", dict(top_entropy_quantile=0.6, entropy_coef=0.01)),
+                                       ("grpo", dict(rollout_correction="seq_tis"))])
+def test_deterministic_mode_runs_and_repeats(backend, monkeypatch, config, kw):
+    """Under torch.use_deterministic_algorithms(True), which RL trainers turn on for reproducible runs, the loss, its
+    gradients (padded and packed, single pass and two-stage) and group_advantages raise no error for a missing
+    deterministic implementation, and two calls give the same bits. (The point is on CUDA, in device_check.sh's
+    suite, where PyTorch refuses nondeterministic kernels such as a float cumsum; on the CPU it runs as well.)"""
+    if DEVICE.type == "cuda":  # cuBLAS needs a fixed workspace for deterministic GEMMs; PyTorch refuses without it
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    p = make_problem(4, 9, 16, 37, bias=True, seed=stable_seed(config), mask_frac=0.25)
+    keep, cu, pick = pack(4, 9, [9, 3, 6, 1])
+    padded = dict(labels=p["labels"], advantages=p["advantages"], mask=p["mask"], old_logprobs=p["old_logprobs"],
+                  ref_logprobs=p["ref_logprobs"], rollout_logprobs=p["rollout_logprobs"])
+    packed = dict(labels=pick(p["labels"]), advantages=p["advantages"], cu_seqlens=cu,
+                  old_logprobs=pick(p["old_logprobs"]), ref_logprobs=pick(p["ref_logprobs"]),
+                  rollout_logprobs=pick(p["rollout_logprobs"]))
+    group_ids = torch.tensor([3, 1, 3, 1], device=DEVICE)
+
+    def step(data, single_pass):
+        h = p["hidden"] if data is padded else pick(p["hidden"])
+        out = R.fused_grpo_loss(h, p["weight"], bias=p["bias"], config=config, backend=backend,
+                                single_pass=single_pass, **data, **kw)
+        adv = R.group_advantages(p["advantages"].double(), group_ids=group_ids,
+                                 backend="triton" if backend == "triton" else "torch")
+        return [out.loss.detach(), adv, *grads(out.loss, leaves(p))]
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for data in (padded, packed):
+            for single_pass in (None, False):
+                first, second = step(data, single_pass), step(data, single_pass)
+                for a, b in zip(first, second):
+                    assert torch.equal(a, b), (config, data is packed, single_pass)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_grad_output_scaling_and_accumulation(backend):
     """The single pass saves gradients and scales them by grad_output; two micro-batches accumulate."""
     p = make_problem(3, 9, 16, 37, seed=43)
