@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import rlkernels as R
 from rlkernels import reference as ref
 
-from conftest import BACKENDS, as_fp64, assert_matches, grads, leaves, make_problem
+from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, grads, leaves, make_problem
 
 optional_clip = st.one_of(st.none(), st.floats(0.01, 0.5))
 
@@ -69,3 +69,79 @@ def test_random_configs_match_reference(cfg, B, T, H, V, seed, with_old, bias, c
             assert_matches(f"grad_{name}", a, b, scale=max(1e-3, float(b.abs().max())))
         for k, v in metrics_r.items():
             assert_matches(k, out.metrics[k], v, scale=max(1.0, abs(float(v))), dtype=torch.float32)
+
+
+# the logits path (logprobs_from_logits): random layouts, dtypes, temperatures, masks, -inf columns and scales
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=not os.environ.get("RLKERNELS_HYPOTHESIS_SEARCH"))
+@given(B=st.integers(1, 3), T=st.integers(1, 7), V=st.integers(1, 300), seed=st.integers(0, 10**6),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+       layout=st.sampled_from(["2d", "3d", "3d view"]), temperature=st.sampled_from(["1", "0.7", "per-token"]),
+       mask_frac=st.sampled_from([None, 0.0, 0.4, 1.0]), neg_inf=st.sampled_from([0, 1, 3]),
+       scale=st.sampled_from([1.0, 30.0, 3e3]), chunk=st.one_of(st.none(), st.integers(1, 9)))
+def test_random_logits_match_reference(B, T, V, seed, dtype, layout, temperature, mask_frac, neg_inf, scale, chunk):
+    """Values and the logits' gradient against the float64 computation on the same (rounded) logits, within k x the
+    error of the eager code in the input dtype plus atol (STYLE.md 11); masked rows give 0 and a zero gradient."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, T + (layout == "3d view"), V, generator=g, dtype=torch.float64) * scale
+    banned = torch.randperm(V, generator=g)[:min(neg_inf, V - 1)]  # -inf columns (banned tokens), never a label
+    z[..., banned] = -float("inf")
+    allowed = torch.isin(torch.arange(V), banned, invert=True).nonzero()[:, 0]
+    labels = allowed[torch.randint(0, allowed.numel(), (B, T), generator=g)]
+    mask = None if mask_frac is None else torch.rand(B, T, generator=g) >= mask_frac
+    temp = {"1": 1.0, "0.7": 0.7, "per-token": 0.5 + torch.rand(B, T, generator=g, dtype=torch.float64)}[temperature]
+
+    def as_laid_out(leaf):  # the logits the call takes, a view of the leaf the gradient lands in
+        return leaf[:, :-1] if layout == "3d view" else (leaf.reshape(B * T, V) if layout == "2d" else leaf)
+
+    full = z.to(dtype).to(DEVICE).requires_grad_()
+    x = as_laid_out(full)
+    shape = x.shape[:-1]
+    lab, keep = labels.reshape(shape).to(DEVICE), None if mask is None else mask.reshape(shape).to(DEVICE)
+    t = temp.reshape(shape).to(DEVICE) if isinstance(temp, torch.Tensor) else temp
+    up_a = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+    up_b = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+    f64 = full.detach().double().requires_grad_()
+    exact = ref.logprobs_from_logits(as_laid_out(f64), lab, t)
+    kept = torch.ones(shape, dtype=torch.bool, device=DEVICE) if keep is None else keep
+    zero = torch.zeros((), dtype=torch.float64, device=DEVICE)
+    exact = [torch.where(kept, e, zero) for e in exact]
+    (gx64,) = grads((up_a * exact[0]).sum() + (up_b * exact[1]).sum(), [f64])
+    # the baseline of the tolerances: the eager code in the input dtype, written both ways users write the
+    # temperature (logits / T, and logits * (1 / T), which our engines do), whichever is further from float64 (one
+    # row's rounding is a noisy measure: at |z / T| ~ 1e4 the two differed by 2.5x in entropy on one row)
+    def eager_code(divide):
+        fe = full.detach().clone().requires_grad_()
+        xe = as_laid_out(fe)
+        if divide:
+            out = ref.logprobs_from_logits(xe, lab, t.to(dtype) if isinstance(t, torch.Tensor) else t)
+        else:
+            xc = xe.to(torch.float64 if dtype == torch.float64 else torch.float32)
+            inv = (1.0 / t.to(xc.dtype)).unsqueeze(-1) if isinstance(t, torch.Tensor) else 1.0 / t
+            out = ref.logprobs_from_logits(xc * inv, lab)
+        out = [torch.where(kept, e.double(), zero) for e in out]
+        (ge,) = grads((up_a * out[0]).sum() + (up_b * out[1]).sum(), [fe])
+        return [out[0].detach(), out[1].detach(), ge]
+
+    def worse(a, b, exact_value):
+        def err(x):
+            return float((x - exact_value).abs().max()) if x.numel() else 0.0
+        return a if err(a) >= err(b) else b
+
+    eager = [worse(a, b, e) for a, b, e in zip(eager_code(True), eager_code(False), (*exact, gx64))]
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's interpreter (3.9) rounds fp32 -> bf16 toward zero (the GPU to nearest): up to one ulp, not half
+        toward_zero = (gx64.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+        eager[2] = worse(eager[2], toward_zero, gx64)
+
+    def unit(x):
+        return max(1.0, float(x.abs().max()) if x.numel() else 0.0)
+    for backend in BACKENDS:
+        logp, ent = R.logprobs_from_logits(x, lab, temperature=t, return_entropy=True, mask=keep, chunk_size=chunk,
+                                           backend=backend)
+        (gx,) = grads((up_a * logp.double()).sum() + (up_b * ent.double()).sum(), [full])
+        # log-probs and entropies near 0 (a near-certain token) are held to an absolute floor of the tolerance
+        assert_matches(f"{backend} logp", logp, exact[0], eager[0], dtype, scale=unit(exact[0]))
+        assert_matches(f"{backend} entropy", ent, exact[1], eager[1], dtype, scale=unit(exact[1]))
+        assert torch.all(logp[~kept] == 0) and torch.all(ent[~kept] == 0)
+        assert_matches(f"{backend} grad_logits", gx, gx64, eager[2], dtype, scale=unit(gx64))
