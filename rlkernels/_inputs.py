@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -308,20 +310,37 @@ def sequence_layout(shape: torch.Size, cu_seqlens, ref: Tensor) -> Tuple[Tensor,
     return torch.repeat_interleave(torch.arange(S, device=ref.device), lengths, output_size=N), S
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of a warning raised here that points at the first frame outside this package: the user's
+    call, however deep inside rlkernels the warning is raised."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_advantages(advantages, shape: torch.Size, num_seqs: int, seq_ids: Tensor, mask: Tensor, cdt,
                      ref: Tensor) -> Tensor:
-    """Per-sequence (S,) / (B,) or per-token advantages -> flat (N,) in ``cdt``, 0 at masked positions."""
+    """Per-sequence (S,) / (B,) (or (S, 1) / (B, 1), the broadcasting form) or per-token advantages -> flat (N,) in
+    ``cdt``, 0 at masked positions. A packed batch of as many tokens as sequences (N = S) makes (N,) both: taken per
+    token, as anything shaped like the labels is, with a warning that names the per-sequence form."""
     require_tensor("advantages", advantages, dtypes=FLOAT_DTYPES)
     _same_device("advantages", advantages, ref, "labels")
     if tuple(advantages.shape) == tuple(shape):
+        if len(shape) == 1 and shape[0] == num_seqs > 0 and not _checks.compiling():
+            warnings.warn(f"advantages has shape {_shape(advantages)}: this packed batch has as many tokens as "
+                          f"sequences ({num_seqs}), so it is read as one per token, as any advantages shaped like "
+                          "labels are; for one per sequence pass advantages[:, None] (shape (S, 1))",
+                          stacklevel=_caller_level())
         return _per_token("advantages", advantages, shape, mask, cdt, ref, logprob=False)
-    if tuple(advantages.shape) == (num_seqs,):
-        flat = advantages.to(cdt)[seq_ids]
+    if tuple(advantages.shape) in ((num_seqs,), (num_seqs, 1)):
+        flat = advantages.reshape(num_seqs).to(cdt)[seq_ids]
         flat_mask = mask.reshape(-1)
         check_finite_rows("advantages", flat, flat_mask)
         return torch.where(flat_mask, flat, torch.zeros((), dtype=cdt, device=flat.device))
-    raise ValueError(f"advantages has shape {_shape(advantages)}; expected ({num_seqs},) (one per sequence) or "
-                     f"{tuple(shape)} (one per token)")
+    raise ValueError(f"advantages has shape {_shape(advantages)}; expected ({num_seqs},) or ({num_seqs}, 1) (one per "
+                     f"sequence) or {tuple(shape)} (one per token)")
 
 
 def check_normalizer(normalizer):

@@ -312,7 +312,9 @@ def fused_grpo_loss(
         hidden: ``(B, T, H)`` padded, or ``(N, H)`` packed (then ``cu_seqlens`` gives the sequences); fp32/bf16/fp16.
         weight: ``(V, H)`` LM-head weight, same dtype. ``bias``: optional ``(V,)``.
         labels: ``(B, T)`` / ``(N,)`` int: the sampled tokens (in ``[0, V)`` at kept positions).
-        advantages: per sequence ``(B,)`` / ``(S,)`` or per token (shaped like ``labels``); constants.
+        advantages: per sequence ``(B,)`` / ``(S,)`` (or ``(B, 1)`` / ``(S, 1)``) or per token (shaped like
+            ``labels``); constants. A packed batch with as many tokens as sequences reads ``(N,)`` per token (with
+            a warning): pass ``(S, 1)`` there for one per sequence.
         mask: ``(B, T)`` / ``(N,)`` bool or 0/1: the completion tokens that count. ``None`` keeps all. Masked
             positions may hold anything (NaN included) in every per-token input; they are never computed.
         old_logprobs: fp32 per-token log-probs of the policy that generated the batch's ratio denominator; ``None``

@@ -197,6 +197,39 @@ def test_packed_layout(backend, preset, per_token_adv):
         assert_matches(key, out.metrics[key], metrics_r[key], scale=1.0, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("preset", ["dapo", "gspo"])
+def test_packed_advantages_as_many_tokens_as_sequences(backend, preset):
+    """A packed batch of N tokens in S = N sequences (lengths 1, 2, 0): (N,) advantages are one per token, as
+    anything shaped like labels, with a warning that points at the caller and names (S, 1); (S, 1) is one per
+    sequence (as (S,) is in any other batch). Both against the padded reference."""
+    import warnings
+
+    p = make_problem(3, 3, 8, 41, seed=33, mask_frac=0.0)
+    keep, cu, pick = pack(3, 3, [1, 2, 0])
+    keep = keep.reshape(3, 3)
+    kw = dict(old_logprobs=p["old_logprobs"], config=preset)
+    per_seq = p["advantages"]  # (3,): one per sequence, and N = 3 tokens
+    per_tok = per_seq[torch.tensor([0, 1, 1])] + torch.tensor([0.0, 0.5, -0.5], dtype=per_seq.dtype)
+
+    def packed(adv):
+        return R.fused_grpo_loss(pick(p["hidden"]), p["weight"], pick(p["labels"]), adv, cu_seqlens=cu,
+                                 backend=backend, old_logprobs=pick(p["old_logprobs"]), config=preset).loss
+
+    def padded_reference(adv):
+        return ref.linear_policy_loss(p["hidden"], p["weight"], p["labels"], adv, keep, **kw)[0]
+
+    tok_padded = torch.zeros(3, 3, dtype=per_seq.dtype)
+    tok_padded[keep] = per_tok
+    with pytest.warns(UserWarning, match=r"as many tokens as sequences \(3\).*advantages\[:, None\]") as seen:
+        loss = packed(per_tok)
+    assert all(w.filename == __file__ for w in seen), [w.filename for w in seen]
+    assert_matches("per-token loss", loss, padded_reference(tok_padded), scale=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the explicit per-sequence form warns about nothing
+        loss = packed(per_seq[:, None])
+    assert_matches("per-sequence loss", loss, padded_reference(per_seq), scale=1.0)
+
+
 @pytest.mark.parametrize("preset", ["grpo", "dapo", "gspo"])
 def test_masked_garbage_changes_nothing(backend, preset):
     """NaN/inf/out-of-range values at masked positions of every per-token input leave loss and gradients unchanged."""
