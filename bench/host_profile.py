@@ -148,7 +148,7 @@ def timeline(fn, trace_path: Optional[str]) -> dict:
 STAGES = (
     ("rlkernels._inputs", "check_backend_args"), ("rlkernels._inputs", "require_tensor"),
     ("rlkernels._inputs", "check_labels"), ("rlkernels._inputs", "check_temperature"),
-    ("rlkernels._inputs", "compute_dtype"), ("rlkernels._checks", "deferred_checks"),
+    ("rlkernels.ops", "compute_dtype"), ("rlkernels._checks", "deferred_checks"),
     ("rlkernels._checks", "_raise_first_failed"), ("rlkernels._checks", "read_back"),
     ("rlkernels._checks", "_Staging.copy_in"), ("rlkernels._inputs", "check_scanned_rows"),
     ("rlkernels._checks", "LateCheck.arm_all"), ("rlkernels._checks", "LateCheck.raise_if_failed"),

@@ -20,7 +20,6 @@ from . import _checks
 from ._checks import LateCheck, fail_if, fail_when, value_checks_enabled
 from .config import PolicyLossConfig, as_number, is_finite_number
 from .engines import AUTOCAST_DEVICES
-from .engines.torch_engine import compute_dtype  # noqa: F401  (ops.py's I.compute_dtype)
 from .objective import TokenBatch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

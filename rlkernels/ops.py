@@ -18,6 +18,7 @@ from ._single_pass import compiled_linear_fused_loss
 from .config import PolicyLossConfig, resolve_config
 from .engines import plan_chunks, resolve_backend
 from .engines.chunking import ChunkPlan, sequence_aligned
+from .engines.torch_engine import compute_dtype
 from .objective import (LossOutput, is_sequence_separable, is_token_separable, metrics, policy_loss_flat, prepare,
                         token_loss)
 
@@ -100,7 +101,7 @@ class _LinearCall:
             self.keep = I.check_mask(mask, self.shape, hidden)
             given = None if mask is None else self.keep  # None: every position kept, nothing to mask in the checks
             labels = I.check_labels(labels, self.shape, self.V, given, hidden)
-            cdt = I.compute_dtype(hidden.dtype)
+            cdt = compute_dtype(hidden.dtype)
             temperature = I.check_temperature(temperature, self.shape, given, hidden, cdt)
             self.extra = extra_checks(self.shape, self.keep, cdt) if extra_checks is not None else None
             I.check_finite_rows("hidden", hidden.reshape(-1, H), self.keep.reshape(-1))
@@ -238,7 +239,7 @@ def logprobs_from_logits(
     with C.deferred_checks() as checks:
         keep = None if mask is None else I.check_mask(mask, shape, logits)
         labels = I.check_labels(labels, shape, V, keep, logits)
-        cdt = I.compute_dtype(logits.dtype)
+        cdt = compute_dtype(logits.dtype)
         temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
         engine = resolve_backend(backend, logits.device)
         # the caller's tensor as it is (a view like logits[:, :-1] too: no copy), or flattened once
