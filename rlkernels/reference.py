@@ -363,7 +363,8 @@ def group_advantages(
     elif method == "dr_grpo":
         out = centred
     elif method == "rloo":
-        sizes = torch.stack([((group_ids == g) & valid).sum() for g in group_ids]).double()
+        sizes = torch.tensor([float(((group_ids == g) & valid).sum()) for g in group_ids], dtype=torch.float64,
+                             device=r.device)  # (an empty batch: no sizes)
         out = torch.where(sizes > 1, centred * sizes / (sizes - 1).clamp(min=1), torch.zeros_like(centred))
     elif method == "lite_ppo":
         out = centred / (r[valid].std() + eps)

@@ -215,3 +215,37 @@ def test_random_linear_paths_match_reference(B, T, H, V, seed, dtype, preset, kl
                        scale=max(1.0, abs(float(exact_loss.detach()))))
         for name, a, b, e in zip(("hidden", "weight", "bias"), grads(out.loss, leaves(p)), exact, eager):
             assert_matches(f"{backend} grad_{name}", a, b, e, dtype, scale=max(1.0, float(b.abs().max())))
+
+
+# group_advantages: random group labels (any values, any sizes, not contiguous), NaN rewards, ties and binary rewards
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=not os.environ.get("RLKERNELS_HYPOTHESIS_SEARCH"))
+@given(B=st.integers(0, 40), n_labels=st.integers(1, 8), seed=st.integers(0, 10**6),
+       method=st.sampled_from(["grpo", "dr_grpo", "rloo", "lite_ppo", "rpp_baseline", "passk"]),
+       kind=st.sampled_from(["normal", "binary", "few values"]), nan_frac=st.sampled_from([0.0, 0.2, 1.0]),
+       contiguous=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_random_groups_match_reference(B, n_labels, seed, method, kind, nan_frac, contiguous, dtype):
+    """group_advantages (torch, and the Triton kernel where it runs) against the loop-per-group reference."""
+    g = torch.Generator().manual_seed(seed)
+    r = {"normal": torch.randn(B, generator=g, dtype=torch.float64),
+         "binary": torch.randint(0, 2, (B,), generator=g).double(),
+         "few values": torch.randint(0, 3, (B,), generator=g).double() / 3}[kind]
+    r[torch.rand(B, generator=g) < nan_frac] = float("nan")
+    r = r.to(dtype)
+    lengths = torch.randint(1, 100, (B,), generator=g)
+    if contiguous:
+        size = max(1, n_labels)
+        B_used = B - B % size
+        r, lengths = r[:B_used], lengths[:B_used]
+        kw = dict(group_size=size)
+    else:
+        kw = dict(group_ids=torch.randint(-3, n_labels, (B,), generator=g) * 7)
+    want = ref.group_advantages(r, method=method, lengths=lengths, **kw)
+    for backend in sorted({"triton" if b == "triton" else "torch" for b in BACKENDS}):
+        on_device = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        got = R.group_advantages(r.to(DEVICE), method=method, lengths=lengths.to(DEVICE), backend=backend,
+                                 **on_device).cpu()
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_matches(f"{backend} {method}", got.double(), want.double(), dtype=torch.float64 if
+                       dtype == torch.float64 else torch.float32, scale=max(1.0, float(want.abs().max()) if want.numel() else 1.0))
+        assert torch.all(got[torch.isnan(r)] == 0)
