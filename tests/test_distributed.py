@@ -41,6 +41,7 @@ def _launch(fn, *args, backend="torch"):
     while not errors.empty():
         failures.append(errors.get())
     assert not failures, "\n".join(failures)
+    assert all(p.exitcode == 0 for p in procs), f"a rank exited with {[p.exitcode for p in procs]}"
 
 
 def _entry(rank, port, errors, fn, args, backend="torch"):
@@ -50,7 +51,7 @@ def _entry(rank, port, errors, fn, args, backend="torch"):
                             timeout=timedelta(seconds=30))
     try:
         fn(rank, *args)
-    except Exception:  # report to the parent, which fails the test with the rank's traceback
+    except BaseException:  # (pytest.raises' "DID NOT RAISE" too) to the parent, which fails with the rank's traceback
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
     finally:
         dist.destroy_process_group()
@@ -207,10 +208,11 @@ def _bad_rank_worker(rank, kind):
         weight = p["weight"][rank * V // 2:(rank + 1) * V // 2]
         labels = p["labels"] if rank == 0 else torch.full_like(p["labels"], V)  # out of range on rank 1 only
         expected = (RuntimeError, "rank 1 of the process group rejected") if rank == 0 else (ValueError, "labels")
-    elif kind == "plan":  # the ranks plan different row chunks: the single pass would merge different chunks
+    elif kind == "plan":  # the ranks plan different row chunks: the single pass (a gradient asked for) would merge
+        # different chunks
         with pytest.raises(ValueError, match="disagree on row chunks"):
-            R.fused_grpo_loss(p["hidden"], p["weight"][rank * V // 2:(rank + 1) * V // 2], p["labels"],
-                              p["advantages"], p["mask"], old_logprobs=p["old"], config="dapo",
+            R.fused_grpo_loss(p["hidden"].requires_grad_(), p["weight"][rank * V // 2:(rank + 1) * V // 2],
+                              p["labels"], p["advantages"], p["mask"], old_logprobs=p["old"], config="dapo",
                               chunk_size=4 * (rank + 1), tp_group=dist.group.WORLD)
         return
     elif kind == "sequences":  # gspo's sequence-aligned chunks differ: the ranks were given different cu_seqlens
