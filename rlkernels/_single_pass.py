@@ -94,7 +94,7 @@ def _linear_fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
     if group_name:
         from .distributed import _resolve, _TPFusedEngine
 
-        engine = _TPFusedEngine(engine, _resolve(group_name), vocab_offset, reduce_hidden_grad)
+        engine = _TPFusedEngine(engine, _resolve(group_name), vocab_offset, reduce_hidden_grad, check_shards=True)
     with _autograd_inside_op():
         loss, logp, ent, gh, gw, gb = engine.linear_fused(
             hidden.detach(), weight.detach(), detach(bias), labels, t, plan, chunk_loss, need_h, need_w, need_b,

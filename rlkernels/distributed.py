@@ -10,11 +10,13 @@ right after that chunk's merge, in the single pass), so ``grad_weight``/``grad_b
 ``grad_hidden`` (a partial sum over shards) is all-reduced unless ``reduce_hidden_grad=False``. The single pass
 merges once per row chunk, so every rank must take it over the same chunks: the call checks that the ranks agree on
 the kept rows, and fused_grpo_loss on the single pass and its chunks (sequence-aligned ones included), before anything
-is computed. Under torch.compile, which traces no host read, those agreements are skipped (shards of V/W rows are
-taken for granted, and the ranks, given the same inputs, plan the same chunks), and the work runs in custom ops, the
-group passed by name and its collectives eager calls inside them: ``rlkernels::tp_linear_logprobs`` for the
-log-probs (and the two-stage loss), the single pass's ``rlkernels::linear_fused_loss`` (:mod:`rlkernels._single_pass`)
-with :class:`_TPFusedEngine` inside.
+is computed. Under torch.compile, which traces no host read, those agreements are skipped (the ranks, given the same
+inputs, plan the same chunks), and the work runs in custom ops, the group passed by name and its collectives eager
+calls inside them: ``rlkernels::tp_linear_logprobs`` for the log-probs (and the two-stage loss), the single pass's
+``rlkernels::linear_fused_loss`` (:mod:`rlkernels._single_pass`) with :class:`_TPFusedEngine` inside. There the shard
+sizes are checked inside the ops: each rank's row count rides on the first merge's MAX all-reduce (no collective of
+its own) and is read back once the op's work is queued (a :class:`rlkernels._checks.LateCheck`), so that uneven
+shards raise on every rank instead of giving wrong offsets; ``RLKERNELS_CHECK_VALUES=0`` skips that read.
 
 Data parallelism: DDP/FSDP average gradients over ranks and gradient accumulation sums micro-batches, so the exact
 gradient of the global token mean needs each micro-batch loss divided by (global token count / world size)
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _checks as C
 from .config import LOSS_AGGS, PolicyLossConfig, resolve_config
 from .engines import load_engine
 from .engines.autograd import (_EagerTwin, _linear_grads, _linear_setup, _or_empty, _own, _split_temperature,
@@ -76,7 +79,7 @@ def _collective_device(group) -> torch.device:
 def shard_offset(weight: Tensor, tp_group, check: bool = True) -> Tuple[int, int]:
     """(offset of this rank's first vocabulary row, full vocabulary size V), checking that every rank holds the
     same number of rows (V divisible by the group size). ``check=False`` (under torch.compile, which traces no
-    host read) takes that for granted: no collective."""
+    host read): no collective here; the custom ops check the sizes in their first merge instead."""
     _require_initialized("tp_group")
     world, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     if not check:
@@ -91,12 +94,28 @@ def shard_offset(weight: Tensor, tp_group, check: bool = True) -> Tuple[int, int
     return rank * sizes[0], sizes[0] * world
 
 
-def merge_shards(group, m: Tensor, s: Tensor, c: Tensor, zy: Tensor, owned: Tensor):
+def merge_shards(group, m: Tensor, s: Tensor, c: Tensor, zy: Tensor, owned: Tensor,
+                 sizes_check: Optional[C.LateCheck] = None, shard_rows: int = 0):
     """The online log-sum-exp state (M, S, C) and label logit z~_y of rows over the whole vocabulary, from this
     shard's (``c`` relative to ``m``; ``zy`` counts only where ``owned``: the label lies in this shard): one MAX
-    and one SUM all-reduce over ``group``."""
-    big_m = m.clone()
-    dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+    and one SUM all-reduce over ``group``. ``sizes_check``: a LateCheck armed here to fail unless every rank's
+    ``shard_rows`` (its LM-head rows) is the same, the largest and the negated smallest riding on the MAX
+    all-reduce."""
+    if sizes_check is None:
+        big_m = m.clone()
+        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+    else:  # exact in fp32 for shards below 2**24 rows
+        big_m = torch.cat([m, m.new_tensor([shard_rows, -shard_rows])])
+        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+        big_m, extremes = big_m[:-2], big_m[-2:]
+        world = dist.get_world_size(group)
+
+        def message() -> str:
+            hi, neg_lo = extremes.tolist()
+            return (f"tp_group: the ranks hold LM-head shards of {int(-neg_lo)} to {int(hi)} rows; each rank must "
+                    f"hold V/W rows (the vocabulary must be divisible by the group size {world})")
+
+        sizes_check.arm((extremes,), lambda e: e[0] != -e[1], message)
     # rebase this shard's (S, C), taken relative to its own max m, onto the global max M (B §1.2)
     scale = torch.exp(m - big_m)
     parts = torch.stack([scale * s, scale * (c + (m - big_m) * s), torch.where(owned, zy, torch.zeros_like(zy))])
@@ -120,23 +139,29 @@ def _resolve(group_name: str):
 
 def _tp_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                 temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int, backend: str,
-                softcap: float, group_name: str, offset: int,
-                reduce_hidden_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(logp, entropy, M, log S, C/S) over the full vocabulary: this shard's statistics, merged across the group."""
+                softcap: float, group_name: str, offset: int, reduce_hidden_grad: bool,
+                check_shards: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logp, entropy, M, log S, C/S) over the full vocabulary: this shard's statistics, merged across the group.
+    ``check_shards``: check in the merge that every rank holds as many rows (the op under torch.compile; the eager
+    twin's call has checked them before)."""
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
     logp_l, _, m, log_s, cs = load_engine(backend).linear_forward(
         hidden, weight, bias, labels, _temperature(temperature, temp_scalar), plan, vocab_offset=offset,
         softcap=softcap)
     s_local = torch.exp(log_s)
+    sizes = C.LateCheck() if check_shards and C.value_checks_enabled() else None
     big_m, s, c, zy = merge_shards(_resolve(group_name), m, s_local, cs * s_local, logp_l + (m + log_s),
-                                   _owned(labels, offset, weight.shape[0]))
+                                   _owned(labels, offset, weight.shape[0]), sizes, weight.shape[0])
     log_s_g, cs_g, logp, ent = finish_stats(big_m, s, c, zy)
+    if sizes is not None:
+        sizes.raise_if_failed()
     return _own((logp, ent, big_m, log_s_g, cs_g))
 
 
 def _tp_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                  temperature: Optional[Tensor], temp_scalar: float, rows: int, vocab_block: int, backend: str,
-                 softcap: float, group_name: str, offset: int, reduce_hidden_grad: bool, m: Tensor, log_s: Tensor,
+                 softcap: float, group_name: str, offset: int, reduce_hidden_grad: bool, check_shards: bool,
+                 m: Tensor, log_s: Tensor,
                  cs: Tensor, g_logp: Optional[Tensor], g_ent: Optional[Tensor], need_h: bool, need_w: bool,
                  need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """This shard's (grad_hidden, grad_weight, grad_bias), empty where not needed: dL/dz of the local shard from the
@@ -158,13 +183,13 @@ tp_linear_logprobs_backward_op = torch.library.custom_op("rlkernels::tp_linear_l
 
 @tp_linear_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, softcap, group_name,
-      offset, reduce_hidden_grad):
+      offset, reduce_hidden_grad, check_shards):
     return tuple(hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden.dtype)) for _ in range(5))
 
 
 @tp_linear_logprobs_backward_op.register_fake
 def _(hidden, weight, bias, labels, temperature, temp_scalar, rows, vocab_block, backend, softcap, group_name,
-      offset, reduce_hidden_grad, m, log_s, cs, g_logp, g_ent, need_h, need_w, need_b):
+      offset, reduce_hidden_grad, check_shards, m, log_s, cs, g_logp, g_ent, need_h, need_w, need_b):
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else weight.new_empty(0),
             torch.empty_like(bias) if (need_b and bias is not None) else weight.new_empty(0))
@@ -187,29 +212,37 @@ def tp_linear_logprobs(engine, hidden: Tensor, weight: Tensor, bias: Optional[Te
     t, t_scalar = _split_temperature(temperature)
     args = (hidden, weight, bias, labels, t, t_scalar, plan.rows, plan.vocab_block, engine.name, float(softcap),
             group.group_name, offset, reduce_hidden_grad)
-    if not torch.compiler.is_compiling():
-        return _EagerTwin.apply(*args, _TP_TWIN, None)
-    out = tp_linear_logprobs_op(*args)
+    if not torch.compiler.is_compiling():  # the eager call has checked the shard sizes
+        return _EagerTwin.apply(*args, False, _TP_TWIN, None)
+    out = tp_linear_logprobs_op(*args, True)
     return out[0], out[1]
 
 
 class _TPFusedEngine:
     """The single pass on a vocab-sharded LM head, for :class:`rlkernels.engines.autograd.LinearFusedLoss`: each row
     chunk's statistics are merged across the group before the objective and dL/dz (two small all-reduces per
-    chunk), so every rank forms the exact gradients of its shard; grad_hidden, a partial sum, is all-reduced once."""
+    chunk), so every rank forms the exact gradients of its shard; grad_hidden, a partial sum, is all-reduced once.
+    ``check_shards``: the first merge checks that every rank holds as many rows, read back once all the chunks are
+    queued (under torch.compile, whose traced call checked nothing)."""
 
-    def __init__(self, engine, group, offset: int, reduce_hidden_grad: bool):
+    def __init__(self, engine, group, offset: int, reduce_hidden_grad: bool, check_shards: bool = False):
         self.engine, self.group, self.offset, self.reduce_hidden_grad = engine, group, offset, reduce_hidden_grad
+        self.check_shards = check_shards
 
     def linear_fused(self, hidden, weight, bias, labels, temperature, plan, chunk_loss, need_h, need_w, need_b,
                      softcap: float = 0.0):
         v_local = weight.shape[0]
+        sizes = C.LateCheck() if self.check_shards and C.value_checks_enabled() else None
+        unarmed = [sizes]  # the first chunk's merge carries the check
 
         def merge(r0, r1, m, s, c, zy):
-            return merge_shards(self.group, m, s, c, zy, _owned(labels[r0:r1], self.offset, v_local))
+            check = unarmed.pop() if unarmed else None
+            return merge_shards(self.group, m, s, c, zy, _owned(labels[r0:r1], self.offset, v_local), check, v_local)
 
         out = self.engine.linear_fused(hidden, weight, bias, labels, temperature, plan, chunk_loss, need_h, need_w,
                                        need_b, vocab_offset=self.offset, merge=merge, softcap=softcap)
+        if sizes is not None:
+            sizes.raise_if_failed()
         gh = out[3]
         if gh is not None and self.reduce_hidden_grad:
             dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=self.group)

@@ -394,3 +394,40 @@ def test_tensor_parallel_under_compile(backend):
     gradients equal the single-process eager call's (dapo and gspo, padded and packed, the single pass and the
     two-stage path, a final-logit cap, a mask)."""
     _launch(_compile_worker, backend=backend)
+
+
+def _uneven_compile_worker(rank, check_values):
+    """Shards of 20 and 18 rows under torch.compile, where the traced call compares nothing: the custom ops check the
+    sizes in their first merge and every rank raises, on the single pass and on the two-stage path, then the group
+    still works (no rank left in a collective). With the value checks off the check and its read are skipped."""
+    os.environ["RLKERNELS_CHECK_VALUES"] = "1" if check_values else "0"
+    p = _problem(seed=2)
+    weight = p["weight"][:20] if rank == 0 else p["weight"][20:]
+    bias = p["bias"][:20] if rank == 0 else p["bias"][20:]
+    group = dist.group.WORLD
+
+    def logprobs(h, w, b):
+        return R.fused_logprobs(h, w, p["labels"], bias=b, mask=p["mask"], chunk_size=8, tp_group=group)[0].sum()
+
+    def loss(h, w, b, single_pass):
+        return R.fused_grpo_loss(h, w, p["labels"], p["advantages"], bias=b, mask=p["mask"], config="dapo",
+                                 old_logprobs=p["old"], chunk_size=8, single_pass=single_pass, tp_group=group).loss
+
+    calls = [("logprobs", logprobs, ()), ("single pass", loss, (None,)), ("two-stage", loss, (False,))]
+    for what, fn, extra in calls:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        h, w, b = (x.clone().requires_grad_() for x in (p["hidden"], weight, bias))
+        if check_values:
+            with pytest.raises(ValueError, match="shards of 18 to 20 rows"):
+                compiled(h, w, b, *extra)
+        else:
+            assert torch.isfinite(compiled(h, w, b, *extra)), what
+        flag = torch.ones(1)
+        dist.all_reduce(flag, group=group)
+        assert flag.item() == WORLD, what
+
+
+@pytest.mark.parametrize("check_values", [True, False])
+def test_uneven_shards_under_compile_fail_everywhere(check_values):
+    _launch(_uneven_compile_worker, check_values, backend=BACKENDS[0])
