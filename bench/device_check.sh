@@ -36,9 +36,9 @@
 #             before the launch); its rows go to the log (its files stay on the machine: 8 files come back at most)
 #   tests     the engine suites on CUDA (compiled Triton, no interpreter): RLKERNELS_TEST_DEVICE=cuda pytest
 #   kernels   bench/gpu_tune.py --only kernel: both statistics loops at 1-3 pipeline stages (and the tile loop with
-#             register prefetch) and the dL/dz kernel per tile and warp count, beside PyTorch's read and copy of the
-#             same block (~80 compiles; last, so that a call that runs out of time still brings back everything
-#             before it)
+#             register prefetch) and the dL/dz kernel per tile and warp count, with and without streaming cache
+#             hints (STREAM_BWD), beside PyTorch's read and copy of the same block (~95 compiles; last, so that a
+#             call that runs out of time still brings back everything before it)
 #
 # Everything lands flat in $OUT (default ./device-out), each name carrying the GPU's name: 8 files with the default
 # steps, the most a device call brings back (compile adds one: name it with fewer steps)

@@ -279,11 +279,13 @@ def main(argv=None) -> int:
         # before 2026-11-27: the GPU idled from the checks' sync to the launch), timed here as its baseline
         import rlkernels._checks as checks_module
 
-        for stats, checks, prefetch, masked, after in (
-                ("tile", "1", K.STATS_PREFETCH, False, True), ("tile", "0", K.STATS_PREFETCH, False, True),
-                ("tile", "1", K.STATS_PREFETCH, False, False),
-                ("tile", "1", not K.STATS_PREFETCH, False, True), ("lanes", "1", K.STATS_PREFETCH, False, True),
-                ("tile", "1", K.STATS_PREFETCH, True, True), ("tile", "1", K.STATS_PREFETCH, True, False)):
+        # (and the dL/dz kernel's streaming cache hints flipped, STREAM_BWD, in one row)
+        pf, st = K.STATS_PREFETCH, K.STREAM_BWD
+        for stats, checks, prefetch, masked, after, stream in (
+                ("tile", "1", pf, False, True, st), ("tile", "0", pf, False, True, st),
+                ("tile", "1", pf, False, False, st), ("tile", "1", not pf, False, True, st),
+                ("tile", "1", pf, False, True, not st), ("lanes", "1", pf, False, True, st),
+                ("tile", "1", pf, True, True, st), ("tile", "1", pf, True, False, st)):
             os.environ["RLKERNELS_STATS_KERNEL"] = stats
             os.environ["RLKERNELS_CHECK_VALUES"] = checks
             checks_module.READ_AFTER_LAUNCH = after
@@ -299,7 +301,7 @@ def main(argv=None) -> int:
                 torch.autograd.grad((lp, en), x, (g_lp, g_en))
 
             try:
-                with K.override_defaults(STATS_PREFETCH=prefetch):
+                with K.override_defaults(STATS_PREFETCH=prefetch, STREAM_BWD=stream):
                     t_f, _ = timed(fwd, repeat=10)
                     t_all, peak = timed(full, repeat=10)
                     # back to back, as a training loop calls it: the host prepares the next call while the GPU runs
@@ -311,14 +313,14 @@ def main(argv=None) -> int:
                         timeline = {"error": repr(exc)[:200]}
                 t_b = max(t_all - t_f, 1e-9)
                 bwd_bytes = read + M * row_bytes
-                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked,
+                row("logits", stats=stats, prefetch=prefetch, stream=stream, value_checks=checks, masked=masked,
                     checks_after_launch=after, fwd_ms=t_f,
                     fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b, bwd_gbs=bwd_bytes / t_b / 1e6, full_ms=t_all,
                     full_gbs=(nbytes + bwd_bytes) / t_all / 1e6, burst_ms=t_burst,
                     burst_gbs=(nbytes + bwd_bytes) / t_burst / 1e6, peak_mb=peak,
                     **{f"timeline_{k}": v for k, v in timeline.items()})
             except Exception as exc:
-                row("logits", stats=stats, prefetch=prefetch, value_checks=checks, masked=masked,
+                row("logits", stats=stats, prefetch=prefetch, stream=stream, value_checks=checks, masked=masked,
                     checks_after_launch=after, error=repr(exc)[:300])
         # the logits op followed by policy_loss (a trainer that has logits: TRL-style), value checks on: policy_loss's
         # checks queue behind the statistics kernel; read after its objective is queued (the default since
@@ -408,8 +410,9 @@ def main(argv=None) -> int:
                                                 masked_rows=masked_rows))
             row("kernel", baseline=f"default tiles, masked_rows={masked_rows}", stats_gbs=nbytes / t_s / 1e6,
                 dlogits_gbs=2 * nbytes / t_d / 1e6)
-        # per tile x warps: the dL/dz kernel and both statistics loops with unmasked whole tiles (split) or every
-        # tile masked, the split ones also at 2 and 3 pipeline stages (10 compiles per tile). The default first, then
+        # per tile x warps: the dL/dz kernel (with and without streaming cache hints) and both statistics loops with
+        # unmasked whole tiles (split) or every tile masked, the split ones also at 2 and 3 pipeline stages (12
+        # compiles per tile). The default first, then
         # one- and two-warp programs: a one-warp tile loop synchronises no warps (the default's takes 6 barriers per
         # tile), and the sm_90 compile (rlkernels.triton_ops.aot, Triton 3.6, T = 1) gives 10.0 and 10.7
         # instructions per logit against the default's 10.8. In session 2's sweep the statistics kernel ran faster
@@ -417,11 +420,12 @@ def main(argv=None) -> int:
         for block, warps in ((4096, 4), (1024, 1), (2048, 2), (2048, 1), (1024, 4), (4096, 8), (8192, 8)):
             fields = {}
             try:
-                for split in (True, False):
-                    launch = K.LaunchConfig(block, warps, 1, split)
+                for split, stream in ((True, False), (False, False), (True, True), (False, True)):
+                    launch = K.LaunchConfig(block, warps, 1, split, stream=stream)
                     t_d = timed_burst(lambda: K.dlogits(zb, out, y, None, 1.0, 0, m, log_s, cs, g1, g2,
                                                         masked_rows=False, launch=launch))
-                    fields[f"dlogits_{'split' if split else 'masked'}_gbs"] = 2 * nbytes / t_d / 1e6
+                    name = f"dlogits_{'split' if split else 'masked'}{'_stream' if stream else ''}_gbs"
+                    fields[name] = 2 * nbytes / t_d / 1e6
                 for split, stages, prefetch in ((True, 1, False), (False, 1, False), (True, 2, False),
                                                 (True, 3, False), (True, 1, True)):
                     launch = K.LaunchConfig(block, warps, stages, split, prefetch)

@@ -26,9 +26,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from rlkernels.bench.report import hbm_peak_gbps
 
 # a kernel row's measurement fields: {loop}_{split|masked}{stages}[p]_gbs for the statistics kernel (p: register
-# prefetch), dlogits_{split|masked}_gbs for dL/dz (bench/gpu_tune.py, section "kernel")
+# prefetch), dlogits_{split|masked}[_stream]_gbs for dL/dz (_stream: with streaming cache hints; bench/gpu_tune.py,
+# section "kernel")
 _STATS_FIELD = re.compile(r"^(tile|lanes)_(split|masked)(\d)(p?)_gbs$")
-_DLOGITS_FIELD = re.compile(r"^dlogits_(split|masked)_gbs$")
+_DLOGITS_FIELD = re.compile(r"^dlogits_(split|masked)(_stream)?_gbs$")
 
 
 def load_rows(path: str) -> List[Dict[str, Any]]:
@@ -57,7 +58,7 @@ def launches(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[Dic
             m = _DLOGITS_FIELD.match(key)
             if m and value is not None:
                 dlogits.append(dict(block_v=r["block_v"], warps=r["warps"], split=m.group(1) == "split",
-                                    gbs=float(value)))
+                                    stream=m.group(2) is not None, gbs=float(value)))
     return stats, dlogits
 
 
@@ -160,14 +161,15 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
         lines.append(_keep(current, stats, margin))
 
     lines.append("dL/dz kernel (reads and writes the block), best first:")
-    lines += _table(dlogits, ["block_v", "warps", "split"], peak, copy, top)
-    want = {"block_v": defaults["BLOCK_V_BWD"], "warps": defaults["NUM_WARPS_BWD"], "split": defaults["SPLIT_TAIL_BWD"]}
+    lines += _table(dlogits, ["block_v", "warps", "split", "stream"], peak, copy, top)
+    want = {"block_v": defaults["BLOCK_V_BWD"], "warps": defaults["NUM_WARPS_BWD"], "split": defaults["SPLIT_TAIL_BWD"],
+            "stream": defaults.get("STREAM_BWD", False)}
     current, better = propose(dlogits, want, margin)
     lines.append(f"  default {want}: " + (f"{current['gbs']:.1f} GB/s" if current else "not measured"))
     if better:
         lead = 100 * (better["gbs"] / current["gbs"] - 1)
         lines.append(f"  PROPOSE (+{lead:.1f}%): BLOCK_V_BWD = {better['block_v']}, NUM_WARPS_BWD = "
-                     f"{better['warps']}, SPLIT_TAIL_BWD = {better['split']}")
+                     f"{better['warps']}, SPLIT_TAIL_BWD = {better['split']}, STREAM_BWD = {better['stream']}")
     else:
         lines.append(_keep(current, dlogits, margin))
 
@@ -201,6 +203,7 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
                 idle += f"; back to back {r['burst_gbs']:.0f} GB/s" + (
                     f" ({100 * r['burst_gbs'] / peak:.1f}%)" if peak else "")
             lines.append(f"logits op, stats={r.get('stats')} prefetch={r.get('prefetch', False)} "
+                         f"stream={r.get('stream', False)} "
                          f"checks={r.get('value_checks')}{' masked' if r.get('masked') else ''}"
                          f"{' read before launch' if r.get('checks_after_launch') is False else ''}: "
                          f"fwd {r['fwd_gbs']:.0f}, "
@@ -214,7 +217,7 @@ def current_defaults() -> Dict[str, Any]:
 
     return dict(BLOCK_V_FWD=K.BLOCK_V_FWD, NUM_WARPS_FWD=K.NUM_WARPS_FWD, BLOCK_V_BWD=K.BLOCK_V_BWD,
                 NUM_WARPS_BWD=K.NUM_WARPS_BWD, SPLIT_TAIL=K.SPLIT_TAIL, SPLIT_TAIL_BWD=K.SPLIT_TAIL_BWD,
-                STATS_STAGES=K.STATS_STAGES, STATS_PREFETCH=K.STATS_PREFETCH,
+                STATS_STAGES=K.STATS_STAGES, STATS_PREFETCH=K.STATS_PREFETCH, STREAM_BWD=K.STREAM_BWD,
                 stats_loop=K.STATS_KERNELS[0])
 
 

@@ -466,7 +466,8 @@ def test_pick_defaults_reads_a_sweep():
                  lanes_split1_gbs=1500.0, lanes_split1_vs_ref=3e-3, dlogits_split_gbs=2300.0),
             dict(section="kernel", block_v=1024, warps=1, tile_split1_gbs=2600.0, tile_split1_vs_ref=1e-7,
                  tile_split2_gbs=2650.0, tile_split2_vs_ref=1e-7, dlogits_split_gbs=2350.0),
-            dict(section="kernel", block_v=4096, warps=8, tile_split1_gbs=1900.0, dlogits_split_gbs=2250.0),
+            dict(section="kernel", block_v=4096, warps=8, tile_split1_gbs=1900.0, dlogits_split_gbs=2250.0,
+                 dlogits_split_stream_gbs=2300.0),  # with streaming cache hints
             dict(section="kernel", block_v=8192, warps=8, error="RuntimeError('out of resources')")]
     tune = [dict(section="loss", preset="dapo", accum="auto", ms=90.0, vs_3gemm=1.12, extra_beyond_grads_mb=1000,
                  timeline_busy_ms=88.5, timeline_idle_ms=1.25, timeline_top=[["sm90_gemm", 25.0]]),
@@ -478,8 +479,10 @@ def test_pick_defaults_reads_a_sweep():
             "STATS_PREFETCH = False") in text
     assert "2500.0 GB/s" in text and "block_v=4096 warps=4 split=True stages=1 prefetch=True" in text
     assert "keep the default (nothing leads it by more than 5%)" in text  # dL/dz: 2350 vs 2250 (4096 x 8)
+    assert "2300.0 GB/s" in text and "block_v=4096 warps=8 split=True stream=True" in text
     assert "WARNING: 1 launches disagree" in text and "lanes 4096x4" in text
-    assert "1.120x" in text and "fwd+bwd 2650 GB/s (79.1% of HBM)" in text and "prefetch=False checks=1" in text
+    assert "1.120x" in text and "fwd+bwd 2650 GB/s (79.1% of HBM)" in text
+    assert "prefetch=False stream=False checks=1" in text
     assert "GPU busy 5.50 ms, idle 0.25 ms inside one call" in text
     assert "GPU busy 88.50 ms, idle 1.25 ms; longest: sm90_gemm 25.00" in text
     assert "masked_rows=True: statistics 2000.0 GB/s" in text

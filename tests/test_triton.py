@@ -18,7 +18,7 @@ from conftest import BACKENDS, DEVICE, as_fp64, assert_matches, check_events, gr
 KERNELS = [K._logits_stats_kernel, K._dlogits_kernel]
 # constexpr only for tile sizes, feature flags and the accumulation dtype (STYLE.md practice 6)
 ALLOWED_CONSTEXPR = {"HAS_BIAS", "TEMP", "HAS_GLOGP", "HAS_GENT", "ACC", "BLOCK_V", "LANES", "ROWS_3D", "STAGES",
-                     "SPLIT_TAIL", "MASKED_ROWS", "PREFETCH", "FINISH", "SOFTCAP"}
+                     "SPLIT_TAIL", "MASKED_ROWS", "PREFETCH", "FINISH", "SOFTCAP", "STREAM"}
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.__name__ if hasattr(k, "__name__") else str(k))
@@ -666,14 +666,17 @@ def test_masked_logits_rows_are_skipped_not_copied(layout):
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("n_cols", [37, 300, 384])
-def test_padded_block_rows(monkeypatch, split, n_cols):
+def test_padded_block_rows(monkeypatch, split, n_cols, stream):
     """The engine's blocks pad each row to a multiple of 16 entries (16-byte loads for any V): the kernels read up to
     the padded width and ignore what the padding holds (NaN here), dL/dz in place leaves 0 there, and the results
-    equal those of an unpadded block, with unmasked whole tiles (split) or every tile masked."""
+    equal those of an unpadded block, with unmasked whole tiles (split) or every tile masked, with and without the
+    dL/dz kernel's streaming cache hints."""
     monkeypatch.setattr(K, "SPLIT_TAIL", split)
     monkeypatch.setattr(K, "SPLIT_TAIL_BWD", split)
+    monkeypatch.setattr(K, "STREAM_BWD", stream)
     monkeypatch.setattr(K, "BLOCK_V_FWD", 128)
     monkeypatch.setattr(K, "BLOCK_V_BWD", 128)
     g = torch.Generator().manual_seed(n_cols)

@@ -153,19 +153,21 @@ def variants() -> List[Variant]:
     stats("tile, softcap, T = 0.7", softcap=True, temp=SCALAR_T)
 
     def dlogits(name, glogp=True, gent=True, rows_3d=False, bias=False, temp=NO_T, unaligned=(), split=None,
-                dtype="*bf16", acc=tl.float32, softcap=False):
+                dtype="*bf16", acc=tl.float32, softcap=False, stream=None):
         cfg = K.dlogits_launch()
         out.append(Variant(f"dlogits {name}", K._dlogits_kernel,
                            _dlogits_signature(dtype, "fp64" if acc == tl.float64 else "fp32"),
                            dict(HAS_BIAS=bias, TEMP=temp, HAS_GLOGP=glogp, HAS_GENT=gent, ACC=acc,
                                 BLOCK_V=cfg.block_v, ROWS_3D=rows_3d,
                                 SPLIT_TAIL=cfg.split_tail if split is None else split, MASKED_ROWS=rows_3d,
-                                SOFTCAP=softcap),
+                                SOFTCAP=softcap, STREAM=cfg.stream if stream is None else stream),
                            cfg.num_warps, tuple(a for a in _DLOGITS_ALIGNED if a not in unaligned)))
 
     dlogits("logp + entropy")
     dlogits("V odd, padded block", unaligned=_ODD_V)
     dlogits("whole tiles unmasked (split tail)", split=True)
+    dlogits("streaming cache hints", stream=True)
+    dlogits("streaming cache hints, split tail", stream=True, split=True)
     dlogits("logp only", gent=False)
     dlogits("T = 0.7", temp=SCALAR_T)
     dlogits("bias, per-token T", bias=True, temp=ROW_T)
@@ -248,9 +250,14 @@ def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
         raise RuntimeError(f"{v.name}: no resource usage in cuobjdump's output:\n{usage}")
     regs, shared, local = (int(x) for x in found.groups())
     return Report(v, regs, max(shared, int(getattr(compiled.metadata, "shared", 0))), local,
-                  ptx.count("ld.global.v4"), len(re.findall(r"cp\.async\.c[ag]", ptx)),
-                  len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)), len(re.findall(r"ex2\.approx\.f32\b", ptx)),
+                  len(re.findall(_LOAD + r"\.v4\.", ptx)), len(re.findall(r"cp\.async\.c[ag]", ptx)),
+                  len(re.findall(_LOAD + r"\.b16\b", ptx)), len(re.findall(r"ex2\.approx\.f32\b", ptx)),
                   _whole_tile_path(sass))
+
+
+# a global load with any cache qualifiers before its vector width and type (``ld.global.v4.b32``, or with an eviction
+# hint ``ld.global.L1::evict_first.L2::cache_hint.v4.b32``)
+_LOAD = r"ld\.global(?:\.[A-Za-z0-9_]+(?:::[A-Za-z0-9_]+)?)*?"
 
 
 def available() -> Optional[str]:

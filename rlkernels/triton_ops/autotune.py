@@ -9,6 +9,7 @@ never touches the caller's tensors or the engine's in-place block, and the first
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -54,7 +55,8 @@ def dlogits_candidates() -> List:
     from .logprobs import LaunchConfig, dlogits_launch
 
     default = dlogits_launch()
-    others = [LaunchConfig(1024, 4), LaunchConfig(2048, 4), LaunchConfig(4096, 4), LaunchConfig(8192, 8),
+    others = [dataclasses.replace(default, stream=not default.stream),  # the streaming cache hints flipped
+              LaunchConfig(1024, 4), LaunchConfig(2048, 4), LaunchConfig(4096, 4), LaunchConfig(8192, 8),
               LaunchConfig(4096, 8, 1, False)]
     return [default] + [c for c in others if c != default]
 

@@ -74,6 +74,12 @@ SPLIT_TAIL = True
 # The same choice for the dL/dz kernel (one tile per program: the split there saves the masks of whole tiles, not a
 # second loop body); measured above: every tile masked at 8192 x 8.
 SPLIT_TAIL_BWD = False
+# Streaming cache hints for the dL/dz kernel: its logits loads marked evict_first and its stores .cs (evict-first,
+# streamed), as each byte is touched once and the block (a GiB) is far larger than L2. On the H100 the kernel moved
+# about 2830 GB/s in every launch swept (session 9) against 3013 for torch's copy_ of the block: whether L2 traffic is
+# the rest is what bench/gpu_tune.py's kernel sweep times (each launch with and without the hints). Built in session
+# 16 without a GPU, not yet timed: off.
+STREAM_BWD = False
 
 # The statistics kernel's loop (RLKERNELS_STATS_KERNEL, read per call): "tile" merges each tile into one running
 # (M, S, C) with three block reductions per tile (measured above); "lanes" keeps the state per lane and reduces once
@@ -184,11 +190,12 @@ def _dlogits_kernel(
     labels_ptr, v_offset, n_cols, n_load, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
     HAS_BIAS: tl.constexpr, TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr, ROWS_3D: tl.constexpr, SPLIT_TAIL: tl.constexpr,
-    MASKED_ROWS: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASKED_ROWS: tl.constexpr, SOFTCAP: tl.constexpr, STREAM: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     inv_t = row_inv_temperature(temp_ptr, inv_t_scalar, row, TEMP, ACC)
+    # STREAM: the logits' loads evict_first and the stores .cs (streamed): each byte is touched once (STREAM_BWD).
     # MASKED_ROWS: a negative label marks a masked-out row, its gradient 0 and its logits never read, so the tile's
     # loads wait for the label's (one memory round trip before another, in a program that reads one tile). Else
     # they are issued at once.
@@ -217,21 +224,34 @@ def _dlogits_kernel(
     if SOFTCAP:  # tanh = z~ T / s, for the cap's derivative 1 - tanh^2
         cap_k = 1.0 / (softcap * inv_t)
     if (tl.program_id(1) + 1) * BLOCK_V <= n_unmasked:  # a whole tile of values: no masks
-        z = load_scaled_logits(z_row, bias_ptr, cols, None, None, inv_t, softcap, HAS_BIAS, TEMP, ACC, False,
-                               SOFTCAP)
+        if STREAM:
+            z = tl.load(z_row + cols, eviction_policy="evict_first")
+        else:
+            z = tl.load(z_row + cols)
+        z = scale_logits(z, bias_ptr, cols, None, inv_t, softcap, HAS_BIAS, TEMP, ACC, False, SOFTCAP)
         dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT, TEMP)
         if SOFTCAP:
             dz = dz * cap_grad(z, cap_k)
-        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty))
+        if STREAM:
+            tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), cache_modifier=".cs")
+        else:
+            tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty))
     else:  # the row's last tile (its padding written with 0), or a masked-out row (zeros, nothing read)
         col_mask = cols < n_cols
-        z = load_scaled_logits(z_row, bias_ptr, cols, cols < tl.where(row_ok, n_load, 0), col_mask, inv_t,
-                               softcap, HAS_BIAS, TEMP, ACC, True, SOFTCAP)
+        load_mask = cols < tl.where(row_ok, n_load, 0)
+        if STREAM:
+            z = tl.load(z_row + cols, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
+        else:
+            z = tl.load(z_row + cols, mask=load_mask, other=float("-inf"))
+        z = scale_logits(z, bias_ptr, cols, col_mask, inv_t, softcap, HAS_BIAS, TEMP, ACC, True, SOFTCAP)
         dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT, TEMP)
         if SOFTCAP:
             dz = dz * cap_grad(z, cap_k)
         dz = tl.where(row_ok, dz, 0.0)  # (outside col_mask z is the floor: p = 0, dz = 0)
-        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load)
+        if STREAM:
+            tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load, cache_modifier=".cs")
+        else:
+            tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load)
 
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -293,12 +313,14 @@ def _n_load(z: Tensor, n_load: Optional[int]) -> int:
 class LaunchConfig:
     """How a kernel is launched: vocabulary tile, warps, pipeline stages of the statistics loop, whether whole
     tiles are read without masks, and whether the statistics loop issues the next whole tile's loads before it
-    reduces this one (``prefetch``, with ``split_tail``; see the module constants for the measured defaults)."""
+    reduces this one (``prefetch``, with ``split_tail``), and whether the dL/dz kernel's loads and stores carry
+    streaming cache hints (``stream``); see the module constants for the measured defaults."""
     block_v: int
     num_warps: int
     stages: int = 1
     split_tail: bool = True
     prefetch: bool = False
+    stream: bool = False
 
 
 def stats_launch(lanes: bool) -> LaunchConfig:
@@ -310,12 +332,12 @@ def stats_launch(lanes: bool) -> LaunchConfig:
 
 def dlogits_launch() -> LaunchConfig:
     """The default launch of the dL/dz kernel (the module constants, read now)."""
-    return LaunchConfig(BLOCK_V_BWD, NUM_WARPS_BWD, 1, SPLIT_TAIL_BWD)
+    return LaunchConfig(BLOCK_V_BWD, NUM_WARPS_BWD, 1, SPLIT_TAIL_BWD, stream=STREAM_BWD)
 
 
 # the module constants above that bench/gpu_tune.py may change for a while (override_defaults)
 _TUNABLE = ("BLOCK_V_FWD", "NUM_WARPS_FWD", "BLOCK_V_BWD", "NUM_WARPS_BWD", "BLOCK_V_LANES", "NUM_WARPS_LANES",
-            "STATS_STAGES", "SPLIT_TAIL", "SPLIT_TAIL_BWD", "STATS_PREFETCH")
+            "STATS_STAGES", "SPLIT_TAIL", "SPLIT_TAIL_BWD", "STATS_PREFETCH", "STREAM_BWD")
 
 
 @contextlib.contextmanager
@@ -465,5 +487,6 @@ def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
         HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), HAS_GLOGP=g_logp is not None,
         HAS_GENT=g_ent is not None, ACC=_TL[_acc(z.dtype)], BLOCK_V=block, ROWS_3D=rows_3d,
-        SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows, SOFTCAP=bool(softcap), num_warps=cfg.num_warps,
+        SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows, SOFTCAP=bool(softcap), STREAM=cfg.stream,
+        num_warps=cfg.num_warps,
     )
