@@ -173,15 +173,23 @@ def _rollout_needs_logp(cfg: PolicyLossConfig, batch: TokenBatch) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # step constants
 # ----------------------------------------------------------------------------------------------------------------
+def _device_scalar(x: Union[Tensor, float, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A number (or a scalar tensor) as a 0-dim ``dtype`` tensor on ``device``, a number by a fill: ``torch.tensor``
+    / ``as_tensor`` of host data copies it to a GPU with a stream sync (and fails in a CUDA graph capture)."""
+    if isinstance(x, Tensor):
+        return x.to(device=device, dtype=dtype)
+    return torch.full((), x, dtype=dtype, device=device)
+
+
 def aggregation_weights(batch: TokenBatch, cfg: PolicyLossConfig) -> Tensor:
     """omega of B §6 with the A.3 denominators: loss = sum_n omega_n * loss_n. Zero off the mask."""
     mask, dtype = batch.mask, batch.dtype
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     if cfg.loss_agg == "token-mean":
         denom = batch.normalizer if batch.normalizer is not None else mask.sum().clamp(min=1).to(dtype)
-        return torch.where(mask, 1.0 / torch.as_tensor(denom, dtype=dtype, device=mask.device), zero)
+        return torch.where(mask, 1.0 / _device_scalar(denom, dtype, mask.device), zero)
     n_seq = batch.normalizer if batch.normalizer is not None else batch.num_seqs
-    n_seq = torch.as_tensor(n_seq, dtype=dtype, device=mask.device)
+    n_seq = _device_scalar(n_seq, dtype, mask.device)
     if cfg.loss_agg == "seq-mean-token-mean":
         lengths = segment_sum(mask.to(dtype), batch.seq_ids, batch.num_seqs).clamp(min=1)
         per_token = 1.0 / (n_seq * lengths[batch.seq_ids])

@@ -17,15 +17,22 @@ from rlkernels import reference as ref
 
 from conftest import DEVICE, as_fp64, assert_matches, grads, leaves, make_problem, pack
 
-_READS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
+# lift_fresh: a tensor made from host data (torch.tensor, as_tensor of a number), which on a GPU is a copy with a
+# stream sync (PyTorch's blocking host-to-device copy), an error in a capture
+_READS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::lift_fresh")
 
 
 class HostReadGuard(TorchDispatchMode):
     """Fails on every op that reads a tensor's values back to the host (a sync on a GPU): ``nonzero`` (its size),
-    ``item`` / ``bool()``; ``tolist`` and the value checks' ``read_back`` are patched to fail too."""
+    ``item`` / ``bool()``, or makes one from host data (``lift_fresh``); ``tolist`` and the value checks'
+    ``read_back`` are patched to fail too. ``reads``: the ops it fails on."""
+
+    def __init__(self, reads=_READS):
+        super().__init__()
+        self.reads = reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in _READS:
+        if func._schema.name in self.reads:
             raise AssertionError(f"host read while capturing: {func}")
         return func(*args, **(kwargs or {}))
 
@@ -162,6 +169,32 @@ def test_group_advantages_read_nothing_back_while_capturing(backend, capture, me
         with capture:
             got = R.group_advantages(r.to(DEVICE), method=method, backend=impl, **on_device)
         assert_matches(method, got.cpu(), ref.group_advantages(r, method=method, **kw))
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                      "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("normalizer", [None, 7.5])
+@pytest.mark.parametrize("checks", ["1", "0"])
+def test_no_tensor_is_made_from_host_data(backend, monkeypatch, loss_agg, normalizer, checks):
+    """In eager mode too (value checks on or off), no call makes a tensor from host data: on a GPU torch.tensor /
+    as_tensor of a number is a blocking copy, a stream sync per call (a float normalizer and the sequence count once
+    took that path in every loss). The loss from hidden states (single pass and two-stage), from logits, from your
+    log-probs, the KL penalty and the group advantages, forward and backward."""
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", checks)
+    p = make_problem(3, 6, 8, 29, seed=36, mask_frac=0.3)
+    kw = dict(old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.05, loss_agg=loss_agg,
+              normalizer=normalizer, config="dapo", **({"norm_length": 6} if loss_agg.endswith("norm") else {}))
+    logits = (p["hidden"].detach() @ p["weight"].detach().T).requires_grad_()
+    with HostReadGuard(reads=("aten::lift_fresh",)):
+        for single_pass in (None, False):
+            out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                                    backend=backend, single_pass=single_pass, **kw)
+            out.loss.backward()
+        lp, ent = R.logprobs_from_logits(logits, p["labels"], mask=p["mask"], return_entropy=True, backend=backend)
+        loss = R.policy_loss(lp, ent, p["advantages"], p["mask"], **kw).loss
+        (loss + R.kl_penalty(lp, p["ref_logprobs"]).sum()).backward()
+        R.group_advantages(torch.randn(12, dtype=torch.float64, device=DEVICE), group_size=4,
+                           backend="torch" if backend == "native" else backend)  # (no native group kernel)
 
 
 def test_a_sharded_head_is_refused_while_capturing(capture):
