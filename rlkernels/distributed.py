@@ -104,10 +104,14 @@ def merge_shards(group, m: Tensor, s: Tensor, c: Tensor, zy: Tensor, owned: Tens
     if sizes_check is None:
         big_m = m.clone()
         dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
-    else:  # exact in fp32 for shards below 2**24 rows
-        big_m = torch.cat([m, m.new_tensor([shard_rows, -shard_rows])])
+    else:  # filled, not copied from the host (a stream sync on a GPU); exact in fp32 for shards below 2**24 rows
+        n = m.shape[0]
+        big_m = m.new_empty(n + 2)
+        big_m[:n].copy_(m)
+        big_m[n].fill_(shard_rows)
+        big_m[n + 1].fill_(-shard_rows)
         dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
-        big_m, extremes = big_m[:-2], big_m[-2:]
+        big_m, extremes = big_m[:n], big_m[n:]
         world = dist.get_world_size(group)
 
         def message() -> str:
