@@ -47,6 +47,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v0"), py::arg("bias"), py::arg("temperature"), py::arg("temp_rows"), py::arg("softcap"), py::arg("m"),
         py::arg("log_s"), py::arg("cs"), py::arg("g_logp"), py::arg("g_ent"));
   m.def("capability", &rlk::capability, "The instruction set this build targets: AVX512, AVX2 or DEFAULT");
+  m.def("openmp", [] {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this module was built with OpenMP: at::parallel_for then splits the rows over torch's threads");
   m.def("build_digest", [] { return std::string(RLK_STR(RLK_BUILD_DIGEST)); },
         "Hash of the sources, flags and torch version this module was built from (rlkernels/native/builder.py)");
 }

@@ -34,8 +34,9 @@ using at::vec::Vectorized;
 // Logits per segment of the statistics pass: 2048 fp32 = 8 KiB, so the exp sweep re-reads the segment from L1
 // (32-48 KiB on current x86 cores) and the segment merge (2 scalar exp) costs < 1% of the segment's work.
 constexpr int64_t kSegment = 2048;
-// Blocks with fewer logits than this run on one thread: block_stats takes ~0.84 ns per fp32 logit per thread
-// (measured, 4096 x 32000 on 2 threads in 55 ms), so this is ~28 us of work, several OpenMP fork/joins.
+// Blocks with fewer logits than this run on one thread: block_stats takes ~0.40 ns per fp32 logit per thread
+// (measured, 4096 x 32000: 52.6 ms on 1 thread, 27.0 ms on 2), so this is ~13 us of work, a few OpenMP fork/joins.
+// (The module is built with -fopenmp, rlkernels/native/builder.py: without it at::parallel_for runs serially.)
 constexpr int64_t kMinParallelLogits = 32768;
 
 // A per-row input (labels, temperatures, upstream gradients): any 1-D stride (autograd hands back expanded, stride-0
