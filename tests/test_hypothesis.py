@@ -46,11 +46,14 @@ def configs(draw):
 @given(cfg=configs(), B=st.integers(1, 4), T=st.integers(1, 9), H=st.integers(1, 12), V=st.integers(2, 90),
        seed=st.integers(0, 10**6), with_old=st.booleans(), bias=st.booleans(), chunk=st.integers(1, 12),
        mask_frac=st.sampled_from([0.0, 0.3, 1.0]), per_token_adv=st.booleans(),
-       softcap=st.sampled_from([None, None, 0.5, 2.0, 30.0]))  # caps fp32 holds exactly (the Triton argument)
+       softcap=st.sampled_from([None, None, 0.5, 2.0, 30.0]),  # caps fp32 holds exactly (the Triton argument)
+       normalizer=st.sampled_from([None, None, 2.5, 11.0, "tensor"]))  # "tensor": 6.0 as a 0-dim tensor
 def test_random_configs_match_reference(cfg, B, T, H, V, seed, with_old, bias, chunk, mask_frac, per_token_adv,
-                                        softcap):
+                                        softcap, normalizer):
     p = make_problem(B, T, H, V, seed=seed, bias=bias, mask_frac=mask_frac, per_token_advantages=per_token_adv)
     kw = dict(ref_logprobs=p["ref_logprobs"])
+    given_norm = torch.tensor(6.0, device=DEVICE) if normalizer == "tensor" else normalizer
+    normalizer = 6.0 if normalizer == "tensor" else normalizer
     if with_old:
         kw["old_logprobs"] = p["old_logprobs"]
     if cfg["rollout_correction"] != "none" or cfg["opsm_delta"] is not None:
@@ -58,12 +61,12 @@ def test_random_configs_match_reference(cfg, B, T, H, V, seed, with_old, bias, c
     q = as_fp64(p)
     loss_r, metrics_r = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"],
                                                bias=q["bias"], config=R.PolicyLossConfig(**cfg), softcap=softcap,
-                                               **kw)
+                                               normalizer=normalizer, **kw)
     g_ref = grads(loss_r, leaves(q))
     for backend in BACKENDS:
         out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
                                 config=R.PolicyLossConfig(**cfg), backend=backend, chunk_size=chunk, softcap=softcap,
-                                **kw)
+                                normalizer=given_norm, **kw)
         assert_matches("loss", out.loss, loss_r, scale=max(1.0, abs(float(loss_r.detach()))))
         for name, a, b in zip(("hidden", "weight", "bias"), grads(out.loss, leaves(p)), g_ref):
             assert_matches(f"grad_{name}", a, b, scale=max(1e-3, float(b.abs().max())))
