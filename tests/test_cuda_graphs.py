@@ -71,10 +71,11 @@ def test_the_loss_reads_nothing_back_while_capturing(backend, capture, monkeypat
     """fused_grpo_loss on a masked batch, forward and backward, with no host read: dropped rows neutralised, the
     value checks skipped; a sequence-level ratio on a padded batch keeps the single pass (its T rows per sequence
     need no read), on a packed one takes the two-stage path. ``extras``: per-token temperatures and a final-logit
-    cap too. Loss, gradients and metrics equal the reference."""
+    cap too; grpo: a normaliser given as a device tensor. Loss, gradients and metrics equal the reference."""
     p = make_problem(4, 9, 16, 41, seed=31, bias=True, mask_frac=0.3, per_token_temperature=extras)
     cap = 2.0 if extras else None
-    kw = dict(old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.05)
+    norm = 5.5 if config == "grpo" else None  # grpo: the normaliser given, as a device tensor to the fused call
+    kw = dict(old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.05, normalizer=norm)
     q = as_fp64(p)
     mask_r, temp, temp_r = q["mask"], p["temperature"], q["temperature"]
     if layout == "packed":
@@ -91,7 +92,7 @@ def test_the_loss_reads_nothing_back_while_capturing(backend, capture, monkeypat
     if layout == "packed":
         kw = dict(old_logprobs=pick(p["old_logprobs"]), ref_logprobs=pick(p["ref_logprobs"]), kl_coef=0.05,
                   cu_seqlens=cu)
-    kw.update(temperature=temp, softcap=cap)
+    kw.update(temperature=temp, softcap=cap, normalizer=None if norm is None else torch.tensor(norm, device=DEVICE))
     g_r = grads(loss_r, leaves(q))
     lengths = []
     aligned = ops.sequence_aligned
@@ -211,17 +212,21 @@ cuda_only = pytest.mark.skipif(DEVICE.type != "cuda", reason="captures a CUDA gr
 
 
 def _fresh(seed, dtype=torch.float32):
-    return make_problem(4, 33, 64, 1000, dtype=dtype, seed=seed, bias=True, mask_frac=0.3)
+    p = make_problem(4, 33, 64, 1000, dtype=dtype, seed=seed, bias=True, mask_frac=0.3)
+    # the step's normaliser as a device tensor, updated in place between replays (a number would be fixed into the
+    # graph like any kernel argument)
+    p["normalizer"] = torch.tensor(4.0 + seed % 5, dtype=dtype, device=DEVICE)
+    return p
 
 
-_INPUTS = ("hidden", "weight", "bias", "labels", "mask", "advantages", "old_logprobs", "ref_logprobs")
+_INPUTS = ("hidden", "weight", "bias", "labels", "mask", "advantages", "old_logprobs", "ref_logprobs", "normalizer")
 
 
 def _step(p, config, backend):
     """One training step's loss work: forward and backward, the gradients left in .grad."""
     out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], bias=p["bias"],
                             old_logprobs=p["old_logprobs"], ref_logprobs=p["ref_logprobs"], kl_coef=0.05,
-                            config=config, backend=backend)
+                            normalizer=p["normalizer"], config=config, backend=backend)
     out.loss.backward()
     return out.loss
 
@@ -230,7 +235,8 @@ def _step(p, config, backend):
 @pytest.mark.parametrize("config", ["dapo", "gspo", "grpo"])
 def test_torch_cuda_graph_replays_the_step(backend, config):
     """A step captured by torch.cuda.graph (after warm-up on a side stream, as PyTorch asks) and replayed on new
-    data equals the eager step on that data: loss and every gradient."""
+    data equals the eager step on that data: loss and every gradient (the normaliser a device tensor, new each
+    replay)."""
     static = _fresh(40)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
