@@ -223,35 +223,25 @@ def _dlogits_kernel(
         n_unmasked = n_unmasked * 0  # every tile masked (the kernel as first measured)
     if SOFTCAP:  # tanh = z~ T / s, for the cap's derivative 1 - tanh^2
         cap_k = 1.0 / (softcap * inv_t)
+    evict: tl.constexpr = "evict_first" if STREAM else ""  # ("": Triton's defaults)
+    store_cache: tl.constexpr = ".cs" if STREAM else ""
     if (tl.program_id(1) + 1) * BLOCK_V <= n_unmasked:  # a whole tile of values: no masks
-        if STREAM:
-            z = tl.load(z_row + cols, eviction_policy="evict_first")
-        else:
-            z = tl.load(z_row + cols)
+        z = tl.load(z_row + cols, eviction_policy=evict)
         z = scale_logits(z, bias_ptr, cols, None, inv_t, softcap, HAS_BIAS, TEMP, ACC, False, SOFTCAP)
         dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT, TEMP)
         if SOFTCAP:
             dz = dz * cap_grad(z, cap_k)
-        if STREAM:
-            tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), cache_modifier=".cs")
-        else:
-            tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty))
+        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), cache_modifier=store_cache)
     else:  # the row's last tile (its padding written with 0), or a masked-out row (zeros, nothing read)
         col_mask = cols < n_cols
-        load_mask = cols < tl.where(row_ok, n_load, 0)
-        if STREAM:
-            z = tl.load(z_row + cols, mask=load_mask, other=float("-inf"), eviction_policy="evict_first")
-        else:
-            z = tl.load(z_row + cols, mask=load_mask, other=float("-inf"))
+        z = tl.load(z_row + cols, mask=cols < tl.where(row_ok, n_load, 0), other=float("-inf"),
+                    eviction_policy=evict)
         z = scale_logits(z, bias_ptr, cols, col_mask, inv_t, softcap, HAS_BIAS, TEMP, ACC, True, SOFTCAP)
         dz = dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_GLOGP, HAS_GENT, TEMP)
         if SOFTCAP:
             dz = dz * cap_grad(z, cap_k)
         dz = tl.where(row_ok, dz, 0.0)  # (outside col_mask z is the floor: p = 0, dz = 0)
-        if STREAM:
-            tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load, cache_modifier=".cs")
-        else:
-            tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load)
+        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=cols < n_load, cache_modifier=store_cache)
 
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
