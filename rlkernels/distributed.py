@@ -89,9 +89,13 @@ def shard_offset(weight: Tensor, tp_group, check: bool = True) -> Tuple[int, int
     dist.all_gather(sizes, local, group=tp_group)
     sizes = [int(s) for s in sizes]
     if len(set(sizes)) != 1:
-        raise ValueError(f"tp_group: the ranks hold LM-head shards of {sizes} rows; each rank must hold V/W rows "
-                         f"(the vocabulary must be divisible by the group size {world})")
+        raise ValueError(_uneven_shards(str(sizes), world))
     return rank * sizes[0], sizes[0] * world
+
+
+def _uneven_shards(sizes: str, world: int) -> str:
+    return (f"tp_group: the ranks hold LM-head shards of {sizes} rows; each rank must hold V/W rows (the vocabulary "
+            f"must be divisible by the group size {world})")
 
 
 def merge_shards(group, m: Tensor, s: Tensor, c: Tensor, zy: Tensor, owned: Tensor,
@@ -112,12 +116,10 @@ def merge_shards(group, m: Tensor, s: Tensor, c: Tensor, zy: Tensor, owned: Tens
         big_m[n + 1].fill_(-shard_rows)
         dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
         big_m, extremes = big_m[:n], big_m[n:]
-        world = dist.get_world_size(group)
 
         def message() -> str:
             hi, neg_lo = extremes.tolist()
-            return (f"tp_group: the ranks hold LM-head shards of {int(-neg_lo)} to {int(hi)} rows; each rank must "
-                    f"hold V/W rows (the vocabulary must be divisible by the group size {world})")
+            return _uneven_shards(f"{int(-neg_lo)} to {int(hi)}", dist.get_world_size(group))
 
         sizes_check.arm((extremes,), lambda e: e[0] != -e[1], message)
     # rebase this shard's (S, C), taken relative to its own max m, onto the global max M (B §1.2)
