@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -79,8 +80,6 @@ class NativeBuilder:
     @staticmethod
     def openmp_flags() -> List[str]:
         """:data:`OPENMP_FLAGS` where torch itself runs on OpenMP on Linux (its ``at::parallel_for``), else none."""
-        import sys
-
         import torch
 
         return list(OPENMP_FLAGS) if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []

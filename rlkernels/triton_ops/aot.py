@@ -234,6 +234,11 @@ def ptx(v: Variant, arch: int = TARGET_ARCH) -> str:
     return _compile(v, arch).asm["ptx"]
 
 
+# a global load with any cache qualifiers before its vector width and type (``ld.global.v4.b32``, or with an eviction
+# hint ``ld.global.L1::evict_first.L2::cache_hint.v4.b32``)
+_LOAD = r"ld\.global(?:\.[A-Za-z0-9_]+(?:::[A-Za-z0-9_]+)?)*?"
+
+
 def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
     """Compile ``v`` for ``sm_<arch>`` and read its resources back from the cubin."""
     compiled = _compile(v, arch)
@@ -253,11 +258,6 @@ def compile_variant(v: Variant, arch: int = TARGET_ARCH) -> Report:
                   len(re.findall(_LOAD + r"\.v4\.", ptx)), len(re.findall(r"cp\.async\.c[ag]", ptx)),
                   len(re.findall(_LOAD + r"\.b16\b", ptx)), len(re.findall(r"ex2\.approx\.f32\b", ptx)),
                   _whole_tile_path(sass))
-
-
-# a global load with any cache qualifiers before its vector width and type (``ld.global.v4.b32``, or with an eviction
-# hint ``ld.global.L1::evict_first.L2::cache_hint.v4.b32``)
-_LOAD = r"ld\.global(?:\.[A-Za-z0-9_]+(?:::[A-Za-z0-9_]+)?)*?"
 
 
 def available() -> Optional[str]:
