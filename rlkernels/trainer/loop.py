@@ -228,7 +228,9 @@ class GRPOTrainer:
     def close(self, barrier: bool = True) -> None:
         """Tear down the process group if this trainer started it (under torchrun): every rank waits for the others
         to finish (``barrier``), then destroys it. A gloo group left to the interpreter's exit sometimes aborted a
-        rank there ("terminate called without an active exception"). Safe to call twice; ``with GRPOTrainer(cfg) as
+        rank there ("terminate called without an active exception"); the barrier narrows that window without closing
+        it (gloo's worker thread may still be freeing the last collective's tensors when the interpreter exits: see
+        ``_entry`` in tests/test_distributed.py). Safe to call twice; ``with GRPOTrainer(cfg) as
         t:`` calls it on leaving, without the barrier when leaving on an error (the other ranks are not coming: they
         fail in their next collective instead of waiting for this one)."""
         import torch.distributed as dist
