@@ -102,6 +102,7 @@ def group_advantages_rows(r: Tensor, method: str, eps: float, group_size: Option
     ``(adv, keep)``: (B,) fp64 advantages (the group-centred rewards for ``lite_ppo``/``rpp_baseline``), 0 where not
     kept, and the (B,) bool mask of responses that carry signal (valid reward, live group).
     """
+    r = r.contiguous()  # the kernel indexes the rewards by pointer, with unit stride
     B = r.shape[0]
     out = torch.empty_like(r)
     keep = torch.empty(B, dtype=torch.int8, device=r.device)
