@@ -161,3 +161,37 @@ def test_policy_loss_any_layout(layout):
         results.append((out.loss, *torch.autograd.grad(out.loss, [logp, entropy])))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "stride0", "slices"])
+@pytest.mark.parametrize("path", ["linear", "logits"])
+def test_upstream_gradient_any_layout(backend, kind, path):
+    """The gradients that reach the log-probs and entropies from the caller's loss come in autograd's layout: a
+    transposed one (a product with a transposed tensor), stride 0 (a sum), or zeros around a slice."""
+    p = make_problem(B, T, H, V, seed=17)
+    g = torch.Generator().manual_seed(17)
+    G = [torch.randn(T, B, generator=g, dtype=torch.float64).to(DEVICE).t() for _ in range(2)]
+    logits = (p["hidden"] @ p["weight"].T).detach().requires_grad_()
+    leaves = [p["hidden"], p["weight"]] if path == "linear" else [logits]
+
+    def upstream(lp, ent, contiguous):
+        if kind == "transposed":
+            return (lp * (G[0].contiguous() if contiguous else G[0])).sum() + (ent * G[1]).sum()
+        if kind == "stride0":
+            return (lp * 1.0).sum() + (ent * 2.0).sum() if contiguous else lp.sum() + 2 * ent.sum()
+        if contiguous:  # the same upstream gradient, made contiguous: the slices' indicators
+            every_other = (torch.arange(T, device=DEVICE) % 2 == 0).double().expand(B, T)
+            return (lp * every_other.contiguous()).sum() + (ent * (1 - every_other).contiguous()).sum()
+        return lp[:, ::2].sum() + ent[:, 1::2].sum()
+
+    results = []
+    for contiguous in (False, True):
+        if path == "linear":
+            lp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], return_entropy=True,
+                                       backend=backend)
+        else:
+            lp, ent = R.logprobs_from_logits(logits, p["labels"], mask=p["mask"], return_entropy=True,
+                                             backend=backend)
+        results.append(torch.autograd.grad(upstream(lp, ent, contiguous), leaves))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
