@@ -342,15 +342,25 @@ def check_advantages(advantages, shape: torch.Size, num_seqs: int, seq_ids: Tens
                      f"sequence) or {tuple(shape)} (one per token)")
 
 
-def check_normalizer(normalizer):
+def check_normalizer(normalizer, device: torch.device):
+    """A number (float) or a 0-dim tensor, checked > 0. A CPU tensor for inputs on another device is read here, a
+    host read of host memory, and taken as its number: copying it to a GPU would be a blocking copy (a stream sync
+    per call); in a CUDA graph capture, whose replays would keep the value it holds now, it is an error."""
     if normalizer is None:
         return None
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer has shape {_shape(normalizer)}; expected a scalar")
-        if value_checks_enabled():  # queued with the other value checks (NaN fails too)
-            fail_if(~(normalizer > 0), lambda: f"normalizer must be > 0, got {float(normalizer)}")
-        return normalizer.reshape(())
+        on_host = normalizer.device.type == "cpu" and device.type != "cpu" and not _checks.compiling()
+        if not on_host:
+            if value_checks_enabled():  # queued with the other value checks (NaN fails too)
+                fail_if(~(normalizer > 0), lambda: f"normalizer must be > 0, got {float(normalizer)}")
+            return normalizer.reshape(())
+        if _checks.capturing():
+            raise ValueError(f"normalizer is a CPU tensor and the inputs are on {device}: a CUDA graph would keep the "
+                             f"value it holds at capture; pass a 0-dim tensor on {device}, updated in place between "
+                             "replays")
+        normalizer = normalizer.item()  # then checked as a number
     normalizer = as_number(normalizer)
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
         raise TypeError(f"normalizer must be a number or a scalar tensor, got {type(normalizer).__name__}")
@@ -392,7 +402,7 @@ def build_token_batch(shape: torch.Size, mask: Tensor, advantages, *, old_logpro
         ref_logprobs=_per_token("ref_logprobs", ref_logprobs, shape, mask, cdt, ref, logprob=True),
         rollout_logprobs=_per_token("rollout_logprobs", rollout_logprobs, shape, mask, cdt, ref, logprob=True),
         is_weights=_per_token("is_weights", is_weights, shape, mask, cdt, ref, logprob=False),
-        normalizer=check_normalizer(normalizer),
+        normalizer=check_normalizer(normalizer, ref.device),
     )
 
 

@@ -326,7 +326,9 @@ def fused_grpo_loss(
         is_weights: precomputed per-token importance weights (e.g. TRL's ``vllm_is_ratio``), applied as they are.
         cu_seqlens: int32 ``(S+1,)`` sequence boundaries for packed inputs (flash-attn varlen convention).
         normalizer: replaces the denominator of the aggregation (token count for ``token-mean``, sequence count for the
-            sequence modes); pass the global value for exact data parallelism (LOSSES.md B §6).
+            sequence modes); pass the global value for exact data parallelism (LOSSES.md B §6). A number or a 0-dim
+            tensor: on the inputs' device it may change between CUDA graph replays; a CPU one with GPU inputs is read
+            as its number (no blocking copy), and refused in a capture.
         config: a preset name (``"grpo"``, ``"dapo"``, ``"gspo"``, ``"cispo"``, ... see ``rlkernels.PRESETS``) or a
             :class:`PolicyLossConfig`; ``**overrides`` change its fields (``clip_high=0.28``, ``kl_coef=0.01``, ...).
         temperature: float > 0 or per-token tensor: the rollout's sampling temperature.

@@ -198,6 +198,24 @@ def test_no_tensor_is_made_from_host_data(backend, monkeypatch, loss_agg, normal
                            backend="torch" if backend == "native" else backend)  # (no native group kernel)
 
 
+def test_a_host_normalizer_for_device_inputs_is_read_as_its_number(capture):
+    """A CPU scalar tensor as the normaliser of inputs on a GPU: copying it there would be a blocking copy (a stream
+    sync per call), so it is read (host memory) and taken as the number it holds, checked as one; in a CUDA graph
+    capture, whose replays would keep that number, it is an error. For CPU inputs, or under torch.compile, it stays
+    a tensor. (The whole call on a GPU: test_no_stream_sync_with_the_checks_off.)"""
+    import rlkernels._inputs as I
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs there
+    got = I.check_normalizer(torch.tensor(6, dtype=torch.int32), cuda)
+    assert got == 6.0 and isinstance(got, float)
+    assert isinstance(I.check_normalizer(torch.tensor(6.0), torch.device("cpu")), torch.Tensor)
+    with pytest.raises(ValueError, match="normalizer=-1.0: must be finite and > 0"):
+        I.check_normalizer(torch.tensor([-1.0]), cuda)
+    host = torch.tensor(6.0)
+    with capture, pytest.raises(ValueError, match="normalizer is a CPU tensor and the inputs are on cuda"):
+        I.check_normalizer(host, cuda)
+
+
 def test_a_sharded_head_is_refused_while_capturing(capture):
     """tp_group's shard checks and merges are collectives with host reads: refused under a capture, before any."""
     p = make_problem(2, 5, 8, 11, seed=34)
@@ -293,3 +311,40 @@ def test_reduce_overhead_compile_matches_eager(layout):
         assert_matches("loss", loss, loss_e, dtype=torch.float32, scale=1.0)
         for name, a, b in zip(("hidden", "weight"), g, g_e):
             assert_matches(f"grad_{name}", a, b, dtype=torch.float32)
+
+
+@cuda_only
+@pytest.mark.parametrize("normalizer", [None, 7.5, "cpu tensor", "device tensor"])
+@pytest.mark.parametrize("config", ["dapo", "grpo"])
+def test_no_stream_sync_with_the_checks_off(backend, monkeypatch, normalizer, config):
+    """With the value checks off and no mask, a call waits for nothing on the GPU, forward and backward (PyTorch's
+    sync debug mode fails on any stream or device sync, blocking copies included): the loss from hidden states
+    (single pass and two-stage) and from logits, whatever the normaliser is; each equals the same call with the
+    normaliser as a number."""
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "0")
+    p = make_problem(3, 6, 32, 300, dtype=torch.float32, seed=47, bias=True)
+    given = {"cpu tensor": torch.tensor(7.5), "device tensor": torch.tensor(7.5, device=DEVICE)}.get(normalizer,
+                                                                                                       normalizer)
+    as_number = 7.5 if isinstance(given, torch.Tensor) else given
+    logits = (p["hidden"].detach() @ p["weight"].detach().T).requires_grad_()
+
+    def calls(norm):
+        kw = dict(old_logprobs=p["old_logprobs"], normalizer=norm, config=config)
+        out = []
+        for single_pass in (None, False):
+            loss = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], bias=p["bias"],
+                                     single_pass=single_pass, backend=backend, **kw).loss
+            out += [loss, *grads(loss, leaves(p))]
+        lp, ent = R.logprobs_from_logits(logits, p["labels"], return_entropy=True, backend=backend)
+        loss = R.policy_loss(lp, ent, p["advantages"], **kw).loss
+        return out + [loss, *grads(loss, [logits])]
+
+    calls(given)  # warm-up: compilation and first allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = calls(given)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, calls(as_number)):
+        torch.testing.assert_close(a, b)  # fp32 tolerances: a GPU's sums may take another order from call to call
