@@ -546,3 +546,49 @@ def test_fp16_takes_the_two_stage_path_where_the_single_pass_would_underflow(bac
     forced, default, two_stage = grad_weight(True), grad_weight(None), grad_weight(False)
     assert zero_rows(forced) > 100 and zero_rows(default) == 0
     assert torch.equal(default, two_stage)
+
+
+AUTOGRAD_CONTEXTS = ["frozen head", "frozen hidden", "checkpoint", "checkpoint reentrant", "save_on_cpu",
+                     "two calls, one backward"]
+
+
+@pytest.mark.parametrize("context", AUTOGRAD_CONTEXTS)
+@pytest.mark.parametrize("config", ["dapo", "gspo"])
+def test_autograd_contexts(backend, context, config):
+    """The loss inside what trainers wrap around it: a frozen LM head or frozen hidden states (the single pass then
+    forms one gradient), activation checkpointing (the forward, the single pass's gradients included, recomputed in
+    backward), saved tensors offloaded to the CPU, two calls summed before one backward. Against the reference."""
+    from torch.utils.checkpoint import checkpoint
+
+    p = make_problem(3, 7, 12, 37, bias=True, seed=stable_seed(context, config))
+    q = as_fp64(p)
+    if context.startswith("frozen"):
+        frozen = "weight" if context == "frozen head" else "hidden"
+        for d in (p, q):
+            d[frozen].requires_grad_(False)
+    kw = dict(old_logprobs=p["old_logprobs"], config=config)
+
+    def loss_of(d, fn):
+        return fn(d["hidden"], d["weight"], d["labels"], d["advantages"], d["mask"], bias=d["bias"], **kw)[0]
+
+    def ours(*args, **kwargs):
+        return R.fused_grpo_loss(*args, backend=backend, **kwargs)
+
+    if context.startswith("checkpoint"):
+        loss = checkpoint(lambda h, w, b: ours(h, w, p["labels"], p["advantages"], p["mask"], bias=b, **kw)[0],
+                          p["hidden"], p["weight"], p["bias"], use_reentrant=context.endswith("reentrant"))
+    elif context == "save_on_cpu":
+        with torch.autograd.graph.save_on_cpu():
+            loss = loss_of(p, ours)
+    elif context == "two calls, one backward":
+        loss = loss_of(p, ours) + 0.5 * loss_of(p, ours)
+    else:
+        loss = loss_of(p, ours)
+    loss_r = loss_of(q, ref.linear_policy_loss)
+    if context == "two calls, one backward":
+        loss_r = loss_r + 0.5 * loss_of(q, ref.linear_policy_loss)
+    assert_matches("loss", loss, loss_r, scale=1.0)
+    live = [k for k in ("hidden", "weight", "bias") if p[k].requires_grad]
+    loss.backward()  # not autograd.grad: the reentrant checkpoint supports only backward()
+    for name, b in zip(live, grads(loss_r, [q[k] for k in live])):
+        assert_matches(f"grad_{name}", p[name].grad, b)
