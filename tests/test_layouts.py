@@ -90,32 +90,41 @@ def test_expanded_hidden_and_single_pass_paths(backend):
 
 
 @pytest.mark.parametrize("layout", [spread, transposed], ids=["strided", "transposed"])
-def test_packed_any_layout(backend, layout):
-    """Packed (N, H) hidden states, (S+1,) cu_seqlens and (S,) advantages as strided views."""
-    p = make_problem(4, 6, H, V, seed=11)
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no mask"])
+@pytest.mark.parametrize("config", ["grpo", "gspo"])
+def test_packed_any_layout(backend, layout, masked, config):
+    """Packed (N, H) hidden states, (N,) per-token inputs, (S+1,) cu_seqlens and (S,) advantages as strided views;
+    without a mask no row gather copies them. fused_logprobs on the same rows."""
+    p = make_problem(4, 6, H, V, seed=11, per_token_temperature=True)
     keep, cu, pick = pack(4, 6, [6, 2, 5, 1])
     results = []
     for lay in (layout, lambda x: x):
         args = dict(hidden=pick(p["hidden"]), weight=p["weight"], labels=pick(p["labels"]),
-                    advantages=p["advantages"], mask=pick(p["mask"]), cu_seqlens=cu,
-                    old_logprobs=pick(p["old_logprobs"]))
+                    advantages=p["advantages"], mask=pick(p["mask"]) if masked else None, cu_seqlens=cu,
+                    old_logprobs=pick(p["old_logprobs"]), temperature=pick(p["temperature"]))
         a = {k: lay(v) for k, v in args.items()}
+        lp, ent = R.fused_logprobs(a["hidden"], a["weight"], a["labels"], mask=a["mask"],
+                                   temperature=a["temperature"], return_entropy=True, backend=backend)
         out = R.fused_grpo_loss(a.pop("hidden"), a.pop("weight"), a.pop("labels"), a.pop("advantages"),
-                                a.pop("mask"), config="grpo", backend=backend, **a)
-        results.append((out.loss, *torch.autograd.grad(out.loss, [p["hidden"], p["weight"]])))
+                                a.pop("mask"), config=config, backend=backend, **a)
+        results.append((out.loss, lp, ent, *torch.autograd.grad(out.loss + lp.sum() + ent.sum(),
+                                                                [p["hidden"], p["weight"]])))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("layout", [spread, transposed], ids=["strided", "transposed"])
-@pytest.mark.parametrize("name", ["labels", "mask", "temperature", "all"])
+@pytest.mark.parametrize("name", ["labels", "mask", "temperature", "all", "labels unmasked", "temperature unmasked"])
 @pytest.mark.parametrize("rows", [(B, T), (B * T,)], ids=["3d", "2d"])
 def test_logprobs_from_logits_any_layout(backend, layout, name, rows):
+    """Without a mask no row gather copies the per-row inputs: a (rows,) view reaches the engine as it is."""
     g = torch.Generator().manual_seed(3)
     logits = (torch.randn(*rows, V, generator=g, dtype=torch.float64) * 3).to(DEVICE).requires_grad_()
     args = dict(labels=torch.randint(0, V, rows, generator=g).to(DEVICE),
                 mask=(torch.rand(rows, generator=g) > 0.3).to(DEVICE),
                 temperature=(0.5 + torch.rand(rows, generator=g, dtype=torch.float64)).to(DEVICE))
+    if name.endswith("unmasked"):
+        name, args["mask"] = name.split()[0], None
     results = []
     for lay in (layout, lambda x: x):
         a = {k: (lay(v) if name in (k, "all") else v) for k, v in args.items()}

@@ -252,11 +252,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _unit_stride(*vectors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The kernels read these (labels, bias, temperatures, per-row vectors) by pointer with unit stride: a strided
+    view (a caller's ``x[::2]``, an upstream gradient's layout) is copied; a contiguous one is passed as it is."""
+    return tuple(v if v is None else v.contiguous() for v in vectors)
+
+
 def _temperature_args(temperature, z: Tensor) -> Tuple[Optional[Tensor], float]:
     """(per-row tensor or None, scalar 1/T) for a launch (its TEMP: :func:`_temp_mode`). Scalar kernel arguments are
     fp32, so an fp64 block with a temperature other than 1 takes the per-row path to keep full precision."""
     if isinstance(temperature, Tensor):
-        return temperature, 1.0
+        return _unit_stride(temperature)[0], 1.0
     if z.dtype == torch.float64 and float(temperature) != 1.0:
         return torch.full((_rows(z)[0],), float(temperature), dtype=torch.float64, device=z.device), 1.0
     return None, 1.0 / float(temperature)
@@ -384,6 +390,7 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     outs = _stats_outputs(rows, acc, z.device, finish)
     if rows == 0:
         return (outs, lambda: None) if prepare else outs
+    labels, bias = _unit_stride(labels, bias)
     temp, inv_t = _temperature_args(temperature, z)
     lanes = stats_kernel() == "lanes"
     n_load = _n_load(z, n_load)
@@ -446,6 +453,7 @@ def dlogits(z: Tensor, out: Tensor, labels: Tensor, bias: Optional[Tensor], temp
     assert out.shape == z.shape and out.stride(-1) == 1 and (out.dim() == 2 or out.is_contiguous())
     if rows == 0:
         return out
+    labels, bias, m, log_s, cs, g_logp, g_ent = _unit_stride(labels, bias, m, log_s, cs, g_logp, g_ent)
     temp, inv_t = _temperature_args(temperature, z)
     n_load = _n_load(z, n_load)
     vectors = (m, log_s, cs, g_logp, g_ent)
