@@ -54,11 +54,14 @@ ARGUMENTS = ["hidden", "weight", "bias", "labels", "mask", "temperature", "advan
 
 
 @pytest.mark.parametrize("layout", [spread, transposed], ids=["strided", "transposed"])
-@pytest.mark.parametrize("name", ARGUMENTS + ["all"])
+@pytest.mark.parametrize("name", ARGUMENTS + ["all", "all unmasked"])
 @pytest.mark.parametrize("config", ["dapo", "gspo"])
 def test_fused_grpo_loss_any_layout(backend, layout, name, config):
+    """"all unmasked": every argument a view and no mask, so that no row gather copies the per-token inputs."""
     p = make_problem(B, T, H, V, bias=True, per_token_temperature=True, per_token_advantages=name == "advantages",
                      seed=len(name))
+    if name == "all unmasked":
+        name, p["mask"] = "all", None
     kw = dict(config=config, kl_coef=0.05, rollout_correction="token_tis")
     names = set(ARGUMENTS) if name == "all" else {name}
     loss, metrics, grads = _loss_and_grads(backend, p, layout, names, **kw)
