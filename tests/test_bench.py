@@ -14,10 +14,13 @@ import textwrap
 import pytest
 import torch
 
+import rlkernels as R
 from rlkernels.bench import cli, measure, providers, report
 from rlkernels.bench.shapes import SHAPES, resolve_shape
 from rlkernels.bench.workloads import Case
 from rlkernels.config import PolicyLossConfig
+
+from conftest import make_problem
 
 TINY = ["--tokens", "32", "--seq-len", "8", "--hidden", "16", "--vocab", "64", "--check-tokens", "16",
         "--warmup", "1", "--repeat", "2", "--no-progress"]
@@ -309,6 +312,35 @@ def test_liger_mapping_is_explicit():
     kw, reason = providers.liger_arguments(PolicyLossConfig.from_preset("ppo"))  # dual clip
     assert kw is None and "dual clip" in reason
     assert "loss_agg" in providers.liger_arguments(PolicyLossConfig.from_preset("luspo"))[1]
+
+
+LIGER_CASES = [("grpo", {}), ("bnpo", {}), ("dapo", {}), ("dr_grpo", dict(norm_length=9)), ("cispo", dict(clip_high=0.2)),
+               ("sapo", {}), ("gspo", dict(clip_low=0.03, clip_high=0.04)), ("dapo", dict(kl_coef=0.05)),
+               ("dapo", dict(kl_coef=0.05, kl_is_corrected=True))]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel has wheels for x86_64 "
+                    "Linux only (a dev dependency there)")
+@pytest.mark.parametrize("preset,overrides", LIGER_CASES, ids=[f"{p}-{'-'.join(o) or 'plain'}" for p, o in LIGER_CASES])
+def test_liger_mapping_gives_liger_s_loss(preset, overrides):
+    """Every configuration the liger provider maps runs Liger's loss (compiled=False) to our loss and gradients: Liger
+    computes in fp32 whatever the inputs, so to fp32 precision on float64 inputs."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    cfg = PolicyLossConfig.from_preset(preset, **overrides)
+    kw, reason = providers.liger_arguments(cfg)
+    assert reason is None, reason
+    p = make_problem(4, 9, 16, 53, seed=3, mask_frac=0.25)
+    ref_lp = p["ref_logprobs"] if cfg.kl_coef > 0 else None
+    liger = LigerFusedLinearGRPOLoss(use_ref_model=ref_lp is not None, compiled=False, chunk_size=4, **kw)
+    theirs = liger(p["hidden"], p["weight"], p["labels"], p["mask"].long(), p["advantages"],
+                   ref_per_token_logps=ref_lp, old_per_token_logps=p["old_logprobs"])[0]
+    ours = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"],
+                             old_logprobs=p["old_logprobs"], ref_logprobs=ref_lp, config=cfg).loss
+    torch.testing.assert_close(ours.float(), theirs, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(ours, [p["hidden"], p["weight"]]),
+                    torch.autograd.grad(theirs, [p["hidden"], p["weight"]])):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6)
 
 
 def test_quantiles():
