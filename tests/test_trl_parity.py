@@ -178,3 +178,20 @@ def test_entropy_bonus_differs_from_trl(config, quantile):
     torch.testing.assert_close(loss_trl_plain - loss_trl, 0.05 * trl_bonus, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours[1] - ours[0], 0.05 * ours_bonus, rtol=1e-10, atol=1e-12)
     assert abs(float(trl_bonus - ours_bonus)) > 1e-3
+
+
+@pytest.mark.parametrize("scale_rewards,method", [("group", "grpo"), ("batch", "lite_ppo"), ("none", "dr_grpo")])
+def test_group_advantages_match_trl_scale_rewards(scale_rewards, method):
+    """TRL's advantages (GRPOTrainer._generate_and_score_completions, its one reward function's branch, written out
+    here around TRL's own nanstd) against group_advantages with TRL's eps, 1e-4. TRL's Bessel factor n / (n - 1) is
+    an fp32 division of integer counts, so they agree to fp32 precision (2e-8 here), not to float64's."""
+    from trl.trainer.utils import nanstd
+
+    G = 4
+    rewards = torch.randn(16, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(DEVICE)
+    mean = torch.nanmean(rewards.view(-1, G), dim=1).repeat_interleave(G)
+    std = {"group": lambda: nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G),
+           "batch": lambda: nanstd(rewards).expand_as(rewards), "none": lambda: None}[scale_rewards]()
+    theirs = rewards - mean if std is None else (rewards - mean) / (std + 1e-4)
+    ours = R.group_advantages(rewards, group_size=G, method=method, eps=1e-4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-7)
