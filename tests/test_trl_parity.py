@@ -195,3 +195,26 @@ def test_group_advantages_match_trl_scale_rewards(scale_rewards, method):
     theirs = rewards - mean if std is None else (rewards - mean) / (std + 1e-4)
     ours = R.group_advantages(rewards, group_size=G, method=method, eps=1e-4)
     torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_from_logits_match_trl(backend, temperature):
+    """TRL's per-token log-probs and entropies from logits (trl.trainer.utils.selective_log_softmax_and_entropy: its
+    eager path on the CPU, a Triton kernel of its own on CUDA) against logprobs_from_logits: values at every kept row,
+    zeros at masked rows, and the logits' gradient of a loss on both."""
+    from trl.trainer.utils import selective_log_softmax_and_entropy
+
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 4).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g).to(DEVICE)
+    mask = (torch.rand(B, T, generator=g) > 0.25).to(DEVICE)
+    weights = [torch.randn(B, T, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    theirs = selective_log_softmax_and_entropy(logits, labels, temperature=temperature, row_mask=mask.long())
+    ours = R.logprobs_from_logits(logits, labels, mask=mask, temperature=temperature, return_entropy=True,
+                                  backend=backend)
+    logit_grads = []
+    for name, a, b in zip(("logp", "entropy"), ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    for lp, ent in (ours, theirs):
+        logit_grads.append(torch.autograd.grad((lp * weights[0]).sum() + (ent * weights[1]).sum(), [logits])[0])
+    torch.testing.assert_close(logit_grads[0], logit_grads[1], rtol=1e-10, atol=1e-12)
