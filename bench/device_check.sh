@@ -3,11 +3,12 @@
 #
 #     OUT=/some/dir bash bench/device_check.sh          # logprobs tests grpo llama host tune kernels
 #
-# The default steps' limits add up to 1110 s (tests 300: since 2026-11-27 it compiles reduce-overhead graphs too),
+# The default steps' limits add up to 1150 s (tests 300: since 2026-11-27 it compiles reduce-overhead graphs too),
 # more than one 10-minute device call; on an H100 (2026-11-27, session 9,
 # STEPS="logprobs tune tests grpo llama kernels") they took 481 s: logprobs 78, tune 37, tests 103, grpo 101, llama 99,
 # kernels 45 (compile, opt-in: 142 on 2026-11-26); the host step, added since, took about 20 s in device_logits.sh,
-# and the cce provider in the grpo step (added 2026-11-27) is untimed (its own limit: 70 s). The bench steps also time
+# and the cce provider in the grpo step (added 2026-11-27) and the trl provider in the grpo and logprobs steps (added in
+# session 17; carry its wheel in .whl/ too) are untimed (their own limit: 70 / 50 s). The bench steps also time
 # each provider's calls back to back since then (pipelined_ms: 5 more calls each, untimed here; from session 9's
 # Liger medians, 953 and 878 ms, Liger's add about 4.8 s to grpo and 4.4 s to llama).
 # Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after
@@ -82,6 +83,12 @@ try:
 except Exception as exc:
     lv = f"not importable ({type(exc).__name__})"
 print("liger-kernel:", lv)
+from importlib.metadata import PackageNotFoundError, version
+for dist in ("cut-cross-entropy", "trl"):
+    try:
+        print(f"{dist}: {version(dist)}")
+    except PackageNotFoundError:
+        print(f"{dist}: not installed")
 print("backends on cuda:", rlkernels.available_backends(torch.device("cuda")) if torch.cuda.is_available()
       else "CUDA not available")
 EOF
@@ -114,8 +121,8 @@ for s in ${STEPS:-logprobs tests grpo llama host tune kernels}; do
     tune) step tune 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --skip kernel --json "$OUT/tune-$TAG.json" ;;
     kernels) step kernels 150 env PYTHONUNBUFFERED=1 "$PY" bench/gpu_tune.py --only kernel \
                --json "$OUT/kernels-$TAG.json" ;;
-    grpo) step grpo 180 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \
-               --provider eager,rlkernels-triton,liger,cce,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;
+    grpo) step grpo 200 "${BENCH[@]}" --timeout 70 --op grpo --preset dapo --mode full \
+               --provider eager,rlkernels-triton,liger,cce,trl,gemm-roofline --json "$OUT/grpo-$TAG.json" ;;
     compile) step compile 150 "${BENCH[@]}" --timeout 120 --op grpo --preset dapo --mode full \
                --provider compile,rlkernels-triton,rlkernels-triton-compile --json "$OUT/compile-$TAG.json" ;;
     llama) step llama 130 "${BENCH[@]}" --shape llama3-8b --vocab 131072 --timeout 50 --op grpo --preset dapo \
@@ -123,8 +130,8 @@ for s in ${STEPS:-logprobs tests grpo llama host tune kernels}; do
     gemma) step gemma 150 "${BENCH[@]}" --hidden 3584 --vocab 256000 --tokens 8192 --softcap 30 --timeout 60 \
                --op grpo --preset dapo --mode full --provider eager,rlkernels-triton,cce,gemm-roofline \
                --json "$OUT/gemma-$TAG.json" ;;
-    logprobs) step logprobs 110 "${BENCH[@]}" --timeout 50 --op logprobs,logits --mode full \
-               --provider eager,rlkernels-triton,gemm-roofline --json "$OUT/logprobs-$TAG.json" ;;
+    logprobs) step logprobs 130 "${BENCH[@]}" --timeout 50 --op logprobs,logits --mode full \
+               --provider eager,rlkernels-triton,trl,gemm-roofline --json "$OUT/logprobs-$TAG.json" ;;
     host) step host 90 env PYTHONUNBUFFERED=1 "$PY" bench/host_profile.py --out "${TMPDIR:-/tmp}/rlkernels-host" ;;
     tests) step_to "$OUT/tests-$TAG.log" tests 300 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra \
                -p no:cacheprovider $XDIST tests/test_logprobs.py tests/test_loss.py tests/test_triton.py \

@@ -660,3 +660,34 @@ def test_cce_provider_skips_what_it_cannot_compute(fake_cce, monkeypatch):
                         lambda name, *a: None if name == "cut_cross_entropy" else real_find_spec(name, *a))
     assert "pip install cut-cross-entropy" in cce.unavailable(Case(op="grpo", mode="full", shape=shape,
                                                                     device="cuda"))
+
+
+def test_trl_provider_runs_and_checks(capsys, tmp_path):
+    """The trl provider (TRL's own kernels: its fused LM head's log-probs, under the eager objective for the grpo op)
+    passes the float64 check on the logprobs and grpo ops, with padding (TRL scores the kept rows), an entropy
+    preset and a softcap; the logits op is left to CUDA with its reason."""
+    out, logits = tmp_path / "trl.json", tmp_path / "trl-logits.json"
+    code, _ = run(TINY + ["--in-process", "--op", "logprobs,grpo", "--provider", "eager,trl", "--pad-frac", "0.3",
+                          "--preset", "dapo", "--set", "entropy_coef=0.01", "--softcap", "5", "--json", str(out)],
+                  capsys)
+    assert code == 0
+    code, _ = run(TINY + ["--in-process", "--op", "logits", "--provider", "eager,trl", "--json", str(logits)], capsys)
+    assert code == 0
+    rows = {(r["op"], r["provider"]): r for f in (out, logits) for r in json.loads(f.read_text())["rows"]}
+    for op in ("logprobs", "grpo"):
+        row = rows[(op, "trl")]
+        assert row["status"] == "ok" and row["median_ms"] > 0, row
+        assert all(c["rel_err"] <= c["allowed_rel"] for c in row["check"].values()), row["check"]
+        assert row["trl_version"] is not None
+    assert rows[("logits", "trl")]["status"] == "skipped" and "needs CUDA" in rows[("logits", "trl")]["reason"]
+
+
+def test_trl_provider_reasons(monkeypatch):
+    shape = resolve_shape("qwen2.5-7b", tokens=32, hidden=16, vocab=64)
+    trl = providers.TRLProvider()
+    assert trl.unavailable(Case(op="grpo", mode="full", shape=shape)) is None
+    assert "no op to time" in trl.unavailable(Case(op="advantages", mode="full", shape=shape))
+    monkeypatch.setattr(providers, "_trl_version", lambda: (1, 4))
+    assert "trl 1.4 has no trl.kernels" in trl.unavailable(Case(op="grpo", mode="full", shape=shape))
+    monkeypatch.setattr(providers, "_trl_version", lambda: None)
+    assert "pip install trl" in trl.unavailable(Case(op="grpo", mode="full", shape=shape))

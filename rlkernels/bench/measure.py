@@ -246,10 +246,11 @@ def _dist_version(name: str) -> Optional[str]:
 
 
 def versions() -> Dict[str, Optional[str]]:
-    """Versions of python, torch, triton, rlkernels and the peers (liger-kernel, cut-cross-entropy), read without
+    """Versions of python, torch, triton, rlkernels and the peers (liger-kernel, cut-cross-entropy, trl), read without
     importing triton or the peers."""
     from .. import __version__
 
     return {"python_version": platform.python_version(), "torch_version": torch.__version__,
             "triton_version": _dist_version("triton"), "rlkernels_version": __version__,
-            "liger_version": _dist_version("liger-kernel"), "cce_version": _dist_version("cut-cross-entropy")}
+            "liger_version": _dist_version("liger-kernel"), "cce_version": _dist_version("cut-cross-entropy"),
+            "trl_version": _dist_version("trl")}

@@ -7,11 +7,13 @@ A :class:`Provider` says whether it can run a :class:`~rlkernels.bench.workloads
 Providers: ``eager`` (the executable spec :mod:`rlkernels.reference`, logits materialised), ``compile``
 (``torch.compile`` of the same functions), ``rlkernels-<engine>`` for every engine :func:`rlkernels.available_backends`
 knows (unavailable ones are skipped with the engine's own reason), ``liger`` (Liger-Kernel's
-``LigerFusedLinearGRPOLoss``), ``cce`` (Cut Cross-Entropy's log-probs under the eager objective) and ``gemm-roofline``
-(the bare matmuls of the op). Others can be added with
-:func:`register_provider`, e.g. from a module named by ``rlkernels-bench --plugin``.
+``LigerFusedLinearGRPOLoss``), ``cce`` (Cut Cross-Entropy's log-probs under the eager objective), ``trl`` (TRL's own
+kernels: its fused LM head's log-probs under the eager objective, its logits kernel) and ``gemm-roofline`` (the bare
+matmuls of the op). Others can be added with :func:`register_provider`, e.g. from a module named by
+``rlkernels-bench --plugin``.
 
-Nothing heavy is imported here: ``liger_kernel`` and ``cut_cross_entropy`` load inside their providers' ``build``.
+Nothing heavy is imported here: ``liger_kernel``, ``cut_cross_entropy`` and ``trl`` load inside their providers'
+``build``.
 """
 from __future__ import annotations
 
@@ -397,6 +399,79 @@ class CCEProvider(Provider):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# TRL's own kernels
+# ------------------------------------------------------------------------------------------------------------------
+TRL_VOCAB_CHUNK = 32768  # the vocabulary tile of TRL's fused LM head (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+
+
+def _trl_version() -> Optional[Tuple[int, ...]]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(x) for x in version("trl").split(".")[:2] if x.isdigit())
+    except PackageNotFoundError:
+        return None
+
+
+class TRLProvider(Provider):
+    """TRL's own kernels (``trl.kernels``, trl 1.16 and later), what a TRL trainer runs: ``ChunkedLogProbFunction``,
+    the hidden+W log-probs and entropies of TRL's fused LM head (cuBLAS on 4096-token x 32768-vocabulary tiles, each
+    folded into online statistics by a Triton kernel, or torch ops off CUDA; the tiles recomputed in backward: 4
+    GEMMs), for the logprobs op and, under the eager objective (:func:`rlkernels.reference.policy_loss`, as the cce
+    row), the grpo op on the kept rows as TRL scores them; its Triton ``selective_log_softmax_and_entropy`` for the
+    logits op (CUDA only). Importing ``trl.kernels`` needs transformers but none of TRL's training dependencies."""
+
+    name = "trl"
+    description = ("trl.kernels: ChunkedLogProbFunction (TRL's fused LM head) for the log-probs, the objective in "
+                   "eager PyTorch; selective_log_softmax_and_entropy for logits")
+
+    def unavailable(self, case):
+        if case.op == "advantages":
+            return "TRL computes advantages inside its trainer's generation step: no op to time"
+        found = _trl_version()
+        if found is None:
+            return "trl is not installed (pip install trl)"
+        if found < (1, 16):
+            return f"trl {'.'.join(map(str, found))} has no trl.kernels (1.16 has)"
+        if case.op == "logits" and case.device != "cuda":
+            return "TRL's fused logits kernel needs CUDA (elsewhere TRL runs eager PyTorch: the eager row)"
+        return None
+
+    def build(self, case, inputs):
+        i, cap = inputs, case.softcap
+        if case.op == "logits":
+            from trl.kernels.logprob_entropy import selective_log_softmax_and_entropy
+
+            return lambda: dict(zip(("logp", "entropy"), selective_log_softmax_and_entropy(i["logits"], i["labels"])))
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        H, shape = i["hidden"].shape[-1], i["labels"].shape
+
+        def logprobs(rows: Optional[Tensor]):
+            h, y = i["hidden"].reshape(-1, H), i["labels"].reshape(-1)
+            if rows is not None:  # TRL scores the kept rows only (on Triton devices)
+                h, y = h[rows], y[rows]
+            logp, ent, *_ = ChunkedLogProbFunction.apply(h, i["weight"], None, y, 1.0, TRL_VOCAB_CHUNK, cap, 1.0,
+                                                         ("entropy",))
+            if rows is None:
+                return logp.view(shape), ent.view(shape)
+            mask = rows.view(shape)
+            return (logp.new_zeros(shape).masked_scatter(mask, logp),
+                    ent.new_zeros(shape).masked_scatter(mask, ent))  # as TRL's fused forward scatters them back
+
+        if case.op == "logprobs":
+            return lambda: dict(zip(("logp", "entropy"), logprobs(None)))
+        cfg, kw = case.config, _grpo_kwargs(i)
+
+        def run():
+            logp, ent = logprobs(i["mask"].reshape(-1))
+            loss, _ = reference.policy_loss(logp, ent, i["advantages"], i["mask"], config=cfg, **kw)
+            return {"loss": loss}
+
+        return run
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # the roofline: the op's matmuls alone, into preallocated outputs
 # ------------------------------------------------------------------------------------------------------------------
 class _GemmRunner(Runner):
@@ -463,11 +538,11 @@ def register_provider(provider: Provider) -> None:
 
 def all_providers() -> List[Provider]:
     """Every provider in table order: eager, compile, rlkernels-<engine> for each engine, the same compiled
-    (rlkernels-<engine>-compile), liger, cce, gemm-roofline, then registered extras."""
+    (rlkernels-<engine>-compile), liger, cce, trl, gemm-roofline, then registered extras."""
     base: List[Provider] = [EagerProvider(), CompileProvider()]
     base += [RlkernelsProvider(engine) for engine in BACKENDS]  # names only: listing must not load engines
     base += [RlkernelsCompileProvider(engine) for engine in BACKENDS]
-    base += [LigerProvider(), CCEProvider(), GemmRooflineProvider()]
+    base += [LigerProvider(), CCEProvider(), TRLProvider(), GemmRooflineProvider()]
     names = {p.name for p in base}
     return [_EXTRA.get(p.name, p) for p in base] + [p for n, p in _EXTRA.items() if n not in names]
 

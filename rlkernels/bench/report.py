@@ -21,7 +21,7 @@ ROW_KEYS = (
     "pipelined_ratio_vs_eager", "pipelined_tflops", "pipelined_gbps", "pipelined_pct_hbm", "pipelined_pct_roofline",
     "check",
     "fingerprint", "traceback", "warmup", "repeat", "python_version", "torch_version", "triton_version",
-    "rlkernels_version", "liger_version", "cce_version", "timestamp", "notes",
+    "rlkernels_version", "liger_version", "cce_version", "trl_version", "timestamp", "notes",
 )
 GROUP_KEYS = ("op", "mode", "shape", "M", "H", "V", "dtype", "device", "preset", "softcap")
 
@@ -161,7 +161,7 @@ def format_table(rows: Sequence[Dict[str, Any]], width: int = 120) -> str:
     first = rows[0] if rows else {}
     out.append(f"torch {first.get('torch_version')}, triton {first.get('triton_version')}, rlkernels "
                f"{first.get('rlkernels_version')}, liger-kernel {first.get('liger_version')}, cut-cross-entropy "
-               f"{first.get('cce_version')}; "
+               f"{first.get('cce_version')}, trl {first.get('trl_version')}; "
                f"{first.get('warmup')} warm-up + {first.get('repeat')} timed calls per provider")
     out.append("vs eager: median time / eager's (lower is faster). peak MB: transient peak of one call above inputs "
                "and gradient buffers.")
