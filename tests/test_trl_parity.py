@@ -218,3 +218,28 @@ def test_logprobs_from_logits_match_trl(backend, temperature):
     for lp, ent in (ours, theirs):
         logit_grads.append(torch.autograd.grad((lp * weights[0]).sum() + (ent * weights[1]).sum(), [logits])[0])
     torch.testing.assert_close(logit_grads[0], logit_grads[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_logprobs_match_trl_fused_lm_head(backend, softcap):
+    """TRL's fused LM head (trl.kernels.chunked_logprob.ChunkedLogProbFunction, what its trainer calls with
+    fused_lm_head: hidden+W in tiles, online statistics in fp32) against fused_logprobs, with a bias, a temperature
+    and TRL's softcap: log-probs, entropies and the gradients of a loss on both (hidden, weight, bias), to the fp32
+    precision of TRL's statistics."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    p = make_problem(B, T, H, V, seed=13, bias=True)
+    h, y = p["hidden"].reshape(-1, H), p["labels"].reshape(-1)
+    g = torch.Generator().manual_seed(13)
+    weights = [torch.randn(B * T, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    theirs = ChunkedLogProbFunction.apply(h, p["weight"], p["bias"], y, 0.7, 16, softcap, 1.0, ("entropy",))[:2]
+    ours = R.fused_logprobs(h, p["weight"], y, bias=p["bias"], temperature=0.7, softcap=softcap,
+                            return_entropy=True, backend=backend)
+    leaves = [p["hidden"], p["weight"], p["bias"]]
+    results = []
+    for name, a, b in zip(("logp", "entropy"), ours, theirs):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for lp, ent in (ours, theirs):
+        results.append(torch.autograd.grad((lp * weights[0]).sum() + (ent * weights[1]).sum(), leaves))
+    for name, a, b in zip(("hidden", "weight", "bias"), *results):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5, msg=lambda m: f"grad_{name}: {m}")
