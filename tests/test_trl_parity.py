@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import rlkernels as R
+from rlkernels import reference as ref
 
 from conftest import DEVICE, make_problem, stable_seed
 
@@ -40,11 +41,9 @@ class _OneProcess:
 
 
 def _eager_logprobs(p):
-    """Per-token log-probs and entropies as TRL gets them from its model's logits (float64, differentiable)."""
-    logits = p["hidden"] @ p["weight"].T
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, p["labels"].unsqueeze(-1)).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    """Per-token log-probs and entropies as TRL gets them from its model's logits (float64, differentiable): the
+    reference's, from the logits it materialises."""
+    return ref.linear_logprobs(p["hidden"], p["weight"], p["labels"])
 
 
 def trl_loss(p, inputs, *, loss_type, epsilon, epsilon_high, beta=0.0, delta=None, bias_correction=False,
