@@ -111,9 +111,7 @@ class _LinearCall:
             self.engine = resolve_backend(backend, hidden.device)
             if self.engine.safe_for_any_values and self.tp_group is None:
                 self.checks.read_after_launch()
-        # one copy of a strided bias view (V values) for every block and chunk: the native kernels take it with unit
-        # stride (the Triton wrappers would copy it per block)
-        self.weight, self.bias = weight, None if bias is None else bias.contiguous()
+        self.weight, self.bias = weight, bias
         h2, y = hidden.reshape(-1, H), labels.reshape(-1)
         self.n = h2.shape[0]
         # padding costs nothing: only kept rows reach the engine

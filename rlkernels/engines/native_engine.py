@@ -57,7 +57,7 @@ def _temp(temperature: Temperature, r0: int, r1: int) -> Tuple[float, Optional[T
 
 
 def _bias(bias: Optional[Tensor], v0: int, v1: int) -> Optional[Tensor]:
-    return None if bias is None else bias[v0:v1]
+    return None if bias is None else bias[v0:v1].contiguous()  # the row kernels take it with unit stride
 
 
 def _rows(x: Optional[Tensor], r0: int, r1: int, dtype: torch.dtype) -> Optional[Tensor]:

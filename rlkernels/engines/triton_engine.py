@@ -210,7 +210,7 @@ def _chunk_backward(buf, grads, h, weight, bias, labels, temperature, plan, m, l
 
 
 def _g(x: Optional[Tensor], r0: int, r1: int) -> Optional[Tensor]:
-    return None if x is None else x[r0:r1].contiguous()
+    return None if x is None else x[r0:r1]  # any layout: the kernel wrappers pass what they read contiguous
 
 
 def linear_forward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, vocab_offset: Optional[int] = None,
@@ -289,9 +289,7 @@ def logits_backward(logits, labels, temperature, plan: ChunkPlan, masked_rows: b
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return dlogits(logits, grad, labels, None, temperature, 0, m, log_s, cs,
-                   None if g_logp is None else g_logp.contiguous(), None if g_ent is None else g_ent.contiguous(),
-                   masked_rows=masked_rows)
+    return dlogits(logits, grad, labels, None, temperature, 0, m, log_s, cs, g_logp, g_ent, masked_rows=masked_rows)
 
 
 # read once, as Triton reads it once when it is imported (setting it later changes nothing in Triton either), not
