@@ -147,8 +147,7 @@ def test_group_advantages_any_layout(method, labelled, dtype):
     ids = torch.randint(0, 4, (12,), generator=g).to(DEVICE) if labelled else None
     lengths = torch.randint(1, 9, (12,), generator=g).to(DEVICE) if method == "rpp_baseline" else None
     kw = dict(group_ids=ids) if labelled else dict(group_size=4)
-    backends = ["torch"] + (["triton"] if "triton" in R.available_backends(DEVICE)
-                            and R.available_backends(DEVICE)["triton"] == "available" else [])
+    backends = [b for b in ("torch", "triton") if R.available_backends(DEVICE).get(b) == "available"]
     for b in backends:
         got = R.group_advantages(spread(rewards), method=method, lengths=spread(lengths), backend=b,
                                  **{k: spread(v) for k, v in kw.items()})
