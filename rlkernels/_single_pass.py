@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .config import PolicyLossConfig, config_from_op_args, config_to_op_args
 from .engines import load_engine
-from .engines.autograd import _or_empty, _split_temperature
+from .engines.autograd import _or_empty, _split_temperature, scale_by_upstream
 from .engines.chunking import MIN_VOCAB_BLOCK, VOCAB_MULTIPLE, ChunkPlan, sequence_aligned
 from .engines.torch_engine import compute_dtype
 from .objective import Prepared, TokenBatch, token_loss
@@ -138,7 +138,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, *_unused):
-    scale = lambda g, need: (g * g_loss) if need else None  # noqa: E731  (g's dtype; g_loss not rounded to it)
+    scale = lambda g, need: scale_by_upstream(g, g_loss, in_place=False) if need else None  # noqa: E731
     gh, gw, gb = (scale(g, need) for g, need in zip(ctx.saved_tensors, ctx.need))
     return (gh, gw, gb) + (None,) * 19
 

@@ -209,7 +209,8 @@ def test_packed_advantages_as_many_tokens_as_sequences(backend, preset):
     keep = keep.reshape(3, 3)
     kw = dict(old_logprobs=p["old_logprobs"], config=preset)
     per_seq = p["advantages"]  # (3,): one per sequence, and N = 3 tokens
-    per_tok = per_seq[torch.tensor([0, 1, 1])] + torch.tensor([0.0, 0.5, -0.5], dtype=per_seq.dtype)
+    per_tok = per_seq[torch.tensor([0, 1, 1], device=per_seq.device)] + torch.tensor(
+        [0.0, 0.5, -0.5], dtype=per_seq.dtype, device=per_seq.device)
 
     def packed(adv):
         return R.fused_grpo_loss(pick(p["hidden"]), p["weight"], pick(p["labels"]), adv, cu_seqlens=cu,
@@ -218,7 +219,7 @@ def test_packed_advantages_as_many_tokens_as_sequences(backend, preset):
     def padded_reference(adv):
         return ref.linear_policy_loss(p["hidden"], p["weight"], p["labels"], adv, keep, **kw)[0]
 
-    tok_padded = torch.zeros(3, 3, dtype=per_seq.dtype)
+    tok_padded = torch.zeros(3, 3, dtype=per_seq.dtype, device=per_seq.device)
     tok_padded[keep] = per_tok
     with pytest.warns(UserWarning, match=r"as many tokens as sequences \(3\).*advantages\[:, None\]") as seen:
         loss = packed(per_tok)
@@ -503,7 +504,9 @@ def test_the_single_pass_scales_its_gradients_by_the_upstream_gradient_in_fp32(b
     backward. That factor is not rounded to the gradients' dtype: in fp16, GradScaler's default scale 65536 became inf
     (every gradient inf where eager's were finite); in bf16, 1/3 became 0.333984 (every gradient 0.2% too large).
     Here: (scale * loss).backward() gives finite gradients whose ratio to scale * (the unscaled call's) is 1 on
-    average to rounding noise, eager and under torch.compile."""
+    average to rounding noise, eager and under torch.compile. (On CUDA a multiply by the 0-dim factor itself rounds
+    it to the gradient's dtype, where the CPU's does not: the eager cases passed here and failed on an H100 until
+    engines.autograd.scale_by_upstream.)"""
     if compiled:
         torch._dynamo.reset()
     p = make_problem(4, 9, 16, 37, dtype=dtype, seed=21)

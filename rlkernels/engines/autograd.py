@@ -265,6 +265,22 @@ def prepare_logits_logprobs(engine_name: str, logits, labels, temperature, plan:
 # ----------------------------------------------------------------------------------------------------------------
 # single pass (eager mode; under torch.compile: rlkernels._single_pass)
 # ----------------------------------------------------------------------------------------------------------------
+def scale_by_upstream(g: Tensor, g_loss: Tensor, in_place: bool) -> Tensor:
+    """``g * g_loss`` in ``g``'s dtype, the product formed in ``g_loss``'s precision: the single pass's saved gradient
+    ``g`` times the loss's upstream gradient ``g_loss`` (0-dim), in place (eager) or out of place (a compiled graph).
+
+    ``g_loss`` is never rounded to ``g``'s dtype first: an fp16 gradient and GradScaler's default scale 65536 would
+    give inf, and a bf16 one and a scale of 1/3 every gradient 0.2% too large (0.333984). A 0-dim tensor takes no part
+    in type promotion, and a CUDA kernel reads it in the result's dtype (the rounding, seen on an H100); only a CPU
+    kernel reads it as a scalar in its compute precision. So on other devices, for fp16/bf16 ``g``, it enters as a
+    1-element tensor: the product's dtype is ``g_loss``'s, and the in-place form stores it in ``g``'s dtype from the
+    kernel's loop (a CUDA kernel casts as it goes: no copy of ``g``)."""
+    if g.device.type == "cpu" or g.dtype not in (torch.float16, torch.bfloat16):
+        return g.mul_(g_loss) if in_place else g * g_loss
+    factor = g_loss.reshape(1)
+    return g.mul_(factor) if in_place else (g * factor).to(g.dtype)
+
+
 class LinearFusedLoss(torch.autograd.Function):
     """(hidden, weight, bias, labels, temperature) -> (loss, logp, entropy) with the gradients formed in the forward
     pass by ``engine.linear_fused``; backward scales them by ``grad_output``. ``logp``/``entropy`` are detached."""
@@ -285,8 +301,6 @@ class LinearFusedLoss(torch.autograd.Function):
                                "fused_grpo_loss(..., single_pass=False) to backward through it twice")
         gh, gw, gb = ctx.grads
         ctx.grads = None
-        # in place: a copy of grad_weight costs a pass over V x H (43 ms at V=32000, H=1024 on the 2-core CPU); by
-        # the fp32 g_loss itself: cast to an fp16 gradient's dtype GradScaler's default scale 65536 became inf, and in
-        # bf16 a scale of 1/3 became 0.333984 (every gradient 0.2% too large)
-        scale = lambda g: None if g is None else g.mul_(g_loss)  # noqa: E731
+        # in place: a copy of grad_weight costs a pass over V x H (43 ms at V=32000, H=1024 on the 2-core CPU)
+        scale = lambda g: None if g is None else scale_by_upstream(g, g_loss, in_place=True)  # noqa: E731
         return None, scale(gh), scale(gw), scale(gb), None, None, None, None, None
