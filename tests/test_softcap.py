@@ -55,6 +55,45 @@ def test_fused_logprobs_fp64(backend, size, temperature, bias):
         assert_matches(f"grad_{name}", a, b)
 
 
+@pytest.mark.parametrize("cap", [30.0, 30.1])
+@pytest.mark.parametrize("temperature", ["1", "per-token"])
+def test_fp64_gemma_cap(backend, cap, temperature):
+    """fp64 at Gemma's cap 30 and at 30.1, which fp32 cannot hold, logits of up to about 100 (most of them capped):
+    fp64 values and gradients. The Triton engine's float kernel arguments are fp32: with the cap one of them, 2 / 30
+    was formed in fp32 and the loss was 8e-8 off (relative) in fp64 on an H100 (the interpreter keeps Python floats
+    in fp64, so only the compiled kernels showed it); the cap now travels as two fp32 (hi + lo)."""
+    p = make_problem(2, 5, 8, 37, bias=True, per_token_temperature=temperature == "per-token", logit_scale=60.0,
+                     seed=stable_seed(cap, temperature))
+    logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], bias=p["bias"], temperature=p["temperature"],
+                                 return_entropy=True, backend=backend, chunk_size=3, softcap=cap)
+    q = as_fp64(p)
+    logp_r, ent_r = ref.linear_logprobs(q["hidden"], q["weight"], q["labels"], q["bias"], q["temperature"],
+                                        softcap=cap)
+    with torch.no_grad():
+        z = q["hidden"] @ q["weight"].T + q["bias"]
+    assert float((z.abs() > cap).double().mean()) > 0.3  # the cap is at work
+    assert_matches("logp", logp, logp_r)
+    assert_matches("entropy", ent, ent_r)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads(_upstream(logp, ent), leaves(p)),
+                          grads(_upstream(logp_r, ent_r), leaves(q))):
+        assert_matches(f"grad_{name}", a, b)
+
+
+def test_softcap_kernel_arguments():
+    """The Triton launch's (hi, lo) for a cap: hi holds in fp32, hi + lo is the cap to 48 bits (2^-48 relative);
+    no cap is (1.0, 0.0), and a cap past fp32's range passes as it always did (the kernel's fp32 is inf)."""
+    pytest.importorskip("triton")
+    from rlkernels.triton_ops.logprobs import softcap_args
+
+    for cap in (30.0, 30.1, 0.7, 1e-3, 2.0**100 / 3):
+        hi, lo = softcap_args(cap)
+        assert float(torch.tensor(hi, dtype=torch.float32)) == hi
+        assert float(torch.tensor(lo, dtype=torch.float32)) == pytest.approx(lo, rel=2.0**-24)
+        assert abs(hi + float(torch.tensor(lo, dtype=torch.float32)) - cap) <= cap * 2.0**-48
+    assert softcap_args(30.0)[1] == 0.0 and softcap_args(None) == (1.0, 0.0) and softcap_args(0.0) == (1.0, 0.0)
+    assert softcap_args(1e300) == (1e300, 0.0)
+
+
 def test_vocab_blocks_and_banned_tokens(backend, monkeypatch):
     """A tiny memory budget (vocabulary blocks of a row chunk) and -inf bias entries: a banned token's capped logit
     is -softcap, finite, as the model computes it (tanh(-inf) = -1), so it keeps a probability and a gradient of

@@ -95,16 +95,17 @@ HEADER = (f"{'variant':<44} {'warps':>5} {'regs':>5} {'shared':>7} {'local':>6} 
 
 def _stats_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
     return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "bias_ptr": dtype,
-            "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32", "softcap": "fp32", "labels_ptr": "*i64", "v_offset": "i32",
-            "n_cols": "i32", "n_load": "i32", "m_out": f"*{acc}", "s_out": f"*{acc}", "c_out": f"*{acc}", "zy_out": f"*{acc}",
-            "ent_out": f"*{acc}"}
+            "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32", "softcap": "fp32", "softcap_lo": "fp32",
+            "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32", "n_load": "i32", "m_out": f"*{acc}",
+            "s_out": f"*{acc}", "c_out": f"*{acc}", "zy_out": f"*{acc}", "ent_out": f"*{acc}"}
 
 
 def _dlogits_signature(dtype: str = "*bf16", acc: str = "fp32") -> Dict[str, str]:
     return {"z_ptr": dtype, "stride_z": "i64", "stride_outer": "i64", "rows_inner": "i32", "out_ptr": dtype,
             "stride_out": "i64", "bias_ptr": dtype, "temp_ptr": f"*{acc}", "inv_t_scalar": "fp32", "softcap": "fp32",
-            "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32", "n_load": "i32", "m_ptr": f"*{acc}",
-            "log_s_ptr": f"*{acc}", "cs_ptr": f"*{acc}", "g_logp_ptr": f"*{acc}", "g_ent_ptr": f"*{acc}"}
+            "softcap_lo": "fp32", "labels_ptr": "*i64", "v_offset": "i32", "n_cols": "i32", "n_load": "i32",
+            "m_ptr": f"*{acc}", "log_s_ptr": f"*{acc}", "cs_ptr": f"*{acc}", "g_logp_ptr": f"*{acc}",
+            "g_ent_ptr": f"*{acc}"}
 
 
 # the TEMP constexpr: T = 1 (the variants' default, as in the benchmarks), a scalar T, per-token T

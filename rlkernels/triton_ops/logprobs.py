@@ -18,6 +18,8 @@ Sequence lengths, row counts, temperatures and offsets are runtime arguments; on
 are ``constexpr``, so a new completion length does not recompile.
 """
 import contextlib
+import math
+import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -32,8 +34,8 @@ from .launch import launch as fast_launch
 from .launch import cdiv, next_pow2
 from .launch import prepare as prepare_launch
 from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, cap_grad, cap_logits, dlogits_tile, finish_row,
-                       load_scaled_logits, merge_lanes, online_lse_step, row_inv_temperature, row_kept, row_offset,
-                       scale_logits)
+                       full_softcap, load_scaled_logits, merge_lanes, online_lse_step, row_inv_temperature, row_kept,
+                       row_offset, scale_logits)
 
 # Tiles and warps from the H100 sweeps (bench/gpu_tune.py; bench/results/gpu-h100/). The statistics kernel: 4096 x 4
 # warps, first chosen from session 2's sweep (1600 GB/s, its best; 1275 at the former 2048 x 8); in session 7's two
@@ -103,8 +105,8 @@ _ROW_ARGS = ["temp_ptr", "labels_ptr", "v_offset", "rows_inner"]
 
 @triton.jit(do_not_specialize=_ROW_ARGS + ["m_out", "s_out", "c_out", "zy_out", "ent_out"])
 def _logits_stats_kernel(
-    z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, softcap, labels_ptr, v_offset,
-    n_cols, n_load, m_out, s_out, c_out, zy_out, ent_out,
+    z_ptr, stride_z, stride_outer, rows_inner, bias_ptr, temp_ptr, inv_t_scalar, softcap, softcap_lo, labels_ptr,
+    v_offset, n_cols, n_load, m_out, s_out, c_out, zy_out, ent_out,
     HAS_BIAS: tl.constexpr, TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
     ROWS_3D: tl.constexpr, STAGES: tl.constexpr, SPLIT_TAIL: tl.constexpr, MASKED_ROWS: tl.constexpr,
     PREFETCH: tl.constexpr, FINISH: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -112,6 +114,7 @@ def _logits_stats_kernel(
     row = tl.program_id(0)
     z_row = z_ptr + row_offset(row, stride_z, stride_outer, rows_inner, ROWS_3D)
     inv_t = row_inv_temperature(temp_ptr, inv_t_scalar, row, TEMP, ACC)
+    softcap = full_softcap(softcap, softcap_lo, ACC)
     # MASKED_ROWS: a negative label marks a masked-out row: never read, (M, S, C, z~_y) = (0, 1, 0, 0), so logp =
     # entropy = 0. Else every row is read, and the first tiles' loads need not wait for the label's.
     label = tl.load(labels_ptr + row)
@@ -187,7 +190,7 @@ def _logits_stats_kernel(
 @triton.jit(do_not_specialize=_ROW_ARGS + ["m_ptr", "log_s_ptr", "cs_ptr", "g_logp_ptr", "g_ent_ptr"])
 def _dlogits_kernel(
     z_ptr, stride_z, stride_outer, rows_inner, out_ptr, stride_out, bias_ptr, temp_ptr, inv_t_scalar, softcap,
-    labels_ptr, v_offset, n_cols, n_load, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
+    softcap_lo, labels_ptr, v_offset, n_cols, n_load, m_ptr, log_s_ptr, cs_ptr, g_logp_ptr, g_ent_ptr,
     HAS_BIAS: tl.constexpr, TEMP: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr, ROWS_3D: tl.constexpr, SPLIT_TAIL: tl.constexpr,
     MASKED_ROWS: tl.constexpr, SOFTCAP: tl.constexpr, STREAM: tl.constexpr,
@@ -195,6 +198,7 @@ def _dlogits_kernel(
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     inv_t = row_inv_temperature(temp_ptr, inv_t_scalar, row, TEMP, ACC)
+    softcap = full_softcap(softcap, softcap_lo, ACC)
     # STREAM: the logits' loads evict_first and the stores .cs (streamed): each byte is touched once (STREAM_BWD).
     # MASKED_ROWS: a negative label marks a masked-out row, its gradient 0 and its logits never read, so the tile's
     # loads wait for the label's (one memory round trip before another, in a program that reads one tile). Else
@@ -266,6 +270,20 @@ def _temperature_args(temperature, z: Tensor) -> Tuple[Optional[Tensor], float]:
     if z.dtype == torch.float64 and float(temperature) != 1.0:
         return torch.full((_rows(z)[0],), float(temperature), dtype=torch.float64, device=z.device), 1.0
     return None, 1.0 / float(temperature)
+
+
+def softcap_args(softcap: Optional[float]) -> Tuple[float, float]:
+    """(hi, lo), the launch arguments that carry the cap s (1.0 for none: the kernel's SOFTCAP leaves it unread):
+    hi = s rounded to fp32, lo = the rest, so that an fp64 launch rebuilds s to 48 of its 53 bits
+    (``full_softcap``). hi is rounded here, not by the launch: the interpreter would hand on the Python float."""
+    s = float(softcap or 1.0)
+    try:
+        hi = struct.unpack("f", struct.pack("f", s))[0]
+    except OverflowError:
+        hi = math.inf
+    if math.isinf(hi):  # past fp32's range: the kernel's fp32 argument is inf, as it always was
+        return s, 0.0
+    return hi, s - hi
 
 
 def _temp_mode(temp: Optional[Tensor], inv_t: float) -> int:
@@ -382,8 +400,8 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     elementwise launches and a copy fewer after the kernel).
     ``prepare``: return ``(outputs, start)`` with nothing queued yet: the outputs allocated and the launch prepared,
     ``start()`` queues the kernel (the logits op calls it once its value checks' copies are queued).
-    ``softcap``: s > 0 caps each logit (plus bias) to s tanh(z / s) before the temperature; 0 leaves them. An fp32
-    kernel argument: for fp64 blocks a cap that fp32 cannot hold exactly (30.0 it can) is rounded to fp32.
+    ``softcap``: s > 0 caps each logit (plus bias) to s tanh(z / s) before the temperature; 0 leaves them. It
+    travels as two fp32 kernel arguments (:func:`softcap_args`): an fp64 block computes with s to 48 bits.
     """
     rows = _rows(z)[0]
     acc = _acc(z.dtype)
@@ -431,7 +449,7 @@ def _launch_stats(z, labels, bias, temp, inv_t, v_offset, n_load, lanes, masked_
     return (prepare_launch if prepare else fast_launch)(
         _logits_stats_kernel, (rows,),
         z, stride, outer, inner, bias if bias is not None else z, temp if temp is not None else z, inv_t,
-        float(softcap or 1.0), labels, v_offset, n_cols, n_load, outs[0], outs[1], outs[2], outs[3], outs[-1],
+        *softcap_args(softcap), labels, v_offset, n_cols, n_load, outs[0], outs[1], outs[2], outs[3], outs[-1],
         HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), ACC=_TL[_acc(z.dtype)],
         BLOCK_V=min(cfg.block_v, next_pow2(n_cols)), LANES=lanes,
         ROWS_3D=rows_3d, STAGES=cfg.stages, SPLIT_TAIL=cfg.split_tail, MASKED_ROWS=masked_rows,
@@ -480,7 +498,7 @@ def _launch_dlogits(z, out, labels, bias, temp, inv_t, v_offset, n_load, vectors
     fast_launch(
         _dlogits_kernel, (rows, cdiv(n_load, block)),
         z, stride, outer, inner, out, out.stride(-2), bias if bias is not None else z,
-        temp if temp is not None else z, inv_t, float(softcap or 1.0), labels, v_offset, z.shape[-1], n_load, m,
+        temp if temp is not None else z, inv_t, *softcap_args(softcap), labels, v_offset, z.shape[-1], n_load, m,
         log_s, cs,
         g_logp if g_logp is not None else m, g_ent if g_ent is not None else m,
         HAS_BIAS=bias is not None, TEMP=_temp_mode(temp, inv_t), HAS_GLOGP=g_logp is not None,

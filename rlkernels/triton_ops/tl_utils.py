@@ -82,11 +82,23 @@ def row_kept(label, MASKED_ROWS: tl.constexpr):
 
 
 @triton.jit
+def full_softcap(hi, lo, ACC: tl.constexpr):
+    """The cap s in the accumulation dtype, from a launch's two fp32 arguments s = hi + lo (:func:`softcap_args`):
+    a float kernel argument is fp32, and in fp32 an fp64 launch's cap (and its 2 / s) would carry fp32's rounding
+    into fp64 results (8e-8 relative in a loss at s = 30, seen on an H100). fp32 launches take ``hi``."""
+    if ACC == tl.float64:  # (an if/else: code after a return is still built, and its fp32 would clash, see div_rn)
+        s = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        s = hi
+    return s
+
+
+@triton.jit
 def cap_logits(z, softcap, SOFTCAP: tl.constexpr):
-    """s tanh(z / s) with s = ``softcap`` (SOFTCAP; else z as it is): a model's final-logit cap (Gemma 2, Gemma 4),
-    as s - 2 s / (e^(2 z / s) + 1), one exponential per logit: exactly -s at z = -inf and s at +inf, NaN kept;
-    within about one ulp of 1, times s, of the true value (fp32: 2e-6 at s = 30, the spacing of fp32 logits near
-    30 itself)."""
+    """s tanh(z / s) with s = ``softcap`` (SOFTCAP; else z as it is; in z's dtype: :func:`full_softcap`): a model's
+    final-logit cap (Gemma 2, Gemma 4), as s - 2 s / (e^(2 z / s) + 1), one exponential per logit: exactly -s at
+    z = -inf and s at +inf, NaN kept; within about one ulp of 1, times s, of the true value (fp32: 2e-6 at s = 30,
+    the spacing of fp32 logits near 30 itself)."""
     if SOFTCAP:
         e = fast_exp(z * (2.0 / softcap))
         z = softcap - (2.0 * softcap) / (e + 1.0)
