@@ -121,20 +121,40 @@ def test_matches_the_eager_code_in_the_same_region(backend):
 
 def test_under_torch_compile(backend):
     """torch.compile(fullgraph=True) over a function that calls the loss in a region: the cast traces, the engines'
-    custom ops run with autocast off, and the result is eager's in the same region."""
+    custom ops run with autocast off, and the result is eager's in the same region: on the CPU to rounding (the same
+    bits but for the GEMMs' order of summation), on CUDA to bf16 tolerance against float64, as eager is. There the
+    compiled graph computes every row (the dropped ones neutralised) where eager gathers the kept ones: cuBLAS runs
+    GEMMs of other shapes, the bf16 logits round differently, and gradient entries differed by several bf16 ulps
+    (an H100, the Triton engine: 1e-3 at most, 3% of a small entry)."""
     torch._dynamo.reset()
     p = make_problem(3, 7, 16, 41, dtype=torch.float32, seed=15)
+    kw = dict(old_logprobs=p["old_logprobs"], config="dapo")
 
     def f(hidden, weight):
         with _region():
-            return R.fused_grpo_loss(hidden, weight, p["labels"], p["advantages"], p["mask"],
-                                     old_logprobs=p["old_logprobs"], config="dapo", backend=backend).loss
+            return R.fused_grpo_loss(hidden, weight, p["labels"], p["advantages"], p["mask"], backend=backend,
+                                     **kw).loss
 
     h, w = p["hidden"], p["weight"]
     loss = torch.compile(f, fullgraph=True)(h, w)
     g = grads(loss, [h, w])
     loss_e = f(h, w)
     g_e = grads(loss_e, [h, w])
-    assert loss.dtype == loss_e.dtype and torch.allclose(loss, loss_e, rtol=1e-6, atol=1e-6)
-    for a, b in zip(g, g_e):
-        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+    assert loss.dtype == loss_e.dtype and all(a.dtype == torch.float32 for a in g)
+    if DEVICE.type == "cpu":
+        assert torch.allclose(loss, loss_e, rtol=1e-6, atol=1e-6)
+        for a, b in zip(g, g_e):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+        return
+    with _region():
+        eager, _ = ref.linear_policy_loss(h, w, p["labels"], p["advantages"], p["mask"], **kw)
+        eager_g = grads(eager, [h, w])
+    q = as_fp64(p)
+    q["hidden"] = h.detach().to(AUTOCAST_DTYPE).double().requires_grad_()
+    q["weight"] = w.detach().to(AUTOCAST_DTYPE).double().requires_grad_()
+    exact, _ = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"], **kw)
+    exact_g = grads(exact, [q["hidden"], q["weight"]])
+    for ours in ((loss, *g), (loss_e, *g_e)):  # compiled, then eager mode
+        assert_matches("loss", ours[0], exact, eager, AUTOCAST_DTYPE, scale=1.0)
+        for name, a, b, e in zip(("grad_hidden", "grad_weight"), ours[1:], exact_g, eager_g):
+            assert_matches(name, a, b, e, AUTOCAST_DTYPE)

@@ -144,7 +144,8 @@ def test_the_guard_sees_host_reads(capture):
     """The guard is able to fail: the gather of kept rows reads their count back, except under a capture."""
     keep = make_problem(2, 5, 8, 11, seed=33, mask_frac=0.4)["mask"].reshape(-1)
     assert not bool(keep.all())
-    rows, labels = torch.ones(keep.numel(), 3), torch.ones(keep.numel(), dtype=torch.long)
+    rows = torch.ones(keep.numel(), 3, device=keep.device)
+    labels = torch.ones(keep.numel(), dtype=torch.long, device=keep.device)
     with pytest.raises(AssertionError, match="host read"), HostReadGuard():
         ops._kept_rows(rows, labels, 1.0, keep, keep)
     with capture:
