@@ -4,18 +4,17 @@
 #     OUT=/some/dir bash bench/device_check.sh          # logprobs tests grpo llama host tune kernels
 #
 # The default steps' limits add up to 1150 s (tests 300: since 2026-11-27 it compiles reduce-overhead graphs too),
-# more than one 10-minute device call; on an H100 (2026-11-27, session 9,
-# STEPS="logprobs tune tests grpo llama kernels") they took 481 s: logprobs 78, tune 37, tests 103, grpo 101, llama 99,
-# kernels 45 (compile, opt-in: 142 on 2026-11-26); the host step, added since, took about 20 s in device_logits.sh,
-# and the cce provider in the grpo step (added 2026-11-27) and the trl provider in the grpo and logprobs steps (added in
-# session 17; carry its wheel in .whl/ too) are untimed (their own limit: 70 / 50 s). The bench steps also time
-# each provider's calls back to back since then (pipelined_ms: 5 more calls each, untimed here; from session 9's
-# Liger medians, 953 and 878 ms, Liger's add about 4.8 s to grpo and 4.4 s to llama).
+# more than one 10-minute device call. On an H100 (2026-11-27, session 18, STEPS="logprobs tests grpo tune llama host
+# kernels", the trl and cce providers included) they took: logprobs 94 s, tests 147, grpo 154, tune 35, llama 107,
+# host 18, and kernels was cut by the call's 585 s limit (session 9, without the peers: kernels 45 s, 142 with its
+# compiles). The trl provider's wheel travels in .whl/ with Liger's and CCE's; the GPU image has no `datasets`, which
+# TRL's trainer utilities import: the bench then stands in for the one function TRL's fused LM head needs from them
+# and says so in the row.
 # Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after
 # every row), or name fewer STEPS. The default order puts first what the Triton engine issue's targets are judged on:
-# the logits op's bandwidth (the one target not yet met), the GPU test suite (sessions 10-14 changed the engine with no
-# GPU: softcap kernels, CUDA graph captures), then the grpo op at both shapes, then the host profile and the tuning
-# sweeps. bench/device_logits.sh is a short check of the logits op alone (about 110 s).
+# the logits op's bandwidth (the one target not yet met for a lone call), the GPU test suite (session 18 fixed 3 engine
+# bugs and 5 test bugs that it found, the last of them not re-run on a GPU), then the grpo op at both shapes, then the
+# host profile and the tuning sweeps. bench/device_logits.sh is a short check of the logits op alone (about 110 s).
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
