@@ -279,16 +279,21 @@ def main(argv=None) -> int:
         # before 2026-11-27: the GPU idled from the checks' sync to the launch), timed here as its baseline
         import rlkernels._checks as checks_module
 
-        # (and the dL/dz kernel's streaming cache hints flipped, STREAM_BWD, in one row)
-        pf, st = K.STATS_PREFETCH, K.STREAM_BWD
-        for stats, checks, prefetch, masked, after, stream in (
-                ("tile", "1", pf, False, True, st), ("tile", "0", pf, False, True, st),
-                ("tile", "1", pf, False, False, st), ("tile", "1", not pf, False, True, st),
-                ("tile", "1", pf, False, True, not st), ("lanes", "1", pf, False, True, st),
-                ("tile", "1", pf, True, True, st), ("tile", "1", pf, True, False, st)):
+        # (and the dL/dz kernel's streaming cache hints flipped, STREAM_BWD, in one row; and in two rows the checks'
+        # copies to the host queued on the other side of the launch: checks_module.COPY_AFTER_LAUNCH, after it on a
+        # side stream, or before it)
+        pf, st, cp = K.STATS_PREFETCH, K.STREAM_BWD, checks_module.COPY_AFTER_LAUNCH
+        for stats, checks, prefetch, masked, after, stream, copies in (
+                ("tile", "1", pf, False, True, st, cp), ("tile", "0", pf, False, True, st, cp),
+                ("tile", "1", pf, False, False, st, cp), ("tile", "1", pf, False, True, st, not cp),
+                ("tile", "1", not pf, False, True, st, cp),
+                ("tile", "1", pf, False, True, not st, cp), ("lanes", "1", pf, False, True, st, cp),
+                ("tile", "1", pf, True, True, st, cp), ("tile", "1", pf, True, False, st, cp),
+                ("tile", "1", pf, True, True, st, not cp)):
             os.environ["RLKERNELS_STATS_KERNEL"] = stats
             os.environ["RLKERNELS_CHECK_VALUES"] = checks
             checks_module.READ_AFTER_LAUNCH = after
+            checks_module.COPY_AFTER_LAUNCH = copies
             mask = keep if masked else None
             read = (n_kept if masked else M) * row_bytes
             nbytes = read  # the forward's
@@ -314,14 +319,14 @@ def main(argv=None) -> int:
                 t_b = max(t_all - t_f, 1e-9)
                 bwd_bytes = read + M * row_bytes
                 row("logits", stats=stats, prefetch=prefetch, stream=stream, value_checks=checks, masked=masked,
-                    checks_after_launch=after, fwd_ms=t_f,
+                    checks_after_launch=after, copies_after_launch=copies, fwd_ms=t_f,
                     fwd_gbs=nbytes / t_f / 1e6, bwd_ms=t_b, bwd_gbs=bwd_bytes / t_b / 1e6, full_ms=t_all,
                     full_gbs=(nbytes + bwd_bytes) / t_all / 1e6, burst_ms=t_burst,
                     burst_gbs=(nbytes + bwd_bytes) / t_burst / 1e6, peak_mb=peak,
                     **{f"timeline_{k}": v for k, v in timeline.items()})
             except Exception as exc:
                 row("logits", stats=stats, prefetch=prefetch, stream=stream, value_checks=checks, masked=masked,
-                    checks_after_launch=after, error=repr(exc)[:300])
+                    checks_after_launch=after, copies_after_launch=copies, error=repr(exc)[:300])
         # the logits op followed by policy_loss (a trainer that has logits: TRL-style), value checks on: policy_loss's
         # checks queue behind the statistics kernel; read after its objective is queued (the default since
         # 2026-11-27) or before it (the GPU then idles while the host queues the objective op by op)
@@ -329,6 +334,7 @@ def main(argv=None) -> int:
         os.environ["RLKERNELS_CHECK_VALUES"] = "1"
         adv = torch.randn(M, device=dev)  # per token: flat (N,) inputs, one sequence
         old_lp = -torch.rand(M, device=dev) * 3
+        checks_module.COPY_AFTER_LAUNCH = cp
         for after in (True, False):
             checks_module.READ_AFTER_LAUNCH = after
 

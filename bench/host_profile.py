@@ -278,14 +278,18 @@ def main(argv=None) -> int:
     import rlkernels._checks as checks_module
     from rlkernels.triton_ops import launch as fast_launch
 
-    # (layout, value checks, fast launch, checks read after the statistics kernel is queued)
-    configs = [(layout, checks, True, True) for layout in layouts for checks in ("1", "0")]
-    configs.append(("2d", "0", False, True))  # Triton's own launch path: the fast launch's baseline
-    configs.append(("2d", "1", True, False))  # the checks read before the kernel is queued: the later read's baseline
-    for layout, checks, fast, after in configs:
+    # (layout, value checks, fast launch, checks read after the statistics kernel is queued, their copies queued after
+    # it: COPY_AFTER_LAUNCH)
+    cp = checks_module.COPY_AFTER_LAUNCH
+    configs = [(layout, checks, True, True, cp) for layout in layouts for checks in ("1", "0")]
+    configs.append(("2d", "0", False, True, cp))  # Triton's own launch path: the fast launch's baseline
+    configs.append(("2d", "1", True, False, cp))  # the checks read before the kernel is queued: the later read's baseline
+    configs.append(("2d", "1", True, True, not cp))  # the copies queued on the other side of the launch
+    for layout, checks, fast, after, copies in configs:
         xl, yl, gl, ge = layouts[layout]
         fast_launch.ENABLED, enabled = fast and fast_launch.ENABLED, fast_launch.ENABLED
         checks_module.READ_AFTER_LAUNCH = after
+        checks_module.COPY_AFTER_LAUNCH = copies
 
         def fwd():
             return rlkernels.logprobs_from_logits(xl, yl, return_entropy=True, backend="triton")
@@ -301,6 +305,7 @@ def main(argv=None) -> int:
             full()
         sync()
         row = dict(layout=layout, value_checks=checks, fast_launch=fast_launch.ENABLED, checks_after_launch=after,
+                   copies_after_launch=copies,
                    stages_us=stages(fwd, bwd),
                    host_fwd_us=host_us(lambda _: fwd()), host_bwd_us=host_us(bwd, before=fwd),
                    fwd_ms=timed(fwd, warmup=0, repeat=10)[0],
@@ -320,7 +325,8 @@ def main(argv=None) -> int:
             text.write(f"{kind:4s} {at:10.1f} {dur:9.1f}  {name}\n")
         fast_launch.ENABLED = enabled
         checks_module.READ_AFTER_LAUNCH = True
-        if layout != "2d" or checks != "1" or not after:
+        checks_module.COPY_AFTER_LAUNCH = cp
+        if layout != "2d" or checks != "1" or not after or copies != cp:
             continue
         prof = cProfile.Profile()
         prof.enable()

@@ -205,7 +205,8 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
             lines.append(f"logits op, stats={r.get('stats')} prefetch={r.get('prefetch', False)} "
                          f"stream={r.get('stream', False)} "
                          f"checks={r.get('value_checks')}{' masked' if r.get('masked') else ''}"
-                         f"{' read before launch' if r.get('checks_after_launch') is False else ''}: "
+                         f"{' read before launch' if r.get('checks_after_launch') is False else ''}"
+                         f"{' copies after launch' if r.get('copies_after_launch') else ''}: "
                          f"fwd {r['fwd_gbs']:.0f}, "
                          f"bwd {r['bwd_gbs']:.0f}, fwd+bwd {r['full_gbs']:.0f} GB/s{pct}{idle}")
     return "\n".join(lines)

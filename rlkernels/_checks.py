@@ -188,14 +188,21 @@ class LateCheck:
         """Queue the copy of one check's values (as :func:`fail_when` takes them)."""
         self.arm_all([(values, failed, message)])
 
-    def arm_all(self, checks: List[_Check]) -> None:
+    def arm_all(self, checks: List[_Check], after: Optional[dict] = None) -> None:
         """Queue the copies of several checks' values; :meth:`raise_if_failed` raises the first that failed, in
-        this order."""
+        this order. ``after``: {device: event} (:func:`_mark_streams`): the copies go on each device's side stream,
+        behind that event, instead of its current stream (they then need not wait for work queued since the event;
+        the values stay referenced here until they are read, so their memory is not reused before the copies)."""
         values = [v for vs, _, _ in checks for v in vs]
         on_gpu = [v.is_cuda for v in values]
         self._staging = _pool_take() if any(on_gpu) else None
-        copies, streams = (self._staging.copy_in(values, on_gpu) if self._staging is not None
-                           else (list(values), []))
+        with contextlib.ExitStack() as on_side:
+            for device, event in (after or {}).items():
+                side = _side_stream(device)
+                side.wait_event(event)
+                on_side.enter_context(torch.cuda.stream(side))
+            copies, streams = (self._staging.copy_in(values, on_gpu) if self._staging is not None
+                               else (list(values), []))
         self._events = []
         for stream in streams:
             self._events.append(torch.cuda.Event())
@@ -242,6 +249,36 @@ def runs_async(t: Tensor) -> bool:
 # False: read_after_launch is ignored (the checks are read on leaving the block, before any kernel): the earlier
 # order, for bench/gpu_tune.py and bench/host_profile.py to time both in one process
 READ_AFTER_LAUNCH = True
+# With read_after_launch: True queues the checks' copies to the host after the launch (on a side stream, behind an
+# event recorded where the checks' reductions end, so that they still run ahead of the kernel), False before it. The
+# copies' host work (LateCheck.arm_all, 210 us of the 580 us the GPU idled before a checked logits call's first kernel
+# on an H100, bench/host_profile.py, session 18) then overlaps the kernel. Built without a GPU (session 18), so off
+# until bench/gpu_tune.py's logits rows ("copies after launch") show it wins.
+COPY_AFTER_LAUNCH = False
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One stream per CUDA device for the checks' copies queued after a launch (made once: creating a stream costs
+    host time)."""
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return stream
+
+
+def _mark_streams(checks: List[_Check]) -> dict:
+    """{device: an event recorded now on its current stream} for the CUDA devices of the checks' values: where
+    their reductions end in each stream's order."""
+    marks = {}
+    for values, _, _ in checks:
+        for v in values:
+            if v.is_cuda and v.device not in marks:
+                marks[v.device] = torch.cuda.Event()
+                marks[v.device].record(torch.cuda.current_stream(v.device))
+    return marks
 
 
 class DeferredChecks:
@@ -252,6 +289,7 @@ class DeferredChecks:
     def __init__(self):
         self._after_launch = False
         self._late: Optional[LateCheck] = None
+        self._queued: Optional[Tuple[List[_Check], dict]] = None  # COPY_AFTER_LAUNCH: copies not yet queued
 
     def read_after_launch(self) -> None:
         """Read the checks queued in this block after the launch given to :meth:`launched`, not on leaving the block.
@@ -265,7 +303,7 @@ class DeferredChecks:
     def launched(self, start: Callable[[], Any]) -> Any:
         """``start()`` (which queues the kernels), then the checks armed on leaving the block are read: the first
         that failed raises (also in place of an error that ``start`` raised), else ``start``'s result is returned."""
-        if self._late is None:
+        if self._late is None and self._queued is None:
             return start()
         try:
             out = start()
@@ -281,14 +319,23 @@ class DeferredChecks:
     def read(self) -> None:
         """Raise the first failed check, where they are read after the launch (no-op otherwise): for a caller about
         to raise an error of its own before its launch."""
+        if self._queued is not None:  # COPY_AFTER_LAUNCH: the copies, queued now (after the launch, on the host)
+            pending, marks = self._queued
+            self._queued = None
+            self._late = LateCheck()
+            self._late.arm_all(pending, after=marks)
         if self._late is not None:
             self._late.raise_if_failed()
 
     def _close(self, pending: List[_Check]) -> None:
-        """On leaving the block: read the checks now, or queue their copies for :meth:`launched` to read."""
+        """On leaving the block: read the checks now, or queue their copies (or with COPY_AFTER_LAUNCH, mark where
+        their reductions end) for :meth:`launched` to read."""
         if self._after_launch and pending:
-            self._late = LateCheck()
-            self._late.arm_all(pending)
+            if COPY_AFTER_LAUNCH:
+                self._queued = (pending, _mark_streams(pending))
+            else:
+                self._late = LateCheck()
+                self._late.arm_all(pending)
         else:
             _raise_first_failed(pending)
 

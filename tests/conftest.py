@@ -148,6 +148,7 @@ def check_events(monkeypatch) -> list:
     events = []
     read_back, arm_all, wait = C.read_back, C.LateCheck.arm_all, C.LateCheck.raise_if_failed
     monkeypatch.setattr(C, "read_back", lambda values: (events.append("sync"), read_back(values))[1])
-    monkeypatch.setattr(C.LateCheck, "arm_all", lambda self, c: (events.append("copy"), arm_all(self, c))[1])
+    monkeypatch.setattr(C.LateCheck, "arm_all", lambda self, c, after=None: (
+        events.append("copy"), arm_all(self, c, after=after))[1])
     monkeypatch.setattr(C.LateCheck, "raise_if_failed", lambda self: (events.append("wait"), wait(self))[1])
     return events

@@ -419,15 +419,20 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("copy_after", [False, True], ids=["copies-before", "copies-after"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked):
+def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked, copy_after):
     """The logits op prepares its statistics launch (outputs, arguments, key) with its value checks, queues the
     checks' copies, then the kernel, and only then waits for the checks (the kernel stays in bounds for any label):
     the GPU computes while the host waits, where it idled from the host sync to the launch. A label out of range
-    still raises, naming the argument, before anything is returned; no host sync comes before the launch."""
+    still raises, naming the argument, before anything is returned; no host sync comes before the launch. With
+    COPY_AFTER_LAUNCH the copies are queued after the kernel (on CUDA on a side stream, behind the checks'
+    reductions), and the results and errors are the same."""
     import rlkernels._checks as C
     import rlkernels.triton_ops.logprobs as KL
 
+    monkeypatch.setattr(C, "COPY_AFTER_LAUNCH", copy_after)
+    first = [("launch", "_logits_stats_kernel"), "copy"] if copy_after else ["copy", ("launch", "_logits_stats_kernel")]
     events = check_events(monkeypatch)
     prepare = KL.prepare_launch
 
@@ -445,7 +450,7 @@ def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked)
     logp = R.logprobs_from_logits(z, y, mask=mask, backend="triton")
     stats = ("_logits_stats_kernel",)
     # the second copy is the NaN scan's flag, armed for the backward pass
-    assert events == [("prepare",) + stats, "copy", ("launch",) + stats, "wait", "copy"], events
+    assert events == [("prepare",) + stats] + first + ["wait", "copy"], events
     want = ref.logprobs_from_logits(z.detach().double().cpu(), y.cpu())[0]
     torch.testing.assert_close(logp.detach().double().cpu(), want, rtol=1e-5, atol=1e-5)
     events.clear()
@@ -454,7 +459,7 @@ def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, V=131\) at kept positions; found 131 at index "
                                          r"\(1, 2\)"):
         R.logprobs_from_logits(z, bad, mask=mask, backend="triton")
-    assert events == [("prepare",) + stats, "copy", ("launch",) + stats, "wait"], events
+    assert events == [("prepare",) + stats] + first + ["wait"], events
     # the earlier order, kept for the benchmarks' same-process baseline: one sync, then the launch
     events.clear()
     monkeypatch.setattr(C, "READ_AFTER_LAUNCH", False)
@@ -469,14 +474,19 @@ def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked)
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("copy_after", [False, True], ids=["copies-before", "copies-after"])
 @pytest.mark.parametrize("path", ["fused_logprobs", "two-stage", "single pass", "gspo single pass"])
-def test_linear_checks_are_read_once_the_forward_is_queued(monkeypatch, path):
+def test_linear_checks_are_read_once_the_forward_is_queued(monkeypatch, path, copy_after):
     """fused_logprobs / fused_grpo_loss on the Triton engine queue their value checks' copies, then the forward's
     kernels, and wait for the checks only then (its kernels stay in bounds for any label): bad labels of any size
     still raise, naming the argument, before anything is returned, and before an error the call would raise of its
-    own (single_pass=True that cannot apply). With checks off nothing is copied."""
+    own (single_pass=True that cannot apply). With checks off nothing is copied. With COPY_AFTER_LAUNCH the copies
+    are queued after the first kernel."""
+    import rlkernels._checks as C
     import rlkernels.triton_ops.logprobs as KL
 
+    monkeypatch.setattr(C, "COPY_AFTER_LAUNCH", copy_after)  # the copies queued after the forward's first kernel
+    first = ["launch", "copy"] if copy_after else ["copy", "launch"]
     events = check_events(monkeypatch)
     prepare = KL.prepare_launch
 
@@ -499,14 +509,14 @@ def test_linear_checks_are_read_once_the_forward_is_queued(monkeypatch, path):
         return out.loss
 
     call(y)
-    assert events == ["copy", "launch", "wait"], events  # no read_back: nothing waits for the checks before
+    assert events == first + ["wait"], events  # no read_back: nothing waits for the checks before
     for bad in (131, 131 + 1000, -100, 2 ** 40):
         events.clear()
         labels = y.clone()
         labels[1, 2] = bad
         with pytest.raises(ValueError, match=rf"labels must lie in \[0, V=131\) at kept positions; found {bad} "):
             call(labels)
-        assert events[0] == "copy" and "wait" in events, events
+        assert events[:2] == first and "wait" in events, events
     if path == "gspo single pass":  # a sequence longer than a row chunk: single_pass=True cannot apply
         labels = y.clone()
         labels[0, 0] = 131

@@ -358,12 +358,16 @@ def test_nested_deferred_checks_read_their_own():
             R.logprobs_from_logits(torch.randn(4, 5), torch.tensor([0, 1, 2, 5]), backend="torch")
 
 
-def test_checks_read_after_a_launch():
+@pytest.mark.parametrize("copy_after", [False, True], ids=["copies-before", "copies-after"])
+def test_checks_read_after_a_launch(monkeypatch, copy_after):
     """DeferredChecks.read_after_launch: the checks are not read on leaving the block but once ``launched`` has run
     its launch, which always runs; the first failed check raises then (also in place of an error the launch
-    raised), a passing set returns the launch's result, and a block that asks for nothing reads on leaving. (With
-    value checks off, test_triton's test_logits_kernel_is_queued_before_the_checks_are_read.)"""
+    raised), a passing set returns the launch's result, and a block that asks for nothing reads on leaving. Their
+    copies queued before the launch or (COPY_AFTER_LAUNCH) after it. (With value checks off, test_triton's
+    test_logits_kernel_is_queued_before_the_checks_are_read.)"""
     import rlkernels._checks as C
+
+    monkeypatch.setattr(C, "COPY_AFTER_LAUNCH", copy_after)
 
     ran = []
 
@@ -396,15 +400,19 @@ def test_checks_read_after_a_launch():
         checked(False, True, False)
 
 
+@pytest.mark.parametrize("copy_after", [False, True], ids=["copies-before", "copies-after"])
 @pytest.mark.parametrize("on_gpu", [False, True])
-def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, monkeypatch, on_gpu):
+def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, monkeypatch, on_gpu, copy_after):
     """On a GPU (here: CPU tensors said to run asynchronously), policy_loss queues its checks' copies, then its
     objective (torch ops, in bounds for any values), and only then waits for the checks: where logp comes from a
     kernel still running, the host no longer waits for it before queuing the objective. Bad input still raises the
-    same error before anything is returned. Elsewhere the checks are read first, as before."""
+    same error before anything is returned. Elsewhere the checks are read first, as before. With
+    COPY_AFTER_LAUNCH the copies are queued after the objective."""
     import rlkernels._checks as C
     import rlkernels.ops as O
 
+    monkeypatch.setattr(C, "COPY_AFTER_LAUNCH", copy_after)
+    queued = ["objective", "copy", "wait"] if copy_after else ["copy", "objective", "wait"]
     monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "1")
     monkeypatch.setattr(C, "runs_async", lambda t: on_gpu)
     events = check_events(monkeypatch)
@@ -413,7 +421,7 @@ def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, 
     logp = (torch.randn(p["labels"].shape) - 2).requires_grad_()
     old = logp.detach() + 0.1 * torch.randn(logp.shape)
     out = R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=old, config="dapo")
-    assert events == (["copy", "objective", "wait"] if on_gpu else ["sync", "objective"]), events
+    assert events == (queued if on_gpu else ["sync", "objective"]), events
     monkeypatch.setattr(C, "runs_async", lambda t: False)
     want = R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=old, config="dapo")
     assert torch.equal(out.loss, want.loss)
@@ -421,7 +429,7 @@ def test_policy_loss_queues_its_objective_before_reading_its_checks_on_a_gpu(p, 
     events.clear()
     with pytest.raises(ValueError, match="old_logprobs holds NaN"):
         R.policy_loss(logp, None, p["advantages"], p["mask"], old_logprobs=torch.full_like(old, float("nan")))
-    assert events == (["copy", "objective", "wait"] if on_gpu else ["sync"]), events
+    assert events == (queued if on_gpu else ["sync"]), events
 
 
 @pytest.fixture
