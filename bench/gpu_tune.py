@@ -104,7 +104,9 @@ def timed_burst(fn, calls: int = 20, rounds: int = 5, warmup: int = 2) -> float:
 def gpu_timeline(fn, clear=None) -> dict:
     """One call of ``fn`` under torch.profiler: its GPU work (kernels and copies) as ``busy_ms`` (summed), ``span_ms``
     (first start to last end), ``idle_ms`` (span - busy: the GPU waiting on the host inside the call, e.g. after a
-    host sync), and the five longest as ``top`` (name, ms). ``clear`` runs untimed before each call. On CPU: {}."""
+    host sync), the five longest as ``top`` (name, ms), and the five longest waits as ``gaps`` (us, at us from the
+    first start, the GPU work before and after: where the host held it up). ``clear`` runs untimed before each call.
+    On CPU: {}."""
     if not CUDA:
         return {}
     from torch.autograd import DeviceType
@@ -128,8 +130,25 @@ def gpu_timeline(fn, clear=None) -> dict:
     busy = sum(e.time_range.elapsed_us() for e in gpu) / 1e3
     span = (max(ends) - min(starts)) / 1e3
     top = sorted(gpu, key=lambda e: -e.time_range.elapsed_us())[:5]
+    gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in gpu])
     return dict(busy_ms=busy, span_ms=span, idle_ms=span - busy, gpu_events=len(gpu),
-                top=[(e.name[:60], e.time_range.elapsed_us() / 1e3) for e in top])
+                top=[(e.name[:60], e.time_range.elapsed_us() / 1e3) for e in top], gaps=gaps)
+
+
+def idle_gaps(events, n: int = 5) -> list:
+    """The ``n`` longest stretches with no GPU work among ``events`` [(start_us, end_us, name)]: [(gap_us, at_us from
+    the first start, the name of the work that ended last before it, of the work after it)], longest first."""
+    events = sorted(events)
+    if not events:
+        return []
+    first, found = events[0][0], []
+    end, before = events[0][1], events[0][2]
+    for start, stop, name in events[1:]:
+        if start > end:
+            found.append((round(start - end, 1), round(end - first, 1), before[:50], name[:50]))
+        if stop >= end:
+            end, before = stop, name
+    return sorted(found, key=lambda g: -g[0])[:n]
 
 
 def empty_cache() -> None:

@@ -195,6 +195,8 @@ def report(kernel_rows: List[Dict[str, Any]], tune_rows: Optional[List[Dict[str,
                     top = ", ".join(f"{name} {ms:.2f}" for name, ms in r.get("timeline_top", []))
                     lines.append(f"  one call of the defaults' loss: GPU busy {r['timeline_busy_ms']:.2f} ms, idle "
                                  f"{r['timeline_idle_ms']:.2f} ms; longest: {top}")
+                    for gap_us, at_us, before, after in r.get("timeline_gaps", []):
+                        lines.append(f"    idle {gap_us:.0f} us at {at_us / 1e3:.2f} ms, after {before}, before {after}")
         for r in logits:
             pct = f" ({100 * r['full_gbs'] / peak:.1f}% of HBM)" if peak else ""
             idle = (f"; GPU busy {r['timeline_busy_ms']:.2f} ms, idle {r['timeline_idle_ms']:.2f} ms inside one call"

@@ -482,6 +482,18 @@ def _pick_defaults():
     return module
 
 
+def test_gpu_tune_idle_gaps():
+    """bench/gpu_tune.py's idle_gaps: the stretches with no GPU work among overlapping events, longest first, each
+    with where it starts and the work on either side (the one that ended last before it)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_tune.py")
+    spec = importlib.util.spec_from_file_location("gpu_tune", path)
+    gt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gt)
+    events = [(12, 20, "b"), (0, 10, "a"), (15, 18, "c"), (30, 40, "d"), (41, 42, "e"), (50, 51, "f")]
+    assert gt.idle_gaps(events, n=3) == [(10, 20, "b", "d"), (8, 42, "e", "f"), (2, 10, "a", "b")]
+    assert gt.idle_gaps([(0, 5, "a"), (1, 9, "b"), (9, 10, "c")]) == [] and gt.idle_gaps([]) == []
+
+
 def test_pick_defaults_reads_a_sweep():
     """bench/pick_defaults.py on rows shaped like gpu_tune's: it ranks the launches, proposes a change only where the
     best leads today's default by more than the margin, flags launches whose statistics disagree, and reads the
