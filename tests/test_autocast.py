@@ -98,6 +98,24 @@ def test_policy_loss_computes_as_outside(config):
         assert torch.equal(a, b)
 
 
+def _assert_as_eager_in_a_region(p, kw, got):
+    """``got`` = (loss, grad_hidden, grad_weight) of calls on fp32 leaves ``p["hidden"]``, ``p["weight"]`` inside a
+    bf16 region: each to bf16 tolerance against float64 on the bf16-rounded inputs, allowed k times the error of the
+    eager code (``rlkernels.reference``) in the same region."""
+    h, w = p["hidden"], p["weight"]
+    with _region():
+        eager, _ = ref.linear_policy_loss(h, w, p["labels"], p["advantages"], p["mask"], **kw)
+        eager_g = grads(eager, [h, w])
+    q = as_fp64(p)
+    q["hidden"] = h.detach().to(AUTOCAST_DTYPE).double().requires_grad_()
+    q["weight"] = w.detach().to(AUTOCAST_DTYPE).double().requires_grad_()
+    exact, _ = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"], **kw)
+    exact_g = grads(exact, [q["hidden"], q["weight"]])
+    assert_matches("loss", got[0], exact, eager, AUTOCAST_DTYPE, scale=1.0)
+    for name, a, b, e in zip(("grad_hidden", "grad_weight"), got[1:], exact_g, eager_g):
+        assert_matches(name, a, b, e, AUTOCAST_DTYPE)
+
+
 def test_matches_the_eager_code_in_the_same_region(backend):
     """What the region promises: the loss and gradients of the eager code in the same region (its LM head in bf16,
     its log-softmax in fp32), to bf16 tolerance against float64 on the bf16-rounded inputs."""
@@ -107,16 +125,7 @@ def test_matches_the_eager_code_in_the_same_region(backend):
     with _region():
         out = R.fused_grpo_loss(h, w, p["labels"], p["advantages"], p["mask"], backend=backend, **kw)
         gh, gw = grads(out.loss, [h, w])
-        eager, _ = ref.linear_policy_loss(h, w, p["labels"], p["advantages"], p["mask"], **kw)
-        gh_e, gw_e = grads(eager, [h, w])
-    q = as_fp64(p)
-    q["hidden"] = h.detach().to(AUTOCAST_DTYPE).double().requires_grad_()
-    q["weight"] = w.detach().to(AUTOCAST_DTYPE).double().requires_grad_()
-    exact, _ = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"], **kw)
-    gh64, gw64 = grads(exact, [q["hidden"], q["weight"]])
-    assert_matches("loss", out.loss, exact, eager, AUTOCAST_DTYPE, scale=1.0)
-    assert_matches("grad_hidden", gh, gh64, gh_e, AUTOCAST_DTYPE)
-    assert_matches("grad_weight", gw, gw64, gw_e, AUTOCAST_DTYPE)
+    _assert_as_eager_in_a_region(p, kw, (out.loss, gh, gw))
 
 
 def test_under_torch_compile(backend):
@@ -146,15 +155,5 @@ def test_under_torch_compile(backend):
         for a, b in zip(g, g_e):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
         return
-    with _region():
-        eager, _ = ref.linear_policy_loss(h, w, p["labels"], p["advantages"], p["mask"], **kw)
-        eager_g = grads(eager, [h, w])
-    q = as_fp64(p)
-    q["hidden"] = h.detach().to(AUTOCAST_DTYPE).double().requires_grad_()
-    q["weight"] = w.detach().to(AUTOCAST_DTYPE).double().requires_grad_()
-    exact, _ = ref.linear_policy_loss(q["hidden"], q["weight"], q["labels"], q["advantages"], q["mask"], **kw)
-    exact_g = grads(exact, [q["hidden"], q["weight"]])
-    for ours in ((loss, *g), (loss_e, *g_e)):  # compiled, then eager mode
-        assert_matches("loss", ours[0], exact, eager, AUTOCAST_DTYPE, scale=1.0)
-        for name, a, b, e in zip(("grad_hidden", "grad_weight"), ours[1:], exact_g, eager_g):
-            assert_matches(name, a, b, e, AUTOCAST_DTYPE)
+    _assert_as_eager_in_a_region(p, kw, (loss, *g))  # compiled
+    _assert_as_eager_in_a_region(p, kw, (loss_e, *g_e))  # eager mode
