@@ -12,9 +12,10 @@
 # and says so in the row.
 # Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after
 # every row), or name fewer STEPS. The default order puts first what the Triton engine issue's targets are judged on:
-# the logits op's bandwidth (the one target not yet met for a lone call), the GPU test suite (session 18 fixed 3 engine
-# bugs and 5 test bugs that it found, the last of them not re-run on a GPU), then the grpo op at both shapes, then the
-# host profile and the tuning sweeps. bench/device_logits.sh is a short check of the logits op alone (about 110 s).
+# the logits op's bandwidth (the one target not yet met for a lone call), the GPU test suite (session 18 fixed the 2
+# engine bugs and 3 test bugs that it found, the last 2 test fixes not re-run on a GPU), then the grpo op at both
+# shapes, then the host profile and the tuning sweeps. bench/device_logits.sh is a short check of the logits op alone
+# (about 110 s).
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
 #
 # Steps (each under `timeout`; the script goes on when one fails; it never resets or reconfigures the GPU):
