@@ -31,28 +31,34 @@ def _upstream(logp, ent, seed=1):
     return (a * logp.double()).sum() + (b * ent.double()).sum()
 
 
-@pytest.mark.parametrize("size", [(2, 5, 8, 37), (1, 4, 8, 2053)])
-@pytest.mark.parametrize("temperature", ["1", "0.7", "per-token"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_fused_logprobs_fp64(backend, size, temperature, bias):
-    """Values and gradients (hidden, weight, bias) through the cap, row chunks of 3 and vocabulary blocks; a cap
-    that fp32 holds exactly, since the Triton engine takes it as an fp32 kernel argument."""
-    B, T, H, V = size
-    p = make_problem(B, T, H, V, bias=bias, temperature=0.7 if temperature == "0.7" else 1.0,
-                     per_token_temperature=temperature == "per-token", logit_scale=4.0,
-                     seed=stable_seed(size, temperature, bias))
+def _assert_capped_logprobs(p, backend, cap):
+    """fused_logprobs with the cap ``cap`` (row chunks of 3) against the float64 reference: log-probs, entropies and
+    the gradients of hidden, weight and bias. Returns (the float64 copy of ``p``, the reference log-probs)."""
     logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], bias=p["bias"], temperature=p["temperature"],
-                                 return_entropy=True, backend=backend, chunk_size=3, softcap=CAP)
+                                 return_entropy=True, backend=backend, chunk_size=3, softcap=cap)
     q = as_fp64(p)
     logp_r, ent_r = ref.linear_logprobs(q["hidden"], q["weight"], q["labels"], q["bias"], q["temperature"],
-                                        softcap=CAP)
-    plain, _ = ref.linear_logprobs(q["hidden"], q["weight"], q["labels"], q["bias"], q["temperature"])
-    assert (plain - logp_r).abs().max() > 0.1  # the cap changes the distribution: a test that can fail
+                                        softcap=cap)
     assert_matches("logp", logp, logp_r)
     assert_matches("entropy", ent, ent_r)
     for name, a, b in zip(("hidden", "weight", "bias"), grads(_upstream(logp, ent), leaves(p)),
                           grads(_upstream(logp_r, ent_r), leaves(q))):
         assert_matches(f"grad_{name}", a, b)
+    return q, logp_r.detach()
+
+
+@pytest.mark.parametrize("size", [(2, 5, 8, 37), (1, 4, 8, 2053)])
+@pytest.mark.parametrize("temperature", ["1", "0.7", "per-token"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_logprobs_fp64(backend, size, temperature, bias):
+    """Values and gradients (hidden, weight, bias) through the cap, row chunks of 3 and vocabulary blocks."""
+    B, T, H, V = size
+    p = make_problem(B, T, H, V, bias=bias, temperature=0.7 if temperature == "0.7" else 1.0,
+                     per_token_temperature=temperature == "per-token", logit_scale=4.0,
+                     seed=stable_seed(size, temperature, bias))
+    q, capped = _assert_capped_logprobs(p, backend, CAP)
+    plain, _ = ref.linear_logprobs(q["hidden"], q["weight"], q["labels"], q["bias"], q["temperature"])
+    assert (plain - capped).abs().max() > 0.1  # the cap changes the distribution: a test that can fail
 
 
 @pytest.mark.parametrize("cap", [30.0, 30.1])
@@ -64,19 +70,10 @@ def test_fp64_gemma_cap(backend, cap, temperature):
     in fp64, so only the compiled kernels showed it); the cap now travels as two fp32 (hi + lo)."""
     p = make_problem(2, 5, 8, 37, bias=True, per_token_temperature=temperature == "per-token", logit_scale=60.0,
                      seed=stable_seed(cap, temperature))
-    logp, ent = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], bias=p["bias"], temperature=p["temperature"],
-                                 return_entropy=True, backend=backend, chunk_size=3, softcap=cap)
-    q = as_fp64(p)
-    logp_r, ent_r = ref.linear_logprobs(q["hidden"], q["weight"], q["labels"], q["bias"], q["temperature"],
-                                        softcap=cap)
+    q, _ = _assert_capped_logprobs(p, backend, cap)
     with torch.no_grad():
         z = q["hidden"] @ q["weight"].T + q["bias"]
     assert float((z.abs() > cap).double().mean()) > 0.3  # the cap is at work
-    assert_matches("logp", logp, logp_r)
-    assert_matches("entropy", ent, ent_r)
-    for name, a, b in zip(("hidden", "weight", "bias"), grads(_upstream(logp, ent), leaves(p)),
-                          grads(_upstream(logp_r, ent_r), leaves(q))):
-        assert_matches(f"grad_{name}", a, b)
 
 
 def test_softcap_kernel_arguments():
