@@ -137,7 +137,8 @@ for s in ${STEPS:-logprobs tests grpo llama host tune kernels}; do
                -p no:cacheprovider $XDIST tests/test_logprobs.py tests/test_loss.py tests/test_triton.py \
                tests/test_launch.py \
                tests/test_compile.py tests/test_memory.py tests/test_advantages.py tests/test_hypothesis.py \
-               tests/test_autocast.py tests/test_softcap.py tests/test_cuda_graphs.py tests/test_layouts.py ;;
+               tests/test_autocast.py tests/test_softcap.py tests/test_cuda_graphs.py tests/test_layouts.py \
+               tests/test_fused_objective.py ;;
     *) echo "unknown step $s" >> "$SUMMARY"; FAILED=1 ;;
   esac
 done

@@ -34,7 +34,7 @@ from .engines import load_engine
 from .engines.autograd import _or_empty, _split_temperature, scale_by_upstream
 from .engines.chunking import MIN_VOCAB_BLOCK, VOCAB_MULTIPLE, ChunkPlan, sequence_aligned
 from .engines.torch_engine import compute_dtype
-from .objective import Prepared, TokenBatch, token_loss
+from .objective import ChunkObjective, Prepared, TokenBatch
 
 # the per-token tensors of TokenBatch and Prepared that travel as the op's ``tokens`` list, in this order
 # (TokenBatch.normalizer is left out: only ``prepare`` reads it, and the step constants are already made)
@@ -82,9 +82,7 @@ def _linear_fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], l
     batch = TokenBatch(num_seqs=num_seqs, **dict(zip(_BATCH_TENSORS, tokens[:k])))
     prep = Prepared(**dict(zip(_PREP_TENSORS, tokens[k:])))
 
-    def chunk_loss(r0: int, r1: int, logp_c: Tensor, ent_c: Tensor) -> Tensor:
-        return token_loss(logp_c, ent_c, batch.select(slice(r0, r1)), prep.select(slice(r0, r1)), cfg).total
-
+    chunk_loss = ChunkObjective(batch, prep, cfg)
     plan = ChunkPlan(rows, vocab_block, weight.shape[0])
     if seq_rows != 0:
         plan = _whole_sequence_plan(plan, batch.seq_ids, num_seqs, (seq_rows,) * num_seqs if seq_rows > 0 else None)

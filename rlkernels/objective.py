@@ -357,6 +357,22 @@ def token_loss(
     return TokenTerms(pg, kl, bonus, ratio, kl_value, A)
 
 
+class ChunkObjective:
+    """The single pass's objective on a row chunk, ``chunk_loss(r0, r1, logp_c, entropy_c) -> (r1 - r0,)`` per-token
+    loss (``token_loss(...).total`` on rows [r0, r1)), kept as data: an engine with a fused kernel for it (the
+    Triton engine, for a token-level ratio: :mod:`rlkernels.triton_ops.objective`) reads ``batch``, ``prep`` and
+    ``cfg`` instead of running its torch ops."""
+
+    __slots__ = ("batch", "prep", "cfg")
+
+    def __init__(self, batch: TokenBatch, prep: Prepared, cfg: PolicyLossConfig):
+        self.batch, self.prep, self.cfg = batch, prep, cfg
+
+    def __call__(self, r0: int, r1: int, logp: Tensor, entropy: Tensor) -> Tensor:
+        rows = slice(r0, r1)
+        return token_loss(logp, entropy, self.batch.select(rows), self.prep.select(rows), self.cfg).total
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the whole objective
 # ----------------------------------------------------------------------------------------------------------------

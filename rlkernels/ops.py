@@ -19,8 +19,8 @@ from .config import PolicyLossConfig, resolve_config
 from .engines import plan_chunks, resolve_backend
 from .engines.chunking import ChunkPlan, sequence_aligned
 from .engines.torch_engine import compute_dtype
-from .objective import (LossOutput, is_sequence_separable, is_token_separable, metrics, policy_loss_flat, prepare,
-                        token_loss)
+from .objective import (ChunkObjective, LossOutput, is_sequence_separable, is_token_separable, metrics,
+                        policy_loss_flat, prepare, token_loss)
 
 Temperature = Union[float, Tensor]
 
@@ -422,14 +422,13 @@ def fused_grpo_loss(
 
     if not single_pass:
         logp, ent = call.checks.launched(lambda: call.logprobs(reduce_hidden_grad))
-        return policy_loss_flat(logp, ent, batch, cfg)
+        if compiling:  # traced: torch ops
+            return policy_loss_flat(logp, ent, batch, cfg)
+        return call.engine.policy_loss_flat(logp, ent, batch, cfg)
 
     prep = prepare(batch, cfg)
 
-    def chunk_loss(r0: int, r1: int, logp_c: Tensor, ent_c: Tensor) -> Tensor:
-        rows = slice(r0, r1)
-        return token_loss(logp_c, ent_c, batch.select(rows), prep.select(rows), cfg).total
-
+    chunk_loss = ChunkObjective(batch, prep, cfg)
     if compiling:  # the objective travels as its config and per-token tensors (a closure cannot)
         # a padded batch (every row computed under compile): T rows per sequence; packed: the op reads the lengths
         seq_rows = call.shape[1] if len(call.shape) == 2 else -1
@@ -445,8 +444,10 @@ def fused_grpo_loss(
     else:
         loss, logp, ent = call.checks.launched(lambda: call.engine.linear_fused_loss(
             call.hidden, weight, bias, call.labels, call.temperature, plan, chunk_loss, call.softcap))
-    terms = token_loss(logp, ent, batch, prep, cfg)
-    out = metrics(terms, logp, ent, batch, prep, cfg)
+    if compiling:  # traced: torch ops
+        out = metrics(token_loss(logp, ent, batch, prep, cfg), logp, ent, batch, prep, cfg)
+    else:
+        out = call.engine.objective_metrics(logp, ent, batch, prep, cfg)
     out["loss"] = loss.detach().float()
     return LossOutput(loss, out)
 
@@ -464,6 +465,7 @@ def policy_loss(
     cu_seqlens: Optional[Tensor] = None,
     normalizer: Optional[Union[float, Tensor]] = None,
     config: Union[str, PolicyLossConfig] = "grpo",
+    backend: str = "auto",
     **overrides: Any,
 ) -> LossOutput:
     """The same objective as :func:`fused_grpo_loss`, from per-token log-probs you computed yourself (with
@@ -472,6 +474,10 @@ def policy_loss(
     Args:
         logp: ``(B, T)`` or ``(N,)`` fp32/fp64, differentiable. entropy: same shape, or ``None`` when no entropy knob
             is used. The other arguments are those of :func:`fused_grpo_loss`.
+        backend: the engine whose objective runs: ``"auto"`` takes the Triton engine's fused objective kernel for
+            CUDA tensors (a token-level ratio; the loss's gradient is then once differentiable) and torch ops
+            elsewhere; ``"triton"`` asks for it (on CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"`` for the
+            torch ops. Under ``torch.compile`` the torch ops are traced.
 
     Raises:
         ValueError / TypeError naming the argument, before anything is returned. On CUDA tensors the value checks
@@ -480,7 +486,13 @@ def policy_loss(
     """
     cfg = resolve_config(config, **overrides)
     I.require_tensor("logp", logp, dtypes=(torch.float32, torch.float64), dims=(1, 2))
+    I.check_backend_args(backend, None)
     shape = logp.shape
+    # an engine only where one may fuse the objective: "auto" on CPU tensors resolves none (that would load, or
+    # build, the native engine for nothing)
+    engine = None
+    if not C.compiling() and (backend not in (None, "auto") or logp.is_cuda):
+        engine = resolve_backend(backend, logp.device)
     # one host sync for the value checks. On a GPU it comes after the objective is queued: its torch ops index by
     # nothing the checks read (cu_seqlens, which indexing relies on, is read at once), so they stay safe for any
     # values, and where logp comes from a kernel still running (logprobs_from_logits) the checks' copies queue
@@ -505,7 +517,9 @@ def policy_loss(
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
         flat_logp = torch.where(batch.mask, logp.reshape(-1), zero)
         flat_ent = torch.where(batch.mask, entropy.reshape(-1).to(logp.dtype), zero)
-        return policy_loss_flat(flat_logp, flat_ent, batch, cfg)
+        if engine is None:
+            return policy_loss_flat(flat_logp, flat_ent, batch, cfg)
+        return engine.policy_loss_flat(flat_logp, flat_ent, batch, cfg)
 
     return checks.launched(objective)
 

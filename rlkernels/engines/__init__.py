@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..objective import metrics, policy_loss_flat, token_loss
 from . import torch_engine
 from .chunking import ChunkPlan, plan_chunks
 
@@ -158,6 +159,18 @@ class Engine:
         the work and returns (logp, entropy)."""
         return autograd.prepare_logits_logprobs(self.name, logits, labels, temperature, plan, masked_rows,
                                                 late_check, engine=self)
+
+    def policy_loss_flat(self, logp: Tensor, entropy: Tensor, batch, cfg):
+        """The objective on the step's (N,) ``logp``/``entropy`` (differentiable) -> :class:`LossOutput`
+        (:func:`rlkernels.objective.policy_loss_flat`, the two-stage path's): torch ops here; an engine may fuse
+        them."""
+        return policy_loss_flat(logp, entropy, batch, cfg)
+
+    def objective_metrics(self, logp: Tensor, entropy: Tensor, batch, prep, cfg) -> Dict[str, Tensor]:
+        """The single pass's metrics of the step (:func:`rlkernels.objective.metrics` of ``token_loss``) from its
+        detached (N,) ``logp``/``entropy``, :class:`~rlkernels.objective.TokenBatch` ``batch`` and
+        :class:`~rlkernels.objective.Prepared` ``prep``: torch ops here; an engine may fuse them."""
+        return metrics(token_loss(logp, entropy, batch, prep, cfg), logp, entropy, batch, prep, cfg)
 
     def linear_fused_loss(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, temperature,
                           plan: ChunkPlan, chunk_loss, softcap: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:

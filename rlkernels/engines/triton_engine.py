@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from .._inputs import env_choice
+from ..objective import ChunkObjective
+from ..triton_ops import objective as fused_objective
 from ..triton_ops.logprobs import dlogits, logits_stats, padded_width
 from . import Engine
 from .chunking import ChunkPlan, memory_budget_bytes
@@ -236,10 +238,29 @@ def linear_backward(hidden, weight, bias, labels, temperature, plan: ChunkPlan, 
     return grads.results()
 
 
+FUSED_OBJECTIVE = ("on", "off")
+
+
+def _fuse_objective(cfg) -> bool:
+    """Whether the objective runs in the fused objective kernel (:mod:`rlkernels.triton_ops.objective`): a config
+    it computes, and ``RLKERNELS_FUSED_OBJECTIVE`` not ``off`` (torch ops always: the A/B of bench/gpu_tune.py)."""
+    return fused_objective.fusable(cfg) and env_choice("RLKERNELS_FUSED_OBJECTIVE", FUSED_OBJECTIVE) == "on"
+
+
+def _objective_upstream(chunk_loss):
+    """How the single pass takes a chunk's (loss, g_logp, g_ent): the fused objective kernel for an objective it
+    computes (one launch instead of autograd over about 70 torch ops per chunk), else autograd over
+    ``chunk_loss``."""
+    if isinstance(chunk_loss, ChunkObjective) and _fuse_objective(chunk_loss.cfg):
+        return fused_objective.chunk_upstream
+    return chunk_upstream
+
+
 def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chunk_loss, need_h: bool,
                  need_w: bool, need_b: bool, vocab_offset: Optional[int] = None, merge=None, softcap: float = 0.0):
     """Single pass (see Engine.linear_fused): (loss, logp, entropy, grad_hidden, grad_weight, grad_bias)."""
     N = hidden.shape[0]
+    upstream = _objective_upstream(chunk_loss)
     logp, ent, loss = fused_outputs(hidden)
     grads = _Grads(hidden, weight, bias, need_h, need_w, need_b, plan)
     buf = _buffer(hidden, plan)
@@ -247,7 +268,7 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
         h, y, temp = hidden[r0:r1], labels[r0:r1], _temp_rows(temperature, r0, r1)
         chunk_merge = None if merge is None else functools.partial(merge, r0, r1)
         m, log_s, cs, lp, en = _chunk_stats(buf, h, weight, bias, y, temp, plan, vocab_offset, chunk_merge, softcap)
-        part, g_logp, g_ent = chunk_upstream(chunk_loss, r0, r1, lp, en)
+        part, g_logp, g_ent = upstream(chunk_loss, r0, r1, lp, en)
         if g_logp is not None or g_ent is not None:
             # unblocked: the buffer still holds this chunk's logits, so no recompute (3 GEMMs in all); the kernel
             # forms p from the raw logits and the (merged) statistics
@@ -328,6 +349,20 @@ class TritonEngine(Engine):
             return None
         return f"Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 before importing triton " \
                "to run them on CPU (slow, for tests)"
+
+    def policy_loss_flat(self, logp, entropy, batch, cfg):
+        """The objective by the fused objective kernel (loss and gradients in one launch, metrics in another) where
+        it computes it and ``RLKERNELS_FUSED_OBJECTIVE`` is on; else the torch ops."""
+        if _fuse_objective(cfg):
+            return fused_objective.policy_loss_flat(logp, entropy, batch, cfg)
+        return super().policy_loss_flat(logp, entropy, batch, cfg)
+
+    def objective_metrics(self, logp, entropy, batch, prep, cfg):
+        """The step's metrics in one launch of the fused objective kernel (its METRICS mode) where it computes the
+        objective and ``RLKERNELS_FUSED_OBJECTIVE`` is on; else the torch ops."""
+        if _fuse_objective(cfg):
+            return fused_objective.token_metrics(logp, entropy, batch, prep, cfg)
+        return super().objective_metrics(logp, entropy, batch, prep, cfg)
 
     linear_forward = staticmethod(linear_forward)
     linear_backward = staticmethod(linear_backward)

@@ -18,8 +18,6 @@ Sequence lengths, row counts, temperatures and offsets are runtime arguments; on
 are ``constexpr``, so a new completion length does not recompile.
 """
 import contextlib
-import math
-import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -35,7 +33,7 @@ from .launch import cdiv, next_pow2
 from .launch import prepare as prepare_launch
 from .tl_utils import (LOGIT_FLOOR, TEMP_NONE, TEMP_ROW, TEMP_SCALAR, cap_grad, cap_logits, dlogits_tile, finish_row,
                        full_softcap, load_scaled_logits, merge_lanes, online_lse_step, row_inv_temperature, row_kept,
-                       row_offset, scale_logits)
+                       row_offset, scale_logits, split_f64)
 
 # Tiles and warps from the H100 sweeps (bench/gpu_tune.py; bench/results/gpu-h100/). The statistics kernel: 4096 x 4
 # warps, first chosen from session 2's sweep (1600 GB/s, its best; 1275 at the former 2048 x 8); in session 7's two
@@ -273,17 +271,10 @@ def _temperature_args(temperature, z: Tensor) -> Tuple[Optional[Tensor], float]:
 
 
 def softcap_args(softcap: Optional[float]) -> Tuple[float, float]:
-    """(hi, lo), the launch arguments that carry the cap s (1.0 for none: the kernel's SOFTCAP leaves it unread):
-    hi = s rounded to fp32, lo = the rest, so that an fp64 launch rebuilds s to 48 of its 53 bits
-    (``full_softcap``). hi is rounded here, not by the launch: the interpreter would hand on the Python float."""
-    s = float(softcap or 1.0)
-    try:
-        hi = struct.unpack("f", struct.pack("f", s))[0]
-    except OverflowError:
-        hi = math.inf
-    if math.isinf(hi):  # past fp32's range: the kernel's fp32 argument is inf, as it always was
-        return s, 0.0
-    return hi, s - hi
+    """(hi, lo), the launch arguments that carry the cap s (1.0 for none: the kernel's SOFTCAP leaves it unread),
+    split by :func:`~rlkernels.triton_ops.tl_utils.split_f64`: an fp64 launch rebuilds s to 48 of its 53 bits
+    (``full_softcap``)."""
+    return split_f64(float(softcap or 1.0))
 
 
 def _temp_mode(temp: Optional[Tensor], inv_t: float) -> int:

@@ -1,7 +1,12 @@
-"""Shared ``@triton.jit`` helpers: loading a tile of logits, the online log-sum-exp merge, and dL/dz.
+"""Shared ``@triton.jit`` helpers: loading a tile of logits, the online log-sum-exp merge, dL/dz, and the per-token
+math of the objective (clipped ratios, KL estimators).
 
 Only Triton features available in 3.6 are used (the GPU machines run 3.6; CI runs 3.9's interpreter).
 """
+import math
+import struct
+from typing import Tuple
+
 import triton
 import triton.language as tl
 
@@ -81,16 +86,37 @@ def row_kept(label, MASKED_ROWS: tl.constexpr):
     return tl.full((), 1, tl.int1)
 
 
+def split_f64(x: float) -> Tuple[float, float]:
+    """(hi, lo): ``x`` as two fp32 kernel arguments, hi = x rounded to fp32 and lo = the rest (rounded to fp32
+    too), so that an fp64 launch rebuilds x to 48 of its 53 bits (:func:`join_f64`). A float kernel argument is fp32:
+    an fp64 launch would otherwise carry fp32's rounding into fp64 results (a softcap of 30 put a loss of 1.67 off by
+    8e-8, seen on an H100). hi is rounded here, not by the launch: the interpreter would hand on the Python float.
+    Past fp32's range (and for inf): (x, 0.0), the fp32 argument inf as it would be anyway."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        hi = math.inf
+    if math.isinf(hi):
+        return x, 0.0
+    return hi, x - hi
+
+
+@triton.jit
+def join_f64(hi, lo, ACC: tl.constexpr):
+    """The constant hi + lo of :func:`split_f64` in the accumulation dtype: fp64 launches add the two, fp32 launches
+    take ``hi``."""
+    if ACC == tl.float64:  # (an if/else: code after a return is still built, and its fp32 would clash, see div_rn)
+        x = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        x = hi
+    return x
+
+
 @triton.jit
 def full_softcap(hi, lo, ACC: tl.constexpr):
-    """The cap s in the accumulation dtype, from a launch's two fp32 arguments s = hi + lo (:func:`softcap_args`):
-    a float kernel argument is fp32, and in fp32 an fp64 launch's cap (and its 2 / s) would carry fp32's rounding
-    into fp64 results (a loss of 1.67 off by 8e-8 at s = 30, seen on an H100). fp32 launches take ``hi``."""
-    if ACC == tl.float64:  # (an if/else: code after a return is still built, and its fp32 would clash, see div_rn)
-        s = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    else:
-        s = hi
-    return s
+    """The cap s in the accumulation dtype, from a launch's two fp32 arguments s = hi + lo
+    (``logprobs.softcap_args``, :func:`join_f64`)."""
+    return join_f64(hi, lo, ACC)
 
 
 @triton.jit
@@ -242,3 +268,65 @@ def dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_G
     if TEMP != TEMP_NONE:
         dz = dz * inv_t
     return dz
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the objective's per-token math (rlkernels.objective.token_loss, LOSSES.md B §2-4): values and derivatives
+# ----------------------------------------------------------------------------------------------------------------
+# KL estimator codes (the KL_EST constexpr), in config.KL_ESTIMATORS' order
+KL_K1 = tl.constexpr(0)
+KL_ABS = tl.constexpr(1)
+KL_K2 = tl.constexpr(2)
+KL_K3 = tl.constexpr(3)
+KL_LOW_VAR = tl.constexpr(4)
+
+
+@triton.jit
+def expm1(x):
+    """e^x - 1 without the cancellation of ``exp(x) - 1`` near 0 (``torch.expm1``): Kahan's (u - 1) x / log u with
+    u = e^x for |x| < 0.5, where the rounding of u cancels between u - 1 (exact there) and log u; u - 1 elsewhere
+    (no cancellation: |e^x - 1| > 0.39). x where u rounds to 1; -1 at -inf, inf at inf, NaN kept. (libdevice's
+    expm1 is not in Triton's interpreter, which runs the CPU tests.)"""
+    u = tl.exp(x)
+    near = (tl.abs(x) < 0.5) & (u != 1.0)
+    u_near = tl.where(near, u, 2.0)  # elsewhere a u whose log is neither 0 nor -inf: no 0 / 0 to mask afterwards
+    y = tl.where(near, div_rn((u_near - 1.0) * x, tl.log(u_near)), u - 1.0)
+    return tl.where(u == 1.0, x, y)
+
+
+@triton.jit
+def clamp_grad(x, lo, hi):
+    """(clamp(x, lo, hi), d/dx): ``torch.clamp`` and its backward, which passes the gradient where lo <= x <= hi
+    (both inclusive) and gives 0 elsewhere. lo = -inf / hi = inf for a one-sided clamp; NaN stays NaN, with
+    gradient 0."""
+    y = tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+    return y, tl.where((x >= lo) & (x <= hi), 1.0, 0.0).to(x.dtype)
+
+
+@triton.jit
+def kl_estimate(d, EST: tl.constexpr, STRAIGHT: tl.constexpr):
+    """(k, dk/dd) of the per-token KL estimator at d = logp - ref_logp (``objective.kl_penalty``, B §4): k1 d, abs
+    |d|, k2 d^2/2, k3 e^-d - 1 + d (via expm1), low_var_kl k3 with -d clamped to [-20, 20] and the value to
+    [-10, 10] (gradient 0 where a clamp bites). STRAIGHT: the value is the estimator's, the gradient k2's (d)."""
+    one = tl.full(d.shape, 1.0, d.dtype)
+    if EST == KL_K1:
+        k = d
+        dk = one
+    elif EST == KL_ABS:
+        k = tl.abs(d)
+        dk = tl.where(d > 0, one, tl.where(d < 0, -one, 0.0 * one))
+    elif EST == KL_K2:
+        k = 0.5 * d * d
+        dk = d
+    elif EST == KL_K3:
+        em = expm1(-d)
+        k = em + d
+        dk = -em
+    else:
+        minus_d, pass_d = clamp_grad(-d, -20.0, 20.0)
+        em = expm1(minus_d)
+        k, pass_k = clamp_grad(em - minus_d, -10.0, 10.0)
+        dk = -em * (pass_d * pass_k)
+    if STRAIGHT:
+        dk = d
+    return k, dk
