@@ -10,7 +10,8 @@ order:
 2. ``loss``: ``fused_grpo_loss`` (dapo) forward+backward on the Triton engine, the defaults and one change at a time:
    grad_weight accumulation (``RLKERNELS_GRAD_WEIGHT_ACCUM``), memory budget (``RLKERNELS_MEMORY_BUDGET_MB``, MiB
    of the input dtype), statistics loop (``RLKERNELS_STATS_KERNEL``), pipeline stages, tail split, register prefetch,
-   ``RLKERNELS_AUTOTUNE=1`` (and what it picked), recompute mode, and gspo single pass (sequence-aligned chunks)
+   ``RLKERNELS_AUTOTUNE=1`` (and what it picked), recompute mode, gspo single pass (sequence-aligned chunks), and
+   the single pass's objective by autograd instead of its fused kernel (``RLKERNELS_FUSED_OBJECTIVE=off``)
    against gspo recompute: time, and the peak memory above the inputs (gradients included, as new tensors);
 3. ``logits``: the logits op (``logprobs_from_logits``) forward and forward+backward, as GB/s by the byte model,
    each call timed alone (the GPU idle at its start) and back to back (``burst``: the host prepares the next call
@@ -245,10 +246,13 @@ def main(argv=None) -> int:
         # (2.2 GB, at most half the budget), so "auto" takes it there, with a ~3 GiB block. stages: software
         # pipelining of the statistics loop (K.STATS_STAGES); split: unmasked whole tiles (K.SPLIT_TAIL).
         # preset=gspo: the sequence-level ratio's single pass (row chunks of whole sequences) against its recompute
+        # fused_objective=off: the single pass's per-chunk objective by autograd over torch ops (about 70 per chunk)
+        # instead of triton_ops.objective's one kernel
         base = dict(preset=case.preset, accum="auto", budget_mb=1024, single_pass=True, stats="tile",
-                    stages=K.STATS_STAGES, split=K.SPLIT_TAIL, prefetch=K.STATS_PREFETCH, autotune=False)
-        changes = [{}, dict(stats="lanes"), dict(stages=3), dict(split=not K.SPLIT_TAIL),
-                   dict(prefetch=not K.STATS_PREFETCH), dict(autotune=True),
+                    stages=K.STATS_STAGES, split=K.SPLIT_TAIL, prefetch=K.STATS_PREFETCH, autotune=False,
+                    fused_objective="on")
+        changes = [{}, dict(fused_objective="off"), dict(stats="lanes"), dict(stages=3),
+                   dict(split=not K.SPLIT_TAIL), dict(prefetch=not K.STATS_PREFETCH), dict(autotune=True),
                    dict(accum="fp32"), dict(budget_mb=5120), dict(single_pass=False), dict(preset="gspo"),
                    dict(preset="gspo", single_pass=False)]
         for change in changes:
@@ -257,12 +261,13 @@ def main(argv=None) -> int:
             os.environ["RLKERNELS_MEMORY_BUDGET_MB"] = str(what["budget_mb"])
             os.environ["RLKERNELS_STATS_KERNEL"] = what["stats"]
             os.environ["RLKERNELS_AUTOTUNE"] = "1" if what["autotune"] else "0"  # tunes during the warm-up calls
+            os.environ["RLKERNELS_FUSED_OBJECTIVE"] = what["fused_objective"]
             try:
                 with K.override_defaults(STATS_STAGES=what["stages"], SPLIT_TAIL=what["split"],
                                          STATS_PREFETCH=what["prefetch"]):
                     t, peak = timed(loss_step(config=what["preset"], single_pass=what["single_pass"]), clear=clear)
                     timeline = {}
-                    if not change:  # the defaults: where the time beyond the 3 GEMMs goes
+                    if not change or "fused_objective" in change:  # where the time beyond the 3 GEMMs goes
                         try:
                             timeline = gpu_timeline(loss_step(config=what["preset"],
                                                               single_pass=what["single_pass"]), clear=clear)
@@ -280,6 +285,7 @@ def main(argv=None) -> int:
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ.pop("RLKERNELS_GRAD_WEIGHT_ACCUM", None)
         os.environ.pop("RLKERNELS_MEMORY_BUDGET_MB", None)
+        os.environ.pop("RLKERNELS_FUSED_OBJECTIVE", None)
 
     if "logits" not in skip:
         # the logits op end to end (logprobs_from_logits, fwd and fwd+bwd) against the byte model: forward reads the

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import advantages as A
 from . import logprobs as K
+from . import objective as O
 from .tl_utils import TEMP_NONE, TEMP_ROW, TEMP_SCALAR
 
 TARGET_ARCH = 90  # sm_90: H100, H200
@@ -185,6 +186,37 @@ def variants() -> List[Variant]:
                                 "out_ptr": "*fp64", "keep_ptr": "*i8", "eps": "fp64"},
                                dict(METHOD=code, CONTIGUOUS=contiguous, BLOCK=A.MAX_BLOCK), 4, (),
                                streams_logits=False))
+    def objective(name, acc="fp32", **flags):
+        f = {"fp32": "*fp32", "fp64": "*fp64"}[acc]
+        signature = {k: f for k in ("logp_ptr", "ent_ptr", "adv_ptr", "old_ptr", "ref_ptr", "omega_ptr", "isw_ptr",
+                                    "g_logp_ptr", "g_ent_ptr", "part_ptr")}
+        signature.update({k: "*i1" for k in ("mask_ptr", "pg_keep_ptr", "ent_keep_ptr", "rejected_ptr")}, n="i32")
+        for const in ("low", "high", "upper", "clamp", "alpha", "kappa", "tau_pos", "tau_neg", "kl_coef", "ent_coef"):
+            signature.update({const: "fp32", f"{const}_lo": "fp32"})
+        constexprs = dict(POLICY=O.PPO, HAS_OLD=True, CLAMP=True, SHAPING=False, HAS_ISW=False, HAS_REF=False,
+                          KL_TERM=False, KL_EST=3, KL_ST=False, KL_CORR=False, ENT_TERM=False, METRICS=False,
+                          HAS_REJ=False, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=O.BLOCK)
+        constexprs.update(flags)
+        constexprs["HAS_REF"] = constexprs["HAS_REF"] or constexprs["KL_TERM"]
+        out.append(Variant(f"objective {name}", O._token_objective_kernel, signature, constexprs, O.NUM_WARPS, (),
+                           streams_logits=False))
+
+    objective("dapo")
+    objective("grpo, k3", KL_TERM=True)
+    objective("ppo, all terms, low_var_kl", KL_TERM=True, KL_EST=4, KL_CORR=True, SHAPING=True,
+              HAS_ISW=True, ENT_TERM=True)
+    objective("cispo, abs straight-through", POLICY=O.CISPO, KL_TERM=True, KL_EST=1, KL_ST=True)
+    objective("sapo, k1, no old log-probs", POLICY=O.SAPO, HAS_OLD=False, KL_TERM=True, KL_EST=0)
+    objective("reinforce, k2, no clamp", POLICY=O.REINFORCE, CLAMP=False, KL_TERM=True, KL_EST=2)
+    objective("fp64, every term, k3", acc="fp64", KL_TERM=True, KL_CORR=True, SHAPING=True, HAS_ISW=True,
+              ENT_TERM=True)
+    objective("fp64 sapo, low_var_kl", acc="fp64", POLICY=O.SAPO, KL_TERM=True, KL_EST=4)
+    objective("metrics, dapo", METRICS=True)
+    objective("metrics, every input", METRICS=True, HAS_REF=True, HAS_ISW=True, HAS_REJ=True, KL_TERM=True,
+              ENT_TERM=True, SHAPING=True)
+    objective("metrics, cispo", METRICS=True, POLICY=O.CISPO)
+    objective("metrics, fp64 ppo every input", acc="fp64", METRICS=True, HAS_REF=True, HAS_ISW=True, HAS_REJ=True,
+              KL_TERM=True, ENT_TERM=True)
     return out
 
 
