@@ -31,7 +31,9 @@
 #   llama     the grpo op at H=4096, V=131072 (the issue's shape): eager, rlkernels-triton, liger, gemm-roofline
 #   gemma     the grpo op at a Gemma-2-9B LM head (H=3584, V=256000) with its final-logit cap (softcap 30), 8k tokens:
 #             eager, rlkernels-triton, cce, gemm-roofline; only when named in STEPS (not yet timed anywhere)
-#   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, gemm-roofline
+#   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, trl, gemm-roofline; and
+#             the policy op (dapo with a KL and an entropy term, from 16k tokens' log-probs: the objective alone, the
+#             fused objective kernel against eager's torch ops; added 2026-11-27, not yet run: about 30 s more)
 #   host      bench/host_profile.py: the logits op's host time per step, an unprofiled call cut by CUDA events around
 #             each kernel, profiled timelines, same-process baselines (Triton's launch path, the value checks read
 #             before the launch); its rows go to the log (its files stay on the machine: 8 files come back at most)
@@ -130,7 +132,8 @@ for s in ${STEPS:-logprobs tests grpo llama host tune kernels}; do
     gemma) step gemma 150 "${BENCH[@]}" --hidden 3584 --vocab 256000 --tokens 8192 --softcap 30 --timeout 60 \
                --op grpo --preset dapo --mode full --provider eager,rlkernels-triton,cce,gemm-roofline \
                --json "$OUT/gemma-$TAG.json" ;;
-    logprobs) step logprobs 130 "${BENCH[@]}" --timeout 50 --op logprobs,logits --mode full \
+    logprobs) step logprobs 160 "${BENCH[@]}" --timeout 50 --op logprobs,logits,policy --mode full \
+               --set kl_coef=0.02 --set entropy_coef=0.01 \
                --provider eager,rlkernels-triton,trl,gemm-roofline --json "$OUT/logprobs-$TAG.json" ;;
     host) step host 90 env PYTHONUNBUFFERED=1 "$PY" bench/host_profile.py --out "${TMPDIR:-/tmp}/rlkernels-host" ;;
     tests) step_to "$OUT/tests-$TAG.log" tests 300 env RLKERNELS_TEST_DEVICE=cuda "$PY" -m pytest -q -ra \

@@ -214,6 +214,27 @@ def test_skip_reasons(suite):
     assert rows[("advantages", "fwd", "rlkernels-torch")]["status"] == "ok"
 
 
+def test_policy_op(capsys, tmp_path):
+    """The policy op (the objective alone, from per-token log-probs, padded): eager and rlkernels-torch pass the
+    float64 check and are timed, fwd and full; the others say why they do not run it; rows carry the preset."""
+    out = tmp_path / "policy.json"
+    code, _ = run(TINY + ["--in-process", "--op", "policy", "--mode", "fwd,full", "--preset", "grpo", "--set",
+                          "kl_coef=0.02", "--pad-frac", "0.25", "--provider",
+                          "eager,rlkernels-torch,rlkernels-native,liger,trl,cce,gemm-roofline", "--json", str(out)],
+                  capsys)
+    assert code == 0
+    rows = {(r["mode"], r["provider"]): r for r in json.loads(out.read_text())["rows"]}
+    for mode in ("fwd", "full"):
+        for name in ("eager", "rlkernels-torch"):
+            row = rows[(mode, name)]
+            assert row["status"] == "ok" and row["preset"] == "grpo" and row["median_ms"] > 0, row
+    reasons = {name: rows[("full", name)]["reason"] for name in ("rlkernels-native", "liger", "trl", "cce",
+                                                                  "gemm-roofline")}
+    assert "measured once, as rlkernels-torch" in reasons["rlkernels-native"]
+    assert "no matmul" in reasons["gemm-roofline"] and "GB/s" not in reasons["gemm-roofline"]
+    assert all(rows[("full", name)]["status"] == "skipped" for name in reasons), reasons
+
+
 def test_unavailable_engine_and_missing_liger_are_skipped_with_reasons(monkeypatch, capsys, tmp_path):
     status = {"torch": "available", "triton": "no GPU here", "native": "not built"}
     monkeypatch.setattr(providers, "engine_status", lambda name, device: status[name])

@@ -412,3 +412,21 @@ def test_two_stage_fused_grpo_loss_takes_the_kernel(monkeypatch):
     for name, a, b in zip(("hidden", "weight"), torch.autograd.grad(out.loss, (p["hidden"], p["weight"])),
                           torch.autograd.grad(want, (p["hidden"], p["weight"]))):
         assert_matches(f"grad_{name}", a, b)
+
+
+def test_bench_policy_op_on_the_kernel(tmp_path, capsys):
+    """The benchmark's policy op with the rlkernels-triton provider (policy_loss on the kernel) passes the bench's
+    float64 check (STYLE practice 11, in norms) and is timed, beside eager."""
+    import json
+
+    from rlkernels.bench import cli
+
+    out = tmp_path / "rows.json"
+    code = cli.main(["--tokens", "48", "--seq-len", "12", "--hidden", "16", "--vocab", "64", "--check-tokens", "24",
+                     "--warmup", "1", "--repeat", "2", "--no-progress", "--in-process", "--op", "policy",
+                     "--mode", "full", "--preset", "dapo", "--set", "entropy_coef=0.01", "--pad-frac", "0.25",
+                     "--device", DEVICE.type, "--provider", "eager,rlkernels-triton", "--json", str(out)])
+    capsys.readouterr()
+    assert code == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["rlkernels-triton"]["status"] == "ok" and rows["eager"]["status"] == "ok", rows

@@ -28,7 +28,7 @@ from . import measure, report
 from .harness import Settings, run_case
 from .providers import all_providers, get_provider, provider_names
 from .shapes import DEFAULT_SHAPE, SHAPES, resolve_shape
-from .workloads import DTYPE_ALIASES, DTYPES, LINEAR_OPS, MODES, OPS, Case
+from .workloads import DTYPE_ALIASES, DTYPES, LINEAR_OPS, MODES, OBJECTIVE_OPS, OPS, Case
 
 # The quick suite (no --op/--mode): the op users adopt us for, forward+backward. On the 2-core CPU machine one eager
 # grpo fwd+bwd at cpu-small takes ~3.5 s, so each provider's process start (~2 s) + check (~1.5 s) + inputs (~1 s)
@@ -42,7 +42,8 @@ COMPILE_EXCLUDED = ("not in the default suite: torch.compile warms up for 30-60 
 
 EPILOG = f"""
 ops:        logprobs (hidden, W -> logp, entropy), logits (logits -> logp, entropy),
-            grpo (hidden, W -> the loss of --preset), advantages (rewards -> group advantages; fwd only)
+            grpo (hidden, W -> the loss of --preset), advantages (rewards -> group advantages; fwd only),
+            policy (per-token logp, entropy -> the loss of --preset: the objective alone)
 modes:      fwd  = the forward of a training step (inputs require grad; single-pass kernels already form
                    the gradients here, so their bwd is nearly free; compare 'full' for the whole step)
             bwd  = the backward alone (the forward runs untimed before each call)
@@ -276,8 +277,8 @@ def _base_row(case: Case, name: str, settings: Settings, device_name: str, env: 
         "op": case.op, "mode": case.mode, "provider": name, "shape": case.shape.name, "M": case.shape.tokens,
         "H": case.shape.hidden, "V": case.shape.vocab, "batch": case.shape.batch, "seq_len": case.shape.seq_len,
         "dtype": case.dtype, "device": case.device, "device_name": device_name,
-        "preset": case.preset if case.op == "grpo" else None,
-        "overrides": dict(case.overrides) if case.op == "grpo" else None, "on_policy": case.on_policy,
+        "preset": case.preset if case.op in OBJECTIVE_OPS else None,
+        "overrides": dict(case.overrides) if case.op in OBJECTIVE_OPS else None, "on_policy": case.on_policy,
         "pad_frac": case.pad_frac, "softcap": case.softcap, "warmup": settings.warmup, "repeat": settings.repeat,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **env,
     }

@@ -24,7 +24,8 @@ import torch
 
 from . import measure
 from .providers import EagerProvider, Provider, Runner, drain_notes, get_provider
-from .workloads import FRESH_GRAD_OPS, Case, compare, describe_failure, fingerprint, make_inputs, upcast, work_model
+from .workloads import (FRESH_GRAD_OPS, OBJECTIVE_OPS, Case, compare, describe_failure, fingerprint, make_inputs,
+                        upcast, work_model)
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,14 @@ def _run_once(provider: Provider, case: Case, inputs: Dict[str, Any]) -> Dict[st
 
 def check_inputs(case: Case, check_tokens: int) -> Dict[str, Any]:
     """Inputs of the correctness check: ``case``'s H, V and dtype at about ``check_tokens`` tokens (the advantages op
-    is checked at its full, cheap, size). grpo gets 25% padding so that masking is part of what is checked."""
+    is checked at its full, cheap, size). grpo and policy get 25% padding so that masking is part of what is
+    checked."""
     if case.op == "advantages":
         return make_inputs(case, seed_offset=1)
     batch = min(case.shape.batch, 4)
     seq_len = max(1, min(case.shape.seq_len, check_tokens // batch))
     return make_inputs(case, batch=batch, seq_len=seq_len, seed_offset=1,
-                       pad_frac=0.25 if case.op == "grpo" else 0.0)
+                       pad_frac=0.25 if case.op in OBJECTIVE_OPS else 0.0)
 
 
 def check_provider(provider: Provider, case: Case, check_tokens: int) -> Tuple[bool, Dict[str, Any]]:

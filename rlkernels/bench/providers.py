@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import reference
 from .. import engines
 from ..engines import BACKENDS, available_backends
-from .workloads import LINEAR_OPS, Case, leaves, scalar
+from .workloads import LINEAR_OPS, OBJECTIVE_OPS, Case, leaves, scalar
 
 Outputs = Dict[str, Tensor]
 
@@ -105,6 +105,11 @@ def _grpo_kwargs(inputs: Dict[str, Any]) -> Dict[str, Any]:
     return {k: inputs[k] for k in ("old_logprobs", "ref_logprobs", "rollout_logprobs") if k in inputs}
 
 
+def _policy_args(inputs: Dict[str, Any]):
+    """The policy op's positional arguments (logp, entropy, advantages, mask) and keyword inputs."""
+    return (inputs["logp"], inputs["entropy"], inputs["advantages"], inputs["mask"]), _grpo_kwargs(inputs)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # eager and compile: the reference module, as it is or compiled
 # ------------------------------------------------------------------------------------------------------------------
@@ -114,7 +119,8 @@ class EagerProvider(Provider):
 
     def _functions(self) -> Dict[str, Callable]:
         return {"grpo": reference.linear_policy_loss, "logprobs": reference.linear_logprobs,
-                "logits": reference.logprobs_from_logits, "advantages": reference.group_advantages}
+                "logits": reference.logprobs_from_logits, "advantages": reference.group_advantages,
+                "policy": reference.policy_loss}
 
     def build(self, case, inputs):
         fns = self._functions()
@@ -131,6 +137,9 @@ class EagerProvider(Provider):
         if case.op == "logits":
             f = fns["logits"]
             return lambda: dict(zip(("logp", "entropy"), f(i["logits"], i["labels"])))
+        if case.op == "policy":
+            f, (args, kw), cfg = fns["policy"], _policy_args(i), case.config
+            return lambda: {"loss": f(*args, config=cfg, **kw)[0]}
         f, G = fns["advantages"], case.group_size
         return lambda: {"advantages": f(i["rewards"], group_size=G, method="grpo")}
 
@@ -176,6 +185,8 @@ class RlkernelsProvider(Provider):
         self.description = f"rlkernels public API with backend={engine!r}"
 
     def unavailable(self, case):
+        if case.op == "policy" and self.engine == "native":  # (before the status: that may build the engine)
+            return "policy_loss runs torch ops on the native engine: it is measured once, as rlkernels-torch"
         status = engine_status(self.engine, case.device)
         if status != "available":
             return status
@@ -198,6 +209,9 @@ class RlkernelsProvider(Provider):
         if case.op == "logits":
             return lambda: dict(zip(("logp", "entropy"), rlkernels.logprobs_from_logits(
                 i["logits"], i["labels"], return_entropy=True, backend=be)))
+        if case.op == "policy":
+            (args, kw), cfg = _policy_args(i), case.config
+            return lambda: {"loss": rlkernels.policy_loss(*args, config=cfg, backend=be, **kw).loss}
         G = case.group_size
         return lambda: {"advantages": rlkernels.group_advantages(i["rewards"], group_size=G, method="grpo")}
 
@@ -222,7 +236,7 @@ class RlkernelsCompileProvider(RlkernelsProvider):
         import rlkernels
 
         i, be, cfg, cap = inputs, self.engine, case.config, case.softcap
-        key = (case.op, cfg if case.op == "grpo" else None, cap)
+        key = (case.op, cfg if case.op in OBJECTIVE_OPS else None, cap)
         if key not in self._compiled:  # one wrapper per op (and config, cap) and process, specialised per shape
             def grpo(hidden, weight, labels, advantages, mask, **kw):
                 return rlkernels.fused_grpo_loss(hidden, weight, labels, advantages, mask, config=cfg, backend=be,
@@ -234,7 +248,10 @@ class RlkernelsCompileProvider(RlkernelsProvider):
             def logits(x, labels):
                 return rlkernels.logprobs_from_logits(x, labels, return_entropy=True, backend=be)
 
-            fn = {"grpo": grpo, "logprobs": logprobs, "logits": logits}[case.op]
+            def policy(logp, entropy, advantages, mask, **kw):
+                return rlkernels.policy_loss(logp, entropy, advantages, mask, config=cfg, backend=be, **kw).loss
+
+            fn = {"grpo": grpo, "logprobs": logprobs, "logits": logits, "policy": policy}[case.op]
             self._compiled[key] = torch.compile(fn, fullgraph=True, dynamic=False)
         f = self._compiled[key]
         if case.op == "grpo":
@@ -242,6 +259,9 @@ class RlkernelsCompileProvider(RlkernelsProvider):
             return lambda: {"loss": f(i["hidden"], i["weight"], i["labels"], i["advantages"], i["mask"], **kw)}
         if case.op == "logprobs":
             return lambda: dict(zip(("logp", "entropy"), f(i["hidden"], i["weight"], i["labels"])))
+        if case.op == "policy":
+            args, kw = _policy_args(i)
+            return lambda: {"loss": f(*args, **kw)}
         return lambda: dict(zip(("logp", "entropy"), f(i["logits"], i["labels"])))
 
 
@@ -371,6 +391,8 @@ class CCEProvider(Provider):
     devices = ("cuda",)  # where its kernels run (tests add "cpu" with a stand-in module)
 
     def unavailable(self, case):
+        if case.op == "policy":
+            return "Cut Cross-Entropy computes log-probs, not the policy objective"
         if case.op != "grpo":
             return (f"Cut Cross-Entropy has no '{case.op}' op: it gives per-token log-probs without entropies, "
                     "compared on the grpo op")
@@ -455,6 +477,8 @@ class TRLProvider(Provider):
     def unavailable(self, case):
         if case.op == "advantages":
             return "TRL computes advantages inside its trainer's generation step: no op to time"
+        if case.op == "policy":
+            return "TRL's objective is eager PyTorch inside its trainer's compute_loss (the eager row)"
         found = _trl_version()
         if found is None:
             return "trl is not installed (pip install trl)"
@@ -527,7 +551,7 @@ class GemmRooflineProvider(Provider):
 
     def unavailable(self, case):
         if case.op not in LINEAR_OPS:
-            return f"the {case.op} op has no matmul (read its GB/s instead)"
+            return f"the {case.op} op has no matmul" + (" (read its GB/s instead)" if case.op == "logits" else "")
         return None
 
     def runner(self, case, inputs):

@@ -7,6 +7,9 @@ The ops:
 - ``logits``: logits ``(B, T, V)`` -> per-token log-prob and entropy.
 - ``grpo``: hidden and weight -> the policy loss of ``--preset`` (a scalar).
 - ``advantages``: rewards ``(M,)`` -> group-normalised advantages (no gradient).
+- ``policy``: per-token log-probs and entropies ``(B, T)`` (fp32; fp64 for float64) -> the policy loss of
+  ``--preset`` (:func:`rlkernels.policy_loss`: the objective alone, no LM head: ratios, clipping, KL, entropy
+  bonus, aggregation, metrics), as after ``fused_logprobs`` or ``logprobs_from_logits``.
 
 For ``logprobs`` and ``logits`` the backward runs on ``sum(g_logp * logp + g_ent * entropy)`` with fixed random
 ``g_logp``/``g_ent``, so both outputs' gradients are exercised exactly as a loss built on them would.
@@ -24,7 +27,8 @@ from torch import Tensor
 from ..config import PolicyLossConfig, resolve_config
 from .shapes import Shape
 
-OPS = ("logprobs", "logits", "grpo", "advantages")
+OPS = ("logprobs", "logits", "grpo", "advantages", "policy")
+OBJECTIVE_OPS = ("grpo", "policy")  # ops whose output is the loss of --preset
 MODES = ("fwd", "bwd", "full")
 LINEAR_OPS = ("logprobs", "grpo")  # ops that contain the LM-head matmul
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -88,7 +92,7 @@ class Case:
         return resolve_config(self.preset, **dict(self.overrides))
 
     def label(self) -> str:
-        extra = f" {self.preset}" if self.op == "grpo" else ""
+        extra = f" {self.preset}" if self.op in OBJECTIVE_OPS else ""
         cap = f" softcap={self.softcap:g}" if self.softcap is not None else ""
         return f"{self.op}{extra}{cap} {self.mode} | {self.shape.describe()} | {self.dtype} | {self.device}"
 
@@ -160,6 +164,8 @@ def make_inputs(case: Case, batch: Optional[int] = None, seq_len: Optional[int] 
     pad = case.pad_frac if pad_frac is None else pad_frac
     lengths = kept_lengths(B, T, pad, cpu_gen).to(dev)
     mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]
+    if case.op == "policy":
+        return _policy_inputs(case, B, T, mask, randn, gen, int(lengths.sum()))
     labels = torch.randint(0, V, (B, T), generator=gen, device=dev)
     inputs: Dict[str, Any] = {"labels": labels, "kept": int(lengths.sum())}
     if case.op == "logits":
@@ -200,6 +206,27 @@ def make_inputs(case: Case, batch: Optional[int] = None, seq_len: Optional[int] 
     return inputs
 
 
+def _policy_inputs(case: Case, B: int, T: int, mask: Tensor, randn, gen: torch.Generator, kept: int
+                   ) -> Dict[str, Any]:
+    """The policy op's inputs: log-probs of sampled tokens (-Exp(1): most near 0, a tail to -10 and below),
+    entropies in [0, 4), the old / reference / rollout log-probs the preset needs near them (ratios spread by ~10%),
+    one advantage per sequence, and the completion mask. fp32 (fp64 for float64): ``policy_loss``'s dtypes."""
+    cfg, dt = case.config, torch.float64 if case.dtype == "float64" else torch.float32
+    u = torch.rand(B, T, generator=gen, device=mask.device, dtype=torch.float32)
+    logp = torch.log(u.clamp(min=1e-30)).to(dt)  # log U = -Exp(1)
+    entropy = (4.0 * torch.rand(B, T, generator=gen, device=mask.device, dtype=torch.float32)).to(dt)
+    inputs: Dict[str, Any] = {"logp": logp.requires_grad_(), "entropy": entropy.requires_grad_(), "mask": mask,
+                              "advantages": randn(B, dtype=dt), "kept": kept}
+    near = lambda: (logp.detach() + randn(B, T, scale=OLD_LOGP_NOISE, dtype=dt)).clamp(max=0.0)  # noqa: E731
+    if not case.on_policy:
+        inputs["old_logprobs"] = near()
+    if cfg.kl_coef > 0:
+        inputs["ref_logprobs"] = near()
+    if cfg.rollout_correction != "none":
+        inputs["rollout_logprobs"] = near()
+    return inputs
+
+
 def leaves(inputs: Dict[str, Any]) -> Dict[str, Tensor]:
     """The inputs that receive gradients."""
     return {k: v for k, v in inputs.items() if isinstance(v, Tensor) and v.requires_grad}
@@ -218,7 +245,7 @@ def upcast(inputs: Dict[str, Any]) -> Dict[str, Any]:
 
 def scalar(case: Case, outputs: Dict[str, Tensor], inputs: Dict[str, Any]) -> Optional[Tensor]:
     """The scalar the backward runs on (None for the advantages op, which has no gradient)."""
-    if case.op == "grpo":
+    if case.op in OBJECTIVE_OPS:
         return outputs["loss"]
     if case.op in ("logprobs", "logits"):
         return (outputs["logp"].float() * inputs["g_logp"] + outputs["entropy"].float() * inputs["g_ent"]).sum()
