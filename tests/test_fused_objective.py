@@ -1,7 +1,9 @@
 """The fused per-token objective (``rlkernels/triton_ops/objective.py``): the single pass's loss and (g_logp, g_ent)
 per row chunk in one Triton launch, against autograd over ``objective.token_loss`` (the torch path it replaces) and
-the float64 reference, for every policy loss, KL estimator and weight; and the engine takes it exactly where it
-applies. Runs under ``TRITON_INTERPRET=1`` on CPU (a CI step) and compiled on a GPU (``bench/device_check.sh``)."""
+the float64 reference, for every policy loss, KL estimator and weight; its METRICS mode against
+``objective.metrics``; the two-stage path and ``policy_loss`` on it; the benchmark's policy op; and the engine taking
+it exactly where it applies. Runs under ``TRITON_INTERPRET=1`` on CPU (a CI step) and compiled on a GPU
+(``bench/device_check.sh``)."""
 import math
 
 import pytest
