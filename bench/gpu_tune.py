@@ -354,14 +354,16 @@ def main(argv=None) -> int:
                     checks_after_launch=after, copies_after_launch=copies, error=repr(exc)[:300])
         # the logits op followed by policy_loss (a trainer that has logits: TRL-style), value checks on: policy_loss's
         # checks queue behind the statistics kernel; read after its objective is queued (the default since
-        # 2026-11-27) or before it (the GPU then idles while the host queues the objective op by op)
+        # 2026-11-27) or before it (the GPU then idles while the host queues the objective op by op); the objective
+        # on its fused kernel (the default) or by autograd over torch ops (fused_objective=off)
         os.environ.pop("RLKERNELS_STATS_KERNEL", None)
         os.environ["RLKERNELS_CHECK_VALUES"] = "1"
         adv = torch.randn(M, device=dev)  # per token: flat (N,) inputs, one sequence
         old_lp = -torch.rand(M, device=dev) * 3
         checks_module.COPY_AFTER_LAUNCH = cp
-        for after in (True, False):
+        for after, fused in ((True, "on"), (False, "on"), (True, "off")):
             checks_module.READ_AFTER_LAUNCH = after
+            os.environ["RLKERNELS_FUSED_OBJECTIVE"] = fused
 
             def loss_full():
                 lp, en = rlkernels.logprobs_from_logits(x, y, return_entropy=True, backend="triton")
@@ -372,11 +374,13 @@ def main(argv=None) -> int:
             try:
                 t_all, peak = timed(loss_full, repeat=10)
                 t_burst = timed_burst(loss_full, calls=5, rounds=3)
-                row("logits+policy_loss", preset="dapo", checks_after_launch=after, full_ms=t_all,
-                    full_gbs=3 * M * row_bytes / t_all / 1e6, burst_ms=t_burst, peak_mb=peak)
+                row("logits+policy_loss", preset="dapo", checks_after_launch=after, fused_objective=fused,
+                    full_ms=t_all, full_gbs=3 * M * row_bytes / t_all / 1e6, burst_ms=t_burst, peak_mb=peak)
             except Exception as exc:
-                row("logits+policy_loss", preset="dapo", checks_after_launch=after, error=repr(exc)[:300])
+                row("logits+policy_loss", preset="dapo", checks_after_launch=after, fused_objective=fused,
+                    error=repr(exc)[:300])
         checks_module.READ_AFTER_LAUNCH = True
+        os.environ.pop("RLKERNELS_FUSED_OBJECTIVE", None)
         os.environ.pop("RLKERNELS_CHECK_VALUES", None)
         del x
         empty_cache()
