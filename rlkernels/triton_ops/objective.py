@@ -45,6 +45,7 @@ from .tl_utils import clamp_grad, div_rn, join_f64, kl_estimate, split_f64
 
 # POLICY constexpr codes, in config.POLICY_LOSSES' order
 PPO, CISPO, SAPO, REINFORCE = (POLICY_LOSSES.index(p) for p in ("ppo", "cispo", "sapo", "reinforce"))
+_PPO, _CISPO, _SAPO = tl.constexpr(PPO), tl.constexpr(CISPO), tl.constexpr(SAPO)  # (compiled Triton reads these)
 BLOCK = 1024  # tokens per program: a few thousand per row chunk, so a handful of programs (not tuned: <10 us)
 NUM_WARPS = 4
 
@@ -105,16 +106,16 @@ def _token_objective_kernel(
     lo_b = join_f64(low, low_lo, ACC)
     hi_b = join_f64(high, high_lo, ACC)
     dual = join_f64(upper, upper_lo, ACC)
-    if POLICY == 0:  # ppo, closed form: A > 0 -> -A min(r, 1+eh); A < 0 -> -A clamp(r, 1-el, dual); inclusive
+    if POLICY == _PPO:  # ppo, closed form: A > 0 -> -A min(r, 1+eh); A < 0 -> -A clamp(r, 1-el, dual); inclusive
         r_pos, d_pos = clamp_grad(ratio, float("-inf"), hi_b)
         r_neg, d_neg = clamp_grad(ratio, lo_b, dual)
         pg = tl.where(adv > 0, -adv * r_pos, tl.where(adv < 0, -adv * r_neg, 0.0))
         d_pg = tl.where(adv > 0, -adv * d_pos, tl.where(adv < 0, -adv * d_neg, 0.0)) * d_ratio
-    elif POLICY == 1:  # cispo: -sg(clamp(r, 1-el, 1+eh)) A logp
+    elif POLICY == _CISPO:  # cispo: -sg(clamp(r, 1-el, 1+eh)) A logp
         w, _unused = clamp_grad(ratio, lo_b, hi_b)
         d_pg = -w * adv
         pg = d_pg * lp
-    elif POLICY == 2:  # sapo: -sigmoid(tau (r - 1)) (4 / tau) A, tau by the sign of A
+    elif POLICY == _SAPO:  # sapo: -sigmoid(tau (r - 1)) (4 / tau) A, tau by the sign of A
         tau = tl.where(adv > 0, join_f64(tau_pos, tau_pos_lo, ACC), join_f64(tau_neg, tau_neg_lo, ACC))
         gate = tl.sigmoid(tau * (ratio - 1.0))
         scale = div_rn(tl.full(lp.shape, 4.0, ACC), tau) * adv
@@ -157,9 +158,9 @@ def _token_objective_kernel(
         clip_high = kept & (adv > 0) & (ratio > hi_b)
         clip_low = kept & (adv < 0) & (ratio < lo_b)
         clip_dual = kept & (adv < 0) & (ratio > dual)  # dual is inf when off: never
-        if POLICY == 0:
+        if POLICY == _PPO:
             clip_any = clip_high | clip_low | clip_dual
-        elif POLICY == 1:
+        elif POLICY == _CISPO:
             clip_any = kept & (tl.minimum(tl.maximum(ratio, lo_b), hi_b) != ratio)
         else:
             clip_any = kept & (ratio != ratio)  # none

@@ -10,6 +10,7 @@ from typing import Tuple
 import triton
 import triton.language as tl
 
+from ..config import KL_ESTIMATORS
 from ..engines import torch_engine
 
 # -inf logits are floored here so exp() gives exactly 0 and p * (z - mu) is 0 * finite, never 0 * inf (LOSSES.md
@@ -273,12 +274,9 @@ def dlogits_tile(z, cols, label_local, m, log_s, cs, g_logp, g_ent, inv_t, HAS_G
 # ----------------------------------------------------------------------------------------------------------------
 # the objective's per-token math (rlkernels.objective.token_loss, LOSSES.md B §2-4): values and derivatives
 # ----------------------------------------------------------------------------------------------------------------
-# KL estimator codes (the KL_EST constexpr), in config.KL_ESTIMATORS' order
-KL_K1 = tl.constexpr(0)
-KL_ABS = tl.constexpr(1)
-KL_K2 = tl.constexpr(2)
-KL_K3 = tl.constexpr(3)
-KL_LOW_VAR = tl.constexpr(4)
+# KL estimator codes (the KL_EST constexpr): positions in config.KL_ESTIMATORS, as the launch passes them
+KL_K1, KL_ABS, KL_K2, KL_K3, KL_LOW_VAR = (tl.constexpr(KL_ESTIMATORS.index(name))
+                                          for name in ("k1", "abs", "k2", "k3", "low_var_kl"))
 
 
 @triton.jit
