@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import triton
 import triton.language as tl
 
+from ..config import KL_ESTIMATORS
 from . import advantages as A
 from . import logprobs as K
 from . import objective as O
@@ -186,6 +187,8 @@ def variants() -> List[Variant]:
                                 "out_ptr": "*fp64", "keep_ptr": "*i8", "eps": "fp64"},
                                dict(METHOD=code, CONTIGUOUS=contiguous, BLOCK=A.MAX_BLOCK), 4, (),
                                streams_logits=False))
+    _KL = {name: i for i, name in enumerate(KL_ESTIMATORS)}
+
     def objective(name, acc="fp32", **flags):
         f = {"fp32": "*fp32", "fp64": "*fp64"}[acc]
         signature = {k: f for k in ("logp_ptr", "ent_ptr", "adv_ptr", "old_ptr", "ref_ptr", "omega_ptr", "isw_ptr",
@@ -194,7 +197,7 @@ def variants() -> List[Variant]:
         for const in ("low", "high", "upper", "clamp", "alpha", "kappa", "tau_pos", "tau_neg", "kl_coef", "ent_coef"):
             signature.update({const: "fp32", f"{const}_lo": "fp32"})
         constexprs = dict(POLICY=O.PPO, HAS_OLD=True, CLAMP=True, SHAPING=False, HAS_ISW=False, HAS_REF=False,
-                          KL_TERM=False, KL_EST=3, KL_ST=False, KL_CORR=False, ENT_TERM=False, METRICS=False,
+                          KL_TERM=False, KL_EST=_KL["k3"], KL_ST=False, KL_CORR=False, ENT_TERM=False, METRICS=False,
                           HAS_REJ=False, ACC=tl.float64 if acc == "fp64" else tl.float32, BLOCK=O.BLOCK)
         constexprs.update(flags)
         constexprs["HAS_REF"] = constexprs["HAS_REF"] or constexprs["KL_TERM"]
@@ -203,14 +206,14 @@ def variants() -> List[Variant]:
 
     objective("dapo")
     objective("grpo, k3", KL_TERM=True)
-    objective("ppo, all terms, low_var_kl", KL_TERM=True, KL_EST=4, KL_CORR=True, SHAPING=True,
+    objective("ppo, all terms, low_var_kl", KL_TERM=True, KL_EST=_KL["low_var_kl"], KL_CORR=True, SHAPING=True,
               HAS_ISW=True, ENT_TERM=True)
-    objective("cispo, abs straight-through", POLICY=O.CISPO, KL_TERM=True, KL_EST=1, KL_ST=True)
-    objective("sapo, k1, no old log-probs", POLICY=O.SAPO, HAS_OLD=False, KL_TERM=True, KL_EST=0)
-    objective("reinforce, k2, no clamp", POLICY=O.REINFORCE, CLAMP=False, KL_TERM=True, KL_EST=2)
+    objective("cispo, abs straight-through", POLICY=O.CISPO, KL_TERM=True, KL_EST=_KL["abs"], KL_ST=True)
+    objective("sapo, k1, no old log-probs", POLICY=O.SAPO, HAS_OLD=False, KL_TERM=True, KL_EST=_KL["k1"])
+    objective("reinforce, k2, no clamp", POLICY=O.REINFORCE, CLAMP=False, KL_TERM=True, KL_EST=_KL["k2"])
     objective("fp64, every term, k3", acc="fp64", KL_TERM=True, KL_CORR=True, SHAPING=True, HAS_ISW=True,
               ENT_TERM=True)
-    objective("fp64 sapo, low_var_kl", acc="fp64", POLICY=O.SAPO, KL_TERM=True, KL_EST=4)
+    objective("fp64 sapo, low_var_kl", acc="fp64", POLICY=O.SAPO, KL_TERM=True, KL_EST=_KL["low_var_kl"])
     objective("metrics, dapo", METRICS=True)
     objective("metrics, every input", METRICS=True, HAS_REF=True, HAS_ISW=True, HAS_REJ=True, KL_TERM=True,
               ENT_TERM=True, SHAPING=True)
