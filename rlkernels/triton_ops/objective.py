@@ -4,9 +4,9 @@ The single pass (3 GEMMs, DESIGN.md) needs, for each row chunk, the chunk's summ
 ``g_ent = dL/dH`` per token, to form dL/dz. Taken from :func:`rlkernels.objective.token_loss` by autograd, that is
 about 70 small torch ops per chunk (the ratio, its clips, the KL estimator, the weights, then their backward): 272 of
 the 708 ops of a 4-chunk grpo call, counted with a dispatch mode on the CPU; on the H100 a grpo call launched 488
-kernels and its GPU idled 4.4 ms of 85 (bench/results/gpu-h100/s18). Here it is one kernel, one program per block
-of tokens, reading each per-token input once and writing ``g_logp``, ``g_ent`` and the block's partial loss (the
-partials are summed in torch, in a fixed order: deterministic).
+kernels and its GPU idled 4.4 ms (77.9 ms busy; bench/results/gpu-h100/s18). Here it is one kernel, one program per
+block of tokens, reading each per-token input once and writing ``g_logp``, ``g_ent`` and the block's partial loss
+(the partials are summed in torch, in a fixed order: deterministic).
 
 It computes what ``token_loss(logp, entropy, batch, prep, cfg).total.sum()`` and its autograd gradients compute, in
 the same dtype (fp32; fp64 for fp64 inputs), for a token-level ratio (``ratio_level="token"``: every single-pass
