@@ -172,18 +172,20 @@ def test_kl_gradient_at_small_and_large_differences(dtype, estimator):
 
 
 def test_expm1_helper():
-    """tl_utils.expm1 (libdevice's is not in the interpreter) against torch.expm1 in fp64, to 3 ulps relative in
-    fp32 and fp64 over 80 decades, across its switch at |x| = 0.5, and at 0, +-inf and NaN."""
+    """tl_utils.expm1 (libdevice's is not in the interpreter) against torch.expm1 in fp64, relatively, over 80
+    decades, across its switch at |x| = 0.5, and at 0, +-inf and NaN: fp64 to 3 ulp; fp32 to 16 ulp (2e-6, the fp32
+    floor of the tolerance table). Compiled fp32 tl.exp is the hardware 2^x after a multiply by log2 e, whose
+    rounding grows with |x|: 8.2 ulp at worst on an H100 (2026-11-28); the interpreter's numpy exp gives under 3."""
     mags = torch.logspace(-40, 1.5, 200, dtype=torch.float64)
     xs = torch.cat([mags, -mags, torch.tensor([0.4999999, 0.5, 0.5000001, -0.5, 0.0, math.inf, -math.inf, math.nan],
                                               dtype=torch.float64)])
-    for dtype, ulp in ((torch.float64, 2.0 ** -52), (torch.float32, 2.0 ** -23)):
+    for dtype, ulp, allowed in ((torch.float64, 2.0 ** -52, 3), (torch.float32, 2.0 ** -23, 16)):
         x = xs.to(dtype).to(DEVICE)
         y = torch.empty_like(x)
         _expm1_kernel[(1,)](x, y, x.numel(), BLOCK=512)
         want = torch.expm1(x.double())
         err = ((y.double() - want).abs() / want.abs().clamp(min=1e-300)).nan_to_num(0.0)
-        assert float(err.max()) <= 3 * ulp, f"{dtype}: {float(err.max()) / ulp:.1f} ulp"
+        assert float(err.max()) <= allowed * ulp, f"{dtype}: {float(err.max()) / ulp:.1f} ulp"
         same = torch.isnan(y.double()) == torch.isnan(want)
         assert bool(same.all()) and bool((y.double()[torch.isinf(want)] == want[torch.isinf(want)]).all())
 
