@@ -10,10 +10,11 @@
 # compiles). The trl provider's wheel travels in .whl/ with Liger's and CCE's; the GPU image has no `datasets`, which
 # TRL's trainer utilities import: the bench then stands in for the one function TRL's fused LM head needs from them
 # and says so in the row.
+# Session 19 (2026-11-28, an H100, STEPS="tests tune grpo logprobs"): tests 173 s, tune 35, grpo 175, logprobs 121
+# (the policy op included), 520 s in all.
 # Run it with the call's limit (timeout_s ~590) and what finished by then comes back (gpu_tune writes its JSON after
 # every row), or name fewer STEPS. The default order puts first what the Triton engine issue's targets are judged on:
-# the logits op's bandwidth (the one target not yet met for a lone call), the GPU test suite (session 18 fixed the 2
-# engine bugs and 3 test bugs that it found, the last 2 test fixes not re-run on a GPU), then the grpo op at both
+# the logits op's bandwidth (the one target not yet met for a lone call), the GPU test suite, then the grpo op at both
 # shapes, then the host profile and the tuning sweeps. bench/device_logits.sh is a short check of the logits op alone
 # (about 110 s).
 #     OUT=/some/dir STEPS="tune grpo tests" bash bench/device_check.sh   # a subset, in this order
@@ -33,7 +34,7 @@
 #             eager, rlkernels-triton, cce, gemm-roofline; only when named in STEPS (not yet timed anywhere)
 #   logprobs  the logprobs and logits ops at the qwen2.5-7b shape: eager, rlkernels-triton, trl, gemm-roofline; and
 #             the policy op (dapo with a KL and an entropy term, from 16k tokens' log-probs: the objective alone, the
-#             fused objective kernel against eager's torch ops; added 2026-11-27, not yet run: about 30 s more)
+#             fused objective kernel against eager's torch ops)
 #   host      bench/host_profile.py: the logits op's host time per step, an unprofiled call cut by CUDA events around
 #             each kernel, profiled timelines, same-process baselines (Triton's launch path, the value checks read
 #             before the launch); its rows go to the log (its files stay on the machine: 8 files come back at most)
