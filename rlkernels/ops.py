@@ -19,8 +19,8 @@ from .config import PolicyLossConfig, resolve_config
 from .engines import plan_chunks, resolve_backend
 from .engines.chunking import ChunkPlan, sequence_aligned
 from .engines.torch_engine import compute_dtype
-from .objective import (ChunkObjective, LossOutput, is_sequence_separable, is_token_separable, metrics,
-                        policy_loss_flat, prepare, token_loss)
+from .objective import (ChunkObjective, LossOutput, is_sequence_separable, is_token_separable, policy_loss_flat,
+                        prepare)
 
 Temperature = Union[float, Tensor]
 
@@ -422,8 +422,6 @@ def fused_grpo_loss(
 
     if not single_pass:
         logp, ent = call.checks.launched(lambda: call.logprobs(reduce_hidden_grad))
-        if compiling:  # traced: torch ops
-            return policy_loss_flat(logp, ent, batch, cfg)
         return call.engine.policy_loss_flat(logp, ent, batch, cfg)
 
     prep = prepare(batch, cfg)
@@ -444,10 +442,7 @@ def fused_grpo_loss(
     else:
         loss, logp, ent = call.checks.launched(lambda: call.engine.linear_fused_loss(
             call.hidden, weight, bias, call.labels, call.temperature, plan, chunk_loss, call.softcap))
-    if compiling:  # traced: torch ops
-        out = metrics(token_loss(logp, ent, batch, prep, cfg), logp, ent, batch, prep, cfg)
-    else:
-        out = call.engine.objective_metrics(logp, ent, batch, prep, cfg)
+    out = call.engine.objective_metrics(logp, ent, batch, prep, cfg)
     out["loss"] = loss.detach().float()
     return LossOutput(loss, out)
 

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._checks import compiling
 from .._inputs import env_choice
 from ..objective import ChunkObjective
 from ..triton_ops import objective as fused_objective
@@ -242,9 +243,12 @@ FUSED_OBJECTIVE = ("on", "off")
 
 
 def _fuse_objective(cfg) -> bool:
-    """Whether the objective runs in the fused objective kernel (:mod:`rlkernels.triton_ops.objective`): a config
-    it computes, and ``RLKERNELS_FUSED_OBJECTIVE`` not ``off`` (torch ops always: the A/B of bench/gpu_tune.py)."""
-    return fused_objective.fusable(cfg) and env_choice("RLKERNELS_FUSED_OBJECTIVE", FUSED_OBJECTIVE) == "on"
+    """Whether the objective runs in the fused objective kernel (:mod:`rlkernels.triton_ops.objective`): not while
+    torch.compile traces (the torch ops are traced; inside the compiled single pass's custom op, which runs
+    untraced, the kernel does run), a config it computes, and ``RLKERNELS_FUSED_OBJECTIVE`` not ``off`` (torch ops
+    always: the A/B of bench/gpu_tune.py)."""
+    return (not compiling() and fused_objective.fusable(cfg)
+            and env_choice("RLKERNELS_FUSED_OBJECTIVE", FUSED_OBJECTIVE) == "on")
 
 
 def _objective_upstream(chunk_loss):
