@@ -9,9 +9,9 @@ that failed, in the order they were made. It comes before any kernel of ours, ex
 whatever the values (:meth:`DeferredChecks.read_after_launch`: the Triton engine's forward, whose kernels never read
 outside the logits for any label, and ``policy_loss``'s objective on CUDA, plain torch ops that index by no checked
 value): there they are queued first and the host waits for the checks' copies, queued before them, while the GPU runs
-them. The one check made after a kernel (the Triton logits path's NaN scan, which rides on its statistics kernel) is
-read by the backward pass when a gradient is needed (:class:`LateCheck`), so that the forward waits for no kernel of
-its own.
+them. The one check made after a kernel (the Triton logits path's NaN scan, which rides on its statistics kernel and
+also finds its labels out of range) is read by the backward pass when a gradient is needed (:class:`LateCheck`), so
+that the forward waits for no kernel of its own.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -114,28 +114,36 @@ def check_mask(mask, shape: torch.Size, ref: Tensor) -> Tensor:
     return mask != 0
 
 
-def check_labels(labels, shape: torch.Size, vocab: int, mask: Optional[Tensor], ref: Tensor) -> Tensor:
-    """labels of ``shape`` (an integer dtype), in ``[0, vocab)`` where ``mask`` (None: everywhere) -> int64."""
+def check_labels(labels, shape: torch.Size, vocab: int, mask: Optional[Tensor], ref: Tensor,
+                 range_check: bool = True) -> Tensor:
+    """labels of ``shape`` (an integer dtype), in ``[0, vocab)`` where ``mask`` (None: everywhere) -> int64.
+    ``range_check=False``: the type, shape and device only; the caller's kernel flags labels out of range
+    (``Engine.flags_bad_labels``) and :func:`check_scanned_rows` raises :func:`label_range_error`'s message."""
     _require_int("labels", labels)
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"labels has shape {_shape(labels)}; expected {tuple(shape)}")
     _same_device("labels", labels, ref, "hidden" if ref is not labels else "labels")
-    if value_checks_enabled() and labels.numel() > 0:
+    if range_check and value_checks_enabled() and labels.numel() > 0:
         # the range from one min/max reduction (masked-out positions read as 0): one kernel before the sync, where
         # the elementwise flags (< 0, >= V, or, and, any) took five; both into one tensor, so one copy reads it back
         kept = labels if mask is None else torch.where(mask, labels, 0)
         bounds = torch.empty(2, dtype=kept.dtype, device=kept.device)
         torch.aminmax(kept, out=(bounds[0], bounds[1]))
-
-        def message() -> str:
-            bad = (labels < 0) | (labels >= vocab)
-            if mask is not None:
-                bad &= mask
-            where = tuple(bad.nonzero()[0].tolist())
-            return f"labels must lie in [0, V={vocab}) at kept positions; found {int(labels[where])} at index {where}"
-
-        fail_when((bounds,), lambda lo_hi: lo_hi[0] < 0 or lo_hi[1] >= vocab, message)
+        fail_when((bounds,), lambda lo_hi: lo_hi[0] < 0 or lo_hi[1] >= vocab,
+                  lambda: label_range_error(labels, vocab, mask))
     return labels.long()
+
+
+def label_range_error(labels: Tensor, vocab: int, mask: Optional[Tensor]) -> Optional[str]:
+    """The error for the first kept label outside ``[0, vocab)`` (its value and index), or None if there is none.
+    Reads the labels back: for an error's message, once a check has failed."""
+    bad = (labels < 0) | (labels >= vocab)
+    if mask is not None:
+        bad &= mask
+    if not bool(bad.any()):
+        return None
+    where = tuple(bad.nonzero()[0].tolist())
+    return f"labels must lie in [0, V={vocab}) at kept positions; found {int(labels[where])} at index {where}"
 
 
 def check_linear(hidden, weight, bias) -> Tuple[int, int]:
@@ -192,16 +200,21 @@ def check_finite_rows(name: str, x: Tensor, row_mask: Optional[Tensor] = None, a
     fail_if(bad, lambda: f"{name} holds {what} in {int(bad.sum())} {where}")
 
 
-def check_scanned_rows(name: str, values: Tensor, late: Optional[LateCheck] = None) -> None:
+def check_scanned_rows(name: str, values: Tensor, late: Optional[LateCheck] = None,
+                       first: Optional[Callable[[], Optional[str]]] = None) -> None:
     """The engine scanned ``name`` for NaN / +inf in its own read of it (``Engine.scans_logits``), leaving NaN in
     ``values`` (one per row the engine computed; dropped rows hold 0) where it found one: the same error as
     :func:`check_finite_rows`, raised before anything is returned, or, given ``late`` (a gradient is needed), armed
-    there and raised by the backward pass before it returns the gradient: the forward pass then waits for nothing."""
+    there and raised by the backward pass before it returns the gradient: the forward pass then waits for nothing.
+    ``first``: where the engine also leaves NaN for another input's bad values (``Engine.flags_bad_labels``), the
+    message of that input's error, or None when it has none (read once a NaN is found: that error comes first)."""
     if not value_checks_enabled() or values.numel() == 0:
         return
 
     def message() -> str:
-        found = f"{name} holds NaN or +inf in {int(torch.isnan(values).sum())} row(s)"
+        found = None if first is None else first()
+        if found is None:
+            found = f"{name} holds NaN or +inf in {int(torch.isnan(values).sum())} row(s)"
         if late is None:
             return found
         return f"{found} (found in the forward pass; raised in backward, no gradient returned)"

@@ -219,12 +219,13 @@ def logprobs_from_logits(
         ``logp`` (and ``entropy``) shaped like ``labels``, fp32 (fp64 for fp64 logits).
 
     Raises:
-        ValueError naming the argument for bad labels, mask or temperature, before returning (before any kernel
-        runs, except on the Triton engine, whose statistics kernel stays in bounds for any label: it is queued first,
-        and the host waits for the checks while the GPU runs it); for NaN / +inf logits at kept rows before
-        returning, except on the Triton engine when the logits' gradient is needed: its statistics kernel finds
-        them, and the backward raises once its own kernel is queued (the forward waits for no kernel; its log-probs
-        are NaN in those rows).
+        ValueError naming the argument for a bad mask or temperature, before returning (before any kernel runs,
+        except on the Triton engine, whose statistics kernel stays in bounds for any value: it is queued first, and
+        the host waits for the checks while the GPU runs it); for labels outside ``[0, V)`` at kept positions and
+        NaN / +inf logits at kept rows, before any kernel runs on the other engines, and on the Triton engine, whose
+        statistics kernel finds both (the labels' error first), before returning, or, when the logits' gradient is
+        needed, in the backward, once its own kernel is queued: the forward then waits for no kernel, and its
+        log-probs are NaN in those rows.
 
     Equivalent to ``torch.log_softmax(logits.float() / T, -1).gather(-1, labels[..., None]).squeeze(-1)``.
     """
@@ -238,10 +239,18 @@ def logprobs_from_logits(
     # values they reject, once that kernel is queued (the GPU then runs it while the host waits)
     with C.deferred_checks() as checks:
         keep = None if mask is None else I.check_mask(mask, shape, logits)
-        labels = I.check_labels(labels, shape, V, keep, logits)
+        try:
+            engine = resolve_backend(backend, logits.device)
+        except ValueError:  # raised below, after the checks that come before it
+            engine = None
+        # an engine that flags labels out of range in its kernel (their logp NaN) has them checked by its NaN scan
+        # below: no reduction over them, and nothing read back, before its launch
+        in_kernel = engine is not None and engine.flags_bad_labels
+        labels = I.check_labels(labels, shape, V, keep, logits, range_check=not in_kernel)
         cdt = compute_dtype(logits.dtype)
         temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
-        engine = resolve_backend(backend, logits.device)
+        if engine is None:
+            engine = resolve_backend(backend, logits.device)
         # the caller's tensor as it is (a view like logits[:, :-1] too: no copy), or flattened once
         z2 = logits if engine.logits_in_place else logits.reshape(-1, V)
         if not engine.scans_logits:  # else the engine's kernel flags them in its one read of the logits (below)
@@ -256,8 +265,10 @@ def logprobs_from_logits(
             late = C.LateCheck()
         start = None
         if engine.logits_in_place:  # one kernel over the caller's logits: nothing to chunk
-            if keep is not None:  # rows the engine never reads
-                y = torch.where(keep.reshape(-1), y, -1)  # a Python scalar: no fill kernel, no allocation
+            if keep is not None:  # rows the engine never reads (a Python scalar: no fill kernel, no allocation)
+                # a kept negative label, with its sign bit cleared, becomes one past any vocabulary: the engine
+                # flags it, where as it is it would mark its row as masked out
+                y = torch.where(keep.reshape(-1), y & _NON_NEGATIVE if in_kernel else y, -1)
             # negative labels mark the rows the engine skips; without a mask there are none, and its kernels then
             # issue their loads without waiting for the labels'. Everything but the launch is prepared here; the
             # launch is queued before the checks are read back where the engine's kernel is safe whatever values
@@ -275,11 +286,15 @@ def logprobs_from_logits(
     else:
         logp, ent = checks.launched(start)
     if engine.scans_logits:
-        I.check_scanned_rows("logits", logp, late)
+        I.check_scanned_rows("logits", logp, late,
+                             (lambda: I.label_range_error(labels, V, keep)) if in_kernel else None)
     logp = _scatter_rows(logp, index, n, computed).reshape(shape)
     if not return_entropy:
         return logp
     return logp, _scatter_rows(ent, index, n, computed).reshape(shape)
+
+
+_NON_NEGATIVE = 2 ** 63 - 1  # int64 with the sign bit clear: y & _NON_NEGATIVE maps y < 0 to y + 2^63 >= 2^62
 
 
 def fused_grpo_loss(

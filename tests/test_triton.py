@@ -373,10 +373,11 @@ def test_logits_value_check_rides_on_the_statistics_read(monkeypatch):
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypatch):
-    """With the logits' gradient needed, the forward reads back only the label check (its copy queued before the
-    statistics kernel, read once that kernel is queued) and returns without waiting for the statistics kernel;
-    backward queues the gradient's kernel, then raises the NaN check's error naming the argument, returning no
-    gradient. Without a gradient needed the forward raises, as before; a clean call's gradient is unchanged."""
+    """With the logits' gradient needed, the forward reads nothing back (the statistics kernel flags both NaN logits
+    and labels out of range) and returns without waiting for the statistics kernel; backward queues the gradient's
+    kernel, then raises the NaN check's error naming the argument, returning no gradient. A label out of range is
+    raised the same way, naming the labels, and before the logits' NaN when both are bad. Without a gradient needed
+    the forward raises, as before; a clean call's gradient is unchanged."""
     import rlkernels._checks as C
 
     reads = []
@@ -395,8 +396,8 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
     bad[2, 40] = float("nan")
     x = bad.to(DEVICE, copy=True).requires_grad_()
     logp, ent = R.logprobs_from_logits(x, y.to(DEVICE), return_entropy=True, backend="triton")
-    # the labels' min and max in one tensor, read after the kernel's launch; the NaN flag armed for backward
-    assert reads == [("late", 1), ("late", 1)], reads
+    # nothing read before the launch (the kernel checks the labels too); the NaN flag armed for backward
+    assert reads == [("late", 1)], reads
     assert torch.isnan(logp[2]).item() and not torch.isnan(logp[torch.arange(7) != 2]).any()
     with pytest.raises(ValueError, match=r"logits holds NaN or \+inf in 1 row\(s\) \(found in the forward pass"):
         (logp.sum() + ent.sum()).backward()
@@ -406,11 +407,25 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
             R.logprobs_from_logits(x, y.to(DEVICE), backend="triton")
     with pytest.raises(ValueError, match=r"logits holds NaN or \+inf in 1 row\(s\)$"):
         R.logprobs_from_logits(bad.to(DEVICE), y.to(DEVICE), backend="triton")
+    # labels out of range (past V, negative) in a call whose logits also hold a NaN: the labels' error, in backward
+    for label in (131, -3):
+        y_bad = y.clone()
+        y_bad[5] = label
+        x = bad.to(DEVICE, copy=True).requires_grad_()
+        logp = R.logprobs_from_logits(x, y_bad.to(DEVICE), backend="triton")
+        assert torch.isnan(logp[5]).item() and torch.isnan(logp[2]).item()
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, V=131\) at kept positions; found {label} at "
+                                             r"index \(5,\) \(found in the forward pass; raised in backward"):
+            logp.sum().backward()
+        assert x.grad is None
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, V=131\) at kept positions; found {label} at "
+                                             r"index \(5,\)$"):
+            R.logprobs_from_logits(z.to(DEVICE), y_bad.to(DEVICE), backend="triton")
     reads.clear()
     clean = z.to(DEVICE, copy=True).requires_grad_()
     logp = R.logprobs_from_logits(clean, y.to(DEVICE), backend="triton")
     logp.sum().backward()
-    assert reads == [("late", 1), ("late", 1)] and not torch.isnan(clean.grad).any()
+    assert reads == [("late", 1)] and not torch.isnan(clean.grad).any()
     z64 = z.double().requires_grad_()
     want = ref.logprobs_from_logits(z64, y)[0]
     want.sum().backward()
@@ -419,20 +434,24 @@ def test_logits_nan_check_is_read_by_backward_when_a_gradient_is_needed(monkeypa
 
 
 @pytest.mark.skipif(not TRITON, reason="the Triton engine needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("copy_after", [False, True], ids=["copies-before", "copies-after"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked, copy_after):
     """The logits op prepares its statistics launch (outputs, arguments, key) with its value checks, queues the
-    checks' copies, then the kernel, and only then waits for the checks (the kernel stays in bounds for any label):
-    the GPU computes while the host waits, where it idled from the host sync to the launch. A label out of range
-    still raises, naming the argument, before anything is returned; no host sync comes before the launch. With
-    COPY_AFTER_LAUNCH the copies are queued after the kernel (on CUDA on a side stream, behind the checks'
-    reductions), and the results and errors are the same."""
+    checks' copies, then the kernel, and only then waits for the checks (the kernel stays in bounds for any value):
+    the GPU computes while the host waits, where it idled from the host sync to the launch. A per-token temperature
+    out of range still raises, naming the argument, before anything is returned; no host sync comes before the
+    launch. The labels need no check before the launch at all: the kernel flags those out of range (a kept negative
+    one too, with a mask), and the NaN scan after it raises their error. With COPY_AFTER_LAUNCH the copies are
+    queued after the kernel (on CUDA on a side stream, behind the checks' reductions), and the results and errors
+    are the same."""
     import rlkernels._checks as C
     import rlkernels.triton_ops.logprobs as KL
 
     monkeypatch.setattr(C, "COPY_AFTER_LAUNCH", copy_after)
-    first = [("launch", "_logits_stats_kernel"), "copy"] if copy_after else ["copy", ("launch", "_logits_stats_kernel")]
+    stats = ("_logits_stats_kernel",)
+    first = [("launch",) + stats, "copy"] if copy_after else ["copy", ("launch",) + stats]
     events = check_events(monkeypatch)
     prepare = KL.prepare_launch
 
@@ -446,30 +465,58 @@ def test_logits_kernel_is_queued_before_the_checks_are_read(monkeypatch, masked,
     g = torch.Generator().manual_seed(9)
     z = torch.randn(2, 5, 131, generator=g).to(torch.bfloat16).to(DEVICE).requires_grad_()
     y = torch.randint(0, 131, (2, 5), generator=g).to(DEVICE)
+    t = (0.5 + torch.rand(2, 5, generator=g)).to(DEVICE)
     mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE) if masked else None
-    logp = R.logprobs_from_logits(z, y, mask=mask, backend="triton")
-    stats = ("_logits_stats_kernel",)
-    # the second copy is the NaN scan's flag, armed for the backward pass
-    assert events == [("prepare",) + stats] + first + ["wait", "copy"], events
     want = ref.logprobs_from_logits(z.detach().double().cpu(), y.cpu())[0]
+    want_t = ref.logprobs_from_logits(z.detach().double().cpu(), y.cpu(), temperature=t.double().cpu())[0]
+    # a scalar temperature: nothing to check before the launch; the NaN scan's flag armed for the backward pass
+    logp = R.logprobs_from_logits(z, y, mask=mask, backend="triton")
+    assert events == [("prepare",) + stats, ("launch",) + stats, "copy"], events
     torch.testing.assert_close(logp.detach().double().cpu(), want, rtol=1e-5, atol=1e-5)
+    # a per-token temperature: its check's copy, the launch, the wait; then the NaN flag
     events.clear()
-    bad = y.clone()
-    bad[1, 2] = 131
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, V=131\) at kept positions; found 131 at index "
-                                         r"\(1, 2\)"):
-        R.logprobs_from_logits(z, bad, mask=mask, backend="triton")
+    logp = R.logprobs_from_logits(z, y, mask=mask, temperature=t, backend="triton")
+    assert events == [("prepare",) + stats] + first + ["wait", "copy"], events
+    torch.testing.assert_close(logp.detach().double().cpu(), want_t, rtol=1e-5, atol=1e-5)
+    events.clear()
+    t_bad = t.clone()
+    t_bad[1, 2] = 0.0
+    with pytest.raises(ValueError, match=r"temperature must be finite and > 0 at kept positions; found 0.0 at 1 "):
+        R.logprobs_from_logits(z, y, mask=mask, temperature=t_bad, backend="triton")
     assert events == [("prepare",) + stats] + first + ["wait"], events
+    # labels out of range: the kernel flags them, the backward raises (before returning without a gradient)
+    for label in (131, -1):
+        bad = y.clone()
+        bad[1, 2] = label
+        events.clear()
+        logp = R.logprobs_from_logits(z, bad, mask=mask, backend="triton")
+        assert events == [("prepare",) + stats, ("launch",) + stats, "copy"], events
+        assert torch.isnan(logp[1, 2]).item() and torch.isnan(logp).sum() == 1
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, V=131\) at kept positions; found {label} at "
+                                             r"index \(1, 2\)"):
+            logp.sum().backward()
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, V=131\) at kept positions; found {label} "):
+            with torch.no_grad():
+                R.logprobs_from_logits(z, bad, mask=mask, backend="triton")
+    if masked:  # a masked-out position may hold any label
+        bad = y.clone()
+        bad[1, 2] = -100
+        part = mask.clone()
+        part[1, 2] = False
+        logp = R.logprobs_from_logits(z, bad, mask=part, backend="triton")
+        assert logp[1, 2] == 0 and not torch.isnan(logp).any()
+        logp.sum().backward()
+        z.grad = None
     # the earlier order, kept for the benchmarks' same-process baseline: one sync, then the launch
     events.clear()
     monkeypatch.setattr(C, "READ_AFTER_LAUNCH", False)
-    R.logprobs_from_logits(z, y, mask=mask, backend="triton")
+    R.logprobs_from_logits(z, y, mask=mask, temperature=t, backend="triton")
     assert events == [("prepare",) + stats, "sync", ("launch",) + stats, "copy"], events
     monkeypatch.setattr(C, "READ_AFTER_LAUNCH", True)
     # value checks off: nothing copied or read
     events.clear()
     monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "0")
-    R.logprobs_from_logits(z, y, mask=mask, backend="triton")
+    R.logprobs_from_logits(z, y, mask=mask, temperature=t, backend="triton")
     assert events == [("prepare",) + stats, ("launch",) + stats], events
 
 
@@ -534,11 +581,12 @@ def test_linear_checks_are_read_once_the_forward_is_queued(monkeypatch, path, co
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize("masked_rows", [False, True])
 def test_logits_kernels_stay_in_bounds_for_any_label(masked_rows):
-    """What lets the logits op queue its statistics kernel before its label check is read back
+    """What lets the logits op queue its statistics kernel before its labels are known to be in range
     (``TritonEngine.safe_for_any_values``): a label outside ``[0, V)`` reads nothing outside its row's logits. The
-    logits sit inside a buffer whose other entries are NaN, so a read outside them would show as NaN; the row of
-    such a label gives logp -inf (its logit is not in the block) and its true entropy, or, negative with masked rows,
-    the skipped row's zeros; every other row is exact. The same for the gradient kernel: no one-hot in such a row.
+    logits sit inside a buffer whose other entries are NaN, so a read outside them would show as NaN in the entropy
+    or the gradient; the row of such a label gives logp NaN (the flag the op's label check reads:
+    ``flags_bad_labels``) and its true entropy, or, negative with masked rows, the skipped row's zeros; every other
+    row is exact. The same for the gradient kernel: no one-hot in such a row, nothing NaN.
     """
     g = torch.Generator().manual_seed(4)
     rows, V = 6, 100
@@ -555,12 +603,12 @@ def test_logits_kernels_stay_in_bounds_for_any_label(masked_rows):
     fine = torch.tensor([True, False, False, False, False, True])
     torch.testing.assert_close(logp[fine].double(), want_lp[fine].gather(1, good[fine, None]).squeeze(1))
     torch.testing.assert_close(ent[fine].double(), want_ent[fine])
-    for row in (1, 2, 4):  # past V: not in the block
-        assert logp[row] == float("-inf") and torch.isclose(ent[row].double(), want_ent[row]), row
+    for row in (1, 2, 4):  # past V: not in the block; flagged NaN (the logits op's label check reads it)
+        assert torch.isnan(logp[row]) and torch.isclose(ent[row].double(), want_ent[row]), row
     if masked_rows:  # negative: a masked-out row, never read
         assert logp[3] == 0 and ent[3] == 0
     else:
-        assert logp[3] == float("-inf") and torch.isclose(ent[3].double(), want_ent[3])
+        assert torch.isnan(logp[3]) and torch.isclose(ent[3].double(), want_ent[3])
     # the gradient kernel (the single pass runs it in the forward): no one-hot where the label is not in the block
     grad = torch.full((rows, V), float("nan"), device=DEVICE)
     ones = torch.ones(rows, device=DEVICE)

@@ -86,6 +86,11 @@ class Engine:
     # torch op indexes by a label) and write only fresh outputs, so the caller may queue them before its value checks
     # are read back (DeferredChecks.read_after_launch)
     safe_for_any_values = False
+    # True (with logits_in_place): logits_forward gives NaN logp in each row it computes whose label lies outside
+    # [0, V), so that the caller's NaN scan of logp (scans_logits) checks the labels' range too, and the logits op
+    # makes no reduction over them before its launch. A kept negative label must then reach the engine as an
+    # out-of-range positive one (a negative label marks a masked-out row)
+    flags_bad_labels = False
 
     def supports(self, device: torch.device) -> Optional[str]:
         """None if this engine can run on ``device``, else the reason it cannot."""

@@ -288,8 +288,9 @@ def linear_fused(hidden, weight, bias, labels, temperature, plan: ChunkPlan, chu
 def logits_forward(logits, labels, temperature, plan: ChunkPlan, masked_rows: bool):
     """Logits input, (N, V) or (B, T, V) as the caller has them (see ``Engine.logits_in_place``): one kernel over
     all rows (the logits exist already; nothing to chunk). That kernel also flags NaN / +inf (their rows come out
-    NaN; see ``Engine.scans_logits``), so the logits are read once. ``masked_rows``: negative labels mark rows
-    never read; without them no load waits for a label's."""
+    NaN; see ``Engine.scans_logits``), so the logits are read once, and labels outside [0, V) (logp NaN; see
+    ``Engine.flags_bad_labels``). ``masked_rows``: negative labels mark rows never read; without them no load waits
+    for a label's."""
     return prepare_logits_forward(logits, labels, temperature, plan, masked_rows)()
 
 
@@ -337,6 +338,8 @@ class TritonEngine(Engine):
     # the statistics kernel reads a label's logit only where the label lies in the block, and the gradient kernel
     # compares labels with columns, reading none (test_triton.py: test_logits_kernels_stay_in_bounds_for_any_label)
     safe_for_any_values = True
+    # the statistics kernel's logits path (finish=True) writes NaN logp for a label outside [0, V)
+    flags_bad_labels = True
 
     def block_elem_bytes(self, dtype: torch.dtype) -> int:
         return dtype.itemsize

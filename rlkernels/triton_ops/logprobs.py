@@ -175,6 +175,9 @@ def _logits_stats_kernel(
     tl.store(m_out + row, m)
     if FINISH:  # the block is the whole vocabulary: (M, log S, C/S, logp, entropy)
         log_s, cs, logp, ent = finish_row(m, s, c, zy)
+        # a computed row whose label lies outside [0, V): logp NaN, so the caller's NaN scan of logp finds it (the
+        # logits op's label range check rides on it: no reduction over the labels before this launch)
+        logp = tl.where(row_ok & ~in_block, float("nan"), logp)
         tl.store(s_out + row, log_s)
         tl.store(c_out + row, cs)
         tl.store(zy_out + row, logp)
@@ -388,7 +391,8 @@ def logits_stats(z: Tensor, labels: Tensor, bias: Optional[Tensor], temperature,
     ``launch``: this launch instead of the default (and of autotuning): bench/gpu_tune.py's sweep.
     ``finish``: the block is the whole vocabulary; return what ``finish_stats`` makes of the state instead,
     (M, log S, C/S, logp, entropy), five separate tensors written by the kernel itself (the logits path: five
-    elementwise launches and a copy fewer after the kernel).
+    elementwise launches and a copy fewer after the kernel). A computed row whose label lies outside ``[0, n_cols)``
+    then gets logp NaN (its entropy is the row's own): the logits op's label check reads that with its NaN scan.
     ``prepare``: return ``(outputs, start)`` with nothing queued yet: the outputs allocated and the launch prepared,
     ``start()`` queues the kernel (the logits op calls it once its value checks' copies are queued).
     ``softcap``: s > 0 caps each logit (plus bias) to s tanh(z / s) before the temperature; 0 leaves them. It
