@@ -36,17 +36,26 @@ def _scatter_rows(values: Tensor, index: Optional[Tensor], n: int, computed: Opt
     return values.new_zeros(n).index_copy(0, index, values)
 
 
-def _kept_rows(x2d: Tensor, y: Tensor, temperature, keep: Tensor, mask: Optional[Tensor]):
-    """The rows an engine computes: the kept ones gathered (with their per-token temperatures), or, under
-    torch.compile or a CUDA graph capture (no data-dependent gather), all of them with the dropped ones neutralised.
-    -> (x2d, y, temperature, index of the kept rows or None, keep mask of neutralised rows or None).
-    Without a ``mask`` every row is kept: nothing to gather, and no host sync to find that out."""
+def _kept_index(keep: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The indices of the kept rows for :func:`_kept_rows`, or None: no ``mask``, every row kept, or nothing may be
+    read back (torch.compile, a CUDA graph capture). One host sync (the count is data): it waits for every kernel
+    queued before it, so a call asks it before it queues its value checks' reductions."""
+    if mask is None or C.no_host_reads():
+        return None
+    return I.kept_index(keep)
+
+
+def _kept_rows(x2d: Tensor, y: Tensor, temperature, keep: Tensor, mask: Optional[Tensor], index: Optional[Tensor]):
+    """The rows an engine computes: the kept ones (``index``, from :func:`_kept_index`) gathered with their
+    per-token temperatures, or, under torch.compile or a CUDA graph capture (no data-dependent gather), all of them
+    with the dropped ones neutralised. -> (x2d, y, temperature, index of the kept rows or None, keep mask of
+    neutralised rows or None). Without a ``mask`` every row is kept: nothing to gather, and no host sync to find
+    that out."""
     if mask is None:
         return x2d, y, temperature, None, None
     if C.no_host_reads():  # the kept rows' count cannot be read back
         x2d, y = I.neutralise_rows(x2d, y, keep)
         return x2d, y, temperature, None, keep.reshape(-1)
-    index = I.kept_index(keep)
     if index is None:
         return x2d, y, temperature, None, None
     if isinstance(temperature, Tensor):
@@ -99,6 +108,9 @@ class _LinearCall:
         # forward's kernels are queued (self.checks.launched): the GPU then works while the host waits
         with C.deferred_checks() as self.checks:
             self.keep = I.check_mask(mask, self.shape, hidden)
+            # the kept rows' count is read back first: its sync then waits for none of the checks' reductions (the
+            # weight's scan reads V x H), which the GPU runs while the host prepares the rest of the call
+            index = _kept_index(self.keep, mask)
             given = None if mask is None else self.keep  # None: every position kept, nothing to mask in the checks
             labels = I.check_labels(labels, self.shape, self.V, given, hidden)
             cdt = compute_dtype(hidden.dtype)
@@ -115,7 +127,7 @@ class _LinearCall:
         h2, y = hidden.reshape(-1, H), labels.reshape(-1)
         self.n = h2.shape[0]
         # padding costs nothing: only kept rows reach the engine
-        h2, y, temperature, self.index, self.computed = _kept_rows(h2, y, temperature, self.keep, mask)
+        h2, y, temperature, self.index, self.computed = _kept_rows(h2, y, temperature, self.keep, mask, index)
         self.hidden, self.labels, self.temperature = h2, y, temperature
         reserve = self.engine.budget_reserve(weight, weight.requires_grad and torch.is_grad_enabled())
         self.plan = plan_chunks(h2.shape[0], weight.shape[0], chunk_size, default_mb=self.engine.default_budget_mb,
@@ -279,7 +291,7 @@ def logprobs_from_logits(
     index = computed = None
     if start is None:
         if keep is not None:
-            z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask)
+            z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask, _kept_index(keep, mask))
         plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
                            elem_bytes=engine.block_elem_bytes(z2.dtype))
         logp, ent = engine.logits_logprobs(z2, y, temperature, plan, False, late)

@@ -147,9 +147,10 @@ def test_the_guard_sees_host_reads(capture):
     rows = torch.ones(keep.numel(), 3, device=keep.device)
     labels = torch.ones(keep.numel(), dtype=torch.long, device=keep.device)
     with pytest.raises(AssertionError, match="host read"), HostReadGuard():
-        ops._kept_rows(rows, labels, 1.0, keep, keep)
+        ops._kept_index(keep, keep)
     with capture:
-        rows_c, labels_c, _, index, computed = ops._kept_rows(rows, labels, 1.0, keep, keep)
+        rows_c, labels_c, _, index, computed = ops._kept_rows(rows, labels, 1.0, keep, keep,
+                                                              ops._kept_index(keep, keep))
     assert index is None and torch.equal(computed, keep)  # every row computed, the dropped ones zeroed
     assert torch.equal(rows_c.sum(1), 3.0 * keep) and torch.equal(labels_c, keep.long())
 

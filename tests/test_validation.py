@@ -492,3 +492,26 @@ def test_numpy_scalars_are_taken_as_the_numbers_they_are(p):
     assert torch.equal(out.loss, want.loss)
     with pytest.raises(ValueError, match="kl_straight_through=.*must be a bool"):
         PolicyLossConfig(kl_straight_through=np.bool_(True))
+
+
+@pytest.mark.parametrize("op", ["fused_grpo_loss", "fused_logprobs"])
+def test_kept_rows_are_counted_before_the_checks_reductions(p, monkeypatch, op):
+    """A masked hidden+W call reads its kept rows' count back (the gather's nonzero: a host sync that waits for
+    every kernel queued before it) before it queues its value checks' reductions (the labels' range, the hidden
+    states' and the weight's NaN scans): the sync then waits for none of them, and the GPU runs them while the host
+    prepares the rest of the call."""
+    import rlkernels._inputs as I
+
+    order = []
+    for name in ("kept_index", "check_labels", "check_finite_rows"):
+        real = getattr(I, name)
+        monkeypatch.setattr(I, name, lambda *a, _real=real, _name=name, **k: (order.append(_name), _real(*a, **k))[1])
+    monkeypatch.setenv("RLKERNELS_CHECK_VALUES", "1")
+    if op == "fused_grpo_loss":
+        out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], config="dapo",
+                                backend="torch").loss
+    else:
+        out = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], backend="torch")
+    assert order[0] == "kept_index" and order.count("kept_index") == 1, order
+    assert {"check_labels", "check_finite_rows"} <= set(order[1:]), order
+    assert torch.isfinite(out).all()
