@@ -33,6 +33,7 @@ Timings are CUDA-event medians. Nothing here is asserted: it prints a table and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -152,6 +153,26 @@ def idle_gaps(events, n: int = 5) -> list:
     return sorted(found, key=lambda g: -g[0])[:n]
 
 
+@contextlib.contextmanager
+def kept_count(where: str):
+    """"first": the library as it is (a masked call reads its kept rows' count before it queues its value checks'
+    reductions); "after checks": the count read where _kept_rows gathers the rows, after those reductions are queued
+    (the order before 2026-11-28), so that its host sync waits for them: the same-process baseline."""
+    if where == "first":
+        yield
+        return
+    import rlkernels.ops as ops
+
+    real_index, real_rows = ops._kept_index, ops._kept_rows
+    ops._kept_index = lambda keep, mask: ("later", keep, mask)
+    ops._kept_rows = lambda x, y, t, keep, mask, index: real_rows(
+        x, y, t, keep, mask, real_index(index[1], index[2]) if isinstance(index, tuple) else index)
+    try:
+        yield
+    finally:
+        ops._kept_index, ops._kept_rows = real_index, real_rows
+
+
 def empty_cache() -> None:
     gc.collect()
     if CUDA:
@@ -247,12 +268,13 @@ def main(argv=None) -> int:
         # pipelining of the statistics loop (K.STATS_STAGES); split: unmasked whole tiles (K.SPLIT_TAIL).
         # preset=gspo: the sequence-level ratio's single pass (row chunks of whole sequences) against its recompute
         # fused_objective=off: the single pass's per-chunk objective by autograd over torch ops (about 70 per chunk)
-        # instead of triton_ops.objective's one kernel
+        # instead of triton_ops.objective's one kernel. kept_count="after checks": the kept rows' count (the gather's
+        # host sync) read after the value checks' reductions are queued, as before 2026-11-28, not before them
         base = dict(preset=case.preset, accum="auto", budget_mb=1024, single_pass=True, stats="tile",
                     stages=K.STATS_STAGES, split=K.SPLIT_TAIL, prefetch=K.STATS_PREFETCH, autotune=False,
-                    fused_objective="on")
-        changes = [{}, dict(fused_objective="off"), dict(stats="lanes"), dict(stages=3),
-                   dict(split=not K.SPLIT_TAIL), dict(prefetch=not K.STATS_PREFETCH), dict(autotune=True),
+                    fused_objective="on", kept_count="first")
+        changes = [{}, dict(fused_objective="off"), dict(kept_count="after checks"), dict(stats="lanes"),
+                   dict(stages=3), dict(split=not K.SPLIT_TAIL), dict(prefetch=not K.STATS_PREFETCH), dict(autotune=True),
                    dict(accum="fp32"), dict(budget_mb=5120), dict(single_pass=False), dict(preset="gspo"),
                    dict(preset="gspo", single_pass=False)]
         for change in changes:
@@ -264,10 +286,10 @@ def main(argv=None) -> int:
             os.environ["RLKERNELS_FUSED_OBJECTIVE"] = what["fused_objective"]
             try:
                 with K.override_defaults(STATS_STAGES=what["stages"], SPLIT_TAIL=what["split"],
-                                         STATS_PREFETCH=what["prefetch"]):
+                                         STATS_PREFETCH=what["prefetch"]), kept_count(what["kept_count"]):
                     t, peak = timed(loss_step(config=what["preset"], single_pass=what["single_pass"]), clear=clear)
                     timeline = {}
-                    if not change or "fused_objective" in change:  # where the time beyond the 3 GEMMs goes
+                    if not change or "fused_objective" in change or "kept_count" in change:  # the time beyond GEMMs
                         try:
                             timeline = gpu_timeline(loss_step(config=what["preset"],
                                                               single_pass=what["single_pass"]), clear=clear)
