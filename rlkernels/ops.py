@@ -258,6 +258,8 @@ def logprobs_from_logits(
         # an engine that flags labels out of range in its kernel (their logp NaN) has them checked by its NaN scan
         # below: no reduction over them, and nothing read back, before its launch
         in_kernel = engine is not None and engine.flags_bad_labels
+        # an engine given kept rows only: their count read back now, before any check's reduction is queued
+        kept = None if engine is None or engine.logits_in_place else _kept_index(keep, mask)
         labels = I.check_labels(labels, shape, V, keep, logits, range_check=not in_kernel)
         cdt = compute_dtype(logits.dtype)
         temperature = I.check_temperature(temperature, shape, keep, logits, cdt)
@@ -278,7 +280,7 @@ def logprobs_from_logits(
         start = None
         if engine.logits_in_place:  # one kernel over the caller's logits: nothing to chunk
             if keep is not None:  # rows the engine never reads (a Python scalar: no fill kernel, no allocation)
-                # a kept negative label, with its sign bit cleared, becomes one past any vocabulary: the engine
+                # a kept negative label y, its sign bit cleared, becomes y + 2^63, past any vocabulary: the engine
                 # flags it, where as it is it would mark its row as masked out
                 y = torch.where(keep.reshape(-1), y & _NON_NEGATIVE if in_kernel else y, -1)
             # negative labels mark the rows the engine skips; without a mask there are none, and its kernels then
@@ -291,7 +293,7 @@ def logprobs_from_logits(
     index = computed = None
     if start is None:
         if keep is not None:
-            z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask, _kept_index(keep, mask))
+            z2, y, temperature, index, computed = _kept_rows(z2, y, temperature, keep, mask, kept)
         plan = plan_chunks(y.shape[0], V, chunk_size, default_mb=engine.default_budget_mb,
                            elem_bytes=engine.block_elem_bytes(z2.dtype))
         logp, ent = engine.logits_logprobs(z2, y, temperature, plan, False, late)

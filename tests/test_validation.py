@@ -494,12 +494,12 @@ def test_numpy_scalars_are_taken_as_the_numbers_they_are(p):
         PolicyLossConfig(kl_straight_through=np.bool_(True))
 
 
-@pytest.mark.parametrize("op", ["fused_grpo_loss", "fused_logprobs"])
+@pytest.mark.parametrize("op", ["fused_grpo_loss", "fused_logprobs", "logprobs_from_logits"])
 def test_kept_rows_are_counted_before_the_checks_reductions(p, monkeypatch, op):
-    """A masked hidden+W call reads its kept rows' count back (the gather's nonzero: a host sync that waits for
-    every kernel queued before it) before it queues its value checks' reductions (the labels' range, the hidden
-    states' and the weight's NaN scans): the sync then waits for none of them, and the GPU runs them while the host
-    prepares the rest of the call."""
+    """A masked call that gathers its kept rows reads their count back (the gather's nonzero: a host sync that waits
+    for every kernel queued before it) before it queues its value checks' reductions (the labels' range, the hidden
+    states' and the weight's NaN scans, or the logits'): the sync then waits for none of them, and the GPU runs them
+    while the host prepares the rest of the call."""
     import rlkernels._inputs as I
 
     order = []
@@ -510,8 +510,11 @@ def test_kept_rows_are_counted_before_the_checks_reductions(p, monkeypatch, op):
     if op == "fused_grpo_loss":
         out = R.fused_grpo_loss(p["hidden"], p["weight"], p["labels"], p["advantages"], p["mask"], config="dapo",
                                 backend="torch").loss
-    else:
+    elif op == "fused_logprobs":
         out = R.fused_logprobs(p["hidden"], p["weight"], p["labels"], mask=p["mask"], backend="torch")
+    else:
+        logits = torch.randn(*p["labels"].shape, p["weight"].shape[0])
+        out = R.logprobs_from_logits(logits, p["labels"], mask=p["mask"], backend="torch")
     assert order[0] == "kept_index" and order.count("kept_index") == 1, order
     assert {"check_labels", "check_finite_rows"} <= set(order[1:]), order
     assert torch.isfinite(out).all()
